@@ -1,0 +1,94 @@
+"""Build a FLIP model from an open_clip architecture name or a custom tower config.
+
+Custom architectures are registered in open_clip's own registry, so that open_clip's factory
+builds every model, tokenizer and transform the same way: a custom FLIP model is an ordinary
+open_clip model, and everything later issues add (pretrained loading, export) takes one path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import open_clip
+from open_clip.factory import get_model_config
+
+from flip.models.flip_model import FlipModel
+
+_REQUIRED_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+_registry_dir: Path | None = None
+
+
+def _config_dir() -> Path:
+    """A per-process folder for registered configs: open_clip's registry reads JSON files."""
+    global _registry_dir
+    if _registry_dir is None:
+        _registry_dir = Path(tempfile.mkdtemp(prefix="flip-open-clip-configs-"))
+        atexit.register(shutil.rmtree, _registry_dir, ignore_errors=True)
+    return _registry_dir
+
+
+def register_architecture(name: str, arch: Mapping[str, Any]) -> None:
+    """Make `name` buildable by open_clip from the custom tower config `arch`."""
+    missing = [key for key in _REQUIRED_ARCH_KEYS if key not in arch]
+    if missing:
+        raise ValueError(
+            f"model.arch for {name!r} lacks {missing}; an open_clip architecture needs "
+            f"{list(_REQUIRED_ARCH_KEYS)} (see open_clip/model_configs/*.json for examples)"
+        )
+    arch = json.loads(json.dumps(dict(arch)))  # plain, JSON-safe copy of an OmegaConf node
+    existing = get_model_config(name)
+    path = _config_dir() / f"{name}.json"
+    if existing is not None and existing != arch and not path.exists():
+        raise ValueError(
+            f"model.name {name!r} is a built-in open_clip architecture; give your custom "
+            f"model.arch another name, or set model.arch=null to use the built-in one"
+        )
+    path.write_text(json.dumps(arch))
+    open_clip.add_model_config(path)
+
+
+def build_model(
+    name: str,
+    arch: Mapping[str, Any] | None = None,
+    pretrained: str | None = None,
+    init_logit_scale: float | None = None,
+    init_logit_bias: float | None = None,
+    cache_dir: str | None = None,
+) -> FlipModel:
+    """Create towers, tokenizer and transforms for `name`.
+
+    `name` is an open_clip architecture (`open_clip.list_models()`), an `hf-hub:`/`local-dir:`
+    reference, or, together with `arch`, a custom architecture. `pretrained` is an open_clip
+    tag or a checkpoint path; random initialisation when None. The logit scale and bias
+    initialisation belong to the loss (CLIP vs SigLIP) but live in the model as parameters.
+    """
+    if arch is not None:
+        register_architecture(name, arch)
+    elif ":" not in name and name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model.name {name!r}: not an open_clip architecture and no model.arch "
+            f"given. Known architectures: {', '.join(open_clip.list_models())}"
+        )
+    model_kwargs: dict[str, Any] = {}
+    if init_logit_scale is not None:
+        model_kwargs["init_logit_scale"] = float(init_logit_scale)
+    if init_logit_bias is not None:
+        model_kwargs["init_logit_bias"] = float(init_logit_bias)
+    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, cache_dir=cache_dir, **model_kwargs
+    )
+    tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    config = {
+        "name": name,
+        "arch": None if arch is None else json.loads(json.dumps(dict(arch))),
+        "pretrained": None,  # weights come from the FLIP checkpoint when rebuilding
+        "init_logit_scale": init_logit_scale,
+        "init_logit_bias": init_logit_bias,
+    }
+    return FlipModel(clip, tokenizer, preprocess_train, preprocess_val, config)

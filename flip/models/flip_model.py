@@ -1,0 +1,113 @@
+"""An open_clip model plus what it takes to feed it: tokenizer, transforms and token features.
+
+open_clip returns pooled embeddings only; FILIP-style losses need the projected per-token
+features as well, computed in the same forward pass so that no tower runs twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.transformer import VisionTransformer, text_global_pool
+from torch import nn
+
+from flip.models.outputs import EncoderOutput
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    """open_clip's BPE tokenizer pads with 0; Hugging Face tokenizers say what they pad with."""
+    hf = getattr(tokenizer, "tokenizer", None)
+    pad = getattr(hf, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+class FlipModel(nn.Module):
+    """The trained object: `encode_image`, `encode_text`, `tokenizer`, `preprocess` as in open_clip."""
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable[..., torch.Tensor],
+        preprocess_train: Callable,
+        preprocess: Callable,
+        config: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.preprocess_train = preprocess_train
+        self.preprocess = preprocess
+        self.config = config
+        self.pad_token_id = _pad_token_id(tokenizer)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        return getattr(self.clip, "logit_bias", None)
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.clip.encode_text(text, normalize=normalize)
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> EncoderOutput:
+        if return_tokens:
+            image_features, image_tokens = self._image_with_tokens(images)
+            text_features, text_tokens = self._text_with_tokens(text)
+            extra = {
+                "image_tokens": F.normalize(image_tokens, dim=-1),
+                "text_tokens": F.normalize(text_tokens, dim=-1),
+                "text_token_mask": text != self.pad_token_id,
+            }
+        else:
+            image_features, text_features = self.encode_image(images), self.encode_text(text)
+            extra = {}
+        return EncoderOutput(
+            image_features=F.normalize(image_features, dim=-1),
+            text_features=F.normalize(text_features, dim=-1),
+            logit_scale=self.logit_scale.exp(),
+            logit_bias=self.logit_bias,
+            **extra,
+        )
+
+    def _image_with_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.clip.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(
+                f"token features need an open_clip VisionTransformer image tower, not "
+                f"{type(visual).__name__}; use a ViT architecture or a pooled-feature loss (clip, siglip)"
+            )
+        x = visual.transformer(visual._embeds(images))
+        pooled, tokens = visual._pool(x)
+        if visual.proj is not None:
+            pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+        return pooled, tokens
+
+    def _text_with_tokens(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clip = self.clip
+        if not isinstance(clip, CLIP):
+            raise ValueError(
+                f"token features need open_clip's built-in text transformer, not {type(clip).__name__}; "
+                f"use a pooled-feature loss (clip, siglip) with this text tower"
+            )
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding.to(cast_dtype)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
+        pooled = text_global_pool(x, text, clip.text_pool_type, eos_token_id=clip.text_eos_id)
+        projection = clip.text_projection
+        if isinstance(projection, nn.Linear):
+            return projection(pooled), projection(x)
+        if projection is not None:
+            return pooled @ projection, x @ projection
+        return pooled, x

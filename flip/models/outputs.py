@@ -1,0 +1,33 @@
+"""The one structure that flows from the towers to the losses.
+
+Keeping it explicit lets a loss declare what it needs (pooled features only, or token
+features too) without the Lightning module knowing which loss is configured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EncoderOutput:
+    """Features of one batch of (image, caption) pairs.
+
+    `image_features` / `text_features` are pooled, projected and L2-normalised, shape [B, D].
+    `logit_scale` is already exponentiated (the temperature's inverse), as open_clip returns it.
+    Token fields are filled only when a loss asks for them (`requires_tokens`): projected,
+    L2-normalised token features [B, N, D]; `text_token_mask` [B, Nt] is True for real tokens
+    (start, words and end-of-text) and False for padding. `image_token_mask` is None when every
+    image token is real.
+    """
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
+    text_tokens: torch.Tensor | None = None
+    text_token_mask: torch.Tensor | None = None
+    image_token_mask: torch.Tensor | None = None

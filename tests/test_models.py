@@ -1,0 +1,66 @@
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flip.models import build_model
+
+from .conftest import TINY_ARCH
+
+
+def test_custom_architecture_builds_open_clip_towers_of_the_configured_shape(tiny_model):
+    images = torch.randn(3, 3, 32, 32)
+    text = tiny_model.tokenize(["a face with eyeglasses", "a bald head", "a hat"])
+    assert text.shape == (3, TINY_ARCH["text_cfg"]["context_length"])
+    assert tiny_model.encode_image(images).shape == (3, 32)
+    assert tiny_model.encode_text(text).shape == (3, 32)
+    # the custom name is an ordinary open_clip architecture now
+    assert "flip-test-tiny" in open_clip.list_models()
+
+
+def test_token_features_pool_to_the_same_embeddings_as_open_clip(tiny_model):
+    images = torch.randn(2, 3, 32, 32)
+    text = tiny_model.tokenize(["a person wearing a hat", "smiling"])
+    with torch.no_grad():
+        out = tiny_model(images, text, return_tokens=True)
+        plain = tiny_model(images, text)
+        expected_image = F.normalize(tiny_model.clip.encode_image(images), dim=-1)
+        expected_text = F.normalize(tiny_model.clip.encode_text(text), dim=-1)
+    torch.testing.assert_close(out.image_features, expected_image, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.text_features, expected_text, atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain.image_features, expected_image, atol=1e-6, rtol=0)
+    num_patches = (32 // 8) ** 2
+    assert out.image_tokens.shape == (2, num_patches, 32)
+    assert out.text_tokens.shape == (2, 24, 32)
+    torch.testing.assert_close(out.image_tokens.norm(dim=-1), torch.ones(2, num_patches))
+    # the mask marks start-of-text, the words and end-of-text, never the padding
+    lengths = out.text_token_mask.sum(dim=1)
+    assert lengths.tolist() == [(row != 0).sum().item() for row in text]
+    assert lengths[0] > lengths[1] >= 3
+    # the pooled text feature is the projected end-of-text token
+    eot = text.argmax(dim=-1)
+    torch.testing.assert_close(out.text_tokens[torch.arange(2), eot], out.text_features, atol=1e-6, rtol=0)
+
+
+def test_logit_scale_and_bias_initialisation_come_from_the_loss():
+    model = build_model("flip-test-tiny", TINY_ARCH, init_logit_scale=2.302585, init_logit_bias=-10.0)
+    assert model.logit_scale.item() == pytest.approx(2.302585)
+    assert model.logit_bias.item() == pytest.approx(-10.0)
+
+
+def test_unknown_model_name_lists_the_known_architectures():
+    with pytest.raises(ValueError, match=r"unknown model.name 'ViT-Q-99'.*ViT-B-16"):
+        build_model("ViT-Q-99")
+
+
+def test_custom_architecture_must_have_towers_and_cannot_shadow_a_builtin():
+    with pytest.raises(ValueError, match=r"lacks \['text_cfg'\]"):
+        build_model("flip-broken", {"embed_dim": 8, "vision_cfg": {}})
+    with pytest.raises(ValueError, match="built-in open_clip architecture"):
+        build_model("ViT-B-16", TINY_ARCH)
+
+
+def test_builtin_architecture_builds_offline_with_random_weights():
+    model = build_model("RN50")  # no pretrained tag: nothing is downloaded
+    assert model.preprocess.transforms[0].size == 224
+    assert sum(p.numel() for p in model.parameters()) > 10_000_000

@@ -1,0 +1,34 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from flip.training.optim import parameter_groups, warmup_cosine
+
+
+def test_weight_decay_skips_gains_biases_embeddings_of_position_and_temperature(tiny_model):
+    decay, no_decay = parameter_groups(tiny_model, weight_decay=0.1)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "clip.logit_scale" in skipped and "clip.positional_embedding" in skipped
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert not any("bias" in n or ".ln" in n for n in decayed)
+    assert "clip.visual.transformer.resblocks.0.mlp.c_fc.weight" in decayed
+    assert len(decayed) + len(skipped) == len(list(tiny_model.parameters()))
+
+
+def test_warmup_then_cosine_to_the_floor():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    rates = []
+    for _ in range(120):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert rates[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert rates[110] == pytest.approx(0.1) and rates[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
