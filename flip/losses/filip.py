@@ -1,0 +1,326 @@
+"""FILIP's token-wise late interaction (Yao et al., 2021) as a contrastive loss.
+
+For projected, L2-normalised tokens x_I[i, k] (image i) and x_T[j, r] (caption j):
+
+    image->text  s_I(i, j) = mean over valid k of  max over valid r of <x_I[i, k], x_T[j, r]>
+    text->image  s_T(i, j) = mean over valid r of  max over valid k of <x_T[j, r], x_I[i, k]>
+
+Both come from the same B_img x B_txt x N_img x N_txt similarity tensor, which is far too
+large to keep (4 GB in fp32 at B=256 with ViT-B/16 and 77 text tokens, before autograd
+copies it). `filip_similarity` computes it in (chunk x chunk)-pair blocks, reduces each block
+to the two B x B similarities at once and keeps nothing else: the backward recomputes each
+block, routes the gradient to the arg-max token of every max, and multiplies by the tokens.
+Beyond the B x B outputs, peak memory is one block whatever the batch size.
+
+Padding is exact: padded tokens are set to -inf before every max (a pad whose feature is 0
+would otherwise score 0 and beat every negative true similarity) and do not count in any
+mean. A side with no valid token at all contributes 0 instead of -inf or NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from flip.losses.clip import check_rank, contrastive_labels, symmetric_cross_entropy
+from flip.losses.distributed import gather_features, gather_mask
+from flip.models.outputs import EncoderOutput
+
+_NEG_INF = float("-inf")
+
+
+def _valid_counts(mask: torch.Tensor | None, batch: int, tokens: int, ref: torch.Tensor) -> torch.Tensor:
+    """Tokens each sample averages over; at least 1, so an empty side yields 0, not NaN."""
+    if mask is None:
+        return ref.new_full((batch,), float(tokens))
+    return mask.sum(1).clamp_min(1).to(ref.dtype)
+
+
+def _block(
+    image: torch.Tensor, text: torch.Tensor, image_pad: torch.Tensor | None, text_pad: torch.Tensor | None
+) -> torch.Tensor:
+    """[ci, Ni, cj, Nt] token similarities of a block of pairs, padding at -inf (one matmul)."""
+    (ci, ni, d), (cj, nt, _) = image.shape, text.shape
+    sim = (image.reshape(ci * ni, d) @ text.reshape(cj * nt, d).T).view(ci, ni, cj, nt)
+    if text_pad is not None:
+        sim.masked_fill_(text_pad[None, None], _NEG_INF)
+    if image_pad is not None:
+        sim.masked_fill_(image_pad[:, :, None, None], _NEG_INF)
+    return sim
+
+
+def _zero_empty(maxima: torch.Tensor) -> torch.Tensor:
+    """A max over nothing but padding is -inf: it counts as 0 (pad rows are not in the mean anyway)."""
+    return maxima.masked_fill_(maxima.isneginf(), 0.0)
+
+
+def _part(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if mask is None else mask[rows]
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+class _LateInteraction(torch.autograd.Function):
+    """Blockwise s_I / s_T with recomputation in backward; see the module docstring."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under forward's autocast state
+    def forward(ctx, image, text, image_mask, text_mask, chunk_size, want_i2t, want_t2i):
+        image, text = image.contiguous(), text.contiguous()
+        (bi, ni, _), (bt, nt, _) = image.shape, text.shape
+        image_pad = None if image_mask is None else ~image_mask
+        text_pad = None if text_mask is None else ~text_mask
+        n_img, n_txt = _valid_counts(image_mask, bi, ni, image), _valid_counts(text_mask, bt, nt, image)
+        i2t = image.new_empty(bi, bt) if want_i2t else None
+        t2i = image.new_empty(bi, bt) if want_t2i else None
+        for rows in _chunks(bi, chunk_size):
+            for cols in _chunks(bt, chunk_size):
+                sim = _block(image[rows], text[cols], _part(image_pad, rows), _part(text_pad, cols))
+                if want_i2t:
+                    i2t[rows, cols] = _zero_empty(sim.amax(3)).sum(1) / n_img[rows, None]
+                if want_t2i:
+                    t2i[rows, cols] = _zero_empty(sim.amax(1)).sum(2) / n_txt[None, cols]
+                del sim  # free the block before the next one is allocated
+        ctx.save_for_backward(image, text, image_mask, text_mask)
+        ctx.chunk_size, ctx.want = chunk_size, (want_i2t, want_t2i)
+        return tuple(s for s in (i2t, t2i) if s is not None)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @once_differentiable
+    def backward(ctx, *grads):
+        image, text, image_mask, text_mask = ctx.saved_tensors
+        (bi, ni, d), (bt, nt, _) = image.shape, text.shape
+        grads = iter(grads)
+        g_i2t, g_t2i = (next(grads) if want else None for want in ctx.want)
+        # the 1/n of each mean, folded into the incoming gradient once
+        if g_i2t is not None:
+            g_i2t = (g_i2t / _valid_counts(image_mask, bi, ni, image)[:, None]).to(image.dtype)
+        if g_t2i is not None:
+            g_t2i = (g_t2i / _valid_counts(text_mask, bt, nt, image)[None, :]).to(image.dtype)
+        need_image, need_text = ctx.needs_input_grad[:2]
+        d_image = torch.zeros_like(image) if need_image else None
+        d_text = torch.zeros_like(text) if need_text else None
+        image_pad = None if image_mask is None else ~image_mask
+        text_pad = None if text_mask is None else ~text_mask
+        for rows in _chunks(bi, ctx.chunk_size):
+            for cols in _chunks(bt, ctx.chunk_size):
+                img, txt = image[rows], text[cols]
+                sim = _block(img, txt, _part(image_pad, rows), _part(text_pad, cols))
+                scatters = []
+                if g_i2t is not None:  # d s_I(i,j) / d sim[i,k,j,r] = 1/n_i at r = argmax, k valid
+                    best, at = sim.max(3)
+                    scatters.append((3, at, g_i2t[rows, None, cols].masked_fill(best.isneginf(), 0.0)))
+                if g_t2i is not None:  # d s_T(i,j) / d sim[i,k,j,r] = 1/n_j at k = argmax, r valid
+                    best, at = sim.max(1)
+                    scatters.append((1, at, g_t2i[rows, cols, None].masked_fill(best.isneginf(), 0.0)))
+                grad = sim.zero_()  # the block's buffer is reused for its gradient
+                for dim, at, weight in scatters:
+                    grad.scatter_add_(dim, at.unsqueeze(dim), weight.unsqueeze(dim))
+                grad = grad.view(img.shape[0] * ni, txt.shape[0] * nt)
+                if need_image:
+                    d_image[rows] += (grad @ txt.reshape(-1, d)).view_as(img)
+                if need_text:
+                    d_text[cols] += (grad.T @ img.reshape(-1, d)).view_as(txt)
+                del sim, grad
+        return d_image, d_text, None, None, None, None, None
+
+
+def filip_similarity(
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    chunk_size: int = 32,
+    i2t: bool = True,
+    t2i: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(s_I, s_T), each [B_img, B_txt] with s[i, j] for image i and caption j; None if not asked.
+
+    Masks are bool [B, N], True for tokens that take part. `chunk_size` pairs per block side:
+    peak extra memory is about chunk_size^2 * N_img * N_txt elements.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not (i2t or t2i):
+        return None, None
+    image_mask, text_mask = (None if m is None else m.bool() for m in (image_mask, text_mask))
+    out = iter(_LateInteraction.apply(image_tokens, text_tokens, image_mask, text_mask, chunk_size, i2t, t2i))
+    return (next(out) if i2t else None), (next(out) if t2i else None)
+
+
+def _ceil_fraction(count: torch.Tensor | int, fraction: float) -> torch.Tensor | int:
+    """ceil(count * fraction), robust to 0.1 * 30 = 3.0000000000000004."""
+    if isinstance(count, int):
+        return math.ceil(count * fraction - 1e-9)
+    return torch.ceil(count.double() * fraction - 1e-9).long()
+
+
+@torch.no_grad()
+def own_pair_scores(
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    image_mask: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's best similarity with the valid tokens of its own pair: [B, N_img], [B, N_txt]."""
+    sim = torch.einsum("bkd,brd->bkr", image_tokens, text_tokens)
+    if text_mask is not None:
+        sim = sim.masked_fill(~text_mask[:, None, :], _NEG_INF)
+    if image_mask is not None:
+        sim = sim.masked_fill(~image_mask[:, :, None], _NEG_INF)
+    return sim.amax(2), sim.amax(1)
+
+
+def keep_top_tokens(
+    tokens: torch.Tensor, mask: torch.Tensor | None, scores: torch.Tensor, fraction: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ceil(fraction * n_valid) best-scoring valid tokens of every sample.
+
+    Shapes stay static (ceil(fraction * N) slots, the rest masked out) so that every rank
+    gathers tensors of one size whatever its captions' lengths.
+    """
+    batch, n, dim = tokens.shape
+    k = max(1, _ceil_fraction(n, fraction))
+    order = (scores if mask is None else scores.masked_fill(~mask, _NEG_INF)).topk(k, dim=1).indices
+    selected = tokens.gather(1, order[..., None].expand(batch, k, dim))
+    if mask is None:  # every sample keeps exactly k tokens
+        return selected, None
+    keep = _ceil_fraction(mask.sum(1), fraction).clamp(1, k)
+    return selected, mask.gather(1, order) & (torch.arange(k, device=mask.device) < keep[:, None])
+
+
+class FilipLoss(nn.Module):
+    """InfoNCE over FILIP late-interaction similarities, averaged over both directions.
+
+    Text tokens: the model marks start, words and end-of-text valid. With `exclude_sot`
+    (default) position 0 is dropped too: FLIP takes token features only from open_clip's
+    causal text transformer, where the start token attends to nothing but itself, so its
+    feature is the same vector for every caption; it would add a caption-independent term to
+    s_T and could win s_I's maxes without saying anything about the caption. Words and
+    end-of-text (which has read the whole caption) are kept. Set `exclude_sot=False` for a
+    bidirectional text tower whose first token (e.g. BERT's [CLS]) sees the caption.
+
+    `topk_fraction` keeps, before the cross-rank gather, the ceil(fraction * n_valid) tokens of
+    each sample whose best similarity with its own pair's tokens is highest (FILIP keeps ~25%
+    to cut bandwidth). FILIP scores a token against all texts of the local worker; the own-pair
+    score costs O(B) instead of O(B^2) and depends on nothing but the pair, so the selection -
+    and the loss - do not change with how the global batch is sharded over ranks. Norms cannot
+    rank L2-normalised tokens. Selection is not differentiated; the kept tokens are.
+
+    `local_loss` / `gather_with_grad` mean what they do in ClipLoss (token features and masks
+    are gathered instead of pooled features; labels offset by rank * B_local).
+    """
+
+    requires_tokens: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        topk_fraction: float | None = None,
+        chunk_size: int = 32,
+        exclude_sot: bool = True,
+    ) -> None:
+        super().__init__()
+        check_rank(rank, world_size)
+        if topk_fraction is not None and not 0.0 < topk_fraction <= 1.0:
+            raise ValueError(
+                f"topk_fraction must be in (0, 1] or None (keep all tokens), got {topk_fraction}"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.rank, self.world_size = rank, world_size
+        self.topk_fraction, self.chunk_size, self.exclude_sot = topk_fraction, chunk_size, exclude_sot
+
+    def text_mask(self, text_tokens: torch.Tensor, text_token_mask: torch.Tensor | None) -> torch.Tensor:
+        mask = (
+            torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
+            if text_token_mask is None
+            else text_token_mask.bool().clone()
+        )
+        if self.exclude_sot:
+            mask[:, 0] = False
+        return mask
+
+    def select_tokens(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None,
+        text_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        image_scores, text_scores = own_pair_scores(image_tokens, text_tokens, image_mask, text_mask)
+        image_tokens, image_mask = keep_top_tokens(image_tokens, image_mask, image_scores, self.topk_fraction)
+        text_tokens, text_mask = keep_top_tokens(text_tokens, text_mask, text_scores, self.topk_fraction)
+        return image_tokens, image_mask, text_tokens, text_mask
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        text_token_mask: torch.Tensor | None = None,
+        image_token_mask: torch.Tensor | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        text_mask, image_mask = self.text_mask(text_tokens, text_token_mask), image_token_mask
+        if image_mask is not None:
+            image_mask = image_mask.bool()
+        if self.topk_fraction is not None:
+            image_tokens, image_mask, text_tokens, text_mask = self.select_tokens(
+                image_tokens, text_tokens, image_mask, text_mask
+            )
+        sim = partial(filip_similarity, chunk_size=self.chunk_size)
+        if self.world_size > 1:
+            all_image, all_text = gather_features(
+                image_tokens,
+                text_tokens,
+                local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+            all_image_mask = None if image_mask is None else gather_mask(image_mask, self.world_size)
+            all_text_mask = gather_mask(text_mask, self.world_size)
+            if self.local_loss:
+                i2t, _ = sim(image_tokens, all_text, image_mask, all_text_mask, t2i=False)
+                _, t2i = sim(all_image, text_tokens, all_image_mask, text_mask, i2t=False)
+            else:
+                i2t, t2i = sim(all_image, all_text, all_image_mask, all_text_mask)
+        else:
+            i2t, t2i = sim(image_tokens, text_tokens, image_mask, text_mask)
+        per_image, per_text = logit_scale * i2t, logit_scale * t2i.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        labels = contrastive_labels(
+            per_image.shape[0], per_image.device, self.rank, self.world_size, self.local_loss
+        )
+        loss = symmetric_cross_entropy(per_image, per_text, labels)
+        return {"filip_loss": loss} if output_dict else loss
+
+    def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:
+        if outputs.image_tokens is None or outputs.text_tokens is None:
+            raise ValueError(
+                "FilipLoss needs token features, but the EncoderOutput has none: run the model with "
+                "return_tokens=True (the training module does so when loss.requires_tokens is True)"
+            )
+        return self(
+            outputs.image_tokens,
+            outputs.text_tokens,
+            outputs.logit_scale,
+            outputs.logit_bias,
+            text_token_mask=outputs.text_token_mask,
+            image_token_mask=outputs.image_token_mask,
+        )
