@@ -64,6 +64,17 @@ def test_resume_continues_at_the_saved_step(train_config, tmp_path):
     assert _steps_logged(tmp_path / "run") == [0, 1, 2, 3, 4, 5]  # 4 and 5 only after the resume
 
 
+@pytest.mark.parametrize(
+    ("loss", "terms"), [("siglip", {"siglip"}), ("filip", {"filip"}), ("clip_filip", {"clip", "filip"})]
+)
+def test_every_loss_config_trains_through_train_py(train_config, tmp_path, loss, terms):
+    results = train(train_config(f"loss={loss}", "evaluate=false", "trainer.max_steps=3", "micro_batches=2"))
+    logged = {k.split("/")[1] for k in results["train"] if k.startswith("train/") and "logit" not in k}
+    assert logged == terms | {"loss"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in results["train"].values())
+    assert _steps_logged(tmp_path / "run") == [0, 1, 2]
+
+
 def test_unknown_group_option_lists_the_available_ones(train_config):
     with pytest.raises(
         (MissingConfigException, ConfigCompositionException), match=r"(?s)model.*tiny.*vit_b16"

@@ -79,7 +79,7 @@ class ZeroShotClassifier:
             binary_names=list(binary),
             binary_embeddings=torch.stack(pairs) if pairs else None,
             multiclass=questions,
-            logit_scale=float(model.logit_scale.exp()),
+            logit_scale=float(model.logit_scale.detach().exp()),
         )
 
     @torch.no_grad()

@@ -51,7 +51,9 @@ class FlipLitModule(L.LightningModule):
         if not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
         self.micro_batches = micro_batches
-        self.save_hyperparameters({"model": model, "loss": loss, "optim": optim, "micro_batches": micro_batches})
+        self.save_hyperparameters(
+            {"model": model, "loss": loss, "optim": optim, "micro_batches": micro_batches}
+        )
         self.model: FlipModel = build_model(
             **model,
             init_logit_scale=loss.get("init_logit_scale"),
