@@ -103,17 +103,7 @@ def sample_attributes(rng: random.Random) -> dict:
         "eyeglasses": glasses < GLASSES_RATE,
         "sunglasses": GLASSES_RATE <= glasses < 2 * GLASSES_RATE,
     }
-    for name in (
-        "hat",
-        "beard",
-        "mustache",
-        "earrings",
-        "bangs",
-        "long_hair",
-        "bald",
-        "lipstick",
-        "rosy_cheeks",
-    ):
+    for name in [n for n in BINARY_ATTRIBUTES if n not in record]:  # fixed order: the RNG draws depend on it
         if name == "bald":
             record[name] = bald
         elif name in HAIR_DEPENDENT:
