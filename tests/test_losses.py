@@ -331,6 +331,31 @@ def test_combined_loss_weights_and_names():
         CombinedLoss({"mse": (torch.nn.MSELoss(), 1.0)})
 
 
+def test_combined_loss_is_float32_under_bf16_autocast():
+    """bf16-mixed training must not round the logits: the loss equals float32 on the same features."""
+    out = outputs(102)
+    bf16 = EncoderOutput(
+        out.image_features.detach().bfloat16(),
+        out.text_features.detach().bfloat16(),
+        out.logit_scale.detach(),
+        image_tokens=out.image_tokens.detach().bfloat16(),
+        text_tokens=out.text_tokens.detach().bfloat16(),
+        text_token_mask=out.text_token_mask,
+    )
+    combined = CombinedLoss({"clip": (ClipLoss(), 0.5), "filip": (FilipLoss(), 0.5)})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = combined(bf16)
+    exact = combined(bf16.float())
+    assert bf16.float().text_token_mask.dtype == torch.bool
+    for name in ("clip", "filip", "loss"):
+        assert mixed[name].dtype == torch.float32
+        torch.testing.assert_close(mixed[name], exact[name], rtol=0, atol=1e-6)
+    # what the guard prevents: the same loss computed in bf16 under autocast is visibly off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = ClipLoss().loss_from_outputs(bf16)
+    assert abs(rounded.float().item() - exact["clip"].item()) > 1e-4
+
+
 EXPECTED = {
     "clip": ({"clip": (ClipLoss, 1.0)}, math.log(1 / 0.07), None),
     "siglip": ({"siglip": (SigLipLoss, 1.0)}, math.log(10), -10.0),

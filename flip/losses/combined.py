@@ -47,7 +47,12 @@ class CombinedLoss(nn.Module):
         return any(term.requires_tokens for term in self.terms.values())
 
     def forward(self, outputs: EncoderOutput) -> dict[str, torch.Tensor]:
-        values = {name: term.loss_from_outputs(outputs) for name, term in self.terms.items()}
+        # Losses run in float32 even under bf16/fp16 autocast: logits are dot products of unit
+        # vectors scaled by up to 100, and an 8-bit mantissa rounds away the small differences
+        # between a positive and its hard negatives that late training lives on.
+        with torch.autocast(outputs.image_features.device.type, enabled=False):
+            outputs = outputs.float()
+            values = {name: term.loss_from_outputs(outputs) for name, term in self.terms.items()}
         total = sum(self.weights[name] * value for name, value in values.items())
         return {**values, "loss": total}
 

@@ -6,7 +6,7 @@ features too) without the Lightning module knowing which loss is configured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -31,3 +31,12 @@ class EncoderOutput:
     text_tokens: torch.Tensor | None = None
     text_token_mask: torch.Tensor | None = None
     image_token_mask: torch.Tensor | None = None
+
+    def float(self) -> EncoderOutput:
+        """The same output with every floating-point tensor in float32 (masks stay boolean)."""
+        changes = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                changes[field.name] = value.float()
+        return replace(self, **changes)
