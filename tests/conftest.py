@@ -61,6 +61,15 @@ TINY_OVERRIDES = [
     "~callbacks.progress_bar",
 ]
 
+# The tiny model on (image, caption) shards (data=shards) instead of FaceShapes, no evaluation.
+_NOT_DATA = ("model", "trainer", "optim", "callbacks", "~callbacks")
+SHARDS_BASE = [
+    *(o for o in TINY_OVERRIDES if o.split(".")[0] in _NOT_DATA),
+    "~experiment",
+    "data=shards",
+    "evaluate=false",
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_model():
@@ -98,11 +107,16 @@ def caption_shards(tmp_path) -> list[str]:
     return write_caption_shards(tmp_path / "shards", count=40, per_shard=10)
 
 
-def compose_train_config(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
-    """The real train.py config, as Hydra composes it, pointed at tmp_path."""
+def compose_train_config(
+    tmp_path: Path, overrides: list[str] = (), base: list[str] = TINY_OVERRIDES
+) -> DictConfig:
+    """The real train.py config, as Hydra composes it, pointed at tmp_path.
+
+    `base` comes first: the tiny model and FaceShapes sizes, or e.g. SHARDS_BASE for data=shards.
+    """
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
+        cfg = compose(config_name="train", overrides=[*base, *overrides], return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.data_dir = str(tmp_path / "data")

@@ -102,7 +102,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             epoch_seed=self.epoch_seed,
         )
-        return make_loader(pipeline, self.num_workers, num_batches)
+        return make_loader(pipeline, self.num_workers, num_batches, epoch_seed=self.epoch_seed)
 
     def val_dataloader(self):
         if self.val_shards is None:

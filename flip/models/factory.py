@@ -19,6 +19,7 @@ import open_clip
 from open_clip.factory import get_model_config
 
 from flip.models.flip_model import FlipModel
+from flip.models.hf_text import resolve_text_cfg
 
 _REQUIRED_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _registry_dir: Path | None = None
@@ -53,6 +54,30 @@ def register_architecture(name: str, arch: Mapping[str, Any]) -> None:
     open_clip.add_model_config(path)
 
 
+def tower_weight_flags(name: str) -> dict[str, bool]:
+    """Whether open_clip should load a Hugging Face text tower's / timm image tower's own weights.
+
+    open_clip 3 decides that by `create_model(pretrained_text=..., pretrained_image=...)` and
+    overwrites the architecture's `hf_model_pretrained` / `timm_model_pretrained`; FLIP's configs
+    (and the weight-free recipe in checkpoints) say it in the architecture, so pass it on.
+    """
+    cfg = get_model_config(name) or {}
+    text, vision = cfg.get("text_cfg") or {}, cfg.get("vision_cfg") or {}
+    flags = {}
+    if "hf_model_name" in text:
+        flags["pretrained_text"] = bool(text.get("hf_model_pretrained", True))
+    if "timm_model_name" in vision:
+        flags["pretrained_image"] = bool(vision.get("timm_model_pretrained", False))
+    return flags
+
+
+def absolute_model_name(name: str) -> str:
+    """`local-dir:` names made absolute, so a checkpoint rebuilds the model from any directory."""
+    if name.startswith("local-dir:"):
+        return f"local-dir:{Path(name[len('local-dir:') :]).expanduser().resolve()}"
+    return name
+
+
 def build_model(
     name: str,
     arch: Mapping[str, Any] | None = None,
@@ -68,7 +93,14 @@ def build_model(
     tag or a checkpoint path; random initialisation when None. The logit scale and bias
     initialisation belong to the loss (CLIP vs SigLIP) but live in the model as parameters.
     """
+    if ":" in name and pretrained is not None:
+        raise ValueError(
+            f"model.pretrained={pretrained!r} with model.name={name!r}: open_clip takes the weights of an "
+            "hf-hub:/local-dir: model from there and would ignore pretrained; set model.pretrained=null"
+        )
+    name = absolute_model_name(name)
     if arch is not None:
+        arch = resolve_text_cfg(json.loads(json.dumps(dict(arch))))
         register_architecture(name, arch)
     elif ":" not in name and name not in open_clip.list_models():
         raise ValueError(
@@ -81,7 +113,7 @@ def build_model(
     if init_logit_bias is not None:
         model_kwargs["init_logit_bias"] = float(init_logit_bias)
     clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, cache_dir=cache_dir, **model_kwargs
+        name, pretrained=pretrained, cache_dir=cache_dir, **tower_weight_flags(name), **model_kwargs
     )
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     config = {

@@ -6,16 +6,24 @@ features as well, computed in the same forward pass so that no tower runs twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.hf_model import HFTextEncoder
 from open_clip.model import CLIP
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
+from flip.models.hf_text import hf_text_with_tokens
 from flip.models.outputs import EncoderOutput
+
+# CLIP caps the learned inverse temperature at 100. Training also clamps the parameter after each
+# step; clamping here too keeps the cap where the parameter cannot be written (DeepSpeed keeps
+# master weights of its own).
+MAX_LOGIT_SCALE = math.log(100)
 
 
 def _pad_token_id(tokenizer: Any) -> int:
@@ -45,12 +53,38 @@ class FlipModel(nn.Module):
         self.pad_token_id = _pad_token_id(tokenizer)
 
     @property
-    def logit_scale(self) -> nn.Parameter:
-        return self.clip.logit_scale
+    def logit_scale(self) -> torch.Tensor:
+        """The log temperature as a 0-dim view (it is stored 1-d under ZeRO-3, see `prepare_for_zero3`)."""
+        return self.clip.logit_scale.view(())
 
     @property
-    def logit_bias(self) -> nn.Parameter | None:
-        return getattr(self.clip, "logit_bias", None)
+    def logit_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.clip, "logit_bias", None)
+        return None if bias is None else bias.view(())
+
+    def prepare_for_zero3(self, owner: nn.Module) -> list[str]:
+        """Make the towers trainable under DeepSpeed ZeRO-3, before the engine partitions them.
+
+        ZeRO-3 gathers a module's parameters only while that module's forward (and backward)
+        runs. FLIP computes features through open_clip's parts, to get token features in one
+        pass, so the parameters that `clip` and `clip.visual` hold directly (embeddings,
+        projections, temperature) are registered as external parameters of `owner`: the
+        outermost module whose forward runs and returns tensors (under Lightning, the
+        LightningModule, whose forward is the training step). DeepSpeed also cannot broadcast or
+        partition 0-dim parameters, so those are stored as 1-element tensors (`logit_scale` and
+        `logit_bias` read them back as 0-dim). Returns the names of the reshaped parameters.
+        """
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        reshaped = []
+        for name, param in self.named_parameters():
+            if param.dim() == 0:
+                param.data = param.data.reshape(1)
+                reshaped.append(name)
+        for holder in (self.clip, getattr(self.clip, "visual", None)):
+            for param in [] if holder is None else holder.parameters(recurse=False):
+                register_external_parameter(owner, param)
+        return reshaped
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
@@ -60,6 +94,13 @@ class FlipModel(nn.Module):
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self.clip.encode_text(text, normalize=normalize)
+
+    def query(self, images: Any, attributes: Sequence[str] | None = None, **kwargs: Any) -> torch.Tensor:
+        """Zero-shot probabilities [N, A] of `attributes` for images (paths, PIL images or tensors);
+        `choices=[...]` asks one multi-class question instead. See flip.evaluation.query.query."""
+        from flip.evaluation.query import query
+
+        return query(self, images, attributes, **kwargs)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> EncoderOutput:
         if return_tokens:
@@ -76,7 +117,7 @@ class FlipModel(nn.Module):
         return EncoderOutput(
             image_features=F.normalize(image_features, dim=-1),
             text_features=F.normalize(text_features, dim=-1),
-            logit_scale=self.logit_scale.exp(),
+            logit_scale=self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp(),
             logit_bias=self.logit_bias,
             **extra,
         )
@@ -96,6 +137,8 @@ class FlipModel(nn.Module):
 
     def _text_with_tokens(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         clip = self.clip
+        if isinstance(getattr(clip, "text", None), HFTextEncoder):
+            return hf_text_with_tokens(clip.text, text)
         if not isinstance(clip, CLIP):
             raise ValueError(
                 f"token features need open_clip's built-in text transformer, not {type(clip).__name__}; "

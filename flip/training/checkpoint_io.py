@@ -8,22 +8,51 @@ POSIX, so resume always finds the previous or the new checkpoint, never half of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    started = time.time()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _remove_stale_temporaries(path, started)
+
+
+def _remove_stale_temporaries(path: Path, before: float) -> None:
+    """A process killed mid-write (SIGKILL runs no cleanup) leaves its temp file behind; the
+    next successful save of the same target removes those last written before it started."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < before:
+                stale.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """A small text file (DeepSpeed's `latest` tag) that is either the old or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,3 +71,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = True):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class ModelCheckpoint(_ModelCheckpoint):
+    """Lightning's ModelCheckpoint, and `last.ckpt` always holds the final weights of a run.
+
+    Lightning writes `last.ckpt` every `every_n_train_steps`, but at the end of training only
+    if none was written before: a run of 1,250 steps saving every 200 would end with the
+    weights of step 1,200 in `last.ckpt`, and evaluation, `flip.load` and a ZeRO conversion
+    would all read those.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)

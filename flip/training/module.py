@@ -6,7 +6,6 @@ and a model can be rebuilt from its checkpoint alone (`flip.load`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
@@ -18,14 +17,36 @@ from torch.utils.checkpoint import checkpoint
 
 from flip.losses import build_loss
 from flip.models import EncoderOutput, FlipModel, build_model
-from flip.training.optim import parameter_groups, warmup_cosine
+from flip.models.factory import absolute_model_name
+from flip.models.flip_model import MAX_LOGIT_SCALE
+from flip.models.pretrained import INIT_KEYS, load_tower, lock_towers, weightless
+from flip.training.nonfinite import NonFiniteGuard
+from flip.training.optim import build_optimizer, warmup_cosine
+from flip.training.resume import capture_rng_state, restore_rng_state
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
+RNG_KEY = "flip_rng_state"
+ZERO3_SCALARS_KEY = "flip_zero3_scalar_parameters"
 
 
 def plain(cfg: Any) -> Any:
     """OmegaConf nodes to plain containers (checkpoint-safe, JSON-safe)."""
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def module_options(cfg: DictConfig) -> dict[str, Any]:
+    """The module's keyword arguments that live at the top of the training config."""
+    return {
+        "micro_batches": cfg.get("micro_batches", 1),
+        "grad_checkpointing": cfg.get("grad_checkpointing", False),
+        "compile": plain(cfg.get("compile", False)),
+        "max_nonfinite_steps": cfg.get("max_nonfinite_steps", 5),
+    }
+
+
+def _is_deepspeed(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
 
 
 class FlipLitModule(L.LightningModule):
@@ -37,6 +58,11 @@ class FlipLitModule(L.LightningModule):
     Lightning's `accumulate_grad_batches` cannot give a contrastive loss: it would only
     contrast each micro-batch with itself. This is open_clip's accum-freq / GradCache, with
     the feature caching done by autograd.
+
+    `grad_checkpointing` recomputes each tower's transformer blocks in backward (open_clip's
+    switch, both towers); `compile` runs the towers through `torch.compile` (True, or a dict
+    of its arguments); a non-finite loss skips its step, and `max_nonfinite_steps` of them in a
+    row stop the run.
     """
 
     def __init__(
@@ -45,27 +71,58 @@ class FlipLitModule(L.LightningModule):
         loss: Mapping[str, Any],
         optim: Mapping[str, Any],
         micro_batches: int = 1,
+        grad_checkpointing: bool = False,
+        compile: bool | Mapping[str, Any] = False,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         model, loss, optim = plain(model), plain(loss), plain(optim)
+        if isinstance(model.get("name"), str):
+            model = {**model, "name": absolute_model_name(model["name"])}
         if not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
         self.micro_batches = micro_batches
+        self.compile_options = compile
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        # the checkpoint keeps the weight-free recipe (flip.load never fetches weights) and,
+        # apart, where the initial weights came from
         self.save_hyperparameters(
-            {"model": model, "loss": loss, "optim": optim, "micro_batches": micro_batches}
+            {
+                "model": weightless(model),
+                "model_init": model,
+                "loss": loss,
+                "optim": optim,
+                "micro_batches": micro_batches,
+                "grad_checkpointing": grad_checkpointing,
+            }
         )
         self.model: FlipModel = build_model(
-            **model,
+            **{k: v for k, v in model.items() if k not in INIT_KEYS.values()},
             init_logit_scale=loss.get("init_logit_scale"),
             init_logit_bias=loss.get("init_logit_bias"),
         )
+        for tower, key in INIT_KEYS.items():
+            if model.get(key):
+                load_tower(self.model, tower, model[key])
+        lock_towers(self.model, optim)
+        if grad_checkpointing:
+            self.model.clip.set_grad_checkpointing(True)
         # rank and world size are known only once the trainer has set up the processes
         self.criterion = build_loss(loss)
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._zero3_scalars: list[str] = []
 
     def setup(self, stage: str) -> None:
         self.criterion = build_loss(
             self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size
         )
+        strategy = self.trainer.strategy
+        if _is_deepspeed(strategy) and strategy.zero_stage_3 and not self._zero3_scalars:
+            self._zero3_scalars = self.model.prepare_for_zero3(owner=self)
+        if self.compile_options and not getattr(self, "_compiled", False):
+            options = self.compile_options if isinstance(self.compile_options, Mapping) else {}
+            self.model.compile(**options)  # in place: parameter names (and checkpoints) stay the same
+            self._compiled = True
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> EncoderOutput:
         tokens = self.criterion.requires_tokens
@@ -90,28 +147,55 @@ class FlipLitModule(L.LightningModule):
                 joined[field.name] = None if values[0] is None else torch.cat(values)
         return EncoderOutput(**joined)
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
-        images, text = batch[0], batch[1]
-        losses = self.criterion(self(images, text))
+    def _log_losses(self, losses: Mapping[str, torch.Tensor], stage: str, batch_size: int) -> None:
         on_step = stage == "train"
         for name, value in losses.items():
             self.log(
                 f"{stage}/{name}", value, prog_bar=name == "loss", on_step=on_step, on_epoch=not on_step,
-                batch_size=images.shape[0], sync_dist=not on_step,
+                batch_size=batch_size, sync_dist=not on_step,
             )  # fmt: skip
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        images, text = batch[0], batch[1]
+        features = self(images, text)
+        losses = self.criterion(features)
+        strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
+        if not self.nonfinite.check(losses, self.global_step, strategy):
+            self.log(
+                "train/skipped_steps", float(self.nonfinite.skipped), on_step=True, batch_size=len(images)
+            )
+            return self._skip_step()
+        self._log_losses(losses, "train", images.shape[0])
+        self.log("train/logit_scale", features.logit_scale.detach(), on_step=True, batch_size=len(images))
         return losses["loss"]
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        self.log(
-            "train/logit_scale", self.model.logit_scale.exp(), on_step=True, batch_size=batch[0].shape[0]
-        )
-        return loss
+    def _skip_step(self) -> torch.Tensor | None:
+        """No update from this batch. Lightning skips backward and step when the loss is None;
+        DeepSpeed cannot, so there the step runs with zero gradients at a zero learning rate
+        (the scheduler sets the rate again after the step)."""
+        if not _is_deepspeed(self.trainer.strategy):
+            return None
+        for group in self.trainer.strategy.optimizers[0].param_groups:
+            group["lr"] = 0.0
+        return self.model.logit_scale * 0.0
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        images, text = batch[0], batch[1]
+        losses = self.criterion(self(images, text))
+        self._log_losses(losses, "val", images.shape[0])
+        return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # the gradient norm before clipping: the first thing to look at when a large run diverges
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                self.log("optim/grad_norm", norm, on_step=True, batch_size=1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if _is_deepspeed(self.trainer.strategy):
+            return  # DeepSpeed's master weights would undo it; FlipModel.forward applies the cap
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
@@ -120,14 +204,24 @@ class FlipLitModule(L.LightningModule):
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = capture_rng_state()
+        if self._zero3_scalars:
+            checkpoint[ZERO3_SCALARS_KEY] = list(self._zero3_scalars)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # applied when training starts: restoring happens before the loaders are built, and
+        # building them draws from the global generator
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def configure_optimizers(self):
         optim = self.hparams.optim
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, optim["weight_decay"]),
-            lr=optim["lr"],
-            betas=tuple(optim["betas"]),
-            eps=optim["eps"],
-        )
+        optimizer = build_optimizer(self.model, optim, self.trainer.strategy)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = optim["warmup_steps"]
         if isinstance(warmup, float) and warmup < 1:

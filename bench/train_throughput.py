@@ -1,0 +1,263 @@
+"""Training throughput: FLIP's `train.py` (Lightning + Hydra) vs open_clip's own trainer.
+
+Both train the same open_clip architecture (FLIP's `conf/model/tiny.yaml`, registered with
+open_clip in both processes) with the CLIP loss on the same webdataset shards (resampled), at
+the same batch size, fp32, the same number of threads, no data-loader workers, for the same
+number of steps, on the CPU. The two run in turn, `--rounds` times each, alternating which goes
+first, in fresh processes. A step is timed from the end of the previous one (data loading,
+step, logging: everything), as open_clip times its batches; the first `--warmup` steps are
+left out; samples/s is the batch over the median window of 10 steps (open_clip logs the mean
+of each window). Both log every 10 steps.
+
+The step's achieved GFLOP/s (FLOPs of one forward + backward, counted by
+`torch.utils.flop_counter`, over FLIP's median step time) is set against this machine's
+measured fp32 matmul GFLOP/s with the same threads.
+
+    .venv/bin/python bench/train_throughput.py                 # ~2 min on 2 idle cores
+    .venv/bin/python bench/train_throughput.py --steps 20 --rounds 1   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import webdataset as wds
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+ARCH_NAME = "flip-bench-tiny"
+LOG_EVERY = 10
+# open_clip_train 3.3 groups tar members itself and fails on the end-of-shard marker webdataset
+# 1.0 yields ({}: KeyError 'fname'); without the marker it reads shards as before webdataset 1.0.
+OPEN_CLIP_LAUNCHER = (
+    "import functools, sys, open_clip, open_clip_train.data as data; "
+    "data.tar_file_expander = functools.partial(data.tar_file_expander, eof_value=None); "
+    "open_clip.add_model_config(sys.argv[1]); "
+    "from open_clip_train.main import main; main(sys.argv[2:])"
+)
+BATCH_TIME = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/.*?Batch \(t\): ([0-9.]+)")
+
+
+def write_shards(directory: Path, count: int, per_shard: int, size: int, seed: int = 0) -> list[str]:
+    """Noisy coloured JPEGs with short captions: decoding and augmentation cost like real images."""
+    rng = random.Random(seed)
+    words = ["a", "face", "with", "glasses", "smiling", "red", "hair", "beard", "hat", "old", "person"]
+    directory.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for shard in range(count // per_shard):
+        path = directory / f"{shard:05d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(per_shard):
+                noise = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy()
+                image = Image.fromarray(noise)
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=90)
+                caption = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": buffer.getvalue(), "txt": caption})
+        urls.append(str(path))
+    return urls
+
+
+def run_flip(args, shards: Path, work: Path, threads: int) -> list[float]:
+    times = work / "flip_times.json"
+    overrides = [
+        "~experiment", "model=tiny", f"model.name={ARCH_NAME}", "loss=clip", "trainer=cpu", "evaluate=false",
+        "data=shards", f"data.train_shards={shards}", f"data.batch_size={args.batch}", "data.num_workers=0",
+        "data.shuffle_buffer=1000", "data.samples_per_epoch=10000000", f"trainer.max_steps={args.steps}",
+        "trainer.precision=32-true", f"trainer.log_every_n_steps={LOG_EVERY}", "optim.lr=1e-3",
+        "optim.warmup_steps=5", f"hydra.run.dir={work / 'flip_run'}", f"paths.root_dir={work}",
+        f"+callbacks.step_times={{_target_: flip.training.throughput.StepTimes, path: {times}}}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "FLIP_ROOT": str(work)}
+    done = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"train.py failed:\n{done.stderr[-3000:]}")
+    return json.loads(times.read_text())["step_seconds"]
+
+
+def run_open_clip(args, shards: list[str], arch_json: Path, work: Path, threads: int) -> list[float]:
+    """Per-step times from open_clip's log: `Batch (t)` is the mean over the steps since the last line."""
+    first, last = Path(shards[0]).stem, Path(shards[-1]).stem
+    argv = [
+        "--model", ARCH_NAME, "--train-data", str(Path(shards[0]).parent / f"{{{first}..{last}}}.tar"),
+        "--dataset-type", "webdataset", "--dataset-resampled",
+        "--train-num-samples", str(args.steps * args.batch),
+        "--batch-size", str(args.batch), "--epochs", "1", "--workers", "0", "--device", "cpu",
+        "--precision", "fp32", "--lr", "1e-3", "--wd", "0.1", "--warmup", "5", "--seed", "42",
+        "--log-every-n-steps", str(LOG_EVERY), "--save-frequency", "0", "--report-to", "",
+        "--logs", str(work / "open_clip_logs"), "--name", f"bench-{time.time_ns()}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(
+        [sys.executable, "-c", OPEN_CLIP_LAUNCHER, str(arch_json), *argv],
+        cwd=work, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"open_clip_train failed:\n{done.stderr[-3000:]}")
+    steps, previous = [], 0
+    for samples, mean in BATCH_TIME.findall(done.stdout + done.stderr):
+        count = int(samples) // args.batch
+        steps += [float(mean)] * (count - previous)
+        previous = count
+    if len(steps) != args.steps:
+        raise RuntimeError(f"parsed {len(steps)} step times from open_clip's log, expected {args.steps}")
+    return steps
+
+
+def samples_per_second(step_seconds: list[float], batch: int, warmup: int) -> float:
+    """Batch over the median of the mean step time of each logging window after warm-up.
+
+    open_clip reports one mean per window of LOG_EVERY steps, so both are cut the same way; the
+    median keeps a burst of load from another process on a shared machine out of the result.
+    """
+    timed = step_seconds[warmup:]
+    windows = [timed[i : i + LOG_EVERY] for i in range(0, len(timed), LOG_EVERY)]
+    return batch / statistics.median(sum(w) / len(w) for w in windows)
+
+
+def step_flops(arch: dict, batch: int) -> int:
+    """FLOPs of one forward + backward of both towers and the loss at this batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT))
+    from flip.losses import ClipLoss
+    from flip.models import build_model
+
+    model = build_model(ARCH_NAME, arch)
+    size = arch["vision_cfg"]["image_size"]
+    images = torch.randn(batch, 3, size, size)
+    text = model.tokenize(["a face with glasses and a red hat, smiling"] * batch)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(images, text)
+        loss = ClipLoss()(out.image_features, out.text_features, out.logit_scale)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(threads: int, n: int = 1536, repeats: int = 8) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10, help="first steps left out (compilation, caches)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--samples", type=int, default=2048, help="samples in the generated shards")
+    args = parser.parse_args()
+    if args.warmup % LOG_EVERY or args.steps % LOG_EVERY:
+        parser.error(
+            f"--warmup and --steps must be multiples of {LOG_EVERY} (open_clip logs every {LOG_EVERY})"
+        )
+
+    arch = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())["arch"]
+    work = Path(tempfile.mkdtemp(prefix="flip-bench-"))
+    arch_json = work / f"{ARCH_NAME}.json"
+    arch_json.write_text(json.dumps(arch))
+    print(f"writing {args.samples} samples of shards to {work}", flush=True)
+    shards = write_shards(work / "shards", args.samples, 256, size=112)
+
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[float]] = {"flip": [], "open_clip": []}
+    order = ["flip", "open_clip"]
+    for round_ in range(args.rounds):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            if name == "flip":
+                steps = run_flip(args, work / "shards", work, args.threads)
+            else:
+                steps = run_open_clip(args, shards, arch_json, work, args.threads)
+            rate = samples_per_second(steps, args.batch, args.warmup)
+            runs[name].append(rate)
+            print(
+                f"round {round_ + 1} {name:9s} {rate:7.1f} samples/s ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+
+    flip_rate, open_clip_rate = statistics.median(runs["flip"]), statistics.median(runs["open_clip"])
+    flops = step_flops(arch, args.batch)
+    step_seconds = args.batch / flip_rate
+    result = {
+        "flip_samples_per_s": round(flip_rate, 2),
+        "open_clip_samples_per_s": round(open_clip_rate, 2),
+        "ratio": round(flip_rate / open_clip_rate, 3),
+        "step_gflops": round(flops / step_seconds / 1e9, 2),
+        "matmul_gflops": round(matmul_gflops(args.threads), 2),
+        "step_gflop": round(flops / 1e9, 2),
+        "runs_samples_per_s": {k: [round(v, 2) for v in rates] for k, rates in runs.items()},
+        "config": {
+            "arch": "conf/model/tiny.yaml (ViT 64px/8, width 96, 3 layers; text width 96, 2 layers; 128-d)",
+            "loss": "clip",
+            "batch": args.batch,
+            "steps": args.steps,
+            "warmup_steps": args.warmup,
+            "rounds": args.rounds,
+            "precision": "fp32",
+            "threads": args.threads,
+            "loader_workers": 0,
+            "log_every_n_steps": LOG_EVERY,
+            "image_px_in_shards": 112,
+        },
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        },
+    }
+    result["step_vs_matmul"] = round(result["step_gflops"] / result["matmul_gflops"], 3)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "train_throughput.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    c = r["config"]
+    return (
+        "| batch | steps (timed) | threads | FLIP train.py | open_clip_train | ratio | step GFLOP | "
+        "step GFLOP/s | matmul GFLOP/s | step / matmul |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| {c['batch']} | {c['steps']} ({c['steps'] - c['warmup_steps']}) | {c['threads']} | "
+        f"{r['flip_samples_per_s']} samples/s | {r['open_clip_samples_per_s']} samples/s | {r['ratio']} | "
+        f"{r['step_gflop']} | {r['step_gflops']} | {r['matmul_gflops']} | {r['step_vs_matmul']} |\n\n"
+        f"Medians of {c['rounds']} alternating runs each: FLIP {r['runs_samples_per_s']['flip']}, "
+        f"open_clip {r['runs_samples_per_s']['open_clip']} samples/s. {c['arch']}, CLIP loss, fp32, "
+        f"no loader workers, both logging every {c['log_every_n_steps']} steps; torch "
+        f"{r['machine']['torch']}, {r['machine']['cores']} cores, 1-min load average before/after "
+        f"{r['machine']['load_average_1min_before_after']} (other processes share the cores).\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""DeepSpeed ZeRO through Lightning, and ZeRO checkpoints back to one fp32 file.
+
+`DeepSpeedStrategy` is Lightning's, with three differences:
+- it also runs on the CPU accelerator (DeepSpeed's CPU backend over gloo). Lightning refuses the
+  CPU outright, which would leave the ZeRO configs in `conf/trainer/` untestable on a machine
+  without a GPU;
+- DeepSpeed 0.19 fails at engine start on 0-dim parameters such as CLIP's temperature; those
+  are broadcast apart (ZeRO-3 stores them 1-d, see `FlipModel.prepare_for_zero3`);
+- a save never overwrites the previous checkpoint in place (one tag folder per save, `latest`
+  moved atomically when every rank has written).
+
+A ZeRO checkpoint is a folder of per-rank shards (`last.ckpt/<tag>/*.pt` + `latest`). Evaluation,
+`flip.load` and export want one file of fp32 weights: `consolidate` writes it, atomically, with
+the hyperparameters that `flip.load` needs to rebuild the towers, and nothing that would need
+`weights_only=False` to read back.
+
+    flip-zero-to-fp32 logs/train/runs/<date>/checkpoints/last.ckpt model.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
+
+from flip.training.checkpoint_io import atomic_torch_save, atomic_write_text
+
+# what a consolidated file keeps of Lightning's client state: enough to rebuild and to know its age
+KEPT_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters")
+FORWARD_PREFIX = "_forward_module."
+MODULE_PREFIX = "model."  # FlipLitModule.model
+ZERO3_SCALARS_KEY = "flip_zero3_scalar_parameters"  # written by FlipLitModule.on_save_checkpoint
+
+
+class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
+    """Lightning's `DeepSpeedStrategy`, also on the CPU accelerator (gloo); see the module doc.
+
+    On the CPU the device-index checks, which assume one GPU per process, are skipped, and
+    DeepSpeed gets device index 0 of the CPU.
+    """
+
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def setup_environment(self) -> None:
+        if not self._on_cpu():
+            super().setup_environment()
+            return
+        # Lightning's DDP setup (world ranks, process group via DeepSpeed), without the CUDA check
+        super(_LightningDeepSpeedStrategy, self).setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            super().setup_distributed()
+            return
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _get_process_group_backend(self) -> str:
+        return "gloo" if self._on_cpu() else super()._get_process_group_backend()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        with _scalar_parameters_broadcast_apart(model):
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
+        """Each save goes to a new tag folder; `latest` moves to it (atomically) once every rank
+        has written its shard, and older tags are removed after. Lightning's version rewrites
+        one folder in place, so a job killed mid-save would lose the previous checkpoint too."""
+        if storage_options is not None:
+            raise TypeError(
+                f"DeepSpeedStrategy.save_checkpoint takes no storage_options, got {storage_options!r}"
+            )
+        filepath = self.broadcast(str(filepath))
+        tag = self.broadcast(f"step{checkpoint.get('global_step', 0):09d}-{time.time_ns()}")
+        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.deepspeed_engine.save_checkpoint(
+            filepath,
+            client_state=client_state,
+            tag=tag,
+            save_latest=False,
+            exclude_frozen_parameters=self.exclude_frozen_parameters,
+        )
+        self.barrier("deepspeed_checkpoint_written")
+        if self.is_global_zero:
+            atomic_write_text(Path(filepath) / "latest", tag)
+            for old in Path(filepath).iterdir():
+                if old.is_dir() and old.name != tag and any(old.glob("*model_states.pt")):
+                    shutil.rmtree(old, ignore_errors=True)
+        self.barrier("deepspeed_checkpoint_done")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning checks for its fixed tag folder `checkpoint`; saves here use one tag per save
+        and the `latest` file, which DeepSpeed's own loading follows."""
+        if (self.load_full_weights and self.zero_stage_3) or not is_zero_checkpoint(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        _, client_state = self.deepspeed_engine.load_checkpoint(
+            str(checkpoint_path),
+            load_optimizer_states=fitting,
+            load_lr_scheduler_states=False,
+            load_module_strict=self.lightning_module.strict_loading,
+        )
+        if client_state is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(checkpoint_path)!r}")
+        return client_state
+
+    @property
+    def root_device(self) -> torch.device:
+        # DeepSpeed's engine reads the device index of the root device; the CPU has no index
+        return torch.device("cpu", 0) if self._on_cpu() else super().root_device
+
+
+@contextmanager
+def _scalar_parameters_broadcast_apart(model: torch.nn.Module) -> Iterator[None]:
+    """Work around DeepSpeed 0.19 failing at engine start on 0-dim parameters (CLIP's logit_scale).
+
+    The engine broadcasts every parameter from rank 0 as `p.data.view(torch.uint8)`, which torch
+    refuses for a 0-dim tensor. Those few parameters are broadcast here instead, and flagged for
+    the engine's loop to pass over (it skips parameters that carry `ds_optim_param`) while it runs.
+    """
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for p in scalars:
+            torch.distributed.broadcast(p.data, src=0)
+    for p in scalars:
+        p.ds_optim_param = True
+    try:
+        yield
+    finally:
+        for p in scalars:
+            del p.ds_optim_param
+
+
+def is_zero_checkpoint(path: str | os.PathLike) -> bool:
+    """A DeepSpeed checkpoint is a folder with a `latest` tag file; Lightning's is one file."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest"))
+
+
+def consolidate(checkpoint_dir: str | os.PathLike, output_file: str | os.PathLike) -> dict[str, Any]:
+    """Gather a ZeRO-2/3 checkpoint folder into one fp32 checkpoint that `flip.load` reads.
+
+    The shards are DeepSpeed's own pickles (read with `weights_only=False`: only convert
+    checkpoints you wrote); the output holds tensors and plain containers only.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_files
+    from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
+
+    if not is_zero_checkpoint(checkpoint_dir):
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} is not a DeepSpeed checkpoint folder (one with a 'latest' file); "
+            "give the last.ckpt folder written by a trainer=deepspeed_zero2/deepspeed_zero3 run"
+        )
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+    # rank 0's model-state file holds Lightning's client state (ZeRO-2 and ZeRO-3 name it differently)
+    model_file = get_model_state_files(ds_checkpoint_dir(str(checkpoint_dir)))[0]
+    client_state = torch.load(model_file, map_location="cpu", weights_only=False)
+    checkpoint = {key: client_state[key] for key in KEPT_KEYS if key in client_state}
+    state_dict = {key.removeprefix(FORWARD_PREFIX): value.float() for key, value in state_dict.items()}
+    # ZeRO-3 trained 0-dim parameters as 1-element ones (FlipModel.prepare_for_zero3): undo that
+    for name in client_state.get(ZERO3_SCALARS_KEY, []):
+        key = MODULE_PREFIX + name
+        if key in state_dict:
+            state_dict[key] = state_dict[key].reshape(())
+    checkpoint["state_dict"] = state_dict
+    atomic_torch_save(checkpoint, output_file)
+    return checkpoint
+
+
+def model_for_evaluation(
+    module: torch.nn.Module, checkpoint: str | None
+) -> tuple[torch.nn.Module, str | None]:
+    """The trained towers, whole and in fp32, with the checkpoint they come from.
+
+    After a ZeRO run the weights in memory are shards (ZeRO-3) or in the training precision;
+    the last checkpoint is consolidated beside itself (`last.ckpt` -> `last.fp32.ckpt`) and
+    loaded from there. Otherwise it is the module's own model.
+    """
+    if checkpoint is None or not is_zero_checkpoint(checkpoint):
+        return module.model, checkpoint
+    from flip.checkpoint import load
+
+    single = str(Path(checkpoint).with_suffix("")) + ".fp32.ckpt"
+    consolidate(checkpoint, single)
+    return load(single, device=module.device), single
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Gather a DeepSpeed ZeRO checkpoint into one fp32 FLIP checkpoint."
+    )
+    parser.add_argument("checkpoint_dir", help="the .ckpt folder a DeepSpeed run wrote")
+    parser.add_argument("output_file", help="where to write the single-file checkpoint (for flip.load)")
+    args = parser.parse_args(argv)
+    checkpoint = consolidate(args.checkpoint_dir, args.output_file)
+    print(
+        f"wrote {Path(args.output_file)} ({len(checkpoint['state_dict'])} tensors, "
+        f"step {checkpoint.get('global_step')})"
+    )
+
+
+if __name__ == "__main__":
+    main()
