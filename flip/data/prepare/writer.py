@@ -1,0 +1,401 @@
+"""Turns a stream of items from a source into webdataset shards: in parallel, resumable, exact.
+
+A source yields `Item`s (key, where the image bytes are, caption, metadata, optional face
+box) in a fixed order; this module cuts that stream into shards of `samples_per_shard`
+items, and worker processes read, clean and write each shard. Shard i always holds items
+[i*n, (i+1)*n) of the stream, so the output does not depend on the worker count, and each
+shard is written to a temporary name and renamed only when complete, followed by its
+`NNNNN_stats.json`. A shard whose stats file records the same digest of its items and
+settings is finished: a rerun skips it (resume after a crash, or after adding settings that
+do not change it), and rewrites any shard whose inputs or settings changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from flip.data.prepare.detect import HaarFaceDetector
+from flip.data.prepare.hygiene import REASONS, HygieneConfig, SkipSample, process_image
+from flip.data.prepare.report import REPORT_NAME, SkipLog, write_json_atomic
+
+__all__ = ["ImageRef", "Item", "JobConfig", "Source", "run_job", "shard_name"]
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"  # bump when the bytes written for the same item and settings change
+RESERVED_KEYS = ("key", "caption", "source", "width", "height", "original_width", "original_height", "crop")
+MARKER = ".flip-data"
+_SHARD = re.compile(r"^(\d{5,})\.tar$")
+_TAR_MTIME = 0.0  # fixed member metadata: equal inputs give byte-identical shards
+_KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image's bytes are: a file, or (`offset`, `size`) inside a tar file."""
+
+    path: str
+    offset: int | None = None
+    size: int | None = None
+    member: str | None = None
+
+    def read(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                if self.offset is None:
+                    return f.read()
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except OSError as exc:
+            raise SkipSample("missing_image", f"{self.describe()}: {exc.strerror or exc}") from None
+        if self.size is not None and len(data) != self.size:
+            raise SkipSample(
+                "truncated_image", f"{self.describe()}: {len(data)} of {self.size} bytes in the tar"
+            )
+        return data
+
+    def describe(self) -> str:
+        return self.path if self.member is None else f"{self.path}#{self.member}"
+
+
+@dataclass
+class Item:
+    """One sample to write. `metadata` goes into `{key}.json` beside the source and sizes."""
+
+    key: str
+    image: ImageRef
+    caption: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    box: tuple[float, float, float, float] | None = None
+
+
+class Source(Protocol):
+    """What `run_job` needs from a data source."""
+
+    command: str
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings of the source, for the report."""
+        ...
+
+    def total(self) -> int | None:
+        """Records `items` goes through (items yielded + records skipped while reading), if known;
+        it may become known, or change, while `items` runs (for the progress bar)."""
+        ...
+
+    def items(self, skips: SkipLog) -> Iterator[Item]:
+        """Items in a deterministic order; records that cannot become items go to `skips`."""
+        ...
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    output: Path
+    samples_per_shard: int = 1000
+    workers: int = 1
+    hygiene: HygieneConfig = field(default_factory=HygieneConfig)
+    detector: HaarFaceDetector | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={self.samples_per_shard}; accepted: >= 1")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}; accepted: >= 1")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything besides the items that changes the bytes of a shard."""
+        return {
+            "version": VERSION,
+            "hygiene": asdict(self.hygiene),
+            "detector": None if self.detector is None else _detector_settings(self.detector),
+        }
+
+
+def _detector_settings(detector: HaarFaceDetector) -> dict[str, Any]:
+    return {k: v for k, v in vars(detector).items() if not k.startswith("_")}
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}.tar"
+
+
+def _stats_path(output: Path, index: int) -> Path:
+    return output / f"{index:05d}_stats.json"
+
+
+def _digest(config: dict[str, Any], items: list[Item]) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for item in items:
+        h.update(
+            json.dumps(
+                [item.key, asdict(item.image), item.caption, item.metadata, item.box],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        )
+    return h.hexdigest()[:24]
+
+
+def _finished(output: Path, index: int, digest: str) -> dict | None:
+    """The stats of shard `index` if it was completed from exactly these items and settings."""
+    path = _stats_path(output, index)
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stats, dict) or stats.get("digest") != digest:
+        return None
+    return stats if (output / shard_name(index)).is_file() else None
+
+
+@dataclass
+class _ShardTask:
+    index: int
+    items: list[Item]
+    digest: str
+    output: Path
+    hygiene: HygieneConfig
+    detector: HaarFaceDetector | None
+
+
+def _sample_json(item: Item, processed) -> bytes:
+    record = dict(item.metadata)
+    record.update(
+        key=item.key,
+        caption=item.caption,
+        source=item.image.describe(),
+        width=processed.width,
+        height=processed.height,
+        original_width=processed.original_width,
+        original_height=processed.original_height,
+    )
+    if processed.crop is not None:
+        record["crop"] = list(processed.crop)
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+
+
+def write_shard(task: _ShardTask) -> dict[str, Any]:
+    """Reads, cleans and writes one shard; never raises for a bad sample (it is counted)."""
+    from webdataset import TarWriter
+
+    skips = SkipLog()
+    written = 0
+    final = task.output / shard_name(task.index)
+    tmp = task.output / f".{final.name}.tmp-{os.getpid()}"
+    with TarWriter(str(tmp), encoder=False, mtime=_TAR_MTIME, user="flip", group="flip") as sink:
+        for item in task.items:
+            try:
+                processed = process_image(item.image.read(), task.hygiene, item.box, task.detector)
+            except SkipSample as skip:
+                skips.add(skip.reason, item.key, f"{item.image.describe()}: {skip.detail}")
+                continue
+            except Exception as exc:  # an unforeseen decoder failure costs one sample, not the run
+                skips.add("corrupt_image", item.key, f"{item.image.describe()}: {type(exc).__name__}: {exc}")
+                continue
+            sink.write(
+                {
+                    "__key__": item.key,
+                    "jpg": processed.jpeg,
+                    "txt": item.caption.encode("utf-8"),
+                    "json": _sample_json(item, processed),
+                }
+            )
+            written += 1
+    stats = {
+        "shard": final.name,
+        "digest": task.digest,
+        "items": len(task.items),
+        "written": written,
+        "skipped": skips.to_json(),
+    }
+    os.replace(tmp, final)
+    write_json_atomic(_stats_path(task.output, task.index), stats)  # last: marks the shard finished
+    return stats
+
+
+def _chunks(items: Iterable[Item], size: int, skips: SkipLog) -> Iterator[list[Item]]:
+    """Fixed-size lists of items with unique, tar-safe keys; later duplicates are skipped."""
+    seen: set[str] = set()
+    chunk: list[Item] = []
+    for item in items:
+        if not _KEY_OK.match(item.key):
+            raise ValueError(f"source produced key {item.key!r}; keys must match [A-Za-z0-9_-]+")
+        if item.key in seen:
+            skips.add(
+                "duplicate_key", item.key, f"{item.image.describe()}: key already used by an earlier sample"
+            )
+            continue
+        seen.add(item.key)
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_output(output: Path) -> None:
+    """Refuses a folder holding `.tar` files that flip-data did not write (they would be trained on).
+
+    The first run marks the folder as flip-data's (`.flip-data`); any shard in a marked folder,
+    even one whose stats file a crash kept from being written, is then flip-data's to redo.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    marker = output / MARKER
+    if not marker.is_file():
+        foreign = sorted(p.name for p in output.glob("*.tar"))
+        if foreign:
+            raise FileExistsError(
+                f"output folder {str(output)!r} holds .tar files that flip-data did not write "
+                f"(e.g. {foreign[0]!r}); choose an empty or new --output"
+            )
+        marker.write_text("shards in this folder are written by flip-data; it may replace them\n")
+    for leftover in output.glob(".*.tmp-*"):  # half-written files of a killed run
+        leftover.unlink(missing_ok=True)
+
+
+def _remove_stale(output: Path, count: int) -> list[str]:
+    """Shards of an earlier run beyond this run's last one (the input shrank): removed."""
+    removed = []
+    for path in sorted(output.glob("*.tar")):
+        match = _SHARD.match(path.name)
+        if match and int(match[1]) >= count:
+            path.unlink()
+            _stats_path(output, int(match[1])).unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # fork starts workers at once and shares the parent's imports; spawn where there is no fork
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+
+
+def run_job(source: Source, config: JobConfig) -> dict[str, Any]:
+    """Writes every shard of `source` into `config.output` and returns (and writes) the report."""
+    start = time.time()
+    output = Path(config.output)
+    _check_output(output)
+    fingerprint = config.fingerprint()
+    plan_skips, shard_skips = SkipLog(), SkipLog()
+    shard_stats: dict[int, dict] = {}
+    resumed = 0
+
+    def tasks() -> Iterator[_ShardTask | dict]:
+        for index, chunk in enumerate(
+            _chunks(source.items(plan_skips), config.samples_per_shard, plan_skips)
+        ):
+            digest = _digest(fingerprint, chunk)
+            done = _finished(output, index, digest)
+            yield (
+                done
+                if done is not None
+                else _ShardTask(index, chunk, digest, output, config.hygiene, config.detector)
+            )
+
+    bar = tqdm(
+        total=source.total(),
+        desc=f"flip-data {source.command}",
+        unit="img",
+        file=sys.stderr,
+        disable=not config.progress,
+        dynamic_ncols=True,
+    )
+
+    counted_plan_skips = 0
+
+    def advance(items: int) -> None:
+        """The bar counts records: items handed to workers plus records skipped while reading."""
+        nonlocal counted_plan_skips
+        total = source.total()  # some sources only know it once they have read their tables
+        if total != bar.total:
+            bar.total = total
+            bar.refresh()
+        bar.update(items + plan_skips.total - counted_plan_skips)
+        counted_plan_skips = plan_skips.total
+        written = sum(s["written"] for s in shard_stats.values())
+        bar.set_postfix(written=written, skipped=plan_skips.total + shard_skips.total)
+
+    def record(index: int, stats: dict) -> None:
+        shard_stats[index] = stats
+        shard_skips.merge(stats["skipped"])
+        advance(stats["items"])
+
+    with bar:
+        if config.workers == 1:
+            for index, task in enumerate(tasks()):
+                if isinstance(task, dict):
+                    resumed += 1
+                    record(index, task)
+                else:
+                    record(index, write_shard(task))
+        else:
+            with _pool(config.workers) as pool:
+                pending: dict[Future, int] = {}
+                for index, task in enumerate(tasks()):
+                    if isinstance(task, dict):
+                        resumed += 1
+                        record(index, task)
+                        continue
+                    pending[pool.submit(write_shard, task)] = index
+                    while len(pending) >= 2 * config.workers:  # bounded: items are not all in memory
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            record(pending.pop(future), future.result())
+                for future in list(pending):
+                    record(pending.pop(future), future.result())
+        advance(0)  # records skipped after the last shard's items
+
+    count = len(shard_stats)
+    removed = _remove_stale(output, count)
+    skips = SkipLog()
+    skips.merge(plan_skips)
+    skips.merge(shard_skips)
+    written = sum(s["written"] for s in shard_stats.values())
+    report = {
+        "command": source.command,
+        "source": source.describe(),
+        "settings": {**fingerprint, "samples_per_shard": config.samples_per_shard, "workers": config.workers},
+        "output": str(output.resolve()),
+        "shards": [shard_name(i) for i in range(count)],
+        "samples": {
+            "written": written,
+            "skipped": skips.total,
+            "items": sum(s["items"] for s in shard_stats.values()),
+        },
+        "skipped_by_reason": dict(sorted(skips.counts.items())),
+        "reasons": {reason: REASONS[reason] for reason in sorted(skips.counts)},
+        "examples": skips.to_json()["examples"],
+        "shards_resumed": resumed,
+        "shards_written": count - resumed,
+        "stale_shards_removed": removed,
+        "seconds": round(time.time() - start, 2),
+    }
+    write_json_atomic(output / REPORT_NAME, report)
+    log.info(
+        "flip-data %s: %d samples written to %d shards in %s (%d skipped: %s; %d shards already done)",
+        source.command,
+        written,
+        count,
+        output,
+        skips.total,
+        ", ".join(f"{k} {v}" for k, v in sorted(skips.counts.items())) or "none",
+        resumed,
+    )
+    return report
