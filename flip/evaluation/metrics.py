@@ -41,3 +41,42 @@ def multiclass_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence
         "support": len(y_true),
         "per_class": per_class,
     }
+
+
+def attribute_scores(
+    y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str]
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Summary (mean accuracy, mean balanced accuracy) and per-attribute metrics of [N, A] decisions.
+
+    `y_true` holds 1 / 0, or -1 where a sample is unlabelled for that attribute: such entries
+    are left out of that attribute's metrics only.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred, dtype=bool)
+    per_label = {}
+    for a, name in enumerate(names):
+        labelled = y_true[:, a] >= 0
+        per_label[name] = binary_metrics(y_true[labelled, a] == 1, y_pred[labelled, a])
+    summary = {
+        "mean_accuracy": _nanmean([m["accuracy"] for m in per_label.values()]),
+        "mean_balanced_accuracy": _nanmean([m["balanced_accuracy"] for m in per_label.values()]),
+    }
+    return summary, per_label
+
+
+def classification_scores(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]
+) -> tuple[dict[str, float], dict[str, dict], list[list[int]]]:
+    """Summary (accuracy, mean per-class recall), per-class recall/support and the confusion matrix.
+
+    The confusion matrix has true classes as rows and predictions as columns.
+    """
+    m = multiclass_metrics(y_true, y_pred, classes)
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    summary = {"accuracy": m["accuracy"], "mean_per_class_recall": m["mean_per_class_recall"]}
+    return summary, m["per_class"], confusion.tolist()
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from flip.evaluation.features import SplitFeatures, extract_text_features
+from flip.evaluation.metrics import attribute_scores, classification_scores, multiclass_metrics
+from flip.evaluation.prompts import DEFAULT_TEMPLATES, resolve_binary, resolve_choices
+from flip.evaluation.retrieval import retrieval_recalls
 from flip.models import FlipModel
 
 
@@ -93,3 +98,68 @@ class ZeroShotClassifier:
         for name, (_, embeddings) in self.multiclass.items():
             out[name] = (self.logit_scale * image_features @ embeddings.T).softmax(dim=-1)
         return out
+
+
+# -- benchmark protocol ------------------------------------------------------------------------
+
+
+def evaluate_zeroshot(
+    model: FlipModel,
+    features: SplitFeatures,
+    prompts: Mapping[str, Any],
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """Zero-shot metrics of a split from its image features, in the metrics.json schema.
+
+    `prompts` holds `templates` and, for attributes, `binary` (name -> {positive, negative})
+    and `multiclass` (question -> {class: phrases}) or, for classification, `classes`
+    (class -> phrases). Labels without prompts get the built-in rule of flip.evaluation.prompts,
+    and the report lists them.
+    """
+    split = features.split
+    templates = list(prompts.get("templates") or DEFAULT_TEMPLATES)
+    image_features = features.features
+    metrics: dict[str, Any] = {
+        "benchmark": split.benchmark,
+        "protocol": "zeroshot",
+        "task": split.task,
+        "checkpoint": checkpoint,
+        "split": split.split,
+        "n_train": 0,
+        "n_test": len(split),
+        "labels": list(split.label_names),
+    }
+    if split.task == "attributes":
+        binary, fallback = resolve_binary(split.label_names, prompts.get("binary"))
+        given = prompts.get("multiclass") or {}
+        questions = {}
+        for question, (classes, _) in split.questions.items():
+            questions[question], more = resolve_choices(classes, given.get(question))
+            fallback += [f"{question}/{c}" for c in more]
+        classifier = ZeroShotClassifier.from_prompts(model, templates, binary, questions)
+        probs = classifier.predict(image_features)
+        summary, per_label = attribute_scores(split.targets, probs["binary"].numpy() > 0.5, split.label_names)
+        multiclass = {}
+        for question, (classes, y) in split.questions.items():
+            keep = y >= 0
+            pred = probs[question].argmax(dim=-1).numpy()
+            m = multiclass_metrics(y[keep], pred[keep], classes)
+            m["confusion_matrix"] = classification_scores(y[keep], pred[keep], classes)[2]
+            multiclass[question] = m
+            summary[f"{question}_accuracy"] = m["accuracy"]
+            summary[f"{question}_mean_per_class_recall"] = m["mean_per_class_recall"]
+        metrics.update(summary=summary, per_label=per_label)
+        if multiclass:
+            metrics["multiclass"] = multiclass
+    else:
+        choices, fallback = resolve_choices(split.label_names, prompts.get("classes"))
+        classifier = ZeroShotClassifier.from_prompts(model, templates, None, {"class": choices})
+        pred = classifier.predict(image_features)["class"].argmax(dim=-1).numpy()
+        summary, per_label, confusion = classification_scores(split.targets, pred, split.label_names)
+        metrics.update(summary=summary, per_label=per_label, confusion_matrix=confusion)
+    if fallback:
+        metrics["default_prompts_for"] = fallback
+    if split.captions is not None:
+        text_features = extract_text_features(model, split.captions)
+        metrics["retrieval"] = retrieval_recalls(image_features, text_features)
+    return metrics

@@ -1,0 +1,231 @@
+"""A labelled split of a face benchmark, whatever layout it was read from.
+
+Every reader (CelebA, RAF-DB, FER2013, AffectNet, folders, CSVs, shards) turns its published
+files into the same object: how to load image i, and the labels of image i. Evaluation code
+then never needs to know where a benchmark came from, and a new layout needs only a reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+from PIL import Image
+
+TASKS = ("attributes", "classification")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+class MalformedFileError(ValueError):
+    """A benchmark file that does not follow its published layout: names the file, line and expectation."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, problem: str, expected: str) -> None:
+        where = f"{path}" if line is None else f"{path}, line {line}"
+        super().__init__(f"{where}: {problem}; expected {expected}")
+        self.path, self.line = str(path), line
+
+
+class ImageSource(Protocol):
+    """Loads image i as RGB; `describe(i)` names it in messages; `fingerprint()` keys feature caches."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image: ...
+
+    def describe(self, index: int) -> str: ...
+
+    def subset(self, indices: Sequence[int]) -> ImageSource: ...
+
+    def fingerprint(self) -> str: ...
+
+
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Images on disk, one path each, optionally cropped to a box (x, y, width, height)."""
+
+    paths: tuple[str, ...]
+    boxes: tuple[tuple[int, int, int, int], ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            image = image.convert("RGB")
+        if self.boxes is not None:
+            x, y, w, h = self.boxes[index]
+            image = image.crop((x, y, x + w, y + h))
+        return image
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def subset(self, indices: Sequence[int]) -> ImageFiles:
+        return ImageFiles(
+            tuple(self.paths[i] for i in indices),
+            None if self.boxes is None else tuple(self.boxes[i] for i in indices),
+        )
+
+    def fingerprint(self) -> str:
+        # path and size and mtime: a replaced file changes the key without reading every image
+        stats = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                stats.append((path, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((path, None, None))
+        return _digest("files", stats, self.boxes)
+
+
+@dataclass(frozen=True)
+class PixelArrays:
+    """Images given as uint8 arrays, [N, H, W] grayscale or [N, H, W, 3] (FER2013's CSV pixels)."""
+
+    pixels: np.ndarray
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.pixels[index]).convert("RGB")
+
+    def describe(self, index: int) -> str:
+        return self.names[index]
+
+    def subset(self, indices: Sequence[int]) -> PixelArrays:
+        indices = list(indices)
+        return PixelArrays(self.pixels[indices], tuple(self.names[i] for i in indices))
+
+    def fingerprint(self) -> str:
+        return _digest("pixels", np.ascontiguousarray(self.pixels).tobytes(), self.names)
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """Images held as encoded bytes (JPEG/PNG), e.g. read out of webdataset shards."""
+
+    blobs: tuple[bytes, ...]
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(io.BytesIO(self.blobs[index])) as image:
+            return image.convert("RGB")
+
+    def describe(self, index: int) -> str:
+        return self.names[index]
+
+    def subset(self, indices: Sequence[int]) -> EncodedImages:
+        return EncodedImages(tuple(self.blobs[i] for i in indices), tuple(self.names[i] for i in indices))
+
+    def fingerprint(self) -> str:
+        return _digest("encoded", *self.blobs, self.names)
+
+
+@dataclass
+class LabelledSplit:
+    """Images and labels of one split.
+
+    `targets` is [N, A] int8 for attributes (1 present, 0 absent, -1 unlabelled) or [N] int64
+    class indices into `label_names` for classification. `questions` holds further
+    multi-class labels some datasets carry beside their attributes (FaceShapes hair colour and
+    expression): name -> (classes, [N] indices, -1 unlabelled). `captions` enables retrieval.
+    """
+
+    benchmark: str
+    split: str
+    task: Literal["attributes", "classification"]
+    label_names: list[str]
+    targets: np.ndarray
+    images: ImageSource
+    keys: list[str]
+    captions: list[str] | None = None
+    questions: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
+    skipped: int = 0  # records a reader dropped (unusable labels), reported beside the counts
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is not one of {TASKS}")
+        n = len(self.keys)
+        expected = (n, len(self.label_names)) if self.task == "attributes" else (n,)
+        if self.targets.shape != expected or len(self.images) != n:
+            raise ValueError(
+                f"{self.benchmark}/{self.split}: targets {self.targets.shape}, {len(self.images)} images and "
+                f"{n} keys disagree; expected targets of shape {expected}"
+            )
+        if self.captions is not None and len(self.captions) != n:
+            raise ValueError(f"{self.benchmark}/{self.split}: {len(self.captions)} captions for {n} images")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LabelledSplit:
+        """The same split restricted to `indices` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return replace(
+            self,
+            targets=self.targets[idx],
+            images=self.images.subset(idx.tolist()),
+            keys=[self.keys[i] for i in idx],
+            captions=None if self.captions is None else [self.captions[i] for i in idx],
+            questions={k: (c, y[idx]) for k, (c, y) in self.questions.items()},
+        )
+
+    def sample(self, count: int | None, seed: int = 0) -> LabelledSplit:
+        """A seeded random subset of `count` samples (all of them when None or larger), kept in order."""
+        if count is None or count >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        return self.subset(np.sort(rng.choice(len(self), size=count, replace=False)))
+
+    def counts(self) -> dict[str, int]:
+        """Positives per attribute or samples per class: what tests and reports check first."""
+        if self.task == "attributes":
+            return {name: int((self.targets[:, a] == 1).sum()) for a, name in enumerate(self.label_names)}
+        return {name: int((self.targets == c).sum()) for c, name in enumerate(self.label_names)}
+
+
+def find_first(root: Path, candidates: Sequence[str], what: str) -> Path:
+    """The first of `candidates` (relative to root) that exists, or an error listing them all."""
+    for candidate in candidates:
+        path = root / candidate
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"{what}: none of {[str(root / c) for c in candidates]} exists; check benchmark.root={str(root)!r}"
+    )
+
+
+def check_split(split: str, available: Sequence[str], benchmark: str) -> None:
+    if split not in available:
+        raise ValueError(f"{benchmark} has no split {split!r}; it has {list(available)}")
+
+
+def parse_binary(value: str, path: str | os.PathLike, line: int, column: str) -> int:
+    """1 / 0 / -1 labels as written by the common layouts (1/-1, 1/0, true/false); empty = unlabelled."""
+    v = value.strip().lower()
+    if v in ("1", "1.0", "true", "yes"):
+        return 1
+    if v in ("-1", "0", "0.0", "-1.0", "false", "no"):
+        return 0
+    if v in ("", "nan", "na"):
+        return -1
+    raise MalformedFileError(path, line, f"column {column!r} has value {value!r}", "1/-1, 1/0 or true/false")

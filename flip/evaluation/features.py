@@ -1,0 +1,215 @@
+"""Image and text features of a benchmark split, extracted once and cached on disk.
+
+A linear probe sweeps many regularisation strengths and few-shot fractions over the same
+features, and a zero-shot run and a probe on the same split need the same test features:
+extracting them once per (model, benchmark, split) is most of the cost of evaluation.
+The cache key names the model (checkpoint file identity, or open_clip architecture + tag)
+and the exact images (paths with sizes and mtimes, or the encoded bytes), so a retrained
+checkpoint or a changed image never reads stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import track
+from torch.utils.data import DataLoader, Dataset
+
+from flip.datasets.base import ImageSource, LabelledSplit
+from flip.models import FlipModel
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+@dataclass
+class SplitFeatures:
+    """L2-normalised image features of the readable images of a split, and which they are.
+
+    `split` is already restricted to the readable images, so `features[i]` belongs to
+    `split.keys[i]`; `skipped` counts unreadable images.
+    """
+
+    features: torch.Tensor
+    split: LabelledSplit
+    skipped: int = 0
+
+
+class _Images(Dataset):
+    def __init__(self, images: ImageSource, preprocess) -> None:
+        self.images, self.preprocess = images, preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.preprocess(self.images.load(index)), index
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for missing/corrupt files
+            log.warning("skipped unreadable image %s (%s)", self.images.describe(index), exc)
+            return None, index
+
+
+def _collate(batch: list) -> tuple[torch.Tensor | None, list[int]]:
+    kept = [(x, i) for x, i in batch if x is not None]
+    if not kept:
+        return None, []
+    return torch.stack([x for x, _ in kept]), [i for _, i in kept]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def extract_image_features(
+    model: FlipModel,
+    images: ImageSource,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    description: str = "image features",
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[int]]:
+    """Normalised features [M, D] (float32, CPU) of the readable images, and their indices.
+
+    `progress=False` when another live display is active (e.g. inside a training loop).
+    """
+    device = model_device(model)
+    loader = DataLoader(
+        _Images(images, model.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    features, kept = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        batches = track(loader, description=description, transient=True) if progress else loader
+        for batch, indices in batches:
+            if batch is None:
+                continue
+            features.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
+            kept.extend(indices)
+    finally:
+        model.train(was_training)
+    if not kept:
+        raise ValueError(f"none of the {len(images)} images could be read, e.g. {images.describe(0)!r}")
+    return torch.cat(features), kept
+
+
+@torch.no_grad()
+def extract_text_features(model: FlipModel, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Normalised text features [N, D] (float32, CPU) of `texts`, in order."""
+    device = model_device(model)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenize(list(texts[start : start + batch_size])).to(device)
+        out.append(model.encode_text(tokens, normalize=True).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def model_identity(
+    ckpt: str | os.PathLike | None = None, name: str | None = None, pretrained: str | None = None
+) -> str:
+    """What a cache key needs to know of a model: the checkpoint file (or folder) as it is now,
+    or the open_clip architecture and pretrained tag (with the file's identity if it is a path)."""
+
+    def stat(path: str | os.PathLike) -> list:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+    if ckpt is not None:
+        return json.dumps({"ckpt": stat(ckpt)})
+    if name is None:
+        raise ValueError("a model identity needs ckpt or an open_clip name")
+    tag = stat(pretrained) if pretrained is not None and os.path.exists(pretrained) else pretrained
+    return json.dumps({"open_clip": name, "pretrained": tag})
+
+
+class FeatureCache:
+    """Features on disk under `directory`, one file per (model, benchmark, split, images)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+
+    def key(self, model_id: str, split: LabelledSplit) -> str:
+        parts = [CACHE_VERSION, model_id, split.benchmark, split.split, split.images.fingerprint()]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.pt"
+
+    def load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return data["features"], data["index"].tolist()
+        except (OSError, RuntimeError, KeyError, EOFError) as exc:
+            log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
+            return None
+
+    def save(self, key: str, features: torch.Tensor, index: list[int], description: dict) -> Path:
+        """Written to a temporary file and renamed: a killed run never leaves half a cache file."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
+        os.close(fd)
+        try:
+            torch.save({"features": features, "index": torch.as_tensor(index, dtype=torch.int64)}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        path.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
+        return path
+
+
+def split_features(
+    model: FlipModel,
+    split: LabelledSplit,
+    model_id: str | None = None,
+    cache: FeatureCache | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> SplitFeatures:
+    """Features of a split, from the cache when (model_id, split) was extracted before."""
+    key = cache.key(model_id, split) if cache is not None and model_id is not None else None
+    found = cache.load(key) if key is not None else None
+    if found is not None:
+        features, index = found
+        log.info("features of %s/%s from cache %s", split.benchmark, split.split, cache.path(key))
+    else:
+        features, index = extract_image_features(
+            model,
+            split.images,
+            batch_size,
+            num_workers,
+            f"{split.benchmark}/{split.split} features",
+            progress,
+        )
+        if key is not None:
+            description = {
+                "benchmark": split.benchmark,
+                "split": split.split,
+                "n": len(index),
+                "model": model_id,
+            }
+            cache.save(key, features, index, description)
+    skipped = len(split) - len(index)
+    kept = split if skipped == 0 else split.subset(np.asarray(index))
+    return SplitFeatures(features, kept, skipped)

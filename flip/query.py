@@ -1,0 +1,171 @@
+"""`flip-query`: zero-shot questions about face images from the command line.
+
+    flip-query --ckpt CKPT --attributes eyeglasses smiling -- photos/ face.jpg
+    flip-query --ckpt CKPT --choices happy sad angry -- photos/
+
+Prints one JSON line per image on stdout, in input order (folders are searched recursively
+for images, sorted): `{"image": PATH, "probabilities": {name: p, ...}}`, plus `"answer"` for
+--choices. An unreadable image gets `{"image": PATH, "error": ...}` and the exit status is 1.
+Images are read in batches by loader workers; the progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset
+
+from flip.datasets.base import IMAGE_EXTENSIONS
+
+
+def expand_paths(paths: Sequence[str]) -> list[str]:
+    """Files as given; folders replaced by the image files under them (recursive, sorted)."""
+    out = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"folder {item!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            out += [str(p) for p in found]
+        elif path.exists():
+            out.append(item)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item!r}")
+    return out
+
+
+class _Paths(Dataset):
+    def __init__(self, paths: Sequence[str], preprocess) -> None:
+        self.paths, self.preprocess = list(paths), preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from flip.evaluation.query import load_image
+
+        try:
+            return index, load_image(self.paths[index], self.preprocess), None
+        except (OSError, ValueError, SyntaxError) as exc:
+            return index, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch: list) -> list:
+    return batch
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flip-query",
+        description="Zero-shot attribute questions about face images; one JSON line per image on stdout.",
+    )
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="a FLIP checkpoint (.ckpt from train.py) or exported model folder")
+    model.add_argument("--open-clip", metavar="ARCH", help="an open_clip architecture instead (a baseline)")
+    parser.add_argument("--pretrained", help="with --open-clip: a pretrained tag or local weights file")
+    question = parser.add_mutually_exclusive_group(required=True)
+    question.add_argument("--attributes", nargs="+", metavar="NAME", help="yes/no attributes: P(present)")
+    question.add_argument("--choices", nargs="+", metavar="NAME", help="answers of one multi-class question")
+    parser.add_argument(
+        "--prompts",
+        help="YAML of phrases per name (attribute: {positive: [...], negative: [...]}; choice: [...]) "
+        "and optionally `templates: [...]` with a '{}' placeholder",
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="image loader processes (0: read in this one)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (after --)")
+    return parser
+
+
+def _load_model(args: argparse.Namespace, device: torch.device):
+    if args.ckpt:
+        import flip
+
+        return flip.load(args.ckpt, device=device)
+    from flip.models import build_model
+
+    return build_model(args.open_clip, pretrained=args.pretrained).to(device).eval()
+
+
+def _prompts(path: str | None) -> tuple[dict | None, list[str] | None]:
+    if path is None:
+        return None, None
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"--prompts {path!r} must be a YAML mapping of name -> phrases")
+    templates = data.pop("templates", None)
+    return data, templates
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        raise SystemExit(f"--batch-size={args.batch_size} must be >= 1 and --workers={args.workers} >= 0")
+    from flip.evaluation.query import AttributeQuery
+    from flip.evaluation.runner import resolve_device
+
+    paths = expand_paths(args.paths)
+    device = resolve_device(args.device)
+    model = _load_model(args, device)
+    prompts, templates = _prompts(args.prompts)
+    question = AttributeQuery(model, args.attributes, args.choices, prompts, templates)
+    loader = DataLoader(
+        _Paths(paths, model.preprocess),
+        batch_size=args.batch_size,
+        num_workers=min(args.workers, max(0, len(paths) // args.batch_size)),
+        collate_fn=_collate,
+    )
+    failed = 0
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("querying", total=len(paths))
+        for batch in loader:
+            ok = [(i, x) for i, x, _ in batch if x is not None]
+            probs = question.probabilities(torch.stack([x for _, x in ok])) if ok else None
+            row_of = {i: r for r, (i, _) in enumerate(ok)}
+            for index, _, error in batch:
+                record: dict = {"image": paths[index]}
+                if error is not None:
+                    record["error"] = error
+                    failed += 1
+                else:
+                    p = probs[row_of[index]].tolist()
+                    record["probabilities"] = {n: round(v, 6) for n, v in zip(question.names, p, strict=True)}
+                    if question.multiclass:
+                        record["answer"] = question.names[max(range(len(p)), key=p.__getitem__)]
+                sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+            progress.advance(task, len(batch))
+    if failed:
+        print(f"flip-query: {failed} of {len(paths)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cli() -> None:
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as err:  # a bad path or question: a message, not a traceback
+        print(f"flip-query: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

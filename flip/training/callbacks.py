@@ -1,0 +1,79 @@
+"""Lightning callbacks for evaluation during training."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class ZeroShotBenchmark(L.Callback):
+    """Runs a zero-shot benchmark every `every_n_steps` training steps and logs its summary.
+
+    `benchmark` is a benchmark config (conf/benchmark/<name>.yaml: its `reader` and prompts);
+    `max_samples` keeps each run to seconds (a seeded subset, the same every time, so the
+    curve shows the model changing, not the sample). Runs on global rank 0 only and logs
+    through the trainer's loggers as `<prefix>/<metric>` at the current step.
+    """
+
+    def __init__(
+        self,
+        benchmark: Mapping[str, Any],
+        every_n_steps: int,
+        split: str | None = None,
+        max_samples: int | None = 500,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        prefix: str = "zeroshot",
+        root: str | None = None,
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+        self.benchmark = benchmark
+        self.every_n_steps = every_n_steps
+        self.split = split or benchmark.get("test_split", "test")
+        self.max_samples, self.batch_size, self.num_workers = max_samples, batch_size, num_workers
+        self.prefix, self.root = prefix, root
+        self._split = None
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def evaluate(self, model) -> dict[str, float]:
+        """The benchmark's summary for `model` now (numbers only, as loggers want them)."""
+        from flip.evaluation.features import split_features
+        from flip.evaluation.runner import benchmark_prompts, load_split
+        from flip.evaluation.zeroshot import evaluate_zeroshot
+
+        if self._split is None:
+            self._split = load_split(self.benchmark, self.split, self.max_samples, root=self.root)
+        was_training = model.training
+        model.eval()
+        try:
+            features = split_features(
+                model, self._split, batch_size=self.batch_size, num_workers=self.num_workers, progress=False
+            )
+            metrics = evaluate_zeroshot(model, features, benchmark_prompts(self.benchmark))
+        finally:
+            model.train(was_training)
+        summary = {k: float(v) for k, v in metrics["summary"].items()}
+        for k, v in metrics.get("retrieval", {}).items():
+            summary[k] = float(v)
+        return summary
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps != 0 or not trainer.is_global_zero:
+            return
+        if self.history and self.history[-1][0] == step:  # several batches per step (accumulation)
+            return
+        summary = self.evaluate(pl_module.model)
+        self.history.append((step, summary))
+        logged = {f"{self.prefix}/{k}": v for k, v in summary.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=step)
+        headline = summary.get("mean_balanced_accuracy", summary.get("accuracy"))
+        log.info("step %d: zero-shot %s %s = %.3f", step, self.benchmark.get("name"), self.split, headline)

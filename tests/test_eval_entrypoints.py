@@ -1,0 +1,288 @@
+"""eval/zeroshot.py, eval/linear_probe.py and eval/retrieval.py: configs, outputs and their numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_method
+from omegaconf import open_dict
+from PIL import Image
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
+
+from flip.evaluation import features as features_module
+from flip.evaluation.attributes import retrieval_recalls
+from flip.evaluation.prompts import choice_prompts
+from flip.evaluation.runner import run_linear_probe, run_retrieval, run_zeroshot
+
+from .conftest import CONF, ROOT, TINY_ARCH
+
+BENCHMARKS = ("celeba", "lfwa", "rafdb", "fer2013", "affectnet", "folder", "csv", "faceshapes")
+SCHEMA = {
+    "benchmark",
+    "protocol",
+    "task",
+    "checkpoint",
+    "split",
+    "n_train",
+    "n_test",
+    "labels",
+    "summary",
+    "per_label",
+}
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def save_checkpoint(model, path: Path) -> Path:
+    """A checkpoint in the form train.py writes (hyperparameters + `model.`-prefixed weights)."""
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    hparams = {"model": {"name": "flip-test-tiny", "arch": TINY_ARCH, "pretrained": None}, "loss": {}}
+    torch.save({"hyper_parameters": hparams, "state_dict": state}, path)
+    return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, tiny_model) -> Path:
+    return save_checkpoint(tiny_model, tmp_path / "tiny.ckpt")
+
+
+def _square(path: Path, colour: tuple[int, int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 25, size=(20, 20, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def csv_benchmark(tmp_path) -> Path:
+    """Coloured squares with attribute columns (is_red, is_blue) and captions, in train/val/test CSVs."""
+    root = tmp_path / "csvbench"
+    for split, n in (("train", 24), ("val", 9), ("test", 12)):
+        rows = ["image,is_red,is_blue,caption"]
+        for i in range(n):
+            name = list(COLOURS)[i % 3]
+            _square(root / "img" / f"{split}{i}.png", COLOURS[name], seed=i + 100 * len(split))
+            rows.append(
+                f"img/{split}{i}.png,{int(name == 'red')},{int(name == 'blue')},a {name} square number {i}"
+            )
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def folder_benchmark(tmp_path) -> Path:
+    root = tmp_path / "folderbench"
+    for split, n in (("train", 8), ("test", 4)):
+        for name, colour in COLOURS.items():
+            for i in range(n):
+                _square(root / split / name / f"{i}.png", colour, seed=i + 10 * n)
+    return root
+
+
+def compose_eval(name: str, tmp_path: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+    return cfg
+
+
+def _overrides(tmp_path, ckpt, benchmark, root, out="out"):
+    return [
+        f"ckpt={ckpt}",
+        f"benchmark={benchmark}",
+        f"benchmark.root={root}",
+        f"output_dir={tmp_path / out}",
+        f"feature_cache_dir={tmp_path / 'cache'}",
+        "num_workers=0",
+        "batch_size=7",
+    ]
+
+
+@torch.no_grad()
+def _features(model, paths):
+    images = torch.stack([model.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    return model.encode_image(images, normalize=True)
+
+
+@torch.no_grad()
+def _ensemble(model, templates, phrases):
+    text = model.encode_text(
+        model.tokenize([t.format(p) for t in templates for p in phrases]), normalize=True
+    )
+    return F.normalize(text.mean(0), dim=-1)
+
+
+@pytest.mark.parametrize("benchmark", BENCHMARKS)
+def test_every_benchmark_config_composes_with_a_reader(tmp_path, benchmark):
+    cfg = compose_eval("eval_zeroshot", tmp_path, f"benchmark={benchmark}", "benchmark.root=/data/x")
+    assert cfg.benchmark.name == benchmark
+    assert callable(get_method(cfg.benchmark.reader._target_))
+    if benchmark != "faceshapes":
+        assert cfg.benchmark.reader.root == "/data/x"
+    assert cfg.split == cfg.benchmark.test_split
+    probe = compose_eval("eval_linear_probe", tmp_path, f"benchmark={benchmark}", "benchmark.root=/data/x")
+    assert list(probe.probe.fractions) == [0.01, 0.1, 1.0] and probe.train_split == "train"
+
+
+def test_zeroshot_classification_matches_an_independent_computation(tmp_path, tiny_ckpt, folder_benchmark):
+    import flip
+
+    cfg = compose_eval(
+        "eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
+    )
+    metrics = run_zeroshot(cfg)
+    out = tmp_path / "out"
+    written = json.loads((out / "metrics.json").read_text())
+    assert (
+        set(written) >= SCHEMA and written["protocol"] == "zeroshot" and written["task"] == "classification"
+    )
+    assert (
+        written["labels"] == ["blue", "green", "red"] and written["n_test"] == 12 and written["n_train"] == 0
+    )
+    assert set(written["summary"]) == {"accuracy", "mean_per_class_recall"}
+    assert set(written["per_label"]["red"]) == {"recall", "support"}
+    assert (out / "report.md").read_text().count("|") > 20
+    assert (out / "per_label.png").stat().st_size > 1000 and (
+        out / "confusion_matrix.png"
+    ).stat().st_size > 1000
+
+    # the same decisions computed by hand: one prompt ensemble per class, argmax of similarity
+    model = flip.load(tiny_ckpt)
+    paths = sorted((folder_benchmark / "test").rglob("*.png"))
+    truth = np.array([written["labels"].index(p.parent.name) for p in paths])
+    classes = torch.stack(
+        [_ensemble(model, cfg.benchmark.templates, choice_prompts(c)) for c in written["labels"]]
+    )
+    pred = (_features(model, paths) @ classes.T).argmax(1).numpy()
+    assert written["summary"]["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+    assert written["summary"]["mean_per_class_recall"] == pytest.approx(
+        recall_score(truth, pred, average="macro")
+    )
+    assert written["confusion_matrix"] == confusion_matrix(truth, pred).tolist()
+    assert metrics["per_label"] == written["per_label"]
+
+
+def test_zeroshot_attributes_match_sklearn_on_the_same_decisions(tmp_path, tiny_ckpt, csv_benchmark):
+    import flip
+
+    prompts = "benchmark.binary={is_red:{positive:[red],negative:['not red']}}"
+    cfg = compose_eval(
+        "eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark), prompts
+    )
+    written = run_zeroshot(cfg)
+    assert written["task"] == "attributes" and written["labels"] == ["is_red", "is_blue"]
+    assert set(written["summary"]) == {"mean_accuracy", "mean_balanced_accuracy"}
+    assert written["default_prompts_for"] == ["is_blue"]  # no YAML prompts: the built-in rule
+    model = flip.load(tiny_ckpt)
+    rows = [line.split(",") for line in (csv_benchmark / "test.csv").read_text().splitlines()[1:]]
+    image = _features(model, [csv_benchmark / r[0] for r in rows])
+    templates, scale = cfg.benchmark.templates, model.logit_scale.exp().item()
+    sides = {
+        "is_red": (["red"], ["not red"]),
+        "is_blue": (["with is blue"], ["without is blue"]),
+    }
+    for a, name in enumerate(("is_red", "is_blue")):
+        pos, neg = (_ensemble(model, templates, phrases) for phrases in sides[name])
+        p = torch.softmax(scale * torch.stack([image @ pos, image @ neg], dim=1), dim=1)[:, 0]
+        pred, truth = (p > 0.5).numpy(), np.array([int(r[1 + a]) for r in rows])
+        m = written["per_label"][name]
+        assert m["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, pred))
+        assert m["support"] == 12 and m["positives"] == truth.sum()
+
+
+def test_linear_probe_entry_point_caches_features_and_reports_every_fraction(
+    tmp_path, tiny_ckpt, csv_benchmark, monkeypatch
+):
+    overrides = [
+        *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark),
+        "val_split=val",
+        "probe.l2_grid=[1.0,0.01]",
+    ]
+    metrics = run_linear_probe(compose_eval("eval_linear_probe", tmp_path, *overrides))
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(written) >= SCHEMA and written["protocol"] == "linear_probe"
+    assert written["n_train"] == 24 and written["n_test"] == 12 and written["val_split"] == "val"
+    assert set(written["fractions"]) == {"0.01", "0.1", "1.0"}
+    assert [b["n_train"] for b in written["fractions"].values()] == [2, 2, 24]
+    assert written["l2"] in (1.0, 0.01) and written["summary"] == written["fractions"]["1.0"]["summary"]
+    assert (tmp_path / "out" / "per_label.png").is_file()
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # train, val, test
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features should have come from the cache")
+
+    monkeypatch.setattr(features_module, "extract_image_features", no_extraction)
+    again = run_linear_probe(compose_eval("eval_linear_probe", tmp_path, *overrides))
+    assert again["fractions"] == metrics["fractions"]
+    # a different checkpoint is a different cache key
+    os.utime(tiny_ckpt, ns=(1, 1))
+    with pytest.raises(AssertionError, match="from the cache"):
+        run_linear_probe(compose_eval("eval_linear_probe", tmp_path, *overrides))
+
+
+def test_retrieval_recalls_equal_a_naive_ranking(tmp_path, tiny_ckpt, csv_benchmark, folder_benchmark):
+    import flip
+
+    cfg = compose_eval("eval_retrieval", tmp_path, *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark))
+    written = run_retrieval(cfg)
+    assert written["task"] == "retrieval" and set(written["summary"]) == {
+        f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)
+    }
+    model = flip.load(tiny_ckpt)
+    rows = [line.split(",") for line in (csv_benchmark / "test.csv").read_text().splitlines()[1:]]
+    image = _features(model, [csv_benchmark / r[0] for r in rows])
+    with torch.no_grad():
+        text = model.encode_text(model.tokenize([r[3] for r in rows]), normalize=True)
+    sim = (image @ text.T).numpy()
+    for k in (1, 5, 10):
+        assert written["summary"][f"i2t_R@{k}"] == pytest.approx(
+            np.mean([i in np.argsort(-sim[i])[:k] for i in range(12)])
+        )
+        assert written["summary"][f"t2i_R@{k}"] == pytest.approx(
+            np.mean([i in np.argsort(-sim[:, i])[:k] for i in range(12)])
+        )
+    assert written["summary"] == pytest.approx(retrieval_recalls(image, text))
+    with pytest.raises(ValueError, match="has no captions"):
+        run_retrieval(
+            compose_eval(
+                "eval_retrieval", tmp_path, *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
+            )
+        )
+
+
+def test_eval_script_runs_from_the_command_line(tmp_path, tiny_ckpt, folder_benchmark):
+    out = tmp_path / "cli"
+    command = [
+        sys.executable,
+        "eval/zeroshot.py",
+        *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark, "cli"),
+    ]
+    env = {**os.environ, "FLIP_ROOT": str(tmp_path)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["benchmark"] == "folder"
+    assert (out / ".hydra" / "config.yaml").is_file() and "accuracy" in done.stdout
+
+
+def test_a_missing_benchmark_root_says_what_to_give(tmp_path, tiny_ckpt):
+    overrides = [
+        o for o in _overrides(tmp_path, tiny_ckpt, "rafdb", "x") if not o.startswith("benchmark.root")
+    ]
+    with pytest.raises(ValueError, match=r"benchmark.root is not set: give benchmark.root=DIR.*rafdb"):
+        run_zeroshot(compose_eval("eval_zeroshot", tmp_path, *overrides))
+    with pytest.raises(FileNotFoundError, match=r"RAF-DB label file: none of .*list_patition_label.txt"):
+        run_zeroshot(
+            compose_eval("eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "rafdb", tmp_path))
+        )
