@@ -1,32 +1,78 @@
-"""Load a trained FLIP model from a Lightning checkpoint, with nothing but the file."""
+"""Load a trained FLIP model from whatever it was saved as, with nothing but the files.
+
+`flip.load` takes three things:
+- a Lightning checkpoint (`last.ckpt` from train.py): the towers are rebuilt from its saved
+  hyperparameters;
+- a safetensors export folder (`flip-export --format safetensors`): `model.safetensors` + the
+  model config in `flip_config.json`. The preferred form to ship a model: weights only, no
+  pickle, no optimizer state, memory-mapped on load;
+- an open_clip folder (`flip-export --format open_clip`, or any folder open_clip loads as
+  `local-dir:`): rebuilt by open_clip itself.
+Nothing executes code from a file: checkpoints are unpickled with `weights_only=True`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
+from open_clip.constants import HF_CONFIG_NAME
+from safetensors.torch import load_file
 
 from flip.models import FlipModel, build_model
 
 MODEL_PREFIX = "model."
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "flip_config.json"
+FORMAT_NAME = "flip-safetensors"
+FORMAT_VERSION = 1
+OPEN_CLIP_CONFIG_NAME = HF_CONFIG_NAME  # "open_clip_config.json", what open_clip's local-dir: reads
+OPEN_CLIP_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+
+ACCEPTED = (
+    "a Lightning checkpoint written by train.py (.ckpt), a safetensors export folder "
+    f"({WEIGHTS_NAME} + {CONFIG_NAME}), or an open_clip folder ({OPEN_CLIP_CONFIG_NAME} + weights)"
+)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> FlipModel:
-    """Rebuild the model a checkpoint was trained with and load its weights (eval mode).
+    """Rebuild the model and load its weights (eval mode), from any of the three saved forms."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        path = path.parent  # the weights file of an export folder: the folder says how to build it
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file():
+            model = _load_safetensors_folder(path)
+        elif (path / OPEN_CLIP_CONFIG_NAME).is_file():
+            model = _load_open_clip_folder(path)
+        elif (path / "latest").is_file():
+            raise ValueError(
+                f"{str(path)!r} is a DeepSpeed ZeRO checkpoint folder (per-rank shards); gather it into one "
+                f"file first: flip-zero-to-fp32 {str(path)!r} model.ckpt, then load model.ckpt"
+            )
+        else:
+            raise ValueError(
+                f"{str(path)!r} holds neither {CONFIG_NAME} nor {OPEN_CLIP_CONFIG_NAME}; give {ACCEPTED}"
+            )
+    elif path.is_file():
+        model = _load_lightning_checkpoint(path)
+    else:
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}; give {ACCEPTED}")
+    return model.to(device).eval()
 
-    Only tensors and plain containers are unpickled (`weights_only=True`): a checkpoint from an
-    untrusted source cannot run code.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+
+def _load_lightning_checkpoint(path: Path) -> FlipModel:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     try:
         hparams = checkpoint["hyper_parameters"]
         model_cfg, loss_cfg = hparams["model"], hparams["loss"]
-    except KeyError as err:
+    except (KeyError, TypeError) as err:
         raise ValueError(
             f"{str(path)!r} is not a FLIP training checkpoint: it lacks hyper_parameters {err}; "
-            "expected the .ckpt written by train.py"
+            f"give {ACCEPTED}"
         ) from None
     model = build_model(
         **{**model_cfg, "pretrained": None},  # the checkpoint holds the weights: never fetch them again
@@ -39,4 +85,34 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> FlipMod
         if key.startswith(MODEL_PREFIX)
     }
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model
+
+
+def read_export_config(folder: Path) -> dict[str, Any]:
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("format") != FORMAT_NAME or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(folder / CONFIG_NAME)!r} has format {config.get('format')!r} version "
+            f"{config.get('format_version')!r}; this FLIP reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+        )
+    return config
+
+
+def _load_safetensors_folder(folder: Path) -> FlipModel:
+    config = read_export_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    model = build_model(**{**config["model"], "pretrained": None})
+    model.load_state_dict(load_file(str(weights)))
+    return model
+
+
+def _load_open_clip_folder(folder: Path) -> FlipModel:
+    # open_clip builds a folder without weights from random init, with only a log line: refuse instead
+    if not any(p.suffix in OPEN_CLIP_WEIGHT_SUFFIXES for p in folder.iterdir()):
+        raise FileNotFoundError(
+            f"open_clip folder {str(folder)!r} has {OPEN_CLIP_CONFIG_NAME} but no weights "
+            f"(*{', *'.join(OPEN_CLIP_WEIGHT_SUFFIXES)})"
+        )
+    return build_model(f"local-dir:{folder.resolve()}")
