@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from omegaconf import OmegaConf
 
 __all__ = ["cpu_precision", "register_resolvers"]
@@ -16,6 +15,8 @@ def cpu_precision() -> str:
     bf16 and it is slower than float32, so those CPUs stay on "32-true". Losses run in float32
     either way (see flip.losses.combined).
     """
+    import torch  # here, not at module level: `import flip` stays light
+
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return "bf16-mixed" if native else "32-true"
 
