@@ -109,10 +109,10 @@ def _pixels(**overrides: object) -> np.ndarray:
 
 
 def _region(pixels: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    """Mean colour of a box given in the renderer's layout coordinates (frontal pose)."""
+    """Mean colour of the visible part of a box in the renderer's layout coordinates (frontal pose)."""
 
-    def to_px(v: float, centre: float) -> int:
-        return round(((v - centre) * BASE_ZOOM + 0.5) * SIZE)
+    def to_px(v: float, centre: float) -> int:  # clipped: the zoomed frame may cut the box
+        return min(SIZE, max(0, round(((v - centre) * BASE_ZOOM + 0.5) * SIZE)))
 
     box = pixels[
         to_px(y0, ZOOM_CENTER[1]) : to_px(y1, ZOOM_CENTER[1]),

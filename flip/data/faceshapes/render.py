@@ -22,8 +22,10 @@ from flip.data.faceshapes.attributes import EARRING_METALS, HAIR_RGB, SKIN_TONES
 __all__ = ["IDENTITY_POSE", "render_face"]
 
 SUPERSAMPLE = 4
-# the layout (unit square) leaves room for hats and pose; zooming in gives features more pixels
-BASE_ZOOM = 1.1
+# Zoomed in so the face fills the frame: hat brims and long hair may leave it, but glasses,
+# lipstick and earrings get ~1.7x the pixels they had at 1.1, and the 64 px demo model learns
+# more of them in its budget (zero-shot 0.696 at 1.1, 0.752 at 1.3, 0.783 at 1.45; 1,600 steps)
+BASE_ZOOM = 1.45
 ZOOM_CENTER = (0.5, 0.52)  # the layout point that lands at the image centre (before the shift)
 IDENTITY_POSE = {"angle": 0.0, "scale": 1.0, "dx": 0.0, "dy": 0.0}
 FACE_SIZE = {"round": (0.245, 0.275), "oval": (0.225, 0.295), "long": (0.2, 0.315)}  # half width/height
