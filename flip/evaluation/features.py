@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from flip.datasets.base import ImageSource, LabelledSplit
 from flip.models import FlipModel
+from flip.training.checkpoint_io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -166,14 +166,7 @@ class FeatureCache:
         """Written to a temporary file and renamed: a killed run never leaves half a cache file."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        try:
-            torch.save({"features": features, "index": torch.as_tensor(index, dtype=torch.int64)}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save({"features": features, "index": torch.as_tensor(index, dtype=torch.int64)}, path)
         path.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
         return path
 

@@ -12,28 +12,36 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    started = time.time()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _atomic_file(path: Path, mode: str) -> Iterator[IO]:
+    """An open temp file beside `path`, flushed to disk and renamed onto it on success."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    started = time.time()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_file(path, "wb") as f:
+        torch.save(obj, f)
     _remove_stale_temporaries(path, started)
 
 
@@ -48,17 +56,8 @@ def _remove_stale_temporaries(path: Path, before: float) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """A small text file (DeepSpeed's `latest` tag) that is either the old or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(Path(path), "w") as f:
+        f.write(text)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
