@@ -6,6 +6,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup would hang tests on retries
@@ -69,6 +71,18 @@ SHARDS_BASE = [
     "data=shards",
     "evaluate=false",
 ]
+
+
+def run_train_py(*args: str, flip_root: Path, threads: int | None = None) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in a subprocess, as a user types it; a failure shows its stderr."""
+    env = {**os.environ, "FLIP_ROOT": str(flip_root)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -16,7 +13,7 @@ from PIL import Image
 
 from flip.data.pipeline import SampleTransform, SkipCounter, eval_pipeline, make_loader
 
-from .conftest import ROOT, TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, run_train_py
 from .test_prepare_facecaption import write_img2dataset
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -60,15 +57,7 @@ def test_img2dataset_output_trains_as_is_through_train_py(tmp_path):
         "trainer.max_steps=3",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    done = subprocess.run(
-        [sys.executable, "train.py", *overrides],
-        cwd=ROOT,
-        env={**os.environ, "FLIP_ROOT": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_train_py(*overrides, flip_root=tmp_path)
     with open(next((tmp_path / "run" / "csv").glob("version_*/metrics.csv"))) as f:
         steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert steps == [0, 1, 2]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import ROOT, SHARDS_BASE, write_caption_shards
+from .conftest import SHARDS_BASE, run_train_py, write_caption_shards
 
 
 @pytest.mark.slow
@@ -21,12 +18,7 @@ def test_a_multirun_sweep_trains_every_combination(tmp_path):
         "trainer.max_steps=1", "trainer.val_check_interval=null", "~callbacks.progress_bar",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]  # fmt: skip
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "train.py", "-m", "loss=clip,siglip", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_train_py("-m", "loss=clip,siglip", *overrides, flip_root=tmp_path, threads=1)
     losses = {}
     for job in ("0", "1"):
         saved = torch.load(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt", weights_only=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import importlib
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from flip.training.module import FlipLitModule
 from flip.training.optim import optimizer_class
 from flip.training.run import train
 
-from .conftest import ROOT, TINY_OVERRIDES, write_caption_shards
+from .conftest import ROOT, TINY_OVERRIDES, run_train_py, write_caption_shards
 
 TRAINER_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "trainer").glob("*.yaml") if p.stem != "default")
 LAUNCHER_VARIABLES = ("SLURM_", "TORCHELASTIC_", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK",
@@ -244,16 +243,7 @@ def test_ddp_on_two_cpu_processes_through_train_py_and_the_loss_falls(tmp_path):
         "evaluate=false", "callbacks.model_checkpoint.every_n_train_steps=10", "~callbacks.progress_bar",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "train.py", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_train_py(*overrides, flip_root=tmp_path, threads=1)
     assert "MEMBER: 2/2" in done.stdout + done.stderr  # both ranks joined the process group
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
     losses = [loss for _, loss in sorted(_losses(tmp_path / "run").items())]

@@ -3,8 +3,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import flip
 from flip.evaluation.attributes import evaluate_zeroshot_attributes
 from flip.training.run import train
 
-from .conftest import ROOT, TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, run_train_py
 
 
 def _steps_logged(run: Path) -> list[int]:
@@ -106,19 +104,10 @@ def test_wandb_logger_runs_offline_beside_csv(train_config, tmp_path):
 @pytest.mark.slow
 def test_train_py_command_line_end_to_end(tmp_path):
     """`python train.py ...` exactly as a user types it, in a subprocess."""
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path)}
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("~")] + [
         "hydra.run.dir=" + str(tmp_path / "run")
     ]
-    done = subprocess.run(
-        [sys.executable, "train.py", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_train_py(*overrides, flip_root=tmp_path)
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["summary"]["mean_balanced_accuracy"] >= 0.0 and len(metrics["per_label"]) == 11
     assert (tmp_path / "data" / "faceshapes" / "manifest.json").is_file()
