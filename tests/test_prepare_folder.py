@@ -268,9 +268,12 @@ def test_resume_skips_finished_shards_and_output_is_the_same_for_any_worker_coun
     # a crash while writing shard 3: its stats file (written last) is missing, the tar half there
     (out / "00003_stats.json").unlink()
     (out / "00003.tar").write_bytes(b"half a tar")
+    leftover = out / ".00004.tar.k1ll3d.tmp"  # what a SIGKILL while writing a shard leaves behind
+    leftover.write_bytes(b"half a tar")
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     again = run_job(FolderSource(images, captions), JobConfig(out, samples_per_shard=4, progress=False))
     assert again["shards_resumed"] == 4 and again["shards_written"] == 1
+    assert not leftover.exists() and not list(out.glob(".*.tmp"))
     assert again["samples"] == first["samples"] and again["skipped_by_reason"] == first["skipped_by_reason"]
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
     assert all(stamps[n] == (out / n).stat().st_mtime_ns for n in stamps if n != "00003.tar")

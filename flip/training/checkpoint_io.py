@@ -8,56 +8,24 @@ POSIX, so resume always finds the previous or the new checkpoint, never half of 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from flip.atomic import atomic_file, remove_stale_temporaries
 
-@contextlib.contextmanager
-def _atomic_file(path: Path, mode: str) -> Iterator[IO]:
-    """An open temp file beside `path`, flushed to disk and renamed onto it on success."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "atomic_torch_save"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     started = time.time()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path, "wb") as f:
+    with atomic_file(path, "wb") as f:
         torch.save(obj, f)
-    _remove_stale_temporaries(path, started)
-
-
-def _remove_stale_temporaries(path: Path, before: float) -> None:
-    """A process killed mid-write (SIGKILL runs no cleanup) leaves its temp file behind; the
-    next successful save of the same target removes those last written before it started."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            if stale.stat().st_mtime < before:
-                stale.unlink()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """A small text file (DeepSpeed's `latest` tag) that is either the old or the new one."""
-    with _atomic_file(Path(path), "w") as f:
-        f.write(text)
+    remove_stale_temporaries(path, started)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

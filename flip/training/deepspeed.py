@@ -32,7 +32,8 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 
-from flip.training.checkpoint_io import atomic_torch_save, atomic_write_text
+from flip.atomic import atomic_write_text
+from flip.training.checkpoint_io import atomic_torch_save
 
 # what a consolidated file keeps of Lightning's client state: enough to rebuild and to know its age
 KEPT_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters")

@@ -7,15 +7,12 @@ downloads from a systematic problem (a wrong column name, boxes in the wrong for
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from flip.data.prepare.hygiene import REASONS
 
-__all__ = ["REPORT_NAME", "SkipLog", "write_json_atomic"]
+__all__ = ["REPORT_NAME", "SkipLog"]
 
 REPORT_NAME = "report.json"
 EXAMPLES_PER_REASON = 10
@@ -53,10 +50,3 @@ class SkipLog:
 
     def to_json(self) -> dict[str, Any]:
         return {"counts": dict(sorted(self.counts.items())), "examples": dict(sorted(self.examples.items()))}
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write-then-rename, so a killed run never leaves half a JSON file that looks finished."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
-import os
 import re
 import sys
 import time
@@ -28,9 +27,10 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from flip.atomic import TEMP_SUFFIX, atomic_file, write_json_atomic
 from flip.data.prepare.detect import HaarFaceDetector
 from flip.data.prepare.hygiene import REASONS, HygieneConfig, SkipSample, process_image
-from flip.data.prepare.report import REPORT_NAME, SkipLog, write_json_atomic
+from flip.data.prepare.report import REPORT_NAME, SkipLog
 
 __all__ = ["ImageRef", "Item", "JobConfig", "Source", "run_job", "shard_name"]
 
@@ -196,8 +196,10 @@ def write_shard(task: _ShardTask) -> dict[str, Any]:
     skips = SkipLog()
     written = 0
     final = task.output / shard_name(task.index)
-    tmp = task.output / f".{final.name}.tmp-{os.getpid()}"
-    with TarWriter(str(tmp), encoder=False, mtime=_TAR_MTIME, user="flip", group="flip") as sink:
+    with (
+        atomic_file(final, "wb") as stream,
+        TarWriter(stream, encoder=False, mtime=_TAR_MTIME, user="flip", group="flip") as sink,
+    ):
         for item in task.items:
             try:
                 processed = process_image(item.image.read(), task.hygiene, item.box, task.detector)
@@ -223,7 +225,6 @@ def write_shard(task: _ShardTask) -> dict[str, Any]:
         "written": written,
         "skipped": skips.to_json(),
     }
-    os.replace(tmp, final)
     write_json_atomic(_stats_path(task.output, task.index), stats)  # last: marks the shard finished
     return stats
 
@@ -265,7 +266,7 @@ def _check_output(output: Path) -> None:
                 f"(e.g. {foreign[0]!r}); choose an empty or new --output"
             )
         marker.write_text("shards in this folder are written by flip-data; it may replace them\n")
-    for leftover in output.glob(".*.tmp-*"):  # half-written files of a killed run
+    for leftover in output.glob(f".*{TEMP_SUFFIX}"):  # half-written files of a killed run
         leftover.unlink(missing_ok=True)
 
 
