@@ -92,7 +92,7 @@ def _record(**overrides: object) -> dict:
             "frame_color": [20, 20, 24],
             "hat_style": "fedora",
             "hat_color": [30, 70, 180],
-            "earring_metal": "gold",
+            "earring_color": "gold",
             "facial_hair_color": "brown",
             "eye_color": "dark",
             "shirt_color": [60, 140, 90],

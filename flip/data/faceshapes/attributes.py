@@ -73,7 +73,9 @@ HAIR_DEPENDENT = ("hat", "bangs", "long_hair")  # impossible (or pointless) on a
 
 HAT_COLORS = ((200, 30, 40), (30, 70, 180), (30, 140, 60), (120, 40, 150), (230, 130, 20), (40, 40, 48))
 FRAME_COLORS = ((20, 20, 24), (70, 40, 20), (20, 30, 90), (120, 20, 30))
-EARRING_METALS = {"gold": (255, 204, 40), "silver": (225, 230, 240)}
+# saturated colours that no hair or skin shares, so blond or grey hair beside the ear does not
+# look like an earring (as gold and silver drops did at 64 px)
+EARRING_COLORS = {"gold": (255, 200, 0), "turquoise": (0, 205, 215)}
 
 
 def _random_color(rng: random.Random, sat: tuple[float, float], val: tuple[float, float]) -> list[int]:
@@ -88,7 +90,7 @@ def _style(rng: random.Random) -> dict:
         "frame_color": list(rng.choice(FRAME_COLORS)),
         "hat_style": rng.choice(("fedora", "cap", "beanie")),
         "hat_color": list(rng.choice(HAT_COLORS)),
-        "earring_metal": rng.choice(tuple(EARRING_METALS)),
+        "earring_color": rng.choice(tuple(EARRING_COLORS)),
         "facial_hair_color": rng.choice(("black", "brown", "gray")),  # used when the head is bald
         "eye_color": rng.choice(("dark", "blue", "green", "brown")),
         "shirt_color": _random_color(rng, (0.2, 0.8), (0.3, 0.9)),

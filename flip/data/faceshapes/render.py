@@ -2,10 +2,14 @@
 
 Every attribute is drawn big and in a distinctive colour or shape, because the model sees
 the face at 64x64 after JPEG: a feature smaller than a couple of pixels cannot be learned and
-would only add label noise. Shapes are polygons in a unit square; the pose (rotation, scale,
-shift) is applied to their points, so the whole face is drawn once, already posed, at 4x
-the output size and then LANCZOS-downsampled for anti-aliasing, which is much faster than
-rotating a rendered layer.
+would only add label noise. The small ones are drawn bigger than life and in colours nothing
+else has (full-strength blush, a mustache darker than the hair, gold or turquoise drops, a
+fringe down to the brows). At natural size and colour they stayed near chance in the demo
+model's linear probe: mean balanced accuracy 0.812 over two seeds, 0.853 drawn like this.
+
+Shapes are polygons in a unit square; the pose (rotation, scale, shift) is applied to their
+points, so the whole face is drawn once, already posed, at 4x the output size and then
+LANCZOS-downsampled for anti-aliasing, which is much faster than rotating a rendered layer.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flip.data.faceshapes.attributes import EARRING_METALS, HAIR_RGB, SKIN_TONES
+from flip.data.faceshapes.attributes import EARRING_COLORS, HAIR_RGB, SKIN_TONES
 
 __all__ = ["IDENTITY_POSE", "render_face"]
 
@@ -177,10 +181,10 @@ class _Face:
         p.polygon(outer + inner, self.hair)
         p.line(outer, _shade(self.hair, 0.7), 0.008)
         if self.on("bangs"):
-            fringe_y = self.eye_y - 0.085
+            fringe_y = self.eye_y - 0.065
             teeth = 7
             fringe = [
-                (cx + w * 0.9 * (2 * i / (2 * teeth) - 1), fringe_y - (0.03 if i % 2 else 0.0))
+                (cx + w * 0.9 * (2 * i / (2 * teeth) - 1), fringe_y - (0.04 if i % 2 else 0.0))
                 for i in range(2 * teeth + 1)
             ]
             # close the fringe along the hairline, from where it is just above the fringe's ends
@@ -196,9 +200,9 @@ class _Face:
             inner = _arc(cx, cy + 0.02, w * 0.8, h * 0.55, math.pi - 0.05, 0.05)
             p.polygon(outer + inner, self.facial)
         if self.on("rosy_cheeks"):
-            blush = _mix(self.skin, BLUSH, 0.75)
+            blush = _mix(self.skin, BLUSH, 0.9)
             for side in (-1, 1):
-                p.ellipse(cx + side * 0.13, cy + 0.075, 0.04, 0.03, blush)
+                p.ellipse(cx + side * 0.13, cy + 0.075, 0.052, 0.04, blush)
 
     def eyes(self) -> None:
         p, cx, ey, e = self.pen, self.cx, self.eye_y, self.expression
@@ -235,10 +239,10 @@ class _Face:
         if not self.on("mustache"):
             return
         cx, my = self.cx, self.mouth_y
-        wing = [(0.08, -0.008), (0.065, -0.034), (0.025, -0.05), (0.0, -0.043)]
+        wing = [(0.095, -0.002), (0.078, -0.036), (0.03, -0.058), (0.0, -0.05)]
         shape = [(cx + x, my + y) for x, y in wing] + [(cx - x, my + y) for x, y in reversed(wing)]
-        shape += [(cx - 0.04, my - 0.024), (cx, my - 0.022), (cx + 0.04, my - 0.024)]
-        self.pen.polygon(shape, self.facial)
+        shape += [(cx - 0.045, my - 0.018), (cx, my - 0.016), (cx + 0.045, my - 0.018)]
+        self.pen.polygon(shape, _shade(self.facial, 0.5))
         self.pen.line(shape, _shade(self.facial, 0.6), 0.006, closed=True)
 
     def mouth(self) -> None:
@@ -248,7 +252,7 @@ class _Face:
         width = 0.03 if lipstick else 0.016
         mw = 0.065
         if lipstick:  # full red lips behind whatever shape the expression gives
-            p.ellipse(cx, my + 0.004, mw * 0.95, 0.026, LIPSTICK)
+            p.ellipse(cx, my + 0.004, mw * 1.05, 0.034, LIPSTICK)
         if e == "happy":
             smile = _arc(cx, my - 0.012, mw, 0.05, 0.0, math.pi, 16)
             p.polygon(smile, (90, 20, 30))
@@ -298,12 +302,12 @@ class _Face:
         if not self.on("earrings"):
             return
         p, cx, cy, w = self.pen, self.cx, self.cy, self.w
-        metal = EARRING_METALS.get(str(self.style.get("earring_metal", "gold")), EARRING_METALS["gold"])
+        color = EARRING_COLORS.get(str(self.style.get("earring_color", "gold")), EARRING_COLORS["gold"])
         for side in (-1, 1):
             x = cx + side * w * 1.0
-            p.dot(x, cy + 0.08, 0.012, metal)
-            p.dot(x, cy + 0.118, 0.032, _shade(metal, 0.45))
-            p.dot(x, cy + 0.118, 0.025, metal)
+            p.dot(x, cy + 0.08, 0.014, color)
+            p.dot(x, cy + 0.125, 0.044, _shade(color, 0.35))
+            p.dot(x, cy + 0.125, 0.034, color)
 
     def hat(self) -> None:
         if not self.on("hat"):
