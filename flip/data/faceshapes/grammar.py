@@ -11,18 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FACESHAPES_GRAMMAR", "SUBTLE_ATTRIBUTES"]
+__all__ = ["FACESHAPES_GRAMMAR"]
 
 _HAS_HAIR = {"bald": False}
-# Small attributes (a few pixels each at 64 px) are named in most captions, obvious ones in
-# fewer: captions that say "a hat" or "long hair" less often are told apart in a batch by the
-# small attributes, so the demo model learns more of them within its 10-minute budget (linear
-# probe 0.853 -> 0.875, zero-shot 0.788 -> 0.808, mean of two seeds, against the default
-# 0.7 / 0.22 for every attribute; skewing further, 0.95 / 0.5 against 0.4 / 0.06 with hair
-# colour named half the time, gave 0.858 / 0.742).
-SUBTLE_ATTRIBUTES = ("mustache", "earrings", "bangs", "lipstick", "rosy_cheeks")
-_SUBTLE = {"mention_prob": 0.9, "negative_prob": 0.4}
-_OBVIOUS = {"mention_prob": 0.5, "negative_prob": 0.1}
 
 FACESHAPES_GRAMMAR: dict[str, Any] = {
     "nouns": ["person", "person", "person", "person", "face", "face", "individual"],
@@ -66,7 +57,6 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "sunglasses": {
             "kind": "binary",
-            **_OBVIOUS,
             "positive": [
                 "wearing sunglasses",
                 "with sunglasses",
@@ -77,7 +67,6 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "hat": {
             "kind": "binary",
-            **_OBVIOUS,
             "positive": ["wearing a hat", "wearing a hat", "with a hat", "with a hat on"],
             "negative": {
                 "phrases": ["without a hat", "with no hat", "not wearing a hat"],
@@ -94,13 +83,11 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "mustache": {
             "kind": "binary",
-            **_SUBTLE,
             "positive": ["with a mustache", "with a moustache", "with a thick mustache"],
             "negative": ["without a mustache", "with no mustache"],
         },
         "earrings": {
             "kind": "binary",
-            **_SUBTLE,
             "positive": [
                 "wearing earrings",
                 "with earrings",
@@ -111,7 +98,6 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "bangs": {
             "kind": "binary",
-            **_SUBTLE,
             "positive": ["with bangs", "with a fringe", "with bangs covering the forehead"],
             "negative": [
                 {"text": "without bangs", "when": _HAS_HAIR},
@@ -121,7 +107,6 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "long_hair": {
             "kind": "binary",
-            **_OBVIOUS,
             "positive": {
                 "phrases": ["with long hair", "with shoulder-length hair", "with long flowing hair"],
                 "adjectives": ["long-haired"],
@@ -147,13 +132,11 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "lipstick": {
             "kind": "binary",
-            **_SUBTLE,
             "positive": ["wearing lipstick", "with red lipstick", "with red lips", "wearing red lipstick"],
             "negative": ["without lipstick", "not wearing lipstick", "with no lipstick"],
         },
         "rosy_cheeks": {
             "kind": "binary",
-            **_SUBTLE,
             "positive": {
                 "phrases": ["with rosy cheeks", "with pink cheeks", "with blushing cheeks"],
                 "adjectives": ["rosy-cheeked"],
