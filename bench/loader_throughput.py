@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from webdataset import TarWriter  # noqa: E402
 from webdataset.tariterators import tar_file_expander  # noqa: E402
 
+from flip.atomic import atomic_file  # noqa: E402
 from flip.data.faceshapes.generate import make_sample  # noqa: E402
 from flip.data.pipeline import EpochSeed, SampleTransform, make_loader, train_pipeline  # noqa: E402
 
@@ -51,11 +52,9 @@ def write_shards(folder: Path, shards: int, per_shard: int, image_size: int) -> 
         urls.append(str(path))
         if path.is_file():
             continue
-        tmp = path.with_suffix(".tmp")
-        with TarWriter(str(tmp), encoder=False) as sink:
+        with atomic_file(path, "wb") as stream, TarWriter(stream, encoder=False) as sink:
             for index in range(shard * per_shard, (shard + 1) * per_shard):
                 sink.write(make_sample("bench", index, seed=0, image_size=image_size))
-        tmp.rename(path)
     return urls
 
 
