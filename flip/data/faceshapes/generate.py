@@ -44,7 +44,7 @@ from flip.data.faceshapes.render import render_face
 
 __all__ = ["DEFAULT_SPLITS", "VERSION", "FaceShapesManifest", "ensure_faceshapes", "make_sample"]
 
-VERSION = "3"  # bump whenever sampling, rendering or captions change what gets written
+VERSION = "4"  # bump whenever sampling, rendering or captions change what gets written
 DEFAULT_SPLITS = {"train": 20_000, "val": 1000, "test": 2000}
 MANIFEST = "manifest.json"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -5,6 +5,15 @@ bald", "who looks sad", ...) are all in here, so that evaluation asks in the wor
 used; the other phrasings add enough variety that the text tower has to read the attribute
 words rather than memorise whole captions. Negative phrasings that only make sense with hair
 ("with short hair", "without bangs") are limited to records that are not bald.
+
+The small attributes (eyeglasses, mustache, earrings, bangs, lipstick, rosy cheeks) are named
+for 95% of the faces that have them and denied for only 8% of the others; the obvious ones keep
+the defaults (70% / 22%). A young text tower reads a caption as a bag of words, and "mustache"
+occurs in "with a mustache" and "with no mustache" alike: at the defaults 63% of the captions
+holding the word come with a mustache (35% of all faces have one), at 95/8 87%. The images were
+never the problem (a supervised tiny ViT learns mustache and earrings to 0.96 and 0.98 in 600
+steps); the contrastive signal was. Demo recipe, seed 1: linear probe 0.841 -> 0.905, zero-shot
+0.765 -> 0.832. Naming the obvious ones less often instead cost them their zero-shot accuracy.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
     "attributes": {
         "eyeglasses": {
             "kind": "binary",
+            "mention_prob": 0.95,
+            "negative_prob": 0.08,
             "positive": ["with eyeglasses", "wearing eyeglasses", "with glasses", "wearing glasses"],
             "negative": [
                 "without eyeglasses",
@@ -83,11 +94,15 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "mustache": {
             "kind": "binary",
+            "mention_prob": 0.95,
+            "negative_prob": 0.08,
             "positive": ["with a mustache", "with a moustache", "with a thick mustache"],
             "negative": ["without a mustache", "with no mustache"],
         },
         "earrings": {
             "kind": "binary",
+            "mention_prob": 0.95,
+            "negative_prob": 0.08,
             "positive": [
                 "wearing earrings",
                 "with earrings",
@@ -98,6 +113,8 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "bangs": {
             "kind": "binary",
+            "mention_prob": 0.95,
+            "negative_prob": 0.08,
             "positive": ["with bangs", "with a fringe", "with bangs covering the forehead"],
             "negative": [
                 {"text": "without bangs", "when": _HAS_HAIR},
@@ -132,11 +149,15 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "lipstick": {
             "kind": "binary",
+            "mention_prob": 0.95,
+            "negative_prob": 0.08,
             "positive": ["wearing lipstick", "with red lipstick", "with red lips", "wearing red lipstick"],
             "negative": ["without lipstick", "not wearing lipstick", "with no lipstick"],
         },
         "rosy_cheeks": {
             "kind": "binary",
+            "mention_prob": 0.95,
+            "negative_prob": 0.08,
             "positive": {
                 "phrases": ["with rosy cheeks", "with pink cheeks", "with blushing cheeks"],
                 "adjectives": ["rosy-cheeked"],
