@@ -23,6 +23,8 @@ from typing import Any
 __all__ = ["FACESHAPES_GRAMMAR"]
 
 _HAS_HAIR = {"bald": False}
+# named for nearly every face that has them, rarely denied (see the module docstring)
+_SMALL_ATTRIBUTE_RATES = {"mention_prob": 0.95, "negative_prob": 0.08}
 
 FACESHAPES_GRAMMAR: dict[str, Any] = {
     "nouns": ["person", "person", "person", "person", "face", "face", "individual"],
@@ -54,8 +56,7 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
     "attributes": {
         "eyeglasses": {
             "kind": "binary",
-            "mention_prob": 0.95,
-            "negative_prob": 0.08,
+            **_SMALL_ATTRIBUTE_RATES,
             "positive": ["with eyeglasses", "wearing eyeglasses", "with glasses", "wearing glasses"],
             "negative": [
                 "without eyeglasses",
@@ -94,15 +95,13 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "mustache": {
             "kind": "binary",
-            "mention_prob": 0.95,
-            "negative_prob": 0.08,
+            **_SMALL_ATTRIBUTE_RATES,
             "positive": ["with a mustache", "with a moustache", "with a thick mustache"],
             "negative": ["without a mustache", "with no mustache"],
         },
         "earrings": {
             "kind": "binary",
-            "mention_prob": 0.95,
-            "negative_prob": 0.08,
+            **_SMALL_ATTRIBUTE_RATES,
             "positive": [
                 "wearing earrings",
                 "with earrings",
@@ -113,8 +112,7 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "bangs": {
             "kind": "binary",
-            "mention_prob": 0.95,
-            "negative_prob": 0.08,
+            **_SMALL_ATTRIBUTE_RATES,
             "positive": ["with bangs", "with a fringe", "with bangs covering the forehead"],
             "negative": [
                 {"text": "without bangs", "when": _HAS_HAIR},
@@ -149,15 +147,13 @@ FACESHAPES_GRAMMAR: dict[str, Any] = {
         },
         "lipstick": {
             "kind": "binary",
-            "mention_prob": 0.95,
-            "negative_prob": 0.08,
+            **_SMALL_ATTRIBUTE_RATES,
             "positive": ["wearing lipstick", "with red lipstick", "with red lips", "wearing red lipstick"],
             "negative": ["without lipstick", "not wearing lipstick", "with no lipstick"],
         },
         "rosy_cheeks": {
             "kind": "binary",
-            "mention_prob": 0.95,
-            "negative_prob": 0.08,
+            **_SMALL_ATTRIBUTE_RATES,
             "positive": {
                 "phrases": ["with rosy cheeks", "with pink cheeks", "with blushing cheeks"],
                 "adjectives": ["rosy-cheeked"],
