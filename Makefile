@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flip-installed
 
-.PHONY: setup train test lint format clean-data
+.PHONY: setup train test lint format clean-data gpu-check
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest
+
+# the GPU paths (bf16, FILIP on CUDA, DeepSpeed ZeRO-2/3 + resume, compile, MFU); exits 0 without CUDA
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
