@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 TASKS = ("attributes", "classification")
+OUTSIDE_ROOT = "path_outside_root"  # skip reason: a listed image name leads outside its folder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flip.datasets.base import inside
+from flip.datasets.base import OUTSIDE_ROOT, inside
 
 __all__ = [
     "CELEBA_ATTRIBUTES",
@@ -86,7 +86,6 @@ ATTRIBUTE_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"
 IMAGE_DIR = "img_align_celeba"
 _VALUES = {"1": True, "-1": False, "0": False}
-OUTSIDE_ROOT = "path_outside_root"
 log = logging.getLogger(__name__)
 
 

@@ -45,11 +45,9 @@ def _describe_exit(code: int | None) -> str:
         return "ended"
     if code < 0:
         try:
-            name = signal.Signals(-code).name
+            return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
-            name = f"signal {-code}"
-        hint = " (the kernel's out-of-memory killer sends it: try fewer --workers)" if -code == 9 else ""
-        return f"was killed by {name}{hint}"
+            return f"was killed by signal {-code}"
     return f"exited with code {code}"
 
 
@@ -187,7 +185,12 @@ class WorkerPool(Generic[T, R]):
         process = self._workers[index][0]
         process.join(timeout=_JOIN_SECONDS)
         doing = f" while working on {self.describe(task)}" if task is not None else ""
-        return WorkerDied(f"worker process {process.pid} {_describe_exit(process.exitcode)}{doing}")
+        hint = (
+            " (SIGKILL is what the kernel's out-of-memory killer sends: fewer --workers need less memory)"
+            if process.exitcode == -signal.SIGKILL
+            else ""
+        )
+        return WorkerDied(f"worker process {process.pid} {_describe_exit(process.exitcode)}{doing}{hint}")
 
     def close(self, kill: bool = False) -> None:
         """Asks every worker to stop (or, with `kill`, kills them), and kills those still alive
