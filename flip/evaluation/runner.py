@@ -78,6 +78,15 @@ def load_split(
     labelled = reader(split=split)
     if len(labelled) == 0:
         raise ValueError(f"{benchmark.get('name')}: split {split!r} holds no samples")
+    if labelled.skipped:
+        reasons = ", ".join(f"{k} {v}" for k, v in labelled.skipped_by_reason.items())
+        log.warning(
+            "%s/%s: the reader left out %d record(s): %s",
+            labelled.benchmark,
+            split,
+            labelled.skipped,
+            reasons,
+        )
     labelled = labelled.sample(max_samples, seed)
     counts = ", ".join(f"{k} {v}" for k, v in labelled.counts().items())
     log.info("%s/%s: %d samples (%s)", labelled.benchmark, split, len(labelled), counts)
