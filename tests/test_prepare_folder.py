@@ -114,7 +114,7 @@ def messy_folder(tmp_path) -> tuple[Path, Path]:
         (images / name).write_bytes(data)
     for name, (data, _) in BAD_IMAGES.items():
         (images / name).write_bytes(data)
-    (images / "gray.jpg").write_bytes(GOOD["rgb.jpg"][0])  # same key "gray" as gray.png
+    (images / "gray.jpg").write_bytes(GOOD["rgb.jpg"][0])  # same stem as gray.png: both kept, own keys
     (images / "unlisted.jpg").write_bytes(GOOD["rgb.jpg"][0])
     (images / "nocaption.jpg").write_bytes(GOOD["rgb.jpg"][0])
     (images / "emptycaption.jpg").write_bytes(GOOD["rgb.jpg"][0])
@@ -123,7 +123,7 @@ def messy_folder(tmp_path) -> tuple[Path, Path]:
     lines += [f"{name},a photo of {name.split('/')[-1].split('.')[0]},ann".encode() for name in GOOD]
     lines += [f"{name},a photo that cannot be read,bob".encode() for name in BAD_IMAGES]
     lines += [
-        b"gray.jpg,a duplicate key,carl",
+        b"gray.jpg,same stem as gray.png,carl",
         b"nocaption.jpg",  # a short row: no caption field at all
         b"emptycaption.jpg,   ,dan",
         b"latin1.jpg,caf\xe9 au lait,eve",  # Latin-1, not UTF-8
@@ -142,7 +142,6 @@ def test_every_bad_input_is_skipped_and_counted_and_every_good_image_written_onc
     assert report["skipped_by_reason"] == {
         "corrupt_image": 1,
         "decompression_bomb": 1,
-        "duplicate_key": 1,
         "empty_caption": 1,
         "empty_image": 1,
         "missing_caption": 2,  # the short row, and unlisted.jpg
@@ -153,12 +152,22 @@ def test_every_bad_input_is_skipped_and_counted_and_every_good_image_written_onc
     assert set(report["reasons"]) == set(report["skipped_by_reason"])
     assert report["examples"]["non_utf8_caption"][0]["sample"] == "captions.csv:16"  # file and line
     samples = read_shards(out)
-    # rgb.jpg has two captions -> two samples; every other good image one
-    expected = {key_from_path(n) for n in GOOD if n != "rgb.jpg"} | {"rgb_0", "rgb_1"}
-    assert set(samples) == expected
-    assert report["samples"]["written"] == len(expected) == 8
+    # rgb.jpg has two captions -> two samples; every other good image (and gray.jpg) one
+    keys = {
+        (json.loads(s["json"])["image_path"], json.loads(s["json"]).get("caption_index")): k
+        for k, s in samples.items()
+    }
+    expected = {(n, None) for n in GOOD if n != "rgb.jpg"} | {
+        ("rgb.jpg", 0),
+        ("rgb.jpg", 1),
+        ("gray.jpg", None),
+    }
+    assert set(keys) == expected
+    assert report["samples"]["written"] == len(expected) == 9
+    assert keys["gray.png", None] != keys["gray.jpg", None] and keys["gray.png", None].startswith("gray_")
+    assert keys["sub/rotated.jpg", None] == key_from_path("sub/rotated.jpg")
     for name, (_, size, colour) in GOOD.items():
-        key = "rgb_0" if name == "rgb.jpg" else key_from_path(name)
+        key = keys[name, 0 if name == "rgb.jpg" else None]
         image = Image.open(io.BytesIO(samples[key]["jpg"]))
         assert image.format == "JPEG" and image.mode == "RGB" and image.size == size, name
         if colour is not None:
@@ -166,7 +175,7 @@ def test_every_bad_input_is_skipped_and_counted_and_every_good_image_written_onc
         record = json.loads(samples[key]["json"])
         assert record["image_path"] == name and record["photographer"] == "ann"
         assert record["source"] == str(images / name) and (record["width"], record["height"]) == size
-    upright = Image.open(io.BytesIO(samples["sub_rotated"]["jpg"]))
+    upright = Image.open(io.BytesIO(samples[keys["sub/rotated.jpg", None]]["jpg"]))
     assert _close(upright.getpixel((5, 4)), (30, 30, 200), 40) and _close(
         upright.getpixel((5, 15)), (200, 30, 30), 40
     )

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import ImageFiles, LabelledSplit, MalformedFileError, check_split, find_first
+from flip.datasets.base import (
+    OUTSIDE_ROOT,
+    ImageFiles,
+    LabelledSplit,
+    MalformedFileError,
+    check_split,
+    find_first,
+    inside,
+)
 
 AFFECTNET_CLASSES = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
 AFFECTNET_FILES = {"train": "training.csv", "test": "validation.csv"}
@@ -38,7 +46,7 @@ def read_affectnet(root: str | os.PathLike, split: str, num_classes: int = 8) ->
     image_root = root / "Manually_Annotated_Images"
     if not image_root.is_dir():
         image_root = root
-    paths, boxes, labels, keys, dropped = [], [], [], [], 0
+    paths, boxes, labels, keys, dropped, outside = [], [], [], [], 0, 0
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
@@ -65,7 +73,11 @@ def read_affectnet(root: str | os.PathLike, split: str, num_classes: int = 8) ->
                     path, line, f"face box {box}", "a positive face_width and face_height"
                 )
             rel = row["subDirectory_filePath"]
-            paths.append(str(image_root / rel))
+            image = inside(image_root, rel)
+            if image is None:
+                outside += 1
+                continue
+            paths.append(str(image))
             boxes.append(box)
             labels.append(expression)
             keys.append(rel)
@@ -77,5 +89,7 @@ def read_affectnet(root: str | os.PathLike, split: str, num_classes: int = 8) ->
         targets=np.asarray(labels, dtype=np.int64),
         images=ImageFiles(tuple(paths), tuple(boxes)),
         keys=keys,
-        skipped=dropped,
+        skipped_by_reason={
+            reason: n for reason, n in (("not_in_protocol", dropped), (OUTSIDE_ROOT, outside)) if n
+        },
     )

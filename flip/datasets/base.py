@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 TASKS = ("attributes", "classification")
+OUTSIDE_ROOT = "path_outside_root"  # skip reason: a listed image name leads outside its folder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -159,9 +160,15 @@ class LabelledSplit:
     keys: list[str]
     captions: list[str] | None = None
     questions: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
-    skipped: int = 0  # records a reader dropped (unusable labels), reported beside the counts
+    skipped: int = 0  # records a reader dropped; `skipped_by_reason` says why
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # one count per reason is what evaluation reports; a bare count is a reader's unusable records
+        if self.skipped_by_reason:
+            self.skipped = sum(self.skipped_by_reason.values())
+        elif self.skipped:
+            self.skipped_by_reason = {"unusable_record": self.skipped}
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {TASKS}")
         n = len(self.keys)
@@ -212,6 +219,22 @@ def find_first(root: Path, candidates: Sequence[str], what: str) -> Path:
     raise FileNotFoundError(
         f"{what}: none of {[str(root / c) for c in candidates]} exists; check benchmark.root={str(root)!r}"
     )
+
+
+def inside(folder: str | os.PathLike, name: str) -> Path | None:
+    """`folder / name` if it stays inside `folder` once `..` and symlinks are followed, else None.
+
+    Benchmark files name their images; a name like `../../home/me/.ssh/id_rsa`, an absolute
+    path or a symlink out of the folder must not make a reader open files elsewhere.
+    """
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")):
+        return None
+    path = Path(folder) / name
+    if "/" not in name and "\\" not in name and name not in (".", "..") and not os.path.islink(path):
+        return path  # a plain file name in the folder: no lookup beyond one lstat
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    return path if os.path.commonpath([real_folder, real]) == real_folder else None
 
 
 def check_split(split: str, available: Sequence[str], benchmark: str) -> None:

@@ -7,15 +7,21 @@ maps each file to 0 (train), 1 (val) or 2 (test). Users keep them either in the
 `Anno/ Eval/ Img/img_align_celeba/` folders of the official download or all in one folder,
 and both are found here. Any line that does not parse fails with the file, the line number
 and what was expected, because a silently misaligned attribute column would poison every
-downstream label.
+downstream label; for the same reason the header must hold exactly CelebA's 40 names. An
+image name that leads outside the image folder (`../`, an absolute path, a symlink out) is
+skipped and counted as `path_outside_root`, never opened.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from flip.datasets.base import OUTSIDE_ROOT, inside
 
 __all__ = [
     "CELEBA_ATTRIBUTES",
@@ -23,6 +29,7 @@ __all__ = [
     "CelebAFormatError",
     "CelebALayout",
     "CelebARecord",
+    "check_attribute_names",
     "find_celeba",
     "read_attribute_file",
     "read_celeba",
@@ -79,6 +86,7 @@ ATTRIBUTE_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"
 IMAGE_DIR = "img_align_celeba"
 _VALUES = {"1": True, "-1": False, "0": False}
+log = logging.getLogger(__name__)
 
 
 class CelebAFormatError(ValueError):
@@ -193,6 +201,7 @@ def read_attribute_file(path: str | os.PathLike) -> tuple[list[str], dict[str, d
             f"{path} line {header_line}: expected unique attribute names (e.g. '5_o_Clock_Shadow "
             f"Arched_Eyebrows ...'), got {header_text[:80]!r}"
         )
+    check_attribute_names(names, path, header_line)
     records: dict[str, dict[str, bool]] = {}
     first_line: dict[str, int] = {}
     for number, text in lines:
@@ -223,6 +232,27 @@ def read_attribute_file(path: str | os.PathLike) -> tuple[list[str], dict[str, d
     return names, records
 
 
+def check_attribute_names(names: Sequence[str], path: str | os.PathLike, line: int) -> None:
+    """Refuses a header that is not CelebA's 40 names (in any order): with `attr0 .. attr39` or a
+    name missing, every image would get captions and labels from the wrong columns, or none."""
+    missing = [n for n in CELEBA_ATTRIBUTES if n not in names]
+    unknown = [n for n in names if n not in CELEBA_ATTRIBUTES]
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(
+                f"missing {len(missing)}: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}"
+            )
+        if unknown:
+            problems.append(
+                f"unknown {len(unknown)}: {', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}"
+            )
+        raise CelebAFormatError(
+            f"{path} line {line}: the header is not CelebA's 40 attribute names ({'; '.join(problems)}); "
+            f"expected the names {' '.join(CELEBA_ATTRIBUTES)}"
+        )
+
+
 def _looks_like_file(token: str) -> bool:
     return token.lower().endswith((".jpg", ".png", ".jpeg"))
 
@@ -245,18 +275,22 @@ def read_partition_file(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_celeba(
-    root: str | os.PathLike, splits: str | Sequence[str] | None = None, require_images: bool = False
+    root: str | os.PathLike,
+    splits: str | Sequence[str] | None = None,
+    require_images: bool = False,
+    skipped: Counter[str] | None = None,
 ) -> list[CelebARecord]:
     """All CelebA records under `root` (see `find_celeba`), in the attribute file's order.
 
     `splits` keeps only those splits ('train', 'val', 'test'); `require_images` checks that
     every image file exists (one stat per image) and raises naming the first missing one.
+    Images named outside the image folder are left out and counted into `skipped` by reason.
     """
     wanted = _check_splits(splits)
     layout = find_celeba(root)
     _, attributes = read_attribute_file(layout.attribute_file)
     partition = read_partition_file(layout.partition_file)
-    records = []
+    records, outside = [], []
     for file_name, values in attributes.items():
         split = partition.get(file_name)
         if split is None:
@@ -265,8 +299,23 @@ def read_celeba(
                 f"which {layout.attribute_file.name} lists; "
                 "the two files must cover the same images"
             )
-        if split in wanted:
-            records.append(CelebARecord(layout.image_dir / file_name, values, split))
+        if split not in wanted:
+            continue
+        image = inside(layout.image_dir, file_name)
+        if image is None:
+            outside.append(file_name)
+            continue
+        records.append(CelebARecord(image, values, split))
+    if outside:
+        log.warning(
+            "%s: skipped %d image name(s) leading outside %s, e.g. %r",
+            layout.attribute_file,
+            len(outside),
+            layout.image_dir,
+            outside[0],
+        )
+        if skipped is not None:
+            skipped[OUTSIDE_ROOT] += len(outside)
     if require_images:
         missing = next((r.image for r in records if not r.image.is_file()), None)
         if missing is not None:

@@ -13,12 +13,19 @@ one). LFWA ships as MATLAB files; FLIP accepts it converted to the same text lay
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import ImageFiles, LabelledSplit, find_first
-from flip.datasets.celeba import CELEBA_SPLITS, read_attribute_file, read_celeba, read_partition_file
+from flip.datasets.base import ImageFiles, LabelledSplit, find_first, inside
+from flip.datasets.celeba import (
+    CELEBA_SPLITS,
+    OUTSIDE_ROOT,
+    read_attribute_file,
+    read_celeba,
+    read_partition_file,
+)
 
 LFWA_ATTRIBUTE_FILES = ("list_attr_lfwa.txt", "Anno/list_attr_lfwa.txt")
 LFWA_PARTITION_FILES = (
@@ -31,7 +38,11 @@ LFWA_IMAGE_DIRS = ("lfw", "img", "images", "lfw-deepfunneled")
 
 
 def _split(
-    benchmark: str, split: str, names: list[str], rows: list[tuple[str, str, dict[str, bool]]]
+    benchmark: str,
+    split: str,
+    names: list[str],
+    rows: list[tuple[str, str, dict[str, bool]]],
+    skipped: dict[str, int],
 ) -> LabelledSplit:
     """rows: (key, image path, {attribute: bool})."""
     targets = np.asarray([[values[n] for n in names] for _, _, values in rows], dtype=np.int8)
@@ -43,16 +54,19 @@ def _split(
         targets=targets.reshape(len(rows), len(names)),
         images=ImageFiles(tuple(path for _, path, _ in rows)),
         keys=[key for key, _, _ in rows],
+        skipped_by_reason=skipped,
     )
 
 
 def read_celeba_split(root: str | os.PathLike, split: str) -> LabelledSplit:
     """A CelebA split ("train", "val", "test") with its 40 attributes in the file's column order."""
-    records = read_celeba(root, splits=split)
+    skipped: Counter[str] = Counter()
+    records = read_celeba(root, splits=split, skipped=skipped)
     if not records:
         raise ValueError(f"CelebA under {str(root)!r} has no images in split {split!r}")
     names = list(records[0].attributes)
-    return _split("celeba", split, names, [(r.image.name, str(r.image), r.attributes) for r in records])
+    rows = [(r.image.name, str(r.image), r.attributes) for r in records]
+    return _split("celeba", split, names, rows, dict(skipped))
 
 
 def read_lfwa(root: str | os.PathLike, split: str) -> LabelledSplit:
@@ -70,7 +84,15 @@ def read_lfwa(root: str | os.PathLike, split: str) -> LabelledSplit:
             f"{partition_file}: no split for {len(missing)} image(s) of the attribute list, "
             f"e.g. {missing[0]!r}"
         )
-    rows = [(name, values) for name, values in attributes.items() if partition[name] == split]
+    rows, outside = [], 0
+    for name, values in attributes.items():
+        if partition[name] != split:
+            continue
+        image = inside(image_dir, name)
+        if image is None:
+            outside += 1
+        else:
+            rows.append((name, str(image), values))
     if not rows:
         raise ValueError(f"LFWA under {str(root)!r} has no images in split {split!r} ({partition_file})")
-    return _split("lfwa", split, names, [(name, str(image_dir / name), values) for name, values in rows])
+    return _split("lfwa", split, names, rows, {OUTSIDE_ROOT: outside} if outside else {})

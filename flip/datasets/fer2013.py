@@ -68,9 +68,18 @@ def read_fer2013(root: str | os.PathLike, split: str) -> LabelledSplit:
                     "pixels are not all integers",
                     f"{SIDE * SIDE} space-separated integers 0..255",
                 ) from None
-            if image.size != SIDE * SIDE or image.min(initial=0) < 0 or image.max(initial=0) > 255:
+            if image.size != SIDE * SIDE:
                 raise MalformedFileError(
                     path, line, f"{image.size} pixel values", f"{SIDE * SIDE} space-separated integers 0..255"
+                )
+            outside = np.flatnonzero((image < 0) | (image > 255))
+            if outside.size:
+                first = int(outside[0])
+                raise MalformedFileError(
+                    path,
+                    line,
+                    f"pixel {first} is {int(image[first])}, outside 0..255 ({outside.size} such value(s))",
+                    "8-bit grayscale values 0..255",
                 )
             labels.append(int(emotion))
             pixels.append(image.astype(np.uint8).reshape(SIDE, SIDE))

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import ImageFiles, LabelledSplit, MalformedFileError, check_split, find_first
+from flip.datasets.base import (
+    OUTSIDE_ROOT,
+    ImageFiles,
+    LabelledSplit,
+    MalformedFileError,
+    check_split,
+    find_first,
+    inside,
+)
 
 RAFDB_CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
 RAFDB_SPLITS = ("train", "test")
@@ -52,11 +60,12 @@ def parse_rafdb_labels(path: str | os.PathLike) -> list[tuple[str, str, int]]:
     return records
 
 
-def _image_path(images_dir: Path, name: str, aligned: bool) -> str:
+def _image_path(images_dir: Path, name: str, aligned: bool) -> Path | None:
+    """The image file of a label line, or None when its name leads outside the image folder."""
     if aligned:
         stem, ext = os.path.splitext(name)
         name = f"{stem}_aligned{ext}"
-    return str(images_dir / name)
+    return inside(images_dir, name)
 
 
 def read_rafdb(root: str | os.PathLike, split: str, images: str = "aligned") -> LabelledSplit:
@@ -67,13 +76,20 @@ def read_rafdb(root: str | os.PathLike, split: str, images: str = "aligned") -> 
     root = Path(root)
     label_file = find_first(root, LABEL_FILES, "RAF-DB label file")
     images_dir = find_first(root, (f"Image/{images}", images), f"RAF-DB {images} images")
-    rows = [(name, label) for s, name, label in parse_rafdb_labels(label_file) if s == split]
+    rows, outside = [], 0
+    for s, name, label in parse_rafdb_labels(label_file):
+        image = _image_path(images_dir, name, images == "aligned") if s == split else None
+        if s == split and image is None:
+            outside += 1
+        elif image is not None:
+            rows.append((name, str(image), label))
     return LabelledSplit(
         benchmark="rafdb",
         split=split,
         task="classification",
         label_names=list(RAFDB_CLASSES),
-        targets=np.asarray([label for _, label in rows], dtype=np.int64),
-        images=ImageFiles(tuple(_image_path(images_dir, name, images == "aligned") for name, _ in rows)),
-        keys=[name for name, _ in rows],
+        targets=np.asarray([label for _, _, label in rows], dtype=np.int64),
+        images=ImageFiles(tuple(image for _, image, _ in rows)),
+        keys=[name for name, _, _ in rows],
+        skipped_by_reason={OUTSIDE_ROOT: outside} if outside else {},
     )

@@ -190,6 +190,13 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
     if "retrieval" in metrics:
         recalls = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics["retrieval"].items())
         lines += ["", f"retrieval on the paired captions: {recalls}"]
+    skipped = {split: counts for split, counts in (metrics.get("skipped") or {}).items() if counts}
+    if skipped:
+        text = "; ".join(
+            f"{split}: " + ", ".join(f"{reason} {n}" for reason, n in counts.items())
+            for split, counts in skipped.items()
+        )
+        lines += ["", f"images left out of these metrics: {text}"]
     if metrics.get("default_prompts_for"):
         lines += ["", f"built-in prompts used for: {', '.join(metrics['default_prompts_for'])}"]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]

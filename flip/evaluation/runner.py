@@ -78,6 +78,15 @@ def load_split(
     labelled = reader(split=split)
     if len(labelled) == 0:
         raise ValueError(f"{benchmark.get('name')}: split {split!r} holds no samples")
+    if labelled.skipped:
+        reasons = ", ".join(f"{k} {v}" for k, v in labelled.skipped_by_reason.items())
+        log.warning(
+            "%s/%s: the reader left out %d record(s): %s",
+            labelled.benchmark,
+            split,
+            labelled.skipped,
+            reasons,
+        )
     labelled = labelled.sample(max_samples, seed)
     counts = ", ".join(f"{k} {v}" for k, v in labelled.counts().items())
     log.info("%s/%s: %d samples (%s)", labelled.benchmark, split, len(labelled), counts)
@@ -98,6 +107,24 @@ class _Features:
         )
 
 
+UNREADABLE = "unreadable_image"  # skip reason: the image file is missing or does not decode
+
+
+def skipped_images(*splits: SplitFeatures | None) -> dict[str, dict[str, int]]:
+    """Per split, the images left out of the metrics by reason: those its reader dropped (bad
+    paths, labels outside the protocol) and those that could not be read at extraction, so a
+    score over fewer images than the benchmark holds says so in metrics.json."""
+    out: dict[str, dict[str, int]] = {}
+    for features in splits:
+        if features is None:
+            continue
+        counts = dict(features.split.skipped_by_reason)
+        if features.skipped:
+            counts[UNREADABLE] = counts.get(UNREADABLE, 0) + features.skipped
+        out[features.split.split] = dict(sorted(counts.items()))
+    return out
+
+
 def benchmark_prompts(benchmark: Mapping[str, Any]) -> dict[str, Any]:
     """The zero-shot prompts of a benchmark config: templates, binary, multiclass, classes."""
     node = OmegaConf.to_container(benchmark, resolve=True) if isinstance(benchmark, DictConfig) else benchmark
@@ -109,6 +136,7 @@ def run_zeroshot(cfg: DictConfig) -> dict[str, Any]:
     model, model_id, name = load_eval_model(cfg)
     features = _Features(cfg, model, model_id)(cfg.split, cfg.get("max_samples"))
     metrics = evaluate_zeroshot(model, features, benchmark_prompts(cfg.benchmark), name)
+    metrics["skipped"] = skipped_images(features)
     write_report(metrics, cfg.output_dir)
     log.info("zero-shot results in %s", Path(cfg.output_dir) / "metrics.json")
     return metrics
@@ -171,6 +199,7 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
     val = features(cfg.val_split, cfg.get("max_val")) if cfg.get("val_split") else None
     test = features(cfg.split, cfg.get("max_samples"))
     metrics = probe_metrics(train, test, val, cfg.probe, name, resolve_device(cfg.get("device")))
+    metrics["skipped"] = skipped_images(train, val, test)
     write_report(metrics, cfg.output_dir)
     log.info("linear-probe results in %s", Path(cfg.output_dir) / "metrics.json")
     return metrics
@@ -181,6 +210,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     model, model_id, name = load_eval_model(cfg)
     features = _Features(cfg, model, model_id)(cfg.split, cfg.get("max_samples"))
     metrics = evaluate_retrieval(model, features, name, cfg.batch_size)
+    metrics["skipped"] = skipped_images(features)
     write_report(metrics, cfg.output_dir)
     log.info("retrieval results in %s", Path(cfg.output_dir) / "metrics.json")
     return metrics

@@ -15,7 +15,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ import tarfile
 import tempfile
 import textwrap
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from flip.data.captions import CaptionGrammar
 from flip.data.faceshapes.attributes import sample_attributes
 from flip.data.faceshapes.grammar import FACESHAPES_GRAMMAR
 from flip.data.faceshapes.render import render_face
+from flip.locking import hold_lock
 
 __all__ = ["DEFAULT_SPLITS", "VERSION", "FaceShapesManifest", "ensure_faceshapes", "make_sample"]
 
@@ -176,22 +176,6 @@ def _existing(root: Path, fingerprint: str) -> FaceShapesManifest | None:
     return manifest
 
 
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Serialises generators of the same root (e.g. one per DDP rank) where fcntl exists."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(root.parent / f".{root.name}.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _run(tasks: list[tuple[str, str, int, int, dict]], num_workers: int) -> None:
     total = sum(stop - start for _, _, start, stop, _ in tasks)
     with tqdm(total=total, desc="FaceShapes", unit="img", file=sys.stderr, disable=total == 0) as bar:
@@ -228,7 +212,8 @@ def ensure_faceshapes(
     if found is not None:
         return found
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root):
+    # ranks generating the same root take turns; the first writes, the others find its manifest
+    with hold_lock(root.parent / f".{root.name}.lock", f"FaceShapes root {str(root)!r}", wait=True):
         found = _existing(root, fingerprint)  # another process may have finished meanwhile
         if found is not None:
             return found

@@ -9,6 +9,10 @@ Every subcommand writes `NNNNN.tar` shards (`{key}.jpg`, `{key}.txt`, `{key}.jso
 runs on `--workers` processes, resumes where a killed run stopped, and writes the same bytes
 for the same inputs and `--seed`. Data preparation is a one-off batch job, so it takes plain
 flags rather than the Hydra configs of training and evaluation.
+
+Inputs are checked before the output folder is touched. Exit codes: 0 done; 1 the run
+failed (a worker died: rerun to resume; nothing was written; a file could not be written);
+2 bad inputs or flags, or the output folder is busy or not writable.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pathlib import Path
 
 from flip.data.prepare.detect import CASCADES, HaarFaceDetector
 from flip.data.prepare.hygiene import HygieneConfig
-from flip.data.prepare.writer import JobConfig, Source, run_job
+from flip.data.prepare.workers import WorkerDied
+from flip.data.prepare.writer import JobConfig, OutputFolderError, Source, run_job
+from flip.locking import FolderBusyError
 
 __all__ = ["build_parser", "main"]
 
@@ -218,14 +224,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prefix = f"flip-data {args.command}: error:"
     try:
         source = make_source(args)
         config = make_config(args)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.exit(2, f"flip-data {args.command}: error: {exc}\n")
-    report = run_job(source, config)
+        report = run_job(source, config)
+    except (FileNotFoundError, ValueError, FolderBusyError, OutputFolderError) as exc:
+        parser.exit(2, f"{prefix} {exc}\n")
+    except WorkerDied as exc:
+        parser.exit(1, f"{prefix} {exc}\n")
+    except OSError as exc:  # e.g. the disk filled up while writing a shard
+        where = f" {exc.filename!r}" if exc.filename else ""
+        parser.exit(1, f"{prefix} could not write{where}: {exc.strerror or exc}\n")
+    report_path = Path(report["output"]) / "report.json"
     summary = {k: report[k] for k in ("samples", "skipped_by_reason", "shards_written", "shards_resumed")}
-    print(json.dumps({"report": str(Path(report["output"]) / "report.json"), **summary}, indent=2))
+    print(json.dumps({"report": str(report_path), **summary}, indent=2))
+    if report["samples"]["written"] == 0:
+        reasons = ", ".join(f"{k} {v}" for k, v in report["skipped_by_reason"].items()) or "no input records"
+        parser.exit(1, f"{prefix} no sample was written ({reasons}); see {str(report_path)!r} for examples\n")
     return 0
 
 

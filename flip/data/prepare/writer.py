@@ -8,19 +8,23 @@ shard is written to a temporary name and renamed only when complete, followed by
 `NNNNN_stats.json`. A shard whose stats file records the same digest of its items and
 settings is finished: a rerun skips it (resume after a crash, or after adding settings that
 do not change it), and rewrites any shard whose inputs or settings changed.
+
+A run holds a lock on its output folder (`flip.locking`): a second run on the same folder is
+refused, naming the first, instead of both deleting each other's temporary files. Workers
+die with the run (`workers.WorkerPool`), and a dead worker stops the run at once with
+`WorkerDied`; every finished shard is kept, so rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,18 +34,25 @@ from tqdm.auto import tqdm
 from flip.atomic import TEMP_SUFFIX, atomic_file, write_json_atomic
 from flip.data.prepare.detect import HaarFaceDetector
 from flip.data.prepare.hygiene import REASONS, HygieneConfig, SkipSample, process_image
+from flip.data.prepare.keys import KEY_PATTERN
 from flip.data.prepare.report import REPORT_NAME, SkipLog
+from flip.data.prepare.workers import WorkerDied, WorkerPool
+from flip.locking import hold_lock
 
-__all__ = ["ImageRef", "Item", "JobConfig", "Source", "run_job", "shard_name"]
+__all__ = ["ImageRef", "Item", "JobConfig", "OutputFolderError", "Source", "run_job", "shard_name"]
 
 log = logging.getLogger(__name__)
 
 VERSION = "1"  # bump when the bytes written for the same item and settings change
 RESERVED_KEYS = ("key", "caption", "source", "width", "height", "original_width", "original_height", "crop")
 MARKER = ".flip-data"
+LOCK = ".flip-data.lock"
 _SHARD = re.compile(r"^(\d{5,})\.tar$")
 _TAR_MTIME = 0.0  # fixed member metadata: equal inputs give byte-identical shards
-_KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class OutputFolderError(RuntimeError):
+    """The output folder cannot be created or written; the message names it and why."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +245,7 @@ def _chunks(items: Iterable[Item], size: int, skips: SkipLog) -> Iterator[list[I
     seen: set[str] = set()
     chunk: list[Item] = []
     for item in items:
-        if not _KEY_OK.match(item.key):
+        if not KEY_PATTERN.match(item.key):
             raise ValueError(f"source produced key {item.key!r}; keys must match [A-Za-z0-9_-]+")
         if item.key in seen:
             skips.add(
@@ -250,13 +261,27 @@ def _chunks(items: Iterable[Item], size: int, skips: SkipLog) -> Iterator[list[I
         yield chunk
 
 
+@contextlib.contextmanager
+def _own_output(output: Path) -> Iterator[None]:
+    """The output folder, created if needed and locked for this run; unwritable: OutputFolderError."""
+    with contextlib.ExitStack() as stack:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(hold_lock(output / LOCK, f"output folder {str(output)!r}"))
+        except OSError as exc:
+            raise OutputFolderError(
+                f"cannot write to output folder {str(output)!r} ({exc.strerror or exc}); "
+                "choose a folder you can write to with --output"
+            ) from None
+        yield
+
+
 def _check_output(output: Path) -> None:
     """Refuses a folder holding `.tar` files that flip-data did not write (they would be trained on).
 
     The first run marks the folder as flip-data's (`.flip-data`); any shard in a marked folder,
     even one whose stats file a crash kept from being written, is then flip-data's to redo.
     """
-    output.mkdir(parents=True, exist_ok=True)
     marker = output / MARKER
     if not marker.is_file():
         foreign = sorted(p.name for p in output.glob("*.tar"))
@@ -282,17 +307,30 @@ def _remove_stale(output: Path, count: int) -> list[str]:
     return removed
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # fork starts workers at once and shares the parent's imports; spawn where there is no fork
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+def _describe_task(task: _ShardTask) -> str:
+    return f"shard {shard_name(task.index)}"
 
 
 def run_job(source: Source, config: JobConfig) -> dict[str, Any]:
-    """Writes every shard of `source` into `config.output` and returns (and writes) the report."""
-    start = time.time()
+    """Writes every shard of `source` into `config.output` and returns (and writes) the report.
+
+    Raises FolderBusyError when another run holds the folder, OutputFolderError when it cannot
+    be written, and WorkerDied (saying how to resume) when a worker process dies.
+    """
     output = Path(config.output)
-    _check_output(output)
+    with _own_output(output):
+        return _run_locked(source, config, output)
+
+
+def _run_locked(source: Source, config: JobConfig, output: Path) -> dict[str, Any]:
+    start = time.time()
+    try:
+        _check_output(output)
+    except PermissionError as exc:
+        raise OutputFolderError(
+            f"cannot write to output folder {str(output)!r} ({exc.strerror}); "
+            "choose a folder you can write to with --output"
+        ) from None
     fingerprint = config.fingerprint()
     plan_skips, shard_skips = SkipLog(), SkipLog()
     shard_stats: dict[int, dict] = {}
@@ -347,20 +385,25 @@ def run_job(source: Source, config: JobConfig) -> dict[str, Any]:
                 else:
                     record(index, write_shard(task))
         else:
-            with _pool(config.workers) as pool:
-                pending: dict[Future, int] = {}
+
+            def to_write() -> Iterator[_ShardTask]:
+                nonlocal resumed
                 for index, task in enumerate(tasks()):
                     if isinstance(task, dict):
                         resumed += 1
                         record(index, task)
-                        continue
-                    pending[pool.submit(write_shard, task)] = index
-                    while len(pending) >= 2 * config.workers:  # bounded: items are not all in memory
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in done:
-                            record(pending.pop(future), future.result())
-                for future in list(pending):
-                    record(pending.pop(future), future.result())
+                    else:
+                        yield task
+
+            try:
+                with WorkerPool(write_shard, config.workers, _describe_task) as pool:
+                    for task, stats in pool.imap_unordered(to_write()):  # one task per worker in flight
+                        record(task.index, stats)
+            except WorkerDied as exc:
+                raise WorkerDied(
+                    f"{exc}. The run stopped; the {len(shard_stats)} shard(s) finished in {str(output)!r} "
+                    "are kept: rerun the same command to resume"
+                ) from None
         advance(0)  # records skipped after the last shard's items
 
     count = len(shard_stats)

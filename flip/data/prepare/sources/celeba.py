@@ -10,6 +10,7 @@ claims (`mentions`).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +36,29 @@ class CelebASource:
         self.root = Path(self.root)
         if self.split != "all" and self.split not in CELEBA_SPLITS:
             raise ValueError(f"split={self.split!r}; accepted: {', '.join(CELEBA_SPLITS)}, all")
-        self._records = read_celeba(self.root, None if self.split == "all" else self.split)
+        self._outside: Counter[str] = Counter()
+        self._records = read_celeba(
+            self.root, None if self.split == "all" else self.split, skipped=self._outside
+        )
         self._grammar = CaptionGrammar(CELEBA_GRAMMAR)
 
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.root), "split": self.split, "seed": self.seed, "images": len(self._records)}
 
     def total(self) -> int:
-        return len(self._records)
+        return len(self._records) + sum(self._outside.values())
 
     def caption(self, key: str, attributes: dict[str, bool]):
         return self._grammar.caption(attributes, random.Random(f"celeba/{self.seed}/{key}"))
 
     def items(self, skips: SkipLog) -> Iterator[Item]:
+        for reason, count in self._outside.items():
+            skips.add(
+                reason,
+                str(self.root),
+                "image names in the attribute file lead outside the image folder",
+                count,
+            )
         for record in self._records:
             caption = self.caption(record.key, record.attributes)
             metadata = {

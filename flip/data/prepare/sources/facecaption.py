@@ -19,11 +19,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,14 @@ import numpy as np
 
 from flip.data.prepare.hygiene import SkipSample
 from flip.data.prepare.report import SkipLog
-from flip.data.prepare.sources.tables import clean_caption, json_safe, parquet_rows, read_rows
+from flip.data.prepare.sources.tables import (
+    clean_caption,
+    json_safe,
+    parquet_rows,
+    read_rows,
+    table_columns,
+)
+from flip.data.prepare.workers import WorkerPool
 from flip.data.prepare.writer import RESERVED_KEYS, ImageRef, Item
 
 __all__ = ["BOX_FORMATS", "RESIZE_MODES", "FaceCaptionSource", "index_tar", "map_box", "parse_box"]
@@ -200,6 +205,7 @@ class FaceCaptionSource:
         for path in self.parquet:
             if not path.is_file():
                 raise FileNotFoundError(f"FaceCaption-15M parquet {str(path)!r} does not exist")
+            self._check_columns(path, table_columns(path))  # before any output exists
         self._rows: int | None = None
         self._truncated = 0
         self._tars = sorted(str(t) for folder in self.images for t in self._tars_in(folder))
@@ -234,10 +240,10 @@ class FaceCaptionSource:
         return self._rows + self._truncated
 
     def _index(self, skips: SkipLog) -> dict[str, Download]:
-        if self.workers > 1 and len(self._tars) > 1:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with ProcessPoolExecutor(self.workers, mp_context=mp.get_context(method)) as pool:
-                results = list(pool.map(index_tar, self._tars, chunksize=4))
+        if self.workers > 1 and len(self._tars) > 1:  # workers that die with the run (see workers.py)
+            with WorkerPool(index_tar, min(self.workers, len(self._tars))) as pool:
+                found_in = dict(pool.imap_unordered(self._tars))
+            results = [found_in[t] for t in self._tars]
         else:
             results = [index_tar(t) for t in self._tars]
         index: dict[str, Download] = {}
@@ -266,7 +272,7 @@ class FaceCaptionSource:
                 except SkipSample as skip:
                     skips.add(skip.reason, where, skip.detail)
 
-    def _check_columns(self, path: Path, row: dict[str, Any]) -> None:
+    def _check_columns(self, path: Path, row: Sequence[str] | dict[str, Any]) -> None:
         for flag, name in (
             ("url", self.url_column),
             ("box", self.box_column),

@@ -6,20 +6,32 @@ Image paths are relative to the image folder (or absolute). Each image becomes o
 per caption (`--multi-caption each`, keys `{key}_0`, `{key}_1`, ...) or one sample with its
 first caption and all of them in the `.json` (`first`). Other columns of the image's first
 row go into the `.json`. Images in the folder that no row mentions are counted as
-`missing_caption`; rows naming an image that does not exist are counted as `missing_image`.
+`missing_caption`; rows naming an image that does not exist are counted as `missing_image`;
+a row repeating an earlier row's image and caption is counted as `duplicate_row`.
+
+Keys come from the path (see `flip.data.prepare.keys`): `bob.jpg` is `bob`, and a path that
+a key cannot spell (`alice/001.jpg`, `a b.jpg`, `张三.jpg`) keeps a readable form plus a hash
+of the path, so distinct images never share a key. The table is checked (it exists, has
+rows, the columns are there and named once) when the source is made, before any output is.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flip.data.prepare.keys import disambiguate, safe_key
 from flip.data.prepare.report import SkipLog
-from flip.data.prepare.sources.tables import clean_captions, json_safe, pick_column, read_rows
+from flip.data.prepare.sources.tables import (
+    clean_captions,
+    json_safe,
+    pick_column,
+    read_rows,
+    table_columns,
+)
 from flip.data.prepare.writer import RESERVED_KEYS, ImageRef, Item
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderSource", "key_from_path"]
@@ -28,13 +40,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 IMAGE_COLUMNS = ("file_name", "image", "filename", "filepath", "path", "image_path")
 CAPTION_COLUMNS = ("caption", "text", "captions")
 MULTI_CAPTION = ("each", "first")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def key_from_path(relative: str) -> str:
-    """A tar-safe key from an image's relative path: extension dropped, other characters '_'."""
+    """The key of an image's relative path: its stem when that is a valid key (`bob.jpg` -> `bob`),
+    else a readable form plus a hash of the whole path (`alice/001.jpg` -> `alice_001_<8 hex>`)."""
     stem = relative.rsplit(".", 1)[0] if "." in os.path.basename(relative) else relative
-    return _UNSAFE.sub("_", stem.replace("\\", "/").strip("/")) or "_"
+    return safe_key(stem.replace("\\", "/").strip("/"), identity=relative)
 
 
 @dataclass
@@ -62,6 +74,13 @@ class FolderSource:
             raise FileNotFoundError(f"image folder {str(self.images)!r} does not exist")
         if self.multi_caption not in MULTI_CAPTION:
             raise ValueError(f"multi_caption={self.multi_caption!r}; accepted: {', '.join(MULTI_CAPTION)}")
+        names = table_columns(self.captions)  # missing file, empty table, repeated names: fail now
+        self._columns = (
+            pick_column(names, self.image_column, IMAGE_COLUMNS, "image", self.captions),
+            pick_column(names, self.caption_column, CAPTION_COLUMNS, "caption", self.captions),
+        )
+        if self.key_column is not None:
+            pick_column(names, self.key_column, (), "key", self.captions)
         self._count: int | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -86,20 +105,11 @@ class FolderSource:
     def _group(self, skips: SkipLog) -> list[_Image]:
         """Rows grouped by image, in order of first appearance; bad rows and captions counted."""
         images: dict[str, _Image] = {}
-        columns: tuple[str, str] | None = None
+        image_col, caption_col = self._columns  # the first good row's (a CSV header, a JSONL object)
         for where, row, problem in read_rows(self.captions):
             if row is None:
                 skips.add("bad_row", where, problem)
                 continue
-            if columns is None:  # the first good row fixes the columns (a CSV header, a JSONL object)
-                names = list(row)
-                columns = (
-                    pick_column(names, self.image_column, IMAGE_COLUMNS, "image", self.captions),
-                    pick_column(names, self.caption_column, CAPTION_COLUMNS, "caption", self.captions),
-                )
-                if self.key_column is not None:
-                    pick_column(names, self.key_column, (), "key", self.captions)
-            image_col, caption_col = columns
             value = row.get(image_col)
             if not isinstance(value, str) or not value.strip():
                 skips.add("bad_row", where, f"no image path in column {image_col!r} ({value!r})")
@@ -113,7 +123,7 @@ class FolderSource:
                     if raw is None or not str(raw).strip():
                         skips.add("bad_row", where, f"no key in column {self.key_column!r}")
                         continue
-                    key = _UNSAFE.sub("_", str(raw).strip())
+                    key = safe_key(str(raw).strip())
                 extra = {
                     (f"extra_{k}" if k in RESERVED_KEYS else k): json_safe(v)
                     for k, v in row.items()
@@ -123,6 +133,8 @@ class FolderSource:
             for text, skip in clean_captions(row.get(caption_col)):
                 if skip is not None:
                     skips.add(skip.reason, where, f"{relative}: {skip.detail}")
+                elif text in entry.captions:
+                    skips.add("duplicate_row", where, f"{relative}: caption {text[:60]!r} already listed")
                 else:
                     entry.captions.append(text)
         listed = set(images)
@@ -146,16 +158,26 @@ class FolderSource:
     def items(self, skips: SkipLog) -> Iterator[Item]:
         before = skips.total
         entries = self._group(skips)
-        per_image = [1 if self.multi_caption == "first" else len(e.captions) for e in entries]
-        self._count = sum(per_image) + skips.total - before
+        planned: list[tuple[_Image, int | None]] = []  # (image, caption index or None for one sample)
         for entry in entries:
+            if self.multi_caption == "first" or len(entry.captions) == 1:
+                planned.append((entry, None))
+            else:
+                planned.extend((entry, index) for index in range(len(entry.captions)))
+        self._count = len(planned) + skips.total - before
+        keys = [entry.key if index is None else f"{entry.key}_{index}" for entry, index in planned]
+        if self.key_column is None:  # derived keys that still meet (a.jpg/a.png, a_0.jpg/a.jpg#0)
+            identities = [
+                entry.path if index is None else f"{entry.path}#{index}" for entry, index in planned
+            ]
+            keys = disambiguate(keys, identities)
+        for key, (entry, index) in zip(keys, planned, strict=True):
             path = Path(entry.path)
             ref = ImageRef(str(path if path.is_absolute() else self.images / path))
             metadata = {**entry.extra, "image_path": entry.path}
-            if self.multi_caption == "first" or len(entry.captions) == 1:
+            if index is None:
                 if len(entry.captions) > 1:
                     metadata["captions"] = entry.captions
-                yield Item(entry.key, ref, entry.captions[0], metadata)
-                continue
-            for index, caption in enumerate(entry.captions):
-                yield Item(f"{entry.key}_{index}", ref, caption, {**metadata, "caption_index": index})
+                yield Item(key, ref, entry.captions[0], metadata)
+            else:
+                yield Item(key, ref, entry.captions[index], {**metadata, "caption_index": index})

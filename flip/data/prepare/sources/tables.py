@@ -5,6 +5,9 @@ skipped row can be found again. A row that cannot be parsed comes out as (where,
 problem) and is counted, not fatal. Text files are decoded with `surrogateescape`, so bytes
 that are not UTF-8 survive decoding as lone surrogates and the caption that holds them is
 skipped as non-UTF-8 instead of the whole file failing to load.
+
+`table_columns` reads only the head of a table, so a command can refuse a missing file, an
+empty table or a wrong column before it creates any output.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import csv
 import json
 import math
 import sys
+import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,15 @@ import numpy as np
 
 from flip.data.prepare.hygiene import SkipSample
 
-__all__ = ["TABLE_FORMATS", "clean_caption", "clean_captions", "json_safe", "pick_column", "read_rows"]
+__all__ = [
+    "TABLE_FORMATS",
+    "clean_caption",
+    "clean_captions",
+    "json_safe",
+    "pick_column",
+    "read_rows",
+    "table_columns",
+]
 
 TABLE_FORMATS = {
     ".csv": "csv",
@@ -67,6 +79,7 @@ def _delimited(path: Path, delimiter: str) -> Iterator[Row]:
         if header is None:
             return
         header = [name.strip() for name in header]
+        _refuse_duplicates(header, path)
         for fields in reader:
             where = f"{path.name}:{reader.line_num}"
             if not any(field.strip() for field in fields):
@@ -86,7 +99,10 @@ def _jsonl(path: Path) -> Iterator[Row]:
             if not text:
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(text, object_pairs_hook=_unique_pairs)
+            except _DuplicateName as exc:
+                yield where, None, f"the object names {exc.args[0]!r} twice"
+                continue
             except ValueError as exc:
                 yield where, None, f"not JSON ({exc})"
                 continue
@@ -96,9 +112,64 @@ def _jsonl(path: Path) -> Iterator[Row]:
             yield where, row, ""
 
 
+class _DuplicateName(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose names are unique: json.loads would silently keep the last of two."""
+    seen: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise _DuplicateName(name)
+        seen[name] = value
+    return seen
+
+
+def _refuse_duplicates(columns: Sequence[str], path: Path) -> None:
+    """Two columns of one name: any choice between them would be a silent guess."""
+    repeated = sorted({name for name in columns if list(columns).count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"captions file {str(path)!r}: column name(s) {', '.join(map(repr, repeated))} appear more "
+            "than once; rename them so that each column has its own name"
+        )
+
+
+def table_columns(path: str | Path) -> list[str]:
+    """The columns of a captions table (of its first parseable row, for JSONL), read from its head.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unknown format, a table
+    without a data row, or repeated column names: what would otherwise surface mid-run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {str(path)!r} does not exist")
+    fmt = _format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        columns = list(parquet.schema_arrow.names)
+        _refuse_duplicates(columns, path)
+        if parquet.metadata.num_rows == 0:
+            raise ValueError(
+                f"captions file {str(path)!r} holds no rows; expected one row per (image, caption)"
+            )
+        return columns
+    first = next((row for _, row, _ in read_rows(path) if row is not None), None)
+    if first is None:
+        raise ValueError(
+            f"captions file {str(path)!r} holds no usable rows; expected a header and one row per "
+            "(image, caption)" + (" (one JSON object per line)" if fmt == "jsonl" else "")
+        )
+    return list(first)
+
+
 def _parquet(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
+    _refuse_duplicates(pq.ParquetFile(path).schema_arrow.names, path)
     number = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=16_384):
         for row in batch.to_pylist():
@@ -135,8 +206,19 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+_LINE_BREAKS = frozenset("\t\n\r\x0b\x0c")  # whitespace: normalised to single spaces below
+
+
 def clean_caption(value: Any) -> str:
-    """A usable caption string, or SkipSample: missing_caption, empty_caption or non_utf8_caption."""
+    """A usable caption string, or SkipSample saying why not.
+
+    Only text is a caption: a number or a mapping in the caption column is a wrong column or a
+    broken export, and its `str()` (`{'nested': 'dict'}`) would teach the model garbage, so it
+    is skipped as `not_text_caption`. A caption holding control characters other than line
+    breaks and tabs (NUL, ESC, ...) is skipped as `control_characters`, not cleaned: such
+    bytes mean the row was cut from binary or corrupted data, and what surrounds them is
+    rarely the caption that was meant.
+    """
     if _is_missing(value):
         raise SkipSample("missing_caption", "the caption is null")
     if isinstance(value, bytes | bytearray):
@@ -144,9 +226,16 @@ def clean_caption(value: Any) -> str:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise SkipSample("non_utf8_caption", f"byte {exc.start}: {bytes(value)[:60]!r}") from None
-    text = str(value)
+    if not isinstance(value, str):
+        raise SkipSample("not_text_caption", f"a {type(value).__name__}: {json_safe(value)!r}"[:120])
+    text = value
     if any("\ud800" <= ch <= "\udfff" for ch in text):  # bytes that were not UTF-8 (surrogateescape)
         raise SkipSample("non_utf8_caption", repr(_to_utf8(text))[:80])
+    control = next((ch for ch in text if ch not in _LINE_BREAKS and unicodedata.category(ch) == "Cc"), None)
+    if control is not None:
+        raise SkipSample(
+            "control_characters", f"{control!r} at character {text.index(control)} of {text[:60]!r}"
+        )
     text = " ".join(text.split())  # newlines and runs of spaces would only confuse tokenizers
     if not text:
         raise SkipSample("empty_caption", f"{value!r}"[:60])
