@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,3 +232,29 @@ def test_make_train_is_exactly_the_demo(tmp_path):
     for key in ("trainer.max_steps", "trainer.val_check_interval", "optim.lr", "optim.warmup_steps"):
         assert _select(cfg, key) == OmegaConf.select(demo, key)
     assert _choice(cfg, "data") == "faceshapes" and _choice(cfg, "loss") == "clip_filip" and cfg.evaluate
+
+
+def test_each_docker_cuda_variant_installs_with_constraints_of_its_own_cuda(tmp_path):
+    constraints = (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
+    cuda_pins = [line for line in constraints if re.match(r"(?i)(nvidia-|cuda-|triton==)", line)]
+    assert any("cu13" in line for line in cuda_pins)  # what PyPI's torch brings
+    script = ROOT / "docker" / "cuda_variant.sh"
+    for cuda, index, kept in (
+        ("13.0.1", "https://pypi.org/simple", constraints),
+        ("12.8.1", "https://download.pytorch.org/whl/cu128", [c for c in constraints if c not in cuda_pins]),
+    ):
+        out = tmp_path / f"constraints-{cuda}.txt"
+        done = subprocess.run(
+            ["sh", str(script), cuda, str(ROOT / "requirements" / "constraints.txt"), str(out)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert done.stdout.strip() == index
+        assert out.read_text().splitlines() == kept
+    refused = subprocess.run(["sh", str(script), "11.8.0", "in", "out"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "13.0.x" in refused.stderr and "12.8.x" in refused.stderr
+    # the Dockerfile installs everything under the variant's constraints, from the variant's index
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.findall(r"-c (\S+\.txt)", dockerfile) == ["/opt/constraints.txt", "/opt/constraints.txt"]
+    assert 'sh docker/cuda_variant.sh "${CUDA}"' in dockerfile and "FROM nvidia/cuda:${CUDA}-" in dockerfile
