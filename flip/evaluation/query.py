@@ -104,9 +104,9 @@ def check_prompts_fit(model: FlipModel, name: str, prompts: Sequence[str]) -> No
         shown = name if len(name) <= 60 else f"{name[:60]}... ({len(name)} characters)"
         example = cut[0] if len(cut[0]) <= 80 else f"{cut[0][:80]}..."
         raise ValueError(
-            f"the name {shown!r}: its prompt {example!r} is longer than the text tower's context length of {limit} "
-            f"tokens and would be cut to its first words; shorten the name or give shorter phrases "
-            f"for it (prompts=..., flip-query --prompts)"
+            f"the name {shown!r}: its prompt {example!r} is longer than the text tower's context length "
+            f"of {limit} tokens and would be cut to its first words; shorten the name or give shorter "
+            "phrases for it (prompts=..., flip-query --prompts)"
         )
 
 
