@@ -3,9 +3,14 @@
     flip-query --ckpt CKPT --attributes eyeglasses smiling -- photos/ face.jpg
     flip-query --ckpt CKPT --choices happy sad angry -- photos/
 
-Prints one JSON line per image on stdout, in input order (folders are searched recursively
-for images, sorted): `{"image": PATH, "probabilities": {name: p, ...}}`, plus `"answer"` for
---choices. An unreadable image gets `{"image": PATH, "error": ...}` and the exit status is 1.
+Prints one JSON line per input image on stdout, in input order (folders are searched
+recursively for images, sorted): `{"image": PATH, "probabilities": {name: p, ...}}`, plus
+`"answer"` for --choices. An image that cannot be answered (missing, unreadable, not an image,
+truncated, corrupt, a decompression bomb; a folder without images) gets its own line
+`{"image": PATH, "error": REASON}` and every other image is still answered.
+
+Exit status: 0 every image answered; 1 some images failed (their lines say why, stderr counts
+them); 2 nothing asked: the question or the model is wrong (a message on stderr).
 Images are read in batches by loader workers; the progress bar goes to stderr.
 """
 
@@ -20,42 +25,25 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from flip.datasets.base import IMAGE_EXTENSIONS
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
-    """Files as given; folders replaced by the image files under them (recursive, sorted)."""
+    """Files as given; folders replaced by the image files under them (recursive, sorted).
+
+    A path that does not exist, or a folder without images, stays in the list as itself: the
+    loader reports it on its own line like any other image it cannot read.
+    """
     out = []
     for item in paths:
         path = Path(item)
+        found = []
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not found:
-                raise FileNotFoundError(f"folder {item!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            out += [str(p) for p in found]
-        elif path.exists():
-            out.append(item)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {item!r}")
+        out += [str(p) for p in found] or [item]
     return out
-
-
-class _Paths(Dataset):
-    def __init__(self, paths: Sequence[str], preprocess) -> None:
-        self.paths, self.preprocess = list(paths), preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        from flip.evaluation.query import load_image
-
-        try:
-            return index, load_image(self.paths[index], self.preprocess), None
-        except (OSError, ValueError, SyntaxError) as exc:
-            return index, None, f"{type(exc).__name__}: {exc}"
 
 
 def _collate(batch: list) -> list:
@@ -112,16 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         raise SystemExit(f"--batch-size={args.batch_size} must be >= 1 and --workers={args.workers} >= 0")
-    from flip.evaluation.query import AttributeQuery
+    from flip.evaluation.query import AttributeQuery, ImageItems, check_question
     from flip.evaluation.runner import resolve_device
 
+    check_question(args.attributes, args.choices)  # before loading anything
     paths = expand_paths(args.paths)
     device = resolve_device(args.device)
     model = _load_model(args, device)
     prompts, templates = _prompts(args.prompts)
     question = AttributeQuery(model, args.attributes, args.choices, prompts, templates)
     loader = DataLoader(
-        _Paths(paths, model.preprocess),
+        ImageItems(paths, model.preprocess),
         batch_size=args.batch_size,
         num_workers=min(args.workers, max(0, len(paths) // args.batch_size)),
         collate_fn=_collate,
@@ -138,16 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with progress:
         task = progress.add_task("querying", total=len(paths))
         for batch in loader:
-            ok = [(i, x) for i, x, _ in batch if x is not None]
-            probs = question.probabilities(torch.stack([x for _, x in ok])) if ok else None
-            row_of = {i: r for r, (i, _) in enumerate(ok)}
-            for index, _, error in batch:
+            for (index, _, error), probs in zip(batch, question.answer(batch), strict=True):
                 record: dict = {"image": paths[index]}
                 if error is not None:
                     record["error"] = error
                     failed += 1
                 else:
-                    p = probs[row_of[index]].tolist()
+                    p = probs.tolist()
                     record["probabilities"] = {n: round(v, 6) for n, v in zip(question.names, p, strict=True)}
                     if question.multiclass:
                         record["answer"] = question.names[max(range(len(p)), key=p.__getitem__)]
@@ -155,14 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             progress.advance(task, len(batch))
     if failed:
-        print(f"flip-query: {failed} of {len(paths)} images could not be read", file=sys.stderr)
+        print(
+            f"flip-query: {failed} of {len(paths)} images could not be answered (see their lines)",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
 def cli() -> None:
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError) as err:  # a bad path or question: a message, not a traceback
+    except (FileNotFoundError, ValueError) as err:  # a bad model or question: a message, not a traceback
         print(f"flip-query: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -200,7 +200,11 @@ def test_export_never_overwrites_by_accident_and_leaves_nothing_when_it_fails(de
     assert main(args) == 2
     assert "already holds files" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--overwrite"]) == 2  # --overwrite replaces only a previous export
+    assert "not a previous export" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert main(args) == 0 and main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["flip_config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no staging folders left behind
 

@@ -25,3 +25,44 @@ def test_a_multirun_sweep_trains_every_combination(tmp_path):
         assert saved["global_step"] == 1
         losses[job] = saved["hyper_parameters"]["loss"]
     assert set(losses["0"]["terms"]) == {"clip"} and set(losses["1"]["terms"]) == {"siglip"}
+
+
+def test_a_sweep_whose_ranks_lightning_would_start_by_rerunning_the_command_is_refused(
+    tmp_path, caption_shards, monkeypatch
+):
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from omegaconf import read_write
+
+    from flip.training.run import train
+
+    from .conftest import compose_train_config
+
+    def children_started(self):  # on the old code: stop here instead of re-running pytest's argv
+        raise AssertionError("Lightning started DDP children for a multirun job")
+
+    monkeypatch.setattr(_SubprocessScriptLauncher, "_call_children_scripts", children_started)
+    ddp = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"data.train_shards={caption_shards}",
+    ]
+    cfg = compose_train_config(tmp_path, ddp, base=SHARDS_BASE)
+    with read_write(cfg.hydra):
+        cfg.hydra.mode = "MULTIRUN"
+    HydraConfig().set_config(cfg)
+    with pytest.raises(
+        ValueError, match=r"multirun \(-m\).*2 processes.*each of them would run the whole sweep"
+    ):
+        train(cfg)
+    # torchrun (or srun) started the ranks: Lightning re-runs nothing, the job may run
+    for name, value in {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    import lightning as L
+
+    from flip.training.sweeps import check_sweep_launch
+
+    check_sweep_launch(L.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False))

@@ -109,6 +109,16 @@ def choice_prompts(name: str) -> list[str]:
     return [f"who looks {key}"]
 
 
+def _phrases(where: str, phrases: Sequence[str]) -> list[str]:
+    """Given phrases as a list; an empty list or a blank phrase would ask about the template alone."""
+    listed = [phrases] if isinstance(phrases, str) else list(phrases)
+    if not listed or any(not isinstance(p, str) or not p.strip() for p in listed):
+        raise ValueError(
+            f"prompts for {where!r} must be a non-empty list of non-blank phrases, got {phrases!r}"
+        )
+    return listed
+
+
 def resolve_binary(
     names: Sequence[str], given: Mapping[str, Mapping[str, Sequence[str]]] | None = None
 ) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
@@ -117,7 +127,7 @@ def resolve_binary(
     out, fallback = {}, []
     for name in names:
         if name in given:
-            out[name] = {side: list(phrases) for side, phrases in given[name].items()}
+            out[name] = {side: _phrases(f"{name}.{side}", phrases) for side, phrases in given[name].items()}
         else:
             out[name] = binary_prompts(name)
             fallback.append(name)
@@ -132,7 +142,7 @@ def resolve_choices(
     out, fallback = {}, []
     for name in names:
         if name in given:
-            out[name] = list(given[name])
+            out[name] = _phrases(name, given[name])
         else:
             out[name] = choice_prompts(name)
             fallback.append(name)

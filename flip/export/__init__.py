@@ -1,7 +1,9 @@
 """Use a FLIP model without FLIP: export to open_clip, ONNX or plain safetensors.
 
 `export(model_or_checkpoint, out, format)` writes one folder, atomically (built beside `out`,
-renamed into place once complete and checked). The console script `flip-export` wraps it.
+renamed into place once complete and checked; removed on any failure). `overwrite=True`
+replaces only a previous export (flip.export.layout), never a folder holding anything else.
+The console script `flip-export` wraps it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from flip.checkpoint import load
 from flip.export.files import staged_folder
+from flip.export.layout import not_an_export
 from flip.export.onnx_format import OnnxCheckError, write_onnx_folder
 from flip.export.open_clip_format import OpenClipExportError, open_clip_model_config, write_open_clip_folder
 from flip.export.safetensors_format import write_safetensors_folder
@@ -32,9 +35,9 @@ def export(
     """Write `model` (or what `flip.load` reads from that path) to the folder `out` in `format`."""
     if format not in WRITERS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if not isinstance(model, FlipModel):
-        model = load(model)
-    with staged_folder(out, overwrite=overwrite) as folder:
+    with staged_folder(out, overwrite=overwrite, not_replaceable=not_an_export) as folder:
+        if not isinstance(model, FlipModel):
+            model = load(model)
         report = WRITERS[format](model.eval(), folder)
     files = sorted(p.name for p in Path(out).iterdir())
     return {"format": format, "out": str(out), "files": files, **report}

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,32 +22,79 @@ from safetensors.torch import save_file
 
 
 @contextmanager
-def staged_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty folder beside `out`; on success it replaces `out`, on error it is removed."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(
-            f"--out {str(out)!r} is a file; give a folder (new, empty, or with --overwrite)"
-        )
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"--out {str(out)!r} already holds files; give a new or empty folder, or pass --overwrite"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is an ordinary folder
+def staged_folder(
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    not_replaceable: Callable[[Path], str | None] | None = None,
+) -> Iterator[Path]:
+    """Yield an empty folder beside `out`; on success it replaces `out`, on any failure it is removed.
+
+    With `overwrite`, an existing non-empty `out` is replaced only if `not_replaceable(out)` finds
+    nothing wrong with it (the caller recognises its own previous output); it is checked again
+    just before the swap, since an export can take minutes. A failed final rename puts the
+    previous folder back. Only a killed process (which runs no cleanup) can leave the hidden
+    `.NAME.*.tmp` folder behind.
+    """
+    target = Path(os.path.abspath(out))
+    _check_destination(out, target, overwrite, not_replaceable)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is an ordinary folder
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        previous = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-        os.replace(out, previous / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+        _check_destination(out, target, overwrite, not_replaceable)
+        _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # already gone once renamed into place
+
+
+def _check_destination(
+    out: str | os.PathLike,
+    target: Path,
+    overwrite: bool,
+    not_replaceable: Callable[[Path], str | None] | None,
+) -> None:
+    here = Path.cwd().resolve()
+    resolved = target.resolve()
+    if resolved == here or resolved in here.parents:
+        raise FileExistsError(
+            f"--out {str(out)!r} is {'the' if resolved == here else 'a folder holding the'} current folder; "
+            "an export replaces its folder as a whole, so give a new folder for it, e.g. --out exports/NAME"
+        )
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(
+            f"--out {str(out)!r} is a file or a link; give a folder (new, or a previous export)"
+        )
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"--out {str(out)!r} already holds files; give a new or empty folder, or pass --overwrite "
+            "to replace a previous export"
+        )
+    reason = "nothing identifies it" if not_replaceable is None else not_replaceable(target)
+    if reason is not None:
+        raise FileExistsError(
+            f"--out {str(out)!r} is not a previous export, so --overwrite leaves it alone: {reason}. Give a "
+            "new or empty folder, or remove those entries yourself"
+        )
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename `staging` onto `target`; a previous `target` is retired first and restored on failure."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+    try:
+        os.replace(target, retired / target.name)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(retired / target.name, target)
+            raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def save_state_dict(

@@ -27,6 +27,7 @@ from flip.training.checkpoint_io import AtomicCheckpointIO
 from flip.training.deepspeed import model_for_evaluation
 from flip.training.launch import register_resolvers
 from flip.training.module import FlipLitModule, module_options
+from flip.training.sweeps import check_sweep_launch
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
     )
+    check_sweep_launch(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     results: dict[str, Any] = {"train": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     if cfg.get("evaluate") and trainer.is_global_zero:
