@@ -5,7 +5,8 @@
   CPU outright, which would leave the ZeRO configs in `conf/trainer/` untestable on a machine
   without a GPU;
 - DeepSpeed 0.19 fails at engine start on 0-dim parameters such as CLIP's temperature; those
-  are broadcast apart (ZeRO-3 stores them 1-d, see `FlipModel.prepare_for_zero3`);
+  are broadcast apart, on the engine's device (ZeRO-3 stores them 1-d, see
+  `FlipModel.prepare_for_zero3`);
 - a save never overwrites the previous checkpoint in place (one tag folder per save, `latest`
   moved atomically when every rank has written).
 
@@ -131,18 +132,37 @@ def _scalar_parameters_broadcast_apart(model: torch.nn.Module) -> Iterator[None]
     """Work around DeepSpeed 0.19 failing at engine start on 0-dim parameters (CLIP's logit_scale).
 
     The engine broadcasts every parameter from rank 0 as `p.data.view(torch.uint8)`, which torch
-    refuses for a 0-dim tensor. Those few parameters are broadcast here instead, and flagged for
-    the engine's loop to pass over (it skips parameters that carry `ds_optim_param`) while it runs.
+    refuses for a 0-dim tensor. Those few parameters are flagged for the engine's loop to pass
+    over (it skips parameters that carry `ds_optim_param`), and broadcast right after it, in the
+    engine's own broadcast step: the model is on the engine's device by then (NCCL has no CPU
+    backend, so a broadcast before `deepspeed.initialize` fails on GPUs), and the optimizer,
+    built after that step, copies the broadcast values into its fp32 master weights.
     """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
     scalars = [p for p in model.parameters() if p.dim() == 0]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not scalars:
+        yield
+        return
+    engine_broadcast = DeepSpeedEngine._broadcast_model
+
+    def broadcast_model(engine: DeepSpeedEngine) -> None:
+        engine_broadcast(engine)
+        if engine.dist_backend is None:  # the engine broadcasts nothing either (one process)
+            return
+        import deepspeed.comm as dist
+        from deepspeed.utils import groups
+
         for p in scalars:
-            torch.distributed.broadcast(p.data, src=0)
+            dist.broadcast(p.data, groups._get_broadcast_src_rank(), group=engine.seq_data_parallel_group)
+
     for p in scalars:
         p.ds_optim_param = True
+    DeepSpeedEngine._broadcast_model = broadcast_model
     try:
         yield
     finally:
+        DeepSpeedEngine._broadcast_model = engine_broadcast
         for p in scalars:
             del p.ds_optim_param
 

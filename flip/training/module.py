@@ -111,6 +111,7 @@ class FlipLitModule(L.LightningModule):
         self.criterion = build_loss(loss)
         self._rng_to_restore: dict[str, Any] | None = None
         self._zero3_scalars: list[str] = []
+        self._skip_update = False  # set by a non-finite step, for its optimizer step
 
     def setup(self, stage: str) -> None:
         self.criterion = build_loss(
@@ -155,29 +156,36 @@ class FlipLitModule(L.LightningModule):
                 batch_size=batch_size, sync_dist=not on_step,
             )  # fmt: skip
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
         features = self(images, text)
         losses = self.criterion(features)
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
-        if not self.nonfinite.check(losses, self.global_step, strategy):
-            self.log(
-                "train/skipped_steps", float(self.nonfinite.skipped), on_step=True, batch_size=len(images)
-            )
-            return self._skip_step()
+        finite = self.nonfinite.check(losses, self.global_step, strategy)  # the same answer on every rank
+        # every step logs its own values: Lightning would otherwise log a skipped step with the
+        # last finite loss again (it keeps the last value of each on-step metric)
         self._log_losses(losses, "train", images.shape[0])
         self.log("train/logit_scale", features.logit_scale.detach(), on_step=True, batch_size=len(images))
-        return losses["loss"]
+        self.log("train/skipped_steps", float(self.nonfinite.skipped), on_step=True, batch_size=len(images))
+        if finite:
+            return losses["loss"]
+        self._skip_update = True
+        return self._zero_loss(features)
 
-    def _skip_step(self) -> torch.Tensor | None:
-        """No update from this batch. Lightning skips backward and step when the loss is None;
-        DeepSpeed cannot, so there the step runs with zero gradients at a zero learning rate
-        (the scheduler sets the rate again after the step)."""
-        if not _is_deepspeed(self.trainer.strategy):
-            return None
-        for group in self.trainer.strategy.optimizers[0].param_groups:
-            group["lr"] = 0.0
-        return self.model.logit_scale * 0.0
+    def _zero_loss(self, features: EncoderOutput) -> torch.Tensor:
+        """A loss of 0 whose gradient is exactly 0, for a step whose update is skipped.
+
+        Every rank takes it together (the guard's decision is all-reduced), so the collectives
+        of backward still line up: DDP expects a gradient for every trainable parameter, and
+        gets it from `p.sum() * 0`, which stays 0 whatever NaN the batch produced. Returning
+        None instead, as Lightning offers, is refused by Lightning on more than one process and
+        by DeepSpeed always. Under DeepSpeed the parameters outside a forward are ZeRO-3
+        partitions, so the zero comes from the temperature the forward used; DeepSpeed fills in
+        the gradients no parameter received.
+        """
+        if _is_deepspeed(self.trainer.strategy):
+            return features.logit_scale.sum() * 0.0
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
@@ -192,6 +200,25 @@ class FlipLitModule(L.LightningModule):
             if grads:
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                 self.log("optim/grad_norm", norm, on_step=True, batch_size=1)
+        if self._skip_update:
+            self._skip_update = False
+            self._skip_optimizer_step(optimizer)
+
+    def _skip_optimizer_step(self, optimizer) -> None:
+        """The optimizer step after a non-finite loss changes nothing (with gradient accumulation,
+        the whole accumulated step is skipped).
+
+        The torch optimizers pass over parameters without a gradient: no update, no change to
+        their moments. DeepSpeed steps its own copies whatever the gradients say, so there the
+        step runs with zero gradients at a zero learning rate: the weights stay, and the
+        scheduler sets the rate again after the step.
+        """
+        if _is_deepspeed(self.trainer.strategy):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
+            return
+        for param in self.parameters():
+            param.grad = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if _is_deepspeed(self.trainer.strategy):

@@ -1,0 +1,210 @@
+"""The multi-process training path, simulated on the CPU: a process group that refuses CPU tensors
+as NCCL does (`cuda:gloo`), 2 gloo ranks under DDP, DeepSpeed ZeRO-2/3 on the CPU accelerator with
+bf16 weights. Each test stands for a defect that would stop, hang or skew a real GPU run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from flip.datasets import read_folder
+from flip.training.callbacks import ZeroShotBenchmark
+from flip.training.deepspeed import _scalar_parameters_broadcast_apart
+from flip.training.module import FlipLitModule
+
+from .conftest import CONF, TINY_ARCH
+
+MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
+OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def _loss(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF / "loss" / f"{name}.yaml"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- engine start: where scalars are broadcast
+
+
+def test_no_parameter_is_broadcast_from_the_cpu_under_a_cuda_only_process_group(monkeypatch):
+    """NCCL has no CPU backend: a broadcast before the engine moved the model to its GPU fails with
+    "No backend type associated with device type cpu". `cuda:gloo` refuses CPU tensors the same way."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    module = FlipLitModule(MODEL, _loss("siglip"), OPTIM)  # logit_scale and logit_bias: 0-dim
+    assert [p.dim() for p in (module.model.clip.logit_scale, module.model.clip.logit_bias)] == [0, 0]
+    dist.init_process_group(backend="cuda:gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.broadcast(torch.zeros(()), src=0)  # the group is as strict as NCCL
+        with _scalar_parameters_broadcast_apart(module):
+            pass  # what runs before and after deepspeed.initialize in DeepSpeedStrategy
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- 2 processes: DDP and DeepSpeed on gloo
+
+
+def _patch_deepspeed_for_cpu() -> None:
+    """DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce (a minute, a C++
+    toolchain); it is optional and left out (see tests/test_strategies.py)."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+class _Poison(torch.nn.Module):
+    """The loss, made NaN on one rank at the given steps."""
+
+    def __init__(self, criterion, now) -> None:
+        super().__init__()
+        self.criterion, self.now, self.requires_tokens = criterion, now, criterion.requires_tokens
+
+    def forward(self, features):
+        losses = self.criterion(features)
+        return {k: v * float("nan") for k, v in losses.items()} if self.now() else losses
+
+
+class _Recorder(L.Callback):
+    """NaN on rank `bad_rank` at `nan_steps`; the whole weights at the start of every step."""
+
+    def __init__(self, bad_rank: int, nan_steps: set[int]) -> None:
+        self.bad_rank, self.nan_steps, self.weights, self.logged = bad_rank, nan_steps, {}, {}
+
+    def on_train_start(self, trainer, module) -> None:
+        module.criterion = _Poison(
+            module.criterion,
+            lambda: trainer.global_rank == self.bad_rank and trainer.global_step in self.nan_steps,
+        )
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        from flip.training.callbacks import whole_weights
+
+        with whole_weights(trainer.strategy, module.model):  # a collective under ZeRO-3
+            self.weights[trainer.global_step] = {
+                k: v.detach().float().clone().reshape(v.shape) for k, v in module.model.named_parameters()
+            }
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.logged[trainer.global_step - 1] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _write_benchmark(root: Path) -> None:
+    from PIL import Image
+
+    for name, colour in COLOURS.items():
+        (root / "test" / name).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), tuple(min(255, c + 8 * i) for c in colour)).save(
+                root / "test" / name / f"{i}.png"
+            )
+
+
+def _worker(rank: int, world: int, port: int, directory: str, scenario: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )  # fmt: skip
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "TORCHELASTIC_"))]:
+        del os.environ[name]
+    torch.manual_seed(0)
+    loss = "siglip" if scenario != "ddp" else "clip"
+    module = FlipLitModule(MODEL, _loss(loss), OPTIM)
+    if rank == 1:  # a rank that started from other scalars: the engine must make them rank 0's
+        with torch.no_grad():
+            for p in module.model.parameters():
+                if p.dim() == 0:
+                    p.add_(0.5)
+    recorder = _Recorder(bad_rank=1, nan_steps={1})
+    callbacks = [recorder]
+    benchmark = None
+    if scenario != "ddp":
+        benchmark = ZeroShotBenchmark(
+            {"name": "folder", "reader": partial(read_folder, Path(directory)), "test_split": "test"},
+            every_n_steps=2, max_samples=None, batch_size=5,
+        )  # fmt: skip
+        callbacks.append(benchmark)
+    if scenario == "ddp":
+        strategy, precision = "ddp", "32-true"
+    else:
+        from hydra.utils import instantiate
+
+        _patch_deepspeed_for_cpu()
+        cfg = OmegaConf.load(CONF / "trainer" / f"deepspeed_{scenario}.yaml").strategy
+        strategy, precision = instantiate(cfg), "bf16-mixed"
+    tokens = module.model.tokenize([f"a {c} square" for c in ("red", "green", "blue", "hat")] * 6)
+    images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, tokens), batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, precision=precision, max_steps=3,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    result = {
+        "weights": recorder.weights,
+        "logged": recorder.logged,
+        "skipped": module.nonfinite.skipped,
+        "zeroshot": None if benchmark is None else benchmark.history,
+        "micro_batch": getattr(trainer.strategy, "config", {}).get("train_micro_batch_size_per_gpu"),
+    }
+    torch.save(result, Path(directory) / f"rank{rank}.pt")
+
+
+def _spawn(scenario: str, directory: Path, world: int = 2) -> list[dict]:
+    _write_benchmark(directory)
+    mp.spawn(_worker, args=(world, _free_port(), str(directory), scenario), nprocs=world, join=True)
+    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _assert_skipped_together(ranks: list[dict]) -> None:
+    """Step 1 was NaN on rank 1 only: every rank skipped it, and every rank still agrees."""
+    for result in ranks:
+        assert result["skipped"] == 1
+        weights = result["weights"]
+        for key, value in weights[1].items():  # step 1 changed nothing
+            torch.testing.assert_close(weights[2][key], value, rtol=0, atol=0, msg=key)
+        assert any(not torch.equal(weights[1][k], weights[0][k]) for k in weights[0])  # step 0 trained
+    for step in (0, 1, 2):
+        for key, value in ranks[0]["weights"][step].items():
+            torch.testing.assert_close(ranks[1]["weights"][step][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_ddp_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    ranks = _spawn("ddp", tmp_path)
+    _assert_skipped_together(ranks)
+    # the skipped step logs its own loss (NaN on rank 1, this step's on rank 0), never the previous one
+    logged = ranks[0]["logged"]
+    assert logged[1]["train/skipped_steps"] == 1 and logged[0]["train/skipped_steps"] == 0
+    assert logged[1]["train/loss"] != logged[0]["train/loss"]
+    assert ranks[1]["logged"][1]["train/loss"] != ranks[1]["logged"][1]["train/loss"]  # NaN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_bf16_two_ranks_start_skip_together_and_evaluate_on_every_rank(tmp_path, stage):
+    ranks = _spawn(stage, tmp_path)
+    _assert_skipped_together(ranks)  # step 0's weights agree: rank 1's other scalars were replaced
+    # the zero-shot benchmark ran at step 2 on bf16 weights, the same on both ranks
+    assert [step for step, _ in ranks[0]["zeroshot"]] == [2]
+    assert ranks[0]["zeroshot"] == ranks[1]["zeroshot"]
+    assert 0.0 <= ranks[0]["zeroshot"][0][1]["accuracy"] <= 1.0
