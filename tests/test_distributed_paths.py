@@ -4,6 +4,7 @@ bf16 weights. Each test stands for a defect that would stop, hang or skew a real
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -95,15 +96,22 @@ class _Recorder(L.Callback):
         )
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        from flip.training.callbacks import whole_weights
-
-        with whole_weights(trainer.strategy, module.model):  # a collective under ZeRO-3
+        with _gathered(trainer.strategy, module.model):
             self.weights[trainer.global_step] = {
                 k: v.detach().float().clone().reshape(v.shape) for k, v in module.model.named_parameters()
             }
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.logged[trainer.global_step - 1] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _gathered(strategy, model):
+    """The whole weights on every rank under ZeRO-3 (a collective), as they are otherwise."""
+    if not getattr(strategy, "zero_stage_3", False):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 def _write_benchmark(root: Path) -> None:
@@ -208,3 +216,28 @@ def test_deepspeed_bf16_two_ranks_start_skip_together_and_evaluate_on_every_rank
     assert [step for step, _ in ranks[0]["zeroshot"]] == [2]
     assert ranks[0]["zeroshot"] == ranks[1]["zeroshot"]
     assert 0.0 <= ranks[0]["zeroshot"][0][1]["accuracy"] <= 1.0
+
+
+def test_a_skipped_step_is_logged_as_skipped_with_its_own_loss_not_the_last_finite_one(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(5)
+    module = FlipLitModule(MODEL, _loss("clip"), OPTIM)
+    tokens = module.model.tokenize(["a red square", "a blue square", "a hat"] * 6)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(18, 3, 32, 32), tokens), batch_size=6
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        callbacks=[_Recorder(bad_rank=0, nan_steps={1})],
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("train/loss")}
+    assert sorted(rows) == [0, 1, 2]
+    assert rows[1]["train/loss"] != rows[0]["train/loss"]  # not step 0's loss again: this step's NaN
+    assert rows[1]["train/loss"].lower() == "nan" and float(rows[2]["train/loss"]) > 0
+    assert [float(rows[s]["train/skipped_steps"]) for s in (0, 1, 2)] == [0, 1, 1]
