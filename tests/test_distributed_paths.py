@@ -241,3 +241,18 @@ def test_a_skipped_step_is_logged_as_skipped_with_its_own_loss_not_the_last_fini
     assert rows[1]["train/loss"] != rows[0]["train/loss"]  # not step 0's loss again: this step's NaN
     assert rows[1]["train/loss"].lower() == "nan" and float(rows[2]["train/loss"]) > 0
     assert [float(rows[s]["train/skipped_steps"]) for s in (0, 1, 2)] == [0, 1, 1]
+
+
+# ---------------------------------------------------------------- configurations refused before any work
+
+
+@pytest.mark.parametrize("trainer", ["deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_compile_under_zero3_is_refused_at_validation_with_what_works(train_config, trainer):
+    from flip.training.run import validate
+
+    cfg = train_config(f"trainer={trainer}", "compile=true")
+    with pytest.raises(ValueError, match=r"compile=True does not work with DeepSpeed ZeRO-3.*compile=false"):
+        validate(cfg)
+    validate(train_config(f"trainer={trainer}", "compile=false"))
+    validate(train_config("trainer=deepspeed_zero2", "compile=true"))  # ZeRO-2 keeps whole weights
+    validate(train_config("trainer=ddp", "compile={backend: eager}"))

@@ -43,6 +43,34 @@ def module_options(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def check_compile_strategy(compile: Any, zero_stage: int | None) -> None:
+    """torch.compile under ZeRO-3 is refused before any work.
+
+    Dynamo traces the towers while ZeRO-3 holds each weight as an empty partition, gathered only
+    inside its module's forward hooks, and the traced attention fails on them ("b must be 2D").
+    """
+    if compile and zero_stage == 3:
+        raise ValueError(
+            f"compile={compile!r} does not work with DeepSpeed ZeRO-3 (trainer.strategy.config."
+            "zero_optimization.stage=3, as in trainer=deepspeed_zero3 and deepspeed_zero3_offload): "
+            "torch.compile traces the towers over ZeRO-3's partitioned weights. Set compile=false "
+            "with ZeRO-3, or compile under trainer=deepspeed_zero2, ddp, multinode or gpu"
+        )
+
+
+def zero_stage(trainer_cfg: Mapping[str, Any]) -> int | None:
+    """The ZeRO stage a trainer config asks DeepSpeed for; None when it is not DeepSpeed."""
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(
+        strategy, str
+    ):  # Lightning's registered names: deepspeed_stage_3, deepspeed_stage_3_offload
+        return 3 if strategy.startswith("deepspeed_stage_3") else None
+    if not isinstance(strategy, Mapping) or "DeepSpeed" not in str(strategy.get("_target_", "")):
+        return None
+    stage = (strategy.get("config") or {}).get("zero_optimization", {}).get("stage")
+    return strategy.get("stage", 2) if stage is None else stage
+
+
 def _is_deepspeed(strategy: Any) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -120,6 +148,7 @@ class FlipLitModule(L.LightningModule):
         strategy = self.trainer.strategy
         if _is_deepspeed(strategy) and strategy.zero_stage_3 and not self._zero3_scalars:
             self._zero3_scalars = self.model.prepare_for_zero3(owner=self)
+        check_compile_strategy(self.compile_options, 3 if getattr(strategy, "zero_stage_3", False) else None)
         if self.compile_options and not getattr(self, "_compiled", False):
             options = self.compile_options if isinstance(self.compile_options, Mapping) else {}
             self.model.compile(**options)  # in place: parameter names (and checkpoints) stay the same
