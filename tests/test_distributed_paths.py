@@ -256,3 +256,32 @@ def test_compile_under_zero3_is_refused_at_validation_with_what_works(train_conf
     validate(train_config(f"trainer={trainer}", "compile=false"))
     validate(train_config("trainer=deepspeed_zero2", "compile=true"))  # ZeRO-2 keeps whole weights
     validate(train_config("trainer=ddp", "compile={backend: eager}"))
+
+
+def test_deepspeed_is_told_the_real_micro_batch_size(train_config, tmp_path):
+    """FLIP's loaders batch inside the pipeline (no batch sampler): DeepSpeed must still get
+    data.batch_size as train_micro_batch_size_per_gpu, not 1."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from flip.data.datamodule import ShardDataModule
+    from flip.data.pipeline import make_loader
+
+    strategy = instantiate(train_config("trainer=deepspeed_zero2").trainer.strategy)
+    datamodule = ShardDataModule(train_shards=str(tmp_path), batch_size=24)
+
+    class Batches(torch.utils.data.IterableDataset):  # batched already, as the shard pipeline is
+        def __iter__(self):
+            yield torch.zeros(24, 3, 32, 32)
+
+    loader = make_loader(Batches(), num_workers=0)
+    source = SimpleNamespace(is_defined=lambda: True, dataloader=lambda: loader)
+    trainer = SimpleNamespace(
+        datamodule=datamodule, accumulate_grad_batches=2, gradient_clip_val=None,
+        fit_loop=SimpleNamespace(_data_source=source),
+    )  # fmt: skip
+    strategy._lightning_module = SimpleNamespace(trainer=trainer)
+    strategy._format_batch_size_and_grad_accum_config()
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 24
+    assert strategy.config["gradient_accumulation_steps"] == 2
