@@ -285,3 +285,24 @@ def test_deepspeed_is_told_the_real_micro_batch_size(train_config, tmp_path):
     strategy._format_batch_size_and_grad_accum_config()
     assert strategy.config["train_micro_batch_size_per_gpu"] == 24
     assert strategy.config["gradient_accumulation_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({}, "train.log"),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, "train.log"),
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2"}, "train.rank1.log"),  # Lightning's child
+        ({"RANK": "5", "LOCAL_RANK": "1"}, "train.rank5.log"),  # torchrun
+        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}, "train.rank3.log"),  # srun
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "LOCAL_RANK": "2"}, "train.rank2.log"),  # in sbatch
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, "train.node1.rank0.log"),
+    ],
+)
+def test_every_process_logs_to_a_file_of_its_own(train_config, monkeypatch, env, name):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = train_config()
+    assert Path(cfg.hydra.job_logging.handlers.file.filename).name == name
