@@ -77,6 +77,19 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         with _scalar_parameters_broadcast_apart(model):
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
+    def _auto_select_batch_size(self) -> int:
+        """DeepSpeed's `train_micro_batch_size_per_gpu` (its throughput logs and `train_batch_size`):
+        the batch each rank trains on. FLIP's loaders batch inside the webdataset pipeline, so the
+        DataLoader has no batch sampler for Lightning to read; the data module knows the size."""
+        trainer = self.lightning_module.trainer
+        size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+        source = trainer.fit_loop._data_source
+        loader = source.dataloader() if source.is_defined() else None
+        sampler = getattr(loader, "batch_sampler", None)
+        return getattr(sampler, "batch_size", None) or getattr(loader, "batch_size", None) or 1
+
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         """Each save goes to a new tag folder; `latest` moves to it (atomically) once every rank
         has written its shard, and older tags are removed after. Lightning's version rewrites
