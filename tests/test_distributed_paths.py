@@ -306,3 +306,63 @@ def test_every_process_logs_to_a_file_of_its_own(train_config, monkeypatch, env,
         monkeypatch.setenv(key, value)
     cfg = train_config()
     assert Path(cfg.hydra.job_logging.handlers.file.filename).name == name
+
+
+# ---------------------------------------------------------------- speed: FILIP blocks, TF32
+
+
+def _counting_blocks(monkeypatch) -> list[int]:
+    import flip.losses.filip as filip
+
+    calls, block = [], filip._block
+    monkeypatch.setattr(filip, "_block", lambda *a: calls.append(1) or block(*a))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["filip", "clip_filip"])
+def test_filip_as_configured_sizes_its_blocks_from_the_batch_not_a_constant(monkeypatch, name):
+    from flip.losses import build_loss
+    from flip.losses.filip import FilipLoss
+
+    torch.manual_seed(0)
+    batch, tokens, dim = 96, 8, 16
+    image = torch.nn.functional.normalize(torch.randn(batch, tokens, dim), dim=-1).requires_grad_()
+    text = torch.nn.functional.normalize(torch.randn(batch, tokens + 2, dim), dim=-1).requires_grad_()
+    loss = next(t for t in build_loss(_loss(name)).modules() if isinstance(t, FilipLoss))
+    calls = _counting_blocks(monkeypatch)
+    value = loss(image, text, torch.tensor(10.0))
+    value.backward()
+    assert len(calls) == 2  # forward and backward: one block each, the whole 96 x 96 pairs fit
+    reference = FilipLoss(topk_fraction=loss.topk_fraction, chunk_size=7, exclude_sot=loss.exclude_sot)
+    ref_image, ref_text = image.detach().clone().requires_grad_(), text.detach().clone().requires_grad_()
+    expected = reference(ref_image, ref_text, torch.tensor(10.0))
+    expected.backward()
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(image.grad, ref_image.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_filip_blocks_shrink_to_the_free_memory_and_the_result_stays_exact(monkeypatch):
+    import flip.losses.filip as filip
+
+    torch.manual_seed(1)
+    image = torch.nn.functional.normalize(torch.randn(20, 5, 8), dim=-1).requires_grad_()
+    text = torch.nn.functional.normalize(torch.randn(30, 6, 8), dim=-1).requires_grad_()
+    dense = filip.filip_similarity(image, text, chunk_size=1000)
+    pair_bytes = 5 * 6 * 4
+    monkeypatch.setattr(filip, "free_memory", lambda device: int(4 * pair_bytes * 60))  # 60 pairs a block
+    calls = _counting_blocks(monkeypatch)
+    small = filip.filip_similarity(image, text)
+    assert len(calls) == 10  # the fewest blocks of at most 60 pairs: 5 x 2 of 4 x 15 (square 7 x 7: 15)
+    for got, want in zip(small, dense, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_block_shape_at_the_scale_of_the_issue():
+    from flip.losses.filip import block_shape
+
+    # 256 images per GPU against 32 x 256 texts, 50 x 20 tokens kept, fp32, 8 GiB for a block
+    rows, cols = block_shape(256, 50, 8192, 20, 4, 8 << 30)
+    assert (rows, cols) == (256, 8192)  # one block, where 32-pair blocks were 8 x 256 = 2,048
+    rows, cols = block_shape(256, 50, 8192, 20, 4, 1 << 30)
+    assert rows == 256 and rows * cols * 50 * 20 * 4 <= 1 << 30 and -(-8192 // cols) == 8
+    assert block_shape(10, 10, 10, 10, 4, 1) == (1, 1)  # never an empty block
