@@ -366,3 +366,34 @@ def test_block_shape_at_the_scale_of_the_issue():
     rows, cols = block_shape(256, 50, 8192, 20, 4, 1 << 30)
     assert rows == 256 and rows * cols * 50 * 20 * 4 <= 1 << 30 and -(-8192 // cols) == 8
     assert block_shape(10, 10, 10, 10, 4, 1) == (1, 1)  # never an empty block
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "precision", "options", "expected"),
+    [
+        ("cuda", "32-true", {}, ["high"]),  # the default: TF32 where the user chose 32-bit on GPUs
+        ("cuda", "32-true", {"float32_matmul_precision": "highest"}, ["highest"]),
+        ("cuda", "32-true", {"float32_matmul_precision": None}, []),
+        ("cuda", "bf16-mixed", {}, []),  # autocast already chooses
+        ("cpu", "32-true", {}, []),
+    ],
+)
+def test_32_bit_gpu_runs_let_matmuls_use_tf32(monkeypatch, accelerator, precision, options, expected):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    module = FlipLitModule(MODEL, _loss("clip"), OPTIM, **options)
+    module._trainer = SimpleNamespace(
+        accelerator=CUDAAccelerator() if accelerator == "cuda" else CPUAccelerator(),
+        precision=precision, strategy=SimpleNamespace(), world_size=1, global_rank=0,
+    )  # fmt: skip
+    module.setup("fit")
+    assert calls == expected
+
+
+def test_a_matmul_precision_torch_does_not_know_is_refused_before_training():
+    with pytest.raises(ValueError, match=r"float32_matmul_precision='tf32'.*'highest', 'high', 'medium'"):
+        FlipLitModule(MODEL, _loss("clip"), OPTIM, float32_matmul_precision="tf32")

@@ -40,7 +40,39 @@ def module_options(cfg: DictConfig) -> dict[str, Any]:
         "grad_checkpointing": cfg.get("grad_checkpointing", False),
         "compile": plain(cfg.get("compile", False)),
         "max_nonfinite_steps": cfg.get("max_nonfinite_steps", 5),
+        "float32_matmul_precision": cfg.get("float32_matmul_precision", "high"),
     }
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def check_matmul_precision(setting: str | None) -> None:
+    if setting is not None and setting not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"float32_matmul_precision={setting!r}: use one of {list(MATMUL_PRECISIONS)} or null "
+            "(high: TF32 matmuls in 32-bit GPU runs; highest: full float32)"
+        )
+
+
+def use_tf32_where_chosen(trainer: Any, setting: str | None) -> bool:
+    """`torch.set_float32_matmul_precision(setting)` for a 32-bit run on CUDA GPUs; True if set.
+
+    torch multiplies float32 matrices in full float32 unless told otherwise, which leaves the
+    tensor cores of every GPU since Ampere idle in a run whose user chose trainer.precision=32
+    for its range, not for the last bits of its mantissa. "high" lets matmuls use TF32;
+    "highest" (or null) keeps torch's default. Mixed-precision runs are left alone: autocast
+    already picks the matmul precision.
+    """
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    check_matmul_precision(setting)
+    if setting is None or not isinstance(trainer.accelerator, CUDAAccelerator):
+        return False
+    if not str(trainer.precision).startswith("32"):
+        return False
+    torch.set_float32_matmul_precision(setting)
+    return True
 
 
 def check_compile_strategy(compile: Any, zero_stage: int | None) -> None:
@@ -89,7 +121,8 @@ class FlipLitModule(L.LightningModule):
 
     `grad_checkpointing` recomputes each tower's transformer blocks in backward (open_clip's
     switch, both towers); `compile` runs the towers through `torch.compile` (True, or a dict
-    of its arguments); a non-finite loss skips its step, and `max_nonfinite_steps` of them in a
+    of its arguments); `float32_matmul_precision` is torch's, set for 32-bit runs on CUDA
+    (see `use_tf32_where_chosen`); a non-finite loss skips its step, and `max_nonfinite_steps` of them in a
     row stop the run.
     """
 
@@ -102,6 +135,7 @@ class FlipLitModule(L.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool | Mapping[str, Any] = False,
         max_nonfinite_steps: int = 5,
+        float32_matmul_precision: str | None = "high",
     ) -> None:
         super().__init__()
         model, loss, optim = plain(model), plain(loss), plain(optim)
@@ -111,6 +145,8 @@ class FlipLitModule(L.LightningModule):
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
         self.micro_batches = micro_batches
         self.compile_options = compile
+        check_matmul_precision(float32_matmul_precision)
+        self.float32_matmul_precision = float32_matmul_precision
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         # the checkpoint keeps the weight-free recipe (flip.load never fetches weights) and,
         # apart, where the initial weights came from
@@ -145,6 +181,7 @@ class FlipLitModule(L.LightningModule):
         self.criterion = build_loss(
             self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size
         )
+        use_tf32_where_chosen(self.trainer, self.float32_matmul_precision)
         strategy = self.trainer.strategy
         if _is_deepspeed(strategy) and strategy.zero_stage_3 and not self._zero3_scalars:
             self._zero3_scalars = self.model.prepare_for_zero3(owner=self)
