@@ -397,3 +397,14 @@ def test_32_bit_gpu_runs_let_matmuls_use_tf32(monkeypatch, accelerator, precisio
 def test_a_matmul_precision_torch_does_not_know_is_refused_before_training():
     with pytest.raises(ValueError, match=r"float32_matmul_precision='tf32'.*'highest', 'high', 'medium'"):
         FlipLitModule(MODEL, _loss("clip"), OPTIM, float32_matmul_precision="tf32")
+
+
+def test_the_documented_slurm_script_gives_each_task_its_cpus():
+    """Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without SRUN_CPUS_PER_TASK
+    (or srun --cpus-per-task) each training process, and all its loader workers, get one core."""
+    readme = (CONF.parent / "README.md").read_text()
+    script = next(block for block in readme.split("```bash") if "#SBATCH" in block).split("```")[0]
+    assert "#SBATCH --cpus-per-task=" in script
+    srun_at = script.index("\nsrun ")
+    before, srun_line = script[:srun_at], script[srun_at:].splitlines()[1]
+    assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in before or "--cpus-per-task" in srun_line
