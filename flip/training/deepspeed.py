@@ -161,7 +161,8 @@ def _scalar_parameters_broadcast_apart(model: torch.nn.Module) -> Iterator[None]
     if engine_broadcast is None:
         raise RuntimeError(
             "this DeepSpeed has no DeepSpeedEngine._broadcast_model, where FLIP broadcasts its 0-dim "
-            "parameters (logit_scale, logit_bias); use the DeepSpeed version pinned in requirements/constraints.txt"
+            "parameters (logit_scale, logit_bias); use the DeepSpeed version pinned in "
+            "requirements/constraints.txt"
         )
 
     def broadcast_model(engine: DeepSpeedEngine) -> None:
