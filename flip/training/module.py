@@ -232,7 +232,10 @@ class FlipLitModule(L.LightningModule):
         # last finite loss again (it keeps the last value of each on-step metric)
         self._log_losses(losses, "train", images.shape[0])
         self.log("train/logit_scale", features.logit_scale.detach(), on_step=True, batch_size=len(images))
-        self.log("train/skipped_steps", float(self.nonfinite.skipped), on_step=True, batch_size=len(images))
+        if self.nonfinite.skipped:  # from the first skip on, every step logs the count so far
+            self.log(
+                "train/skipped_steps", float(self.nonfinite.skipped), on_step=True, batch_size=len(images)
+            )
         if finite:
             return losses["loss"]
         self._skip_update = True
