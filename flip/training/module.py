@@ -93,9 +93,8 @@ def check_compile_strategy(compile: Any, zero_stage: int | None) -> None:
 def zero_stage(trainer_cfg: Mapping[str, Any]) -> int | None:
     """The ZeRO stage a trainer config asks DeepSpeed for; None when it is not DeepSpeed."""
     strategy = trainer_cfg.get("strategy")
-    if isinstance(
-        strategy, str
-    ):  # Lightning's registered names: deepspeed_stage_3, deepspeed_stage_3_offload
+    # Lightning's registered names: deepspeed_stage_3, deepspeed_stage_3_offload, ...
+    if isinstance(strategy, str):
         return 3 if strategy.startswith("deepspeed_stage_3") else None
     if not isinstance(strategy, Mapping) or "DeepSpeed" not in str(strategy.get("_target_", "")):
         return None
@@ -122,8 +121,8 @@ class FlipLitModule(L.LightningModule):
     `grad_checkpointing` recomputes each tower's transformer blocks in backward (open_clip's
     switch, both towers); `compile` runs the towers through `torch.compile` (True, or a dict
     of its arguments); `float32_matmul_precision` is torch's, set for 32-bit runs on CUDA
-    (see `use_tf32_where_chosen`); a non-finite loss skips its step, and `max_nonfinite_steps` of them in a
-    row stop the run.
+    (see `use_tf32_where_chosen`); a non-finite loss skips its step on every rank, and
+    `max_nonfinite_steps` of them in a row stop the run.
     """
 
     def __init__(
