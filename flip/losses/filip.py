@@ -97,7 +97,7 @@ def block_shape(
     fits in `budget_bytes` (the whole matrix when it fits), never less than one pair."""
     pairs = max(1, budget_bytes // max(1, row_tokens * col_tokens * element_size))
     if rows * cols <= pairs:
-        return rows, cols
+        return max(1, rows), max(1, cols)  # an empty side still gets a valid (empty) loop
     best, fewest, least_possible = (1, 1), rows * cols, -(-rows * cols // pairs)
     for row_blocks in range(1, rows + 1):  # fewer row passes first: ties keep the longer rows
         row_chunk = -(-rows // row_blocks)
