@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 from omegaconf import OmegaConf
 
-__all__ = ["cpu_precision", "register_resolvers"]
+__all__ = ["cpu_precision", "log_rank_suffix", "register_resolvers"]
 
 
 def cpu_precision() -> str:
@@ -21,6 +24,31 @@ def cpu_precision() -> str:
     return "bf16-mixed" if native else "32-true"
 
 
+def log_rank_suffix(environ: Mapping[str, str] | None = None) -> str:
+    """ "" for the first process of a run, ".rank<N>" (".node<N>.rank<L>") for the others.
+
+    Every process of a multi-process run configures Hydra's logging, with the same run folder:
+    without a suffix they all append to one train.log, their lines interleaved. The rank comes
+    from the launcher, since logging starts before Lightning knows it: torchrun's RANK, srun's
+    SLURM_PROCID (when srun started more than one task), or the LOCAL_RANK and NODE_RANK that
+    Lightning gives the processes it starts.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("RANK"):
+        rank = int(env["RANK"])
+        return f".rank{rank}" if rank else ""
+    if env.get("SLURM_PROCID") and int(env.get("SLURM_NTASKS") or 1) > 1:
+        rank = int(env["SLURM_PROCID"])
+        return f".rank{rank}" if rank else ""
+    node = int(env.get("NODE_RANK") or env.get("GROUP_RANK") or 0)
+    local = int(env.get("LOCAL_RANK") or 0)
+    if node:
+        return f".node{node}.rank{local}"
+    return f".rank{local}" if local else ""
+
+
 def register_resolvers() -> None:
-    """`${cpu_precision:}` in a config resolves to `cpu_precision()`; safe to call twice."""
+    """`${cpu_precision:}` and `${log_rank_suffix:}` in a config resolve to the functions of
+    those names; safe to call twice."""
     OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
+    OmegaConf.register_new_resolver("log_rank_suffix", log_rank_suffix, replace=True)

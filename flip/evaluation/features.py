@@ -70,6 +70,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype of the weights, which images must have too: a model trained under
+    DeepSpeed holds bf16 (or fp16) weights, and a convolution refuses fp32 images for them."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 @torch.no_grad()
 def extract_image_features(
     model: FlipModel,
@@ -83,7 +89,7 @@ def extract_image_features(
 
     `progress=False` when another live display is active (e.g. inside a training loop).
     """
-    device = model_device(model)
+    device, dtype = model_device(model), model_dtype(model)
     loader = DataLoader(
         _Images(images, model.preprocess),
         batch_size=batch_size,
@@ -99,7 +105,7 @@ def extract_image_features(
         for batch, indices in batches:
             if batch is None:
                 continue
-            features.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
+            features.append(model.encode_image(batch.to(device, dtype), normalize=True).float().cpu())
             kept.extend(indices)
     finally:
         model.train(was_training)

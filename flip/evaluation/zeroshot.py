@@ -36,7 +36,9 @@ def expand(templates: Sequence[str], phrases: Sequence[str]) -> list[str]:
 def ensemble_embedding(model: FlipModel, prompts: Sequence[str]) -> torch.Tensor:
     """Mean of the normalised prompt embeddings, renormalised (CLIP's prompt ensembling)."""
     device = next(model.parameters()).device
-    features = model.encode_text(model.tokenize(prompts).to(device), normalize=True)
+    features = model.encode_text(
+        model.tokenize(prompts).to(device), normalize=True
+    ).float()  # bf16 weights too
     return F.normalize(features.mean(dim=0), dim=-1)
 
 

@@ -7,10 +7,15 @@ For projected, L2-normalised tokens x_I[i, k] (image i) and x_T[j, r] (caption j
 
 Both come from the same B_img x B_txt x N_img x N_txt similarity tensor, which is far too
 large to keep (4 GB in fp32 at B=256 with ViT-B/16 and 77 text tokens, before autograd
-copies it). `filip_similarity` computes it in (chunk x chunk)-pair blocks, reduces each block
-to the two B x B similarities at once and keeps nothing else: the backward recomputes each
-block, routes the gradient to the arg-max token of every max, and multiplies by the tokens.
-Beyond the B x B outputs, peak memory is one block whatever the batch size.
+copies it). `filip_similarity` computes it in blocks of pairs, reduces each block to the two
+B x B similarities at once and keeps nothing else: the backward recomputes each block, routes
+the gradient to the arg-max token of every max, and multiplies by the tokens. Beyond the B x B
+outputs, peak memory is one block whatever the batch size.
+
+Blocks are sized from the batch and the memory free on the device (`chunk_size="auto"`): the
+largest that fit. A constant size makes the number of blocks grow with the square of the global
+batch (at 256 per GPU x 32 GPUs, 32-pair blocks are thousands of small kernels per step), while
+the whole similarity of a moderate batch fits in one.
 
 Padding is exact: padded tokens are set to -inf before every max (a pad whose feature is 0
 would otherwise score 0 and beat every negative true similarity) and do not count in any
@@ -20,6 +25,7 @@ mean. A side with no valid token at all contributes 0 instead of -inf or NaN.
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 from typing import ClassVar
 
@@ -67,6 +73,61 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+AUTO = "auto"
+BLOCK_MEMORY_FRACTION = 0.25  # of the free memory, for one block: backward also holds its arg-maxes
+_CPU_FALLBACK_BYTES = 1 << 30
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that tensors on `device` could still take: what the CUDA driver reports free plus what
+    torch's allocator holds unused; on the CPU, the memory the OS reports available."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return _CPU_FALLBACK_BYTES
+
+
+def block_shape(
+    rows: int, row_tokens: int, cols: int, col_tokens: int, element_size: int, budget_bytes: int
+) -> tuple[int, int]:
+    """(row, column) pairs per block: the fewest blocks whose [rows, Ni, cols, Nt] similarity each
+    fits in `budget_bytes` (the whole matrix when it fits), never less than one pair."""
+    pairs = max(1, budget_bytes // max(1, row_tokens * col_tokens * element_size))
+    if rows * cols <= pairs:
+        return max(1, rows), max(1, cols)  # an empty side still gets a valid (empty) loop
+    best, fewest, least_possible = (1, 1), rows * cols, -(-rows * cols // pairs)
+    for row_blocks in range(1, rows + 1):  # fewer row passes first: ties keep the longer rows
+        row_chunk = -(-rows // row_blocks)
+        col_chunk = min(cols, pairs // row_chunk)
+        if col_chunk < 1:
+            continue
+        count = row_blocks * -(-cols // col_chunk)
+        if count < fewest:
+            best, fewest = (row_chunk, col_chunk), count
+        if fewest == least_possible:
+            break
+    return best
+
+
+def _resolve_blocks(chunk_size: int | str, image: torch.Tensor, text: torch.Tensor) -> tuple[int, int]:
+    if chunk_size != AUTO:
+        return chunk_size, chunk_size
+    (bi, ni, _), (bt, nt, _) = image.shape, text.shape
+    budget = int(free_memory(image.device) * BLOCK_MEMORY_FRACTION)
+    return block_shape(bi, ni, bt, nt, torch.empty((), dtype=image.dtype).element_size(), budget)
+
+
+def check_chunk_size(chunk_size: int | str) -> None:
+    if chunk_size != AUTO and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(
+            f"chunk_size must be 'auto' (blocks sized from the batch and free memory) or an integer "
+            f">= 1 (pairs per block side), got {chunk_size!r}"
+        )
+
+
 class _LateInteraction(torch.autograd.Function):
     """Blockwise s_I / s_T with recomputation in backward; see the module docstring."""
 
@@ -80,8 +141,9 @@ class _LateInteraction(torch.autograd.Function):
         n_img, n_txt = _valid_counts(image_mask, bi, ni, image), _valid_counts(text_mask, bt, nt, image)
         i2t = image.new_empty(bi, bt) if want_i2t else None
         t2i = image.new_empty(bi, bt) if want_t2i else None
-        for rows in _chunks(bi, chunk_size):
-            for cols in _chunks(bt, chunk_size):
+        row_chunk, col_chunk = _resolve_blocks(chunk_size, image, text)
+        for rows in _chunks(bi, row_chunk):
+            for cols in _chunks(bt, col_chunk):
                 sim = _block(image[rows], text[cols], _part(image_pad, rows), _part(text_pad, cols))
                 if want_i2t:
                     i2t[rows, cols] = _zero_empty(sim.amax(3)).sum(1) / n_img[rows, None]
@@ -89,7 +151,7 @@ class _LateInteraction(torch.autograd.Function):
                     t2i[rows, cols] = _zero_empty(sim.amax(1)).sum(2) / n_txt[None, cols]
                 del sim  # free the block before the next one is allocated
         ctx.save_for_backward(image, text, image_mask, text_mask)
-        ctx.chunk_size, ctx.want = chunk_size, (want_i2t, want_t2i)
+        ctx.blocks, ctx.want = (row_chunk, col_chunk), (want_i2t, want_t2i)
         return tuple(s for s in (i2t, t2i) if s is not None)
 
     @staticmethod
@@ -110,8 +172,8 @@ class _LateInteraction(torch.autograd.Function):
         d_text = torch.zeros_like(text) if need_text else None
         image_pad = None if image_mask is None else ~image_mask
         text_pad = None if text_mask is None else ~text_mask
-        for rows in _chunks(bi, ctx.chunk_size):
-            for cols in _chunks(bt, ctx.chunk_size):
+        for rows in _chunks(bi, ctx.blocks[0]):
+            for cols in _chunks(bt, ctx.blocks[1]):
                 img, txt = image[rows], text[cols]
                 sim = _block(img, txt, _part(image_pad, rows), _part(text_pad, cols))
                 scatters = []
@@ -138,17 +200,17 @@ def filip_similarity(
     text_tokens: torch.Tensor,
     image_mask: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
-    chunk_size: int = 32,
+    chunk_size: int | str = AUTO,
     i2t: bool = True,
     t2i: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(s_I, s_T), each [B_img, B_txt] with s[i, j] for image i and caption j; None if not asked.
 
-    Masks are bool [B, N], True for tokens that take part. `chunk_size` pairs per block side:
-    peak extra memory is about chunk_size^2 * N_img * N_txt elements.
+    Masks are bool [B, N], True for tokens that take part. `chunk_size`: pairs per block side
+    (peak extra memory about chunk_size^2 * N_img * N_txt elements), or "auto": the largest
+    blocks that take at most a quarter of the device's free memory. The result is the same.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_chunk_size(chunk_size)
     if not (i2t or t2i):
         return None, None
     image_mask, text_mask = (None if m is None else m.bool() for m in (image_mask, text_mask))
@@ -228,7 +290,7 @@ class FilipLoss(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         topk_fraction: float | None = None,
-        chunk_size: int = 32,
+        chunk_size: int | str = AUTO,
         exclude_sot: bool = True,
     ) -> None:
         super().__init__()
@@ -237,8 +299,7 @@ class FilipLoss(nn.Module):
             raise ValueError(
                 f"topk_fraction must be in (0, 1] or None (keep all tokens), got {topk_fraction}"
             )
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_chunk_size(chunk_size)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.rank, self.world_size = rank, world_size
         self.topk_fraction, self.chunk_size, self.exclude_sot = topk_fraction, chunk_size, exclude_sot

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +18,12 @@ class ZeroShotBenchmark(L.Callback):
 
     `benchmark` is a benchmark config (conf/benchmark/<name>.yaml: its `reader` and prompts);
     `max_samples` keeps each run to seconds (a seeded subset, the same every time, so the
-    curve shows the model changing, not the sample). Runs on global rank 0 only and logs
-    through the trainer's loggers as `<prefix>/<metric>` at the current step.
+    curve shows the model changing, not the sample). Logs through the trainer's loggers as
+    `<prefix>/<metric>` at the current step, from global rank 0.
+
+    Every rank runs the same evaluation, in step: under DeepSpeed ZeRO-3 each rank holds a
+    shard of the weights, and gathering them is a collective that one rank alone would wait on
+    forever. The images take the weights' dtype (bf16 under DeepSpeed's mixed precision).
     """
 
     def __init__(
@@ -66,14 +72,33 @@ class ZeroShotBenchmark(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps != 0 or not trainer.is_global_zero:
+        if step == 0 or step % self.every_n_steps != 0:
             return
         if self.history and self.history[-1][0] == step:  # several batches per step (accumulation)
             return
-        summary = self.evaluate(pl_module.model)
+        with whole_weights(getattr(trainer, "strategy", None), pl_module.model):
+            summary = self.evaluate(pl_module.model)
         self.history.append((step, summary))
+        if not trainer.is_global_zero:
+            return
         logged = {f"{self.prefix}/{k}": v for k, v in summary.items()}
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=step)
         headline = summary.get("mean_balanced_accuracy", summary.get("accuracy"))
         log.info("step %d: zero-shot %s %s = %.3f", step, self.benchmark.get("name"), self.split, headline)
+
+
+@contextmanager
+def whole_weights(strategy: Any, model: torch.nn.Module) -> Iterator[None]:
+    """The model's weights whole on this rank while the block runs; call it on every rank.
+
+    Under ZeRO-3 the weights are gathered from all ranks (a collective) and partitioned again
+    after; with every other strategy each rank already holds them.
+    """
+    if not getattr(strategy, "zero_stage_3", False):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield

@@ -5,7 +5,8 @@
   CPU outright, which would leave the ZeRO configs in `conf/trainer/` untestable on a machine
   without a GPU;
 - DeepSpeed 0.19 fails at engine start on 0-dim parameters such as CLIP's temperature; those
-  are broadcast apart (ZeRO-3 stores them 1-d, see `FlipModel.prepare_for_zero3`);
+  are broadcast apart, on the engine's device (ZeRO-3 stores them 1-d, see
+  `FlipModel.prepare_for_zero3`);
 - a save never overwrites the previous checkpoint in place (one tag folder per save, `latest`
   moved atomically when every rank has written).
 
@@ -76,6 +77,19 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         with _scalar_parameters_broadcast_apart(model):
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
+    def _auto_select_batch_size(self) -> int:
+        """DeepSpeed's `train_micro_batch_size_per_gpu` (its throughput logs and `train_batch_size`):
+        the batch each rank trains on. FLIP's loaders batch inside the webdataset pipeline, so the
+        DataLoader has no batch sampler for Lightning to read; the data module knows the size."""
+        trainer = self.lightning_module.trainer
+        size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+        source = trainer.fit_loop._data_source
+        loader = source.dataloader() if source.is_defined() else None
+        sampler = getattr(loader, "batch_sampler", None)
+        return getattr(sampler, "batch_size", None) or getattr(loader, "batch_size", None) or 1
+
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         """Each save goes to a new tag folder; `latest` moves to it (atomically) once every rank
         has written its shard, and older tags are removed after. Lightning's version rewrites
@@ -131,18 +145,43 @@ def _scalar_parameters_broadcast_apart(model: torch.nn.Module) -> Iterator[None]
     """Work around DeepSpeed 0.19 failing at engine start on 0-dim parameters (CLIP's logit_scale).
 
     The engine broadcasts every parameter from rank 0 as `p.data.view(torch.uint8)`, which torch
-    refuses for a 0-dim tensor. Those few parameters are broadcast here instead, and flagged for
-    the engine's loop to pass over (it skips parameters that carry `ds_optim_param`) while it runs.
+    refuses for a 0-dim tensor. Those few parameters are flagged for the engine's loop to pass
+    over (it skips parameters that carry `ds_optim_param`), and broadcast right after it, in the
+    engine's own broadcast step: the model is on the engine's device by then (NCCL has no CPU
+    backend, so a broadcast before `deepspeed.initialize` fails on GPUs), and the optimizer,
+    built after that step, copies the broadcast values into its fp32 master weights.
     """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
     scalars = [p for p in model.parameters() if p.dim() == 0]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not scalars:
+        yield
+        return
+    engine_broadcast = getattr(DeepSpeedEngine, "_broadcast_model", None)
+    if engine_broadcast is None:
+        raise RuntimeError(
+            "this DeepSpeed has no DeepSpeedEngine._broadcast_model, where FLIP broadcasts its 0-dim "
+            "parameters (logit_scale, logit_bias); use the DeepSpeed version pinned in "
+            "requirements/constraints.txt"
+        )
+
+    def broadcast_model(engine: DeepSpeedEngine) -> None:
+        engine_broadcast(engine)
+        if engine.dist_backend is None:  # the engine broadcasts nothing either (one process)
+            return
+        import deepspeed.comm as dist
+        from deepspeed.utils import groups
+
         for p in scalars:
-            torch.distributed.broadcast(p.data, src=0)
+            dist.broadcast(p.data, groups._get_broadcast_src_rank(), group=engine.seq_data_parallel_group)
+
     for p in scalars:
         p.ds_optim_param = True
+    DeepSpeedEngine._broadcast_model = broadcast_model
     try:
         yield
     finally:
+        DeepSpeedEngine._broadcast_model = engine_broadcast
         for p in scalars:
             del p.ds_optim_param
 

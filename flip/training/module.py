@@ -40,7 +40,66 @@ def module_options(cfg: DictConfig) -> dict[str, Any]:
         "grad_checkpointing": cfg.get("grad_checkpointing", False),
         "compile": plain(cfg.get("compile", False)),
         "max_nonfinite_steps": cfg.get("max_nonfinite_steps", 5),
+        "float32_matmul_precision": cfg.get("float32_matmul_precision", "high"),
     }
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def check_matmul_precision(setting: str | None) -> None:
+    if setting is not None and setting not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"float32_matmul_precision={setting!r}: use one of {list(MATMUL_PRECISIONS)} or null "
+            "(high: TF32 matmuls in 32-bit GPU runs; highest: full float32)"
+        )
+
+
+def use_tf32_where_chosen(trainer: Any, setting: str | None) -> bool:
+    """`torch.set_float32_matmul_precision(setting)` for a 32-bit run on CUDA GPUs; True if set.
+
+    torch multiplies float32 matrices in full float32 unless told otherwise, which leaves the
+    tensor cores of every GPU since Ampere idle in a run whose user chose trainer.precision=32
+    for its range, not for the last bits of its mantissa. "high" lets matmuls use TF32;
+    "highest" (or null) keeps torch's default. Mixed-precision runs are left alone: autocast
+    already picks the matmul precision.
+    """
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    check_matmul_precision(setting)
+    if setting is None or not isinstance(trainer.accelerator, CUDAAccelerator):
+        return False
+    if not str(trainer.precision).startswith("32"):
+        return False
+    torch.set_float32_matmul_precision(setting)
+    return True
+
+
+def check_compile_strategy(compile: Any, zero_stage: int | None) -> None:
+    """torch.compile under ZeRO-3 is refused before any work.
+
+    Dynamo traces the towers while ZeRO-3 holds each weight as an empty partition, gathered only
+    inside its module's forward hooks, and the traced attention fails on them ("b must be 2D").
+    """
+    if compile and zero_stage == 3:
+        raise ValueError(
+            f"compile={compile!r} does not work with DeepSpeed ZeRO-3 (trainer.strategy.config."
+            "zero_optimization.stage=3, as in trainer=deepspeed_zero3 and deepspeed_zero3_offload): "
+            "torch.compile traces the towers over ZeRO-3's partitioned weights. Set compile=false "
+            "with ZeRO-3, or compile under trainer=deepspeed_zero2, ddp, multinode or gpu"
+        )
+
+
+def zero_stage(trainer_cfg: Mapping[str, Any]) -> int | None:
+    """The ZeRO stage a trainer config asks DeepSpeed for; None when it is not DeepSpeed."""
+    strategy = trainer_cfg.get("strategy")
+    # Lightning's registered names: deepspeed_stage_3, deepspeed_stage_3_offload, ...
+    if isinstance(strategy, str):
+        return 3 if strategy.startswith("deepspeed_stage_3") else None
+    if not isinstance(strategy, Mapping) or "DeepSpeed" not in str(strategy.get("_target_", "")):
+        return None
+    stage = (strategy.get("config") or {}).get("zero_optimization", {}).get("stage")
+    return strategy.get("stage", 2) if stage is None else stage
 
 
 def _is_deepspeed(strategy: Any) -> bool:
@@ -61,8 +120,9 @@ class FlipLitModule(L.LightningModule):
 
     `grad_checkpointing` recomputes each tower's transformer blocks in backward (open_clip's
     switch, both towers); `compile` runs the towers through `torch.compile` (True, or a dict
-    of its arguments); a non-finite loss skips its step, and `max_nonfinite_steps` of them in a
-    row stop the run.
+    of its arguments); `float32_matmul_precision` is torch's, set for 32-bit runs on CUDA
+    (see `use_tf32_where_chosen`); a non-finite loss skips its step on every rank, and
+    `max_nonfinite_steps` of them in a row stop the run.
     """
 
     def __init__(
@@ -74,6 +134,7 @@ class FlipLitModule(L.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool | Mapping[str, Any] = False,
         max_nonfinite_steps: int = 5,
+        float32_matmul_precision: str | None = "high",
     ) -> None:
         super().__init__()
         model, loss, optim = plain(model), plain(loss), plain(optim)
@@ -83,6 +144,8 @@ class FlipLitModule(L.LightningModule):
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
         self.micro_batches = micro_batches
         self.compile_options = compile
+        check_matmul_precision(float32_matmul_precision)
+        self.float32_matmul_precision = float32_matmul_precision
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         # the checkpoint keeps the weight-free recipe (flip.load never fetches weights) and,
         # apart, where the initial weights came from
@@ -111,14 +174,17 @@ class FlipLitModule(L.LightningModule):
         self.criterion = build_loss(loss)
         self._rng_to_restore: dict[str, Any] | None = None
         self._zero3_scalars: list[str] = []
+        self._skip_update = False  # set by a non-finite step, for its optimizer step
 
     def setup(self, stage: str) -> None:
         self.criterion = build_loss(
             self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size
         )
+        use_tf32_where_chosen(self.trainer, self.float32_matmul_precision)
         strategy = self.trainer.strategy
         if _is_deepspeed(strategy) and strategy.zero_stage_3 and not self._zero3_scalars:
             self._zero3_scalars = self.model.prepare_for_zero3(owner=self)
+        check_compile_strategy(self.compile_options, 3 if getattr(strategy, "zero_stage_3", False) else None)
         if self.compile_options and not getattr(self, "_compiled", False):
             options = self.compile_options if isinstance(self.compile_options, Mapping) else {}
             self.model.compile(**options)  # in place: parameter names (and checkpoints) stay the same
@@ -155,29 +221,39 @@ class FlipLitModule(L.LightningModule):
                 batch_size=batch_size, sync_dist=not on_step,
             )  # fmt: skip
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
         features = self(images, text)
         losses = self.criterion(features)
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
-        if not self.nonfinite.check(losses, self.global_step, strategy):
+        finite = self.nonfinite.check(losses, self.global_step, strategy)  # the same answer on every rank
+        # every step logs its own values: Lightning would otherwise log a skipped step with the
+        # last finite loss again (it keeps the last value of each on-step metric)
+        self._log_losses(losses, "train", images.shape[0])
+        self.log("train/logit_scale", features.logit_scale.detach(), on_step=True, batch_size=len(images))
+        if self.nonfinite.skipped:  # from the first skip on, every step logs the count so far
             self.log(
                 "train/skipped_steps", float(self.nonfinite.skipped), on_step=True, batch_size=len(images)
             )
-            return self._skip_step()
-        self._log_losses(losses, "train", images.shape[0])
-        self.log("train/logit_scale", features.logit_scale.detach(), on_step=True, batch_size=len(images))
-        return losses["loss"]
+        if finite:
+            return losses["loss"]
+        self._skip_update = True
+        return self._zero_loss(features)
 
-    def _skip_step(self) -> torch.Tensor | None:
-        """No update from this batch. Lightning skips backward and step when the loss is None;
-        DeepSpeed cannot, so there the step runs with zero gradients at a zero learning rate
-        (the scheduler sets the rate again after the step)."""
-        if not _is_deepspeed(self.trainer.strategy):
-            return None
-        for group in self.trainer.strategy.optimizers[0].param_groups:
-            group["lr"] = 0.0
-        return self.model.logit_scale * 0.0
+    def _zero_loss(self, features: EncoderOutput) -> torch.Tensor:
+        """A loss of 0 whose gradient is exactly 0, for a step whose update is skipped.
+
+        Every rank takes it together (the guard's decision is all-reduced), so the collectives
+        of backward still line up: DDP expects a gradient for every trainable parameter, and
+        gets it from `p.sum() * 0`, which stays 0 whatever NaN the batch produced. Returning
+        None instead, as Lightning offers, is refused by Lightning on more than one process and
+        by DeepSpeed always. Under DeepSpeed the parameters outside a forward are ZeRO-3
+        partitions, so the zero comes from the temperature the forward used; DeepSpeed fills in
+        the gradients no parameter received.
+        """
+        if _is_deepspeed(self.trainer.strategy):
+            return features.logit_scale.sum() * 0.0
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
@@ -192,6 +268,25 @@ class FlipLitModule(L.LightningModule):
             if grads:
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                 self.log("optim/grad_norm", norm, on_step=True, batch_size=1)
+        if self._skip_update:
+            self._skip_update = False
+            self._skip_optimizer_step(optimizer)
+
+    def _skip_optimizer_step(self, optimizer) -> None:
+        """The optimizer step after a non-finite loss changes nothing (with gradient accumulation,
+        the whole accumulated step is skipped).
+
+        The torch optimizers pass over parameters without a gradient: no update, no change to
+        their moments. DeepSpeed steps its own copies whatever the gradients say, so there the
+        step runs with zero gradients at a zero learning rate: the weights stay, and the
+        scheduler sets the rate again after the step.
+        """
+        if _is_deepspeed(self.trainer.strategy):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
+            return
+        for param in self.parameters():
+            param.grad = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if _is_deepspeed(self.trainer.strategy):

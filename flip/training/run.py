@@ -26,7 +26,7 @@ from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.checkpoint_io import AtomicCheckpointIO
 from flip.training.deepspeed import model_for_evaluation
 from flip.training.launch import register_resolvers
-from flip.training.module import FlipLitModule, module_options
+from flip.training.module import FlipLitModule, check_compile_strategy, module_options, zero_stage
 from flip.training.sweeps import check_sweep_launch
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def validate(cfg: DictConfig) -> None:
     warmup = cfg.optim.warmup_steps
     if warmup < 0 or cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 and optim.warmup_steps={warmup} >= 0")
+    check_compile_strategy(cfg.get("compile"), zero_stage(cfg.trainer))
     _check_eval_data(cfg)
 
 
