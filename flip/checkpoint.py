@@ -53,7 +53,7 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 
 # bound at import: `flip.training.deepspeed.weights_only_loads` replaces `torch.load` for a while
 _torch_load = torch.serialization.load
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)|Unsupported operand \S+|Trying to \S+ .*")
+_REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+)|Trying to (?:call|instantiate|set|build) [^.\n]*")
 
 
 def read_checkpoint(
@@ -83,8 +83,12 @@ def read_checkpoint(
         with torch.serialization.safe_globals(list(allowed_globals)):
             return _torch_load(name, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        refused = _REFUSED_GLOBAL.search(str(err))
-        what = refused.group(1) or refused.group(0) if refused else "an object torch does not rebuild safely"
+        refused = _REFUSED.search(str(err))
+        if refused is None:  # not a pickle at all (torch's "Unsupported operand"): a corrupt file
+            raise CheckpointError(
+                f"{name!r} is not a readable checkpoint (not a torch file); give {expected}"
+            ) from None
+        what = refused.group(1) or refused.group(0)
         raise UnsafeCheckpointError(
             f"{name!r} was refused: it pickles {what}, not only tensors and plain containers, and FLIP "
             f"never runs code from a file; give {expected}"
