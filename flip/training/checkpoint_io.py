@@ -53,6 +53,12 @@ class ModelCheckpoint(_ModelCheckpoint):
     would all read those.
     """
 
+    def save_last_now(self, trainer) -> str:
+        """`last.ckpt` at the current step, now (a preempted run stops right after); its path."""
+        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self.last_model_path
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -27,6 +27,8 @@ from flip.training.checkpoint_io import AtomicCheckpointIO
 from flip.training.deepspeed import model_for_evaluation
 from flip.training.launch import register_resolvers
 from flip.training.module import FlipLitModule, module_options
+from flip.training.preemption import Preemption
+from flip.training.resume import AUTO, PerRankSeed, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,10 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(
             f"config lacks the groups {missing}; a training config needs {list(REQUIRED_GROUPS)}"
         )
-    if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):  # a DeepSpeed checkpoint is a folder
+    if cfg.ckpt_path not in (None, AUTO) and not os.path.exists(cfg.ckpt_path):  # DeepSpeed's is a folder
         raise FileNotFoundError(
-            f"ckpt_path={cfg.ckpt_path!r} does not exist; give a .ckpt written by train.py"
+            f"ckpt_path={cfg.ckpt_path!r} does not exist; give a .ckpt written by train.py, or "
+            "ckpt_path=auto to resume from the run folder's newest checkpoint (none: start afresh)"
         )
     warmup = cfg.optim.warmup_steps
     if warmup < 0 or cfg.optim.lr <= 0:
@@ -149,11 +152,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: ShardDataModule = instantiate(cfg.data)
     datamodule.use_model(module.model)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()] + _eval_callbacks(cfg)
+    callbacks += [PerRankSeed(cfg.seed), Preemption()]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results: dict[str, Any] = {"train": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     if cfg.get("evaluate") and trainer.is_global_zero:
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
