@@ -15,11 +15,13 @@ expected, and never suggest turning the check off.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,26 @@ def read_checkpoint(
         ) from None
 
 
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def weights_loaded_after() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... Model initialized randomly" meanwhile.
+
+    open_clip logs it (on the root logger) for every model built without weights; where a
+    checkpoint's weights replace the random ones right after, the line is false and alarming.
+    """
+    notice = _DropRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> FlipModel:
     """Rebuild the model and load its weights (eval mode), from any of the three saved forms."""
     path = Path(path)
@@ -137,11 +159,12 @@ def _load_lightning_checkpoint(path: Path) -> FlipModel:
             f"{str(path)!r} is not a FLIP training checkpoint: it lacks hyper_parameters {err}; "
             f"give {ACCEPTED}"
         ) from None
-    model = build_model(
-        **{**model_cfg, "pretrained": None},  # the checkpoint holds the weights: never fetch them again
-        init_logit_scale=loss_cfg.get("init_logit_scale"),
-        init_logit_bias=loss_cfg.get("init_logit_bias"),
-    )
+    with weights_loaded_after():
+        model = build_model(
+            **{**model_cfg, "pretrained": None},  # the checkpoint holds the weights: never fetch them again
+            init_logit_scale=loss_cfg.get("init_logit_scale"),
+            init_logit_bias=loss_cfg.get("init_logit_bias"),
+        )
     state = {
         key[len(MODEL_PREFIX) :]: value
         for key, value in checkpoint["state_dict"].items()
@@ -166,7 +189,8 @@ def _load_safetensors_folder(folder: Path) -> FlipModel:
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    model = build_model(**{**config["model"], "pretrained": None})
+    with weights_loaded_after():
+        model = build_model(**{**config["model"], "pretrained": None})
     model.load_state_dict(load_file(str(weights)))
     return model
 

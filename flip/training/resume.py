@@ -167,3 +167,28 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
     newest = max(candidates, key=_saved_at)
     log.info("ckpt_path=auto: resuming from %s, the newest of %s", newest, [str(c) for c in candidates])
     return str(newest)
+
+
+def warn_if_optim_changed(saved: Any, current: Any) -> list[str]:
+    """Say which optimizer settings differ from the checkpoint's; the checkpoint's stay in force.
+
+    Resuming restores the optimizer and the learning-rate schedule as they were (what makes a
+    resumed run equal an uninterrupted one), so a new `optim.lr` on the command line would not
+    apply, silently. Decided: keep the checkpoint's and say so, naming both values.
+    """
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return []
+    changed = [
+        f"optim.{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if changed:
+        log.warning(
+            "resuming with optimizer settings that differ from the checkpoint's (%s): the run continues "
+            "with the checkpoint's optimizer state and learning-rate schedule, so the new values do not "
+            "apply. To train on with them, start a new run initialised from these weights "
+            "(model.image_init/text_init={checkpoint: ...}) instead of resuming",
+            "; ".join(changed),
+        )
+    return changed
