@@ -4,6 +4,7 @@ Every test feeds a real payload: a pickle whose `__reduce__` touches a marker fi
 unpickled, and asserts the marker never appears. The paths: `flip.load` on a `.ckpt`, on a
 safetensors export folder and on an open_clip folder (with pickles beside the weights, or as
 the weights), `train.py ckpt_path=` (Lightning), `model.pretrained=`, `model.image_init.checkpoint=`,
+a Hugging Face text tower's local folder (`text_cfg.hf_model_pretrained`),
 `eval/*.py ckpt=`, `flip-query --ckpt` and `--pretrained`, `flip-export --ckpt`, the feature
 cache, and the DeepSpeed paths: resume from a ZeRO folder (DeepSpeed's engine reads the shards)
 and `flip-zero-to-fp32`.
@@ -118,6 +119,16 @@ def test_a_tower_init_checkpoint_refuses_a_payload(tmp_path, marker):
     model = build_model("flip-test-tiny", TINY_ARCH)
     with pytest.raises(pickle.UnpicklingError):
         load_tower(model, "image", {"checkpoint": str(evil)})
+    assert not marker.exists()
+
+
+def test_a_hugging_face_text_tower_folder_never_runs_a_pickled_weights_file(tmp_path, marker):
+    from .test_hf_text import bert_arch, write_tiny_bert
+
+    folder = write_tiny_bert(tmp_path / "bert", with_weights=False)
+    evil_file(folder / "pytorch_model.bin", marker)
+    with pytest.raises(Exception):  # noqa: B017 (transformers' error; the marker is what matters)
+        build_model("flip-test-bert-payload", bert_arch(folder, pretrained=True))
     assert not marker.exists()
 
 

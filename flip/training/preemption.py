@@ -99,6 +99,12 @@ class Preemption(L.Callback):
         if agreed:
             self._stop(trainer, agreed)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a signal after the last step: save and stop here rather than start the evaluation
+        agreed = self._agree(trainer)
+        if agreed:
+            self._stop(trainer, agreed)
+
     def _agree(self, trainer: L.Trainer) -> list[int]:
         """The signals any rank received, the same list on every rank."""
         candidates = self.signals(trainer)
