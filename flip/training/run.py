@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 REQUIRED_GROUPS = ("model", "loss", "optim", "data", "trainer", "paths")
 
 _INT, _NUMBER = (int,), (int, float)
+_ABSENT = object()
 # Numeric settings, checked before anything is built: Hydra reads `trainer.max_steps=abc` as a
 # string, and Lightning or the loader would fail much later with a TypeError that names no key.
 NUMERIC_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {  # key: (accepted types, null allowed)
@@ -73,9 +74,6 @@ def check_numbers(cfg: DictConfig) -> None:
             )
     if wrong:
         raise ValueError("config values of the wrong type: " + "; ".join(wrong))
-
-
-_ABSENT = object()
 
 
 def validate(cfg: DictConfig) -> None:
