@@ -185,7 +185,11 @@ def _single_console_log() -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured model; returns the last logged metrics and, if run, the evaluation."""
+    """Fit the configured model; returns the last logged metrics and, if run, the evaluation.
+
+    A run stopped by SIGTERM or Slurm's requeue signal raises `flip.training.preemption.Preempted`
+    (a SystemExit with code 128 + the signal) after saving `last.ckpt`, on every rank.
+    """
     register_resolvers()
     validate(cfg)
     _single_console_log()
