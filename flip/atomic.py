@@ -3,6 +3,10 @@
 Renaming within a folder is atomic on POSIX, so a reader (a resuming run, `flip-data`'s
 resume, evaluation) finds the old file or the new one, never half of one. The standard
 library only, so light entry points (`flip-data`) can use it without importing torch.
+
+`tempfile.mkstemp` creates its file 0600 whatever the umask; the renamed file gets the mode a
+plain `open(path, "w")` would have given it instead (the old file's mode, or 0666 less the
+umask), so shards and checkpoints on a shared cluster folder are as readable as anything else.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, _mode_of_a_plain_open(path))
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -36,6 +41,28 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_of_a_plain_open(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777  # open() keeps the mode of a file it truncates
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only set it,
+    and setting it for a moment would leave other threads' files 0666 meanwhile)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(path: str | os.PathLike, before: float) -> None:

@@ -8,13 +8,20 @@
   pickle, no optimizer state, memory-mapped on load;
 - an open_clip folder (`flip-export --format open_clip`, or any folder open_clip loads as
   `local-dir:`): rebuilt by open_clip itself.
-Nothing executes code from a file: checkpoints are unpickled with `weights_only=True`.
+Nothing executes code from a file: checkpoints are unpickled with `weights_only=True`, through
+`read_checkpoint`, which every FLIP loading path uses; its errors name the file and what was
+expected, and never suggest turning the check off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pickle
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,84 @@ ACCEPTED = (
     "a Lightning checkpoint written by train.py (.ckpt), a safetensors export folder "
     f"({WEIGHTS_NAME} + {CONFIG_NAME}), or an open_clip folder ({OPEN_CLIP_CONFIG_NAME} + weights)"
 )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: empty, truncated, a folder, or not a checkpoint at all."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint that pickles more than tensors and plain containers: refused, nothing of it runs."""
+
+
+# bound at import: `flip.training.deepspeed.weights_only_loads` replaces `torch.load` for a while
+_torch_load = torch.serialization.load
+_REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+)|Trying to (?:call|instantiate|set|build) [^.\n]*")
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    expected: str = ACCEPTED,
+    map_location: Any = "cpu",
+    allowed_globals: Iterable[Any] = (),
+    mmap: bool | None = None,
+) -> Any:
+    """`torch.load(path, weights_only=True)`, with errors a user can act on.
+
+    torch's own errors do not name the file (an empty file is a bare `EOFError`), and when the
+    unpickler refuses an object its message suggests `weights_only=False`, i.e. running the file's
+    code. `allowed_globals` adds plain classes to torch's list of types that may be rebuilt, for
+    this load only (DeepSpeed's loss scaler, say); nothing else is ever unpickled.
+    """
+    name = str(path)
+    if os.path.isdir(name):
+        raise CheckpointError(f"{name!r} is a folder, not a checkpoint file; give {expected}")
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"no checkpoint at {name!r}; give {expected}")
+    if os.path.getsize(name) == 0:
+        raise CheckpointError(
+            f"{name!r} is empty (0 bytes: a save or copy that never finished); give {expected}"
+        )
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return _torch_load(name, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        refused = _REFUSED.search(str(err))
+        if refused is None:  # not a pickle at all (torch's "Unsupported operand"): a corrupt file
+            raise CheckpointError(
+                f"{name!r} is not a readable checkpoint (not a torch file); give {expected}"
+            ) from None
+        what = refused.group(1) or refused.group(0)
+        raise UnsafeCheckpointError(
+            f"{name!r} was refused: it pickles {what}, not only tensors and plain containers, and FLIP "
+            f"never runs code from a file; give {expected}"
+        ) from None
+    except (EOFError, RuntimeError, KeyError, ValueError, UnicodeDecodeError, OSError) as err:
+        detail = str(err).split(". ")[0].strip() or type(err).__name__
+        raise CheckpointError(
+            f"{name!r} is not a readable checkpoint (truncated, corrupt or another format: {detail}); "
+            f"give {expected}"
+        ) from None
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def weights_loaded_after() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... Model initialized randomly" meanwhile.
+
+    open_clip logs it (on the root logger) for every model built without weights; where a
+    checkpoint's weights replace the random ones right after, the line is false and alarming.
+    """
+    notice = _DropRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> FlipModel:
@@ -65,7 +150,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> FlipMod
 
 
 def _load_lightning_checkpoint(path: Path) -> FlipModel:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     try:
         hparams = checkpoint["hyper_parameters"]
         model_cfg, loss_cfg = hparams["model"], hparams["loss"]
@@ -74,11 +159,12 @@ def _load_lightning_checkpoint(path: Path) -> FlipModel:
             f"{str(path)!r} is not a FLIP training checkpoint: it lacks hyper_parameters {err}; "
             f"give {ACCEPTED}"
         ) from None
-    model = build_model(
-        **{**model_cfg, "pretrained": None},  # the checkpoint holds the weights: never fetch them again
-        init_logit_scale=loss_cfg.get("init_logit_scale"),
-        init_logit_bias=loss_cfg.get("init_logit_bias"),
-    )
+    with weights_loaded_after():
+        model = build_model(
+            **{**model_cfg, "pretrained": None},  # the checkpoint holds the weights: never fetch them again
+            init_logit_scale=loss_cfg.get("init_logit_scale"),
+            init_logit_bias=loss_cfg.get("init_logit_bias"),
+        )
     state = {
         key[len(MODEL_PREFIX) :]: value
         for key, value in checkpoint["state_dict"].items()
@@ -103,7 +189,8 @@ def _load_safetensors_folder(folder: Path) -> FlipModel:
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    model = build_model(**{**config["model"], "pretrained": None})
+    with weights_loaded_after():
+        model = build_model(**{**config["model"], "pretrained": None})
     model.load_state_dict(load_file(str(weights)))
     return model
 

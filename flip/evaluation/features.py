@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +165,7 @@ class FeatureCache:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
             return data["features"], data["index"].tolist()
-        except (OSError, RuntimeError, KeyError, EOFError) as exc:
+        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
             log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
             return None
 

@@ -17,8 +17,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flip.atomic import atomic_file, remove_stale_temporaries
+from flip.checkpoint import read_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "atomic_torch_save"]
+
+RESUMABLE = "a checkpoint written by train.py (<run>/checkpoints/last.ckpt, or a DeepSpeed last.ckpt folder)"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -37,7 +40,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = True):
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        """The caller cannot opt out of `weights_only`; errors name the file (see `read_checkpoint`)."""
+        return read_checkpoint(path, RESUMABLE, map_location or (lambda storage, loc: storage))
 
 
 class ModelCheckpoint(_ModelCheckpoint):
@@ -48,6 +52,12 @@ class ModelCheckpoint(_ModelCheckpoint):
     weights of step 1,200 in `last.ckpt`, and evaluation, `flip.load` and a ZeRO conversion
     would all read those.
     """
+
+    def save_last_now(self, trainer) -> str:
+        """`last.ckpt` at the current step, now (a preempted run stops right after); its path."""
+        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self.last_model_path
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:

@@ -15,6 +15,12 @@ A ZeRO checkpoint is a folder of per-rank shards (`last.ckpt/<tag>/*.pt` + `late
 the hyperparameters that `flip.load` needs to rebuild the towers, and nothing that would need
 `weights_only=False` to read back.
 
+DeepSpeed reads its shards with `torch.load(weights_only=False)`, in its engine and in its
+`zero_to_fp32`: a crafted shard would run code. Every load of a ZeRO checkpoint, resume and
+conversion alike, happens inside `weights_only_loads`, which makes each `torch.load` of that
+call a `weights_only=True` one that allows, beyond tensors and containers, only the few plain
+classes DeepSpeed pickles (`DEEPSPEED_PICKLED_CLASSES`).
+
     flip-zero-to-fp32 logs/train/runs/<date>/checkpoints/last.ckpt model.ckpt
 """
 
@@ -34,6 +40,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 
 from flip.atomic import atomic_write_text
+from flip.checkpoint import read_checkpoint
 from flip.training.checkpoint_io import atomic_torch_save
 
 # what a consolidated file keeps of Lightning's client state: enough to rebuild and to know its age
@@ -41,6 +48,16 @@ KEPT_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "hyper_paramet
 FORWARD_PREFIX = "_forward_module."
 MODULE_PREFIX = "model."  # FlipLitModule.model
 ZERO3_SCALARS_KEY = "flip_zero3_scalar_parameters"  # written by FlipLitModule.on_save_checkpoint
+ZERO_EXPECTED = "a DeepSpeed ZeRO shard written by a trainer=deepspeed_zero2/deepspeed_zero3 run"
+# Besides tensors and containers, DeepSpeed 0.19 pickles these into its optimizer shards (found
+# by reading the pickles of real ZeRO-2 and ZeRO-3 checkpoints, fp32 and bf16). Each is a plain
+# record: rebuilding one sets numbers, it runs nothing. Any other class in a shard is refused.
+DEEPSPEED_PICKLED_CLASSES = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
 
 
 class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
@@ -118,9 +135,14 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning checks for its fixed tag folder `checkpoint`; saves here use one tag per save
-        and the `latest` file, which DeepSpeed's own loading follows."""
+        and the `latest` file, which DeepSpeed's own loading follows. Every file is read with
+        `weights_only=True`, whichever of DeepSpeed's or Lightning's loaders reads it."""
+        with weights_only_loads():
+            return self._load_checkpoint(checkpoint_path, weights_only)
+
+    def _load_checkpoint(self, checkpoint_path, weights_only: bool | None) -> dict[str, Any]:
         if (self.load_full_weights and self.zero_stage_3) or not is_zero_checkpoint(checkpoint_path):
-            return super().load_checkpoint(checkpoint_path, weights_only)
+            return super().load_checkpoint(checkpoint_path, True)
         from lightning.pytorch.trainer.states import TrainerFn
 
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
@@ -186,6 +208,37 @@ def _scalar_parameters_broadcast_apart(model: torch.nn.Module) -> Iterator[None]
             del p.ds_optim_param
 
 
+def deepspeed_pickled_classes() -> list[type]:
+    import importlib
+
+    return [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_PICKLED_CLASSES]
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every `torch.load` reads with `weights_only=True`, DeepSpeed's own calls included.
+
+    DeepSpeed passes `weights_only=False` explicitly (its checkpoint engine, `zero_to_fp32`,
+    the ZeRO optimizers), so neither torch's default nor an argument of ours reaches those
+    calls; `torch.load` itself is replaced for the duration of the call instead. Loads of a
+    path also get `read_checkpoint`'s errors naming the file.
+    """
+    allowed = deepspeed_pickled_classes()
+    original = torch.load
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and not kwargs:
+            return read_checkpoint(f, ZERO_EXPECTED, map_location, allowed, mmap=mmap)
+        with torch.serialization.safe_globals(allowed):
+            return original(f, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
+
+    torch.load = torch.serialization.load = load
+    try:
+        yield
+    finally:
+        torch.load = torch.serialization.load = original
+
+
 def is_zero_checkpoint(path: str | os.PathLike) -> bool:
     """A DeepSpeed checkpoint is a folder with a `latest` tag file; Lightning's is one file."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest"))
@@ -194,8 +247,8 @@ def is_zero_checkpoint(path: str | os.PathLike) -> bool:
 def consolidate(checkpoint_dir: str | os.PathLike, output_file: str | os.PathLike) -> dict[str, Any]:
     """Gather a ZeRO-2/3 checkpoint folder into one fp32 checkpoint that `flip.load` reads.
 
-    The shards are DeepSpeed's own pickles (read with `weights_only=False`: only convert
-    checkpoints you wrote); the output holds tensors and plain containers only.
+    The shards are read with `weights_only=True` (see `weights_only_loads`); the output holds
+    tensors and plain containers only.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_files
     from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
@@ -205,10 +258,11 @@ def consolidate(checkpoint_dir: str | os.PathLike, output_file: str | os.PathLik
             f"{str(checkpoint_dir)!r} is not a DeepSpeed checkpoint folder (one with a 'latest' file); "
             "give the last.ckpt folder written by a trainer=deepspeed_zero2/deepspeed_zero3 run"
         )
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
-    # rank 0's model-state file holds Lightning's client state (ZeRO-2 and ZeRO-3 name it differently)
-    model_file = get_model_state_files(ds_checkpoint_dir(str(checkpoint_dir)))[0]
-    client_state = torch.load(model_file, map_location="cpu", weights_only=False)
+    with weights_only_loads():
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+        # rank 0's model-state file holds Lightning's client state (ZeRO-2 and ZeRO-3 name it differently)
+        model_file = get_model_state_files(ds_checkpoint_dir(str(checkpoint_dir)))[0]
+        client_state = read_checkpoint(model_file, ZERO_EXPECTED)
     checkpoint = {key: client_state[key] for key in KEPT_KEYS if key in client_state}
     state_dict = {key.removeprefix(FORWARD_PREFIX): value.float() for key, value in state_dict.items()}
     # ZeRO-3 trained 0-dim parameters as 1-element ones (FlipModel.prepare_for_zero3): undo that

@@ -22,7 +22,7 @@ from flip.models.flip_model import MAX_LOGIT_SCALE
 from flip.models.pretrained import INIT_KEYS, load_tower, lock_towers, weightless
 from flip.training.nonfinite import NonFiniteGuard
 from flip.training.optim import build_optimizer, warmup_cosine
-from flip.training.resume import capture_rng_state, restore_rng_state
+from flip.training.resume import gather_rng_states, own_rng_state, restore_rng_state, warn_if_optim_changed
 
 RNG_KEY = "flip_rng_state"
 ZERO3_SCALARS_KEY = "flip_zero3_scalar_parameters"
@@ -300,7 +300,7 @@ class FlipLitModule(L.LightningModule):
             datamodule.set_epoch(self.current_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RNG_KEY] = capture_rng_state()
+        checkpoint[RNG_KEY] = gather_rng_states(self.trainer.world_size)  # every rank's, by rank
         if self._zero3_scalars:
             checkpoint[ZERO3_SCALARS_KEY] = list(self._zero3_scalars)
 
@@ -308,11 +308,14 @@ class FlipLitModule(L.LightningModule):
         # applied when training starts: restoring happens before the loaders are built, and
         # building them draws from the global generator
         self._rng_to_restore = checkpoint.get(RNG_KEY)
+        if self.global_rank == 0:
+            warn_if_optim_changed(checkpoint.get("hyper_parameters", {}).get("optim"), self.hparams.optim)
 
     def on_train_start(self) -> None:
-        if self._rng_to_restore is not None:
-            restore_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
+        own = own_rng_state(self._rng_to_restore, self.global_rank, self.trainer.world_size)
+        if own is not None:
+            restore_rng_state(own)
+        self._rng_to_restore = None
 
     def configure_optimizers(self):
         optim = self.hparams.optim
