@@ -74,7 +74,7 @@ def test_pooled_text_feature_is_the_projected_cls_token_or_the_masked_mean(bert_
         out = model(torch.randn(2, 3, 32, 32), text, return_tokens=True)
     torch.testing.assert_close(out.text_features, F.normalize(reference, dim=-1), atol=1e-5, rtol=0)
     assert out.text_tokens.shape == (2, 16, TINY_ARCH["embed_dim"])
-    assert out.text_token_mask.tolist() == mask.tolist()
+    assert out.text_token_mask.tolist() == mask.tolist()  # [CLS] included: it reads the whole caption
 
 
 def test_weights_come_from_the_local_folder_when_pretrained_and_never_in_the_recipe(tmp_path, bert_dir):

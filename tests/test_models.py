@@ -33,10 +33,12 @@ def test_token_features_pool_to_the_same_embeddings_as_open_clip(tiny_model):
     assert out.image_tokens.shape == (2, num_patches, 32)
     assert out.text_tokens.shape == (2, 24, 32)
     torch.testing.assert_close(out.image_tokens.norm(dim=-1), torch.ones(2, num_patches))
-    # the mask marks start-of-text, the words and end-of-text, never the padding
+    # the mask marks the words and end-of-text, never the padding nor the causal tower's start
+    # token, whose feature is the same for every caption
     lengths = out.text_token_mask.sum(dim=1)
-    assert lengths.tolist() == [(row != 0).sum().item() for row in text]
-    assert lengths[0] > lengths[1] >= 3
+    assert lengths.tolist() == [(row != 0).sum().item() - 1 for row in text]
+    assert not out.text_token_mask[:, 0].any()
+    assert lengths[0] > lengths[1] >= 2
     # the pooled text feature is the projected end-of-text token
     eot = text.argmax(dim=-1)
     torch.testing.assert_close(out.text_tokens[torch.arange(2), eot], out.text_features, atol=1e-6, rtol=0)
@@ -64,3 +66,19 @@ def test_builtin_architecture_builds_offline_with_random_weights():
     model = build_model("RN50")  # no pretrained tag: nothing is downloaded
     assert model.preprocess.transforms[0].size == 224
     assert sum(p.numel() for p in model.parameters()) > 10_000_000
+
+
+def test_filip_on_the_models_mask_equals_filip_dropping_the_start_token_of_the_padding_mask(tiny_model):
+    """Moving the start-token rule from the loss config into the model changed no loss value."""
+    from flip.losses import FilipLoss
+
+    torch.manual_seed(3)
+    images = torch.randn(4, 3, 32, 32)
+    text = tiny_model.tokenize(["a red square", "a face", "a person with a hat", "blue"])
+    with torch.no_grad():
+        out = tiny_model(images, text, return_tokens=True)
+    old_style = FilipLoss(exclude_sot=True)(
+        out.image_tokens, out.text_tokens, out.logit_scale, text_token_mask=text != 0
+    )
+    now = FilipLoss().loss_from_outputs(out)
+    assert torch.equal(old_style, now)

@@ -262,13 +262,12 @@ def keep_top_tokens(
 class FilipLoss(nn.Module):
     """InfoNCE over FILIP late-interaction similarities, averaged over both directions.
 
-    Text tokens: the model marks start, words and end-of-text valid. With `exclude_sot`
-    (default) position 0 is dropped too: FLIP takes token features only from open_clip's
-    causal text transformer, where the start token attends to nothing but itself, so its
-    feature is the same vector for every caption; it would add a caption-independent term to
-    s_T and could win s_I's maxes without saying anything about the caption. Words and
-    end-of-text (which has read the whole caption) are kept. Set `exclude_sot=False` for a
-    bidirectional text tower whose first token (e.g. BERT's [CLS]) sees the caption.
+    Text tokens: the model's `text_token_mask` marks the tokens that can carry caption
+    information (`FlipModel.informative_text_tokens`): it already leaves out padding and the
+    start token of open_clip's causal text transformer, whose feature is the same vector for
+    every caption and would add a caption-independent term to s_T, and it keeps a
+    bidirectional tower's [CLS], which reads the whole caption. `exclude_sot=True` also drops
+    position 0 of a mask that came from elsewhere (features not made by FlipModel).
 
     `topk_fraction` keeps, before the cross-rank gather, the ceil(fraction * n_valid) tokens of
     each sample whose best similarity with its own pair's tokens is highest (FILIP keeps ~25%
@@ -291,7 +290,7 @@ class FilipLoss(nn.Module):
         world_size: int = 1,
         topk_fraction: float | None = None,
         chunk_size: int | str = AUTO,
-        exclude_sot: bool = True,
+        exclude_sot: bool = False,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)

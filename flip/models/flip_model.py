@@ -109,7 +109,7 @@ class FlipModel(nn.Module):
             extra = {
                 "image_tokens": F.normalize(image_tokens, dim=-1),
                 "text_tokens": F.normalize(text_tokens, dim=-1),
-                "text_token_mask": text != self.pad_token_id,
+                "text_token_mask": self.informative_text_tokens(text),
             }
         else:
             image_features, text_features = self.encode_image(images), self.encode_text(text)
@@ -121,6 +121,20 @@ class FlipModel(nn.Module):
             logit_bias=self.logit_bias,
             **extra,
         )
+
+    def informative_text_tokens(self, text: torch.Tensor) -> torch.Tensor:
+        """True for the text tokens whose features can say something about the caption.
+
+        Padding never does. In open_clip's causal text transformer the start token attends to
+        nothing but itself, so its feature is the same vector for every caption: a token loss
+        (FILIP) would score a caption-independent match. A bidirectional tower's first token
+        (BERT's [CLS]) reads the whole caption and stays. The tower decides this, not the loss
+        config, so a loss cannot drop [CLS] by mistake or keep a constant start token.
+        """
+        mask = text != self.pad_token_id
+        if isinstance(self.clip, CLIP) and self.clip.attn_mask is not None:
+            mask[:, 0] = False
+        return mask
 
     def _image_with_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.clip.visual

@@ -18,8 +18,9 @@ class EncoderOutput:
     `image_features` / `text_features` are pooled, projected and L2-normalised, shape [B, D].
     `logit_scale` is already exponentiated (the temperature's inverse), as open_clip returns it.
     Token fields are filled only when a loss asks for them (`requires_tokens`): projected,
-    L2-normalised token features [B, N, D]; `text_token_mask` [B, Nt] is True for real tokens
-    (start, words and end-of-text) and False for padding. `image_token_mask` is None when every
+    L2-normalised token features [B, N, D]; `text_token_mask` [B, Nt] is True for the tokens
+    that can carry caption information (words and end-of-text; a bidirectional tower's [CLS])
+    and False for padding and a causal tower's constant start token. `image_token_mask` is None when every
     image token is real.
     """
 
