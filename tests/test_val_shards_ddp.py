@@ -52,7 +52,6 @@ def _worker(rank: int, world: int, port: int, cases: dict[str, tuple[list[str], 
 
 CASES = {
     "3-shards": ([4, 4, 1], 0),
-    "3-shards-2-workers": ([4, 4, 1], 2),
     "1-shard": ([5], 0),
     "1-shard-2-workers": ([10], 2),
 }
