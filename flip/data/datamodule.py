@@ -17,13 +17,16 @@ from webdataset.shardlists import expand_urls
 
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
 from flip.data.prepare.report import REPORT_NAME
+from flip.data.prepare.writer import MARKER
 from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS
 from flip.models.flip_model import FlipModel
 
 
 def _is_flip_data_output(folder: str) -> bool:
-    """flip-data writes a `NNNNN_stats.json` with the `digest` of its inputs beside each shard;
-    img2dataset's stats files have no such field."""
+    """flip-data marks its output folders (`.flip-data`) and writes a `NNNNN_stats.json` with the
+    `digest` of its inputs beside each shard; img2dataset's stats files have no such field."""
+    if os.path.exists(os.path.join(folder, MARKER)):
+        return True
     for path in sorted(glob.glob(os.path.join(folder, "*_stats.json")))[:3]:
         try:
             with open(path, encoding="utf-8") as f:

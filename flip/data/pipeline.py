@@ -337,7 +337,8 @@ def eval_pipeline(
     samples, so the same number of batches of the same sizes (see `EqualShare`); the samples
     are counted first, which reads the shards' headers once.
     """
-    skips = SkipCounter(urls, max_consecutive=None)
+    # across ranks, a rank whose share is all bad pads it (stopping alone would strand the others)
+    skips = SkipCounter(urls if world_size == 1 else (), max_consecutive=None)
     stages: list = [wds.SimpleShardList(list(urls))]
     if world_size > 1:
         total, failures = count_samples(urls)
