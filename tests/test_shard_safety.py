@@ -137,7 +137,8 @@ def _eval_keys(url, tiny_model, keep_metadata, **share):
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_eval_pipeline_decodes_no_payload(evil, tiny_model, keep_metadata, world_size):
     url, markers = evil
-    got = _eval_keys(url, tiny_model, keep_metadata, rank=0, world_size=world_size)
+    share = {"rank": 0, "world_size": world_size} if world_size > 1 else {}
+    got = _eval_keys(url, tiny_model, keep_metadata, **share)
     if world_size == 1:
         expected = [f"{i:06d}" for i in range(8)]
         assert got == expected if keep_metadata else sum(got) == 8
