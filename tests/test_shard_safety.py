@@ -286,6 +286,26 @@ def test_repeated_skips_are_summarised_not_logged_one_by_one(tmp_path, tiny_mode
     assert any(m.startswith("skipped ") and "non_utf8_caption" in m for m in messages[5:])
 
 
+def test_skip_counter_stops_after_max_consecutive_skips_and_a_usable_sample_resets_the_count():
+    from flip.data.pipeline import NoUsableSamples, SkipCounter
+
+    counter = SkipCounter(["a.tar", "b.tar"], max_consecutive=5)
+    for _ in range(4):
+        counter(ValueError("bad"), "k", "a.tar")
+    counter.usable("b.tar")
+    for _ in range(4):
+        counter(ValueError("bad"), "k", "a.tar")
+    stop = r"last 5 samples or shards in a row.*a\.tar, b\.tar.*ValueError 9"
+    with pytest.raises(NoUsableSamples, match=stop):
+        counter(ValueError("bad"), "k", "a.tar")
+    # a shard read through with nothing usable does not stop the stream while another shard works
+    counter = SkipCounter(["a.tar", "b.tar"], max_consecutive=None)
+    counter.usable("b.tar")
+    counter(ValueError("bad"), "k", "a.tar")
+    counter.shard_read("a.tar", 1)
+    counter.shard_read("b.tar", 1)
+
+
 # -- weak messages ---------------------------------------------------------------------------------
 
 
