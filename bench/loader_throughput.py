@@ -39,6 +39,7 @@ from webdataset.tariterators import tar_file_expander  # noqa: E402
 from flip.atomic import atomic_file  # noqa: E402
 from flip.data.faceshapes.generate import make_sample  # noqa: E402
 from flip.data.pipeline import EpochSeed, SampleTransform, make_loader, train_pipeline  # noqa: E402
+from flip.data.shard_reader import IMAGE_EXTS, TEXT_EXTS, split_member_name  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -73,6 +74,14 @@ def flip_loader(urls, preprocess, tokenizer, args):
     return make_loader(pipeline, args.workers, batches)
 
 
+def image_or_caption(name: str) -> bool:
+    """Whether a tar member is one open_clip's baseline needs: its pipeline decodes with webdataset's
+    default handlers, which unpickle `.pyd`/`.pickle` and `torch.load` `.pth` members, so no other
+    member may reach it (the shards are cached in a shared temp folder and reused)."""
+    parts = split_member_name(name)
+    return parts is not None and parts[1] in (*IMAGE_EXTS, *TEXT_EXTS)
+
+
 def open_clip_loader(urls, preprocess, tokenizer, args):
     from open_clip_train import data as oc_data
 
@@ -81,7 +90,9 @@ def open_clip_loader(urls, preprocess, tokenizer, args):
     oc_data._SAMPLE_SHUFFLE_INITIAL = min(args.shuffle_buffer, 4 * args.batch_size)
     # open_clip 3.3 + webdataset >= 0.2.96 crash on the {} end-of-shard marker (KeyError 'fname',
     # open_clip issue #935); the maintainers' fix is eof_value=None, applied here
-    oc_data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
+    oc_data.tar_file_expander = functools.partial(
+        tar_file_expander, eof_value=None, select_files=image_or_caption
+    )
     oc_args = SimpleNamespace(
         train_data="::".join(urls),
         train_num_samples=args.samples_per_round,

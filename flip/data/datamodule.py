@@ -7,6 +7,7 @@ so a data module is told about the model with `use_model` before the loaders are
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +16,51 @@ import lightning as L
 from webdataset.shardlists import expand_urls
 
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
+from flip.data.prepare.report import REPORT_NAME
+from flip.data.prepare.writer import MARKER
+from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS
 from flip.models.flip_model import FlipModel
+
+
+def _is_flip_data_output(folder: str) -> bool:
+    """flip-data marks its output folders (`.flip-data`) and writes a `NNNNN_stats.json` with the
+    `digest` of its inputs beside each shard; img2dataset's stats files have no such field."""
+    if os.path.exists(os.path.join(folder, MARKER)):
+        return True
+    for path in sorted(glob.glob(os.path.join(folder, "*_stats.json")))[:3]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                stats = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(stats, dict) and "digest" in stats:
+            return True
+    return False
+
+
+def check_finished_output(folder: str, what: str) -> None:
+    """Refuse a flip-data output folder whose run did not finish (no `report.json`).
+
+    flip-data writes `report.json` last; without it the folder holds only the shards finished
+    before the run was killed, and the rerun that completes it may still replace some of them.
+    """
+    if os.path.exists(os.path.join(folder, REPORT_NAME)) or not _is_flip_data_output(folder):
+        return
+    shards = len(glob.glob(os.path.join(folder, "*.tar")))
+    raise RuntimeError(
+        f"{what}: {folder!r} is the output of a flip-data run that did not finish (it has {shards} "
+        f"finished shard(s) but no {REPORT_NAME}, which flip-data writes last). Rerun the same flip-data "
+        f"command on this folder: it keeps the finished shards and writes the rest. To train on the "
+        f"finished shards as they are, list them instead of the folder, e.g. '{folder}/{{00000..00009}}.tar'."
+    )
 
 
 def resolve_shards(spec: str | Sequence[str] | None, what: str) -> list[str]:
     """Shard list from a brace pattern, a folder of `.tar` files (img2dataset output), or a list.
 
     Local paths are checked here so that a typo fails at start-up with the path in the message,
-    not as an empty stream deep inside a loader worker.
+    not as an empty stream deep inside a loader worker; so is a folder left by a killed
+    flip-data run (`check_finished_output`).
     """
     if spec is None:
         return []
@@ -33,6 +71,7 @@ def resolve_shards(spec: str | Sequence[str] | None, what: str) -> list[str]:
             found = sorted(glob.glob(os.path.join(item, "*.tar")))
             if not found:
                 raise FileNotFoundError(f"{what}: folder {item!r} holds no .tar shards")
+            check_finished_output(item, what)
             urls.extend(found)
         else:
             urls.extend(expand_urls(item))
@@ -62,6 +101,7 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int = 100_000,
         shuffle_buffer: int = 2000,
         seed: int = 0,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         super().__init__()
         if batch_size < 1 or samples_per_epoch < 1 or num_workers < 0 or shuffle_buffer < 1:
@@ -73,6 +113,7 @@ class ShardDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.max_consecutive_skips = max_consecutive_skips
         self.epoch_seed = EpochSeed()
         self.model: FlipModel | None = None
 
@@ -101,6 +142,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             epoch_seed=self.epoch_seed,
+            max_consecutive_skips=self.max_consecutive_skips,
         )
         return make_loader(pipeline, self.num_workers, num_batches, epoch_seed=self.epoch_seed)
 
@@ -108,9 +150,15 @@ class ShardDataModule(L.LightningDataModule):
         if self.val_shards is None:
             return []
         urls = resolve_shards(self.val_shards, "data.val_shards")
-        # every worker needs a shard of its own, or split_by_worker starves it
-        workers = min(self.num_workers, len(urls))
-        return make_loader(eval_pipeline(urls, self._transform(train=False), self.val_batch_size), workers)
+        trainer = self.trainer
+        rank, world_size = (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+        # on one process every worker needs a shard of its own, or split_by_worker starves it;
+        # across ranks every worker reads every shard and keeps its share of the samples
+        workers = self.num_workers if world_size > 1 else min(self.num_workers, len(urls))
+        pipeline = eval_pipeline(
+            urls, self._transform(train=False), self.val_batch_size, rank=rank, world_size=world_size
+        )
+        return make_loader(pipeline, workers)
 
 
 class FaceShapesDataModule(ShardDataModule):
@@ -128,6 +176,14 @@ class FaceShapesDataModule(ShardDataModule):
         generator_workers: int = 2,
         **loader_kwargs,
     ) -> None:
+        given = {k: v for k in ("train_shards", "val_shards") if (v := loader_kwargs.get(k)) is not None}
+        if given:
+            settings = " ".join(f"data.{k}={v}" for k, v in given.items())
+            raise ValueError(
+                f"{settings} is set while data is the generated FaceShapes dataset, which makes its own "
+                f"shards; to train on shards of your own, add data=shards: python train.py data=shards "
+                f"{settings} ..."
+            )
         super().__init__(**loader_kwargs)
         self.root = Path(root)
         self.generator_args = {

@@ -2,8 +2,12 @@
 
 Training streams resampled shards (with replacement), which keeps every rank and worker busy
 for any shard count and makes an "epoch" a number of samples rather than a pass over files.
-Evaluation reads each shard exactly once, split across ranks and workers, so that metrics
-see every sample once.
+Evaluation reads every sample once; across ranks in equal shares, so that ranks that
+all-gather in `validation_step` stay in step.
+
+Every pipeline reads shards through `ReadShards` and decodes through `DecodeSamples`, which use
+`flip.data.shard_reader` only: images, captions and `.json`, never webdataset's default
+decoders (which unpickle `.pyd`/`.pth`/... members).
 """
 
 from __future__ import annotations
@@ -12,75 +16,130 @@ import logging
 import math
 import multiprocessing as mp
 import random
-import tarfile
-from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
-from webdataset.autodecode import DecodingError
+from PIL import Image
 from webdataset.utils import pytorch_worker_info
+
+from flip.data.shard_reader import ShardError, decode_sample, iter_tar_samples
+from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS, NoUsableSamples, SkipCounter, skip_reason
+
+__all__ = [
+    "EpochSeed",
+    "NoUsableSamples",
+    "SampleTransform",
+    "SkipCounter",
+    "eval_pipeline",
+    "make_loader",
+    "skip_reason",
+    "train_pipeline",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = "jpg;jpeg;png;webp"
-TEXT_KEYS = "txt;text;caption"
 
+class ReadShards(wds.PipelineStage):
+    """Shard urls -> samples of raw bytes, holding only the members FLIP decodes (`shard_reader`).
 
-def skip_reason(exn: BaseException) -> str:
-    """A short reason for a skipped sample, in the words of `flip-data`'s report where they apply.
-
-    webdataset wraps decoder failures in a `DecodingError` with no message; the cause says why.
-    """
-    cause = exn.__cause__ if isinstance(exn, DecodingError) and exn.__cause__ is not None else exn
-    text = str(cause).lower()
-    if isinstance(cause, UnicodeDecodeError):  # before the tar test: its message can say "end of data"
-        return "non_utf8_caption"
-    if isinstance(cause, tarfile.ReadError | EOFError) or "unexpected end of data" in text:
-        return "truncated_tar"
-    if isinstance(cause, Image.DecompressionBombError):
-        return "decompression_bomb"
-    if isinstance(cause, UnidentifiedImageError):
-        return "corrupt_image"
-    if isinstance(cause, OSError) and "truncated" in text:
-        return "truncated_image"
-    if isinstance(cause, ValueError) and ("cannot find" in text or "didn't find" in text):
-        return "missing_field"  # e.g. an image without its .txt caption
-    return type(cause).__name__
-
-
-class SkipCounter:
-    """A webdataset handler that skips a bad sample or shard, counts it by reason and keeps going.
-
-    A corrupt JPEG or a truncated tar in a 10M-sample run must cost one sample, not the run.
-    Counts are per process (each loader worker has its own copy) and are logged as they happen,
-    with the reason, the running counts by reason, and the sample's key and shard when known.
+    Replaces webdataset's `tarfile_to_samples`, so no member beyond images, captions and `.json`
+    is even read, and a damaged shard is counted under its own reason (`not_a_tar`,
+    `truncated_tar`) by `skips`, which also learns of every complete read of a shard.
     """
 
-    def __init__(self) -> None:
-        self.skipped = 0
-        self.by_reason: Counter[str] = Counter()
+    def __init__(self, skips: SkipCounter) -> None:
+        self.skips = skips
 
-    def __call__(self, exn: BaseException) -> bool:
-        reason = skip_reason(exn)
-        self.skipped += 1
-        self.by_reason[reason] += 1
-        where = ""
-        if isinstance(exn, DecodingError):
-            where = f" {exn.key!r} in {exn.url}"
-            exn = exn.__cause__ or exn
-        log.warning(
-            "skipped a bad sample%s: %s (%s: %s); skipped so far: %s",
-            where,
-            reason,
-            type(exn).__name__,
-            str(exn)[:300],
-            ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason.items())),
-        )
-        return True
+    def run(self, src):
+        for source in src:
+            url = source["url"] if isinstance(source, dict) else str(source)
+            read = 0
+            try:
+                for key, fields in iter_tar_samples(url):
+                    read += 1
+                    yield {"__key__": key, "__url__": url, **fields}
+            except ShardError as exc:
+                self.skips(exc)
+            self.skips.shard_read(url, read)
+
+
+PAD = "__pad__"
+
+
+class DecodeSamples(wds.PipelineStage):
+    """Raw samples -> transformed ones, through `shard_reader.decode_sample` only.
+
+    This is the one decoding step of every pipeline: images by PIL, captions as UTF-8, `.json`
+    by `json.loads` (with `with_json`), nothing else. A sample that fails is counted by `skips`
+    and dropped, or, with `pad_failures`, replaced by a blank one (see `EqualShare`).
+    """
+
+    def __init__(
+        self, transform: Callable, skips: SkipCounter, with_json: bool = False, pad_failures: bool = False
+    ) -> None:
+        self.transform, self.skips = transform, skips
+        self.with_json, self.pad_failures = with_json, pad_failures
+        self._blank = None
+
+    def blank(self):
+        """A white image with an empty caption, through the same transform: shapes as a real sample's."""
+        if self._blank is None:
+            sample = {"__key__": "", "__url__": "", "image": Image.new("RGB", (8, 8), "white"), "text": ""}
+            self._blank = self.transform(sample)
+        return self._blank
+
+    def run(self, src):
+        for raw in src:
+            key, url = raw.get("__key__"), raw.get("__url__")
+            if raw.get(PAD):
+                yield self.blank()
+                continue
+            try:
+                sample = decode_sample(raw, with_json=self.with_json)
+                sample.update(__key__=key, __url__=url, __seed__=raw.get("__seed__"))
+                output = self.transform(sample)
+            except Exception as exc:
+                self.skips(exc, key, url)
+                if self.pad_failures:
+                    yield self.blank()
+                continue
+            self.skips.usable(url)
+            yield output
+
+
+class EqualShare(wds.PipelineStage):
+    """This rank's and worker's share of a validation set: exactly `per_rank` samples on every rank.
+
+    Under DDP or ZeRO, `validation_step` all-gathers features, so every rank must run the same
+    number of batches of the same sizes. Sample `i` of the whole set (in shard order) goes to
+    rank `i % world_size`; the `len % world_size` samples left over are not used, so each used
+    sample is seen exactly once. A rank whose share comes up short (a sample that fails to
+    decode there, a shard that ends early) is topped up with blank samples (`DecodeSamples`
+    pads failures too), which keeps the ranks in step. Each loader worker reads every shard
+    and keeps every `num_workers`-th sample of its rank's share.
+    """
+
+    def __init__(self, rank: int, world_size: int, per_rank: int) -> None:
+        self.rank, self.world_size, self.per_rank = rank, world_size, per_rank
+
+    def run(self, src):
+        _, _, worker, num_workers = pytorch_worker_info()
+        mine = range(worker, self.per_rank, num_workers)
+        given = 0
+        for index, sample in enumerate(src):
+            if index % self.world_size != self.rank:
+                continue
+            position = index // self.world_size
+            if position >= self.per_rank:
+                break
+            if position % num_workers == worker:
+                given += 1
+                yield sample
+        for _ in range(given, len(mine)):
+            yield {"__key__": PAD, PAD: True}
 
 
 class EpochSeed:
@@ -210,16 +269,6 @@ def seeded_augmentation(seed: int):
             random.setstate(python_state)
 
 
-def _decode_stages(handler: SkipCounter, metadata: bool = True) -> list:
-    # without metadata only the image and caption are decoded: a sample's .json (FaceShapes
-    # keeps ~1 kB of attributes there, img2dataset the url, exif, ...) would be parsed for nothing
-    only = None if metadata else [*IMAGE_KEYS.split(";"), *TEXT_KEYS.split(";")]
-    return [
-        wds.decode("pilrgb", handler=handler, only=only),
-        wds.rename(image=IMAGE_KEYS, text=TEXT_KEYS, handler=handler),
-    ]
-
-
 @dataclass
 class WithMetadata:
     """Keeps each sample's key and `.json` beside its tensors, for labelled evaluation."""
@@ -227,7 +276,7 @@ class WithMetadata:
     transform: Callable
 
     def __call__(self, sample: dict) -> tuple:
-        return (*self.transform(sample), sample["__key__"], sample.get("json", {}))
+        return (*self.transform(sample), sample.get("__key__", ""), sample.get("json", {}))
 
 
 def train_pipeline(
@@ -240,47 +289,79 @@ def train_pipeline(
     shuffle_buffer: int,
     seed: int,
     epoch_seed: EpochSeed,
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> tuple[wds.DataPipeline, int]:
     """An endless resampled stream cut into epochs of `samples_per_epoch` (global) samples.
 
-    Returns the pipeline and the number of batches each rank sees per epoch.
+    Returns the pipeline and the number of batches each rank sees per epoch. A stream with no
+    usable sample stops with `NoUsableSamples` (see `SkipCounter`) instead of resampling forever.
     """
-    handler = SkipCounter()
+    skips = SkipCounter(urls, max_consecutive_skips)
     batches_per_rank = max(1, math.ceil(samples_per_epoch / (batch_size * world_size)))
     batches_per_worker = math.ceil(batches_per_rank / max(1, num_workers))
     pipeline = wds.DataPipeline(
         EpochResampledShards(list(urls), seed=seed, worker_seed=epoch_seed, deterministic=True),
-        wds.tarfile_to_samples(handler=handler),
+        ReadShards(skips),
         SeededShuffle(shuffle_buffer, min(shuffle_buffer, 4 * batch_size), seed, epoch_seed),
         SkipConsumed(batch_size, seed, epoch_seed),
-        *_decode_stages(handler, metadata=False),
-        wds.map(transform, handler=handler),
+        DecodeSamples(transform, skips),
         wds.batched(batch_size, partial=False),
     ).with_epoch(batches_per_worker)
     return pipeline, batches_per_rank
 
 
+def count_samples(urls: Sequence[str]) -> tuple[int, dict[str, str]]:
+    """Samples in the shards, as `ReadShards` will yield them (headers only), and why shards failed."""
+    count, failures = 0, {}
+    for url in urls:
+        try:
+            for _ in iter_tar_samples(url, read_data=False):
+                count += 1
+        except ShardError as exc:
+            failures[url] = f"{exc.reason}: {exc.detail}"
+    return count, failures
+
+
 def eval_pipeline(
-    urls: Sequence[str], transform: SampleTransform | Callable, batch_size: int, keep_metadata: bool = False
+    urls: Sequence[str],
+    transform: SampleTransform | Callable,
+    batch_size: int,
+    keep_metadata: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> wds.DataPipeline:
-    """Every sample once, in shard order, split by rank then by worker.
+    """Every sample once, in shard order; on one process split by worker, across ranks in equal shares.
 
     With `keep_metadata` each batch also carries the samples' keys and `.json` metadata, which
-    evaluation needs for labels.
+    evaluation needs for labels. With `world_size > 1` every rank gets the same number of
+    samples, so the same number of batches of the same sizes (see `EqualShare`); the samples
+    are counted first, which reads the shards' headers once.
     """
-    handler = SkipCounter()
-    stages = [
-        wds.SimpleShardList(list(urls)),
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=handler),
-        *_decode_stages(handler),
-    ]
+    # across ranks, a rank whose share is all bad pads it (stopping alone would strand the others)
+    skips = SkipCounter(urls if world_size == 1 else (), max_consecutive=None)
+    stages: list = [wds.SimpleShardList(list(urls))]
+    if world_size > 1:
+        total, failures = count_samples(urls)
+        per_rank = total // world_size
+        if per_rank == 0:
+            raise NoUsableSamples(
+                f"data.val_shards: {total} sample(s) in {len(urls)} shard(s) cannot be shared among "
+                f"{world_size} ranks (each needs one at least); unreadable: {failures or 'none'}"
+            )
+        if rank == 0 and total % world_size:
+            log.warning(
+                "validation uses %d of its %d samples: %d ranks take %d each and the last %d are left out",
+                per_rank * world_size, total, world_size, per_rank, total % world_size,
+            )  # fmt: skip
+        stages += [ReadShards(skips), EqualShare(rank, world_size, per_rank)]
+    else:
+        stages += [wds.split_by_worker, ReadShards(skips)]
+    padded = world_size > 1
     if keep_metadata:
-        stages.append(wds.map(WithMetadata(transform), handler=handler))
+        stages.append(DecodeSamples(WithMetadata(transform), skips, with_json=True, pad_failures=padded))
         stages.append(wds.batched(batch_size, partial=True, collation_fn=_collate_with_metadata))
     else:
-        stages.append(wds.map(transform, handler=handler))
+        stages.append(DecodeSamples(transform, skips, pad_failures=padded))
         stages.append(wds.batched(batch_size, partial=True))
     return wds.DataPipeline(*stages)
 

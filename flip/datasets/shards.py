@@ -3,46 +3,35 @@
 Each sample is `{key}.jpg` (or png/webp), `{key}.txt` (caption) and `{key}.json` (labels).
 Encoded images are held in memory (a few KB each), so features can be extracted by any
 loader without re-reading the tars. A sample lacking an image or readable labels is skipped
-and counted, as training skips it.
+and counted, as training skips it. Shards are read by `flip.data.shard_reader`, as training
+reads them: only images, captions and `.json` are read, and `.json` is parsed by `json.loads`;
+no other member (`.pyd`, `.pth`, ... which webdataset would unpickle) is touched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from flip.data.shard_reader import IMAGE_EXTS, TEXT_EXTS, ShardError, decode_json, iter_tar_samples
 from flip.datasets.base import EncodedImages, LabelledSplit
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TEXT_EXTS = ("txt", "text", "caption")
-
 
 def _samples(url: str) -> list[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample of one tar, in order; a truncated tar keeps what was read."""
-    fields: dict[str, dict[str, bytes]] = {}
+    samples: list[tuple[str, dict[str, bytes]]] = []
     try:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = os.path.basename(member.name)
-                key, _, ext = name.partition(".")
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    fields.setdefault(os.path.join(os.path.dirname(member.name), key), {})[ext.lower()] = (
-                        handle.read()
-                    )
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        log.warning("shard %s is unreadable past %d samples (%s)", url, len(fields), exc)
-    return list(fields.items())
+        for sample in iter_tar_samples(url):
+            samples.append(sample)
+    except ShardError as exc:
+        log.warning("shard %s: %s past %d samples (%s)", url, exc.reason, len(samples), exc.detail)
+    return samples
 
 
 def _class_index(value: object, classes: Sequence[str]) -> int:
@@ -67,7 +56,7 @@ def read_labelled_shards(
         for key, sample in _samples(url):
             image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
             try:
-                meta = json.loads(sample["json"])
+                meta = decode_json(sample["json"])
                 row = [-1 if meta.get(a) is None else int(bool(meta[a])) for a in attributes]
                 answer = {q: _class_index(meta.get(q), c) for q, c in questions.items()}
             except (KeyError, ValueError, TypeError) as exc:

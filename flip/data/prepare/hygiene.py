@@ -49,6 +49,7 @@ REASONS: dict[str, str] = {
     "box_mismatch": "img2dataset padded or cropped the image, so the box cannot be mapped into it",
     "small_face": "the face is smaller than --min-face-size",
     "no_face": "--detect-faces found no face",
+    "not_a_tar": "an input .tar file is not a tar archive at all (empty, or other content)",
     "truncated_tar": "an input tar shard ends early (its readable members are still used)",
 }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -39,12 +38,12 @@ from flip.data.prepare.sources.tables import (
 )
 from flip.data.prepare.workers import WorkerPool
 from flip.data.prepare.writer import RESERVED_KEYS, ImageRef, Item
+from flip.data.shard_reader import IMAGE_EXTS, decode_json, not_a_tar, split_member_name
 
 __all__ = ["BOX_FORMATS", "RESIZE_MODES", "FaceCaptionSource", "index_tar", "map_box", "parse_box"]
 
 BOX_FORMATS = ("xyxy", "xywh")
 RESIZE_MODES = ("auto", "border", "center_crop")
-_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)
@@ -68,44 +67,49 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def index_tar(path: str) -> tuple[dict[str, Download], bool]:
+def index_tar(path: str) -> tuple[dict[str, Download], str | None]:
     """url -> Download for every complete (image, json) pair in one img2dataset tar.
 
-    Returns whether the tar was truncated: members before the damage are still indexed.
+    Returns what was wrong with the tar, as a skip reason: None, `truncated_tar` (members
+    before the damage are still indexed) or `not_a_tar`. Only the `.json` members are read
+    here (by `json.loads`, as `flip.data.shard_reader` reads them), and only images are
+    indexed; no other member is read.
     """
     file_size = os.path.getsize(path)
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
     json_data: dict[str, bytes] = {}
-    truncated = False
+    try:
+        with open(path, "rb") as f:
+            if not_a_tar(f.read(512)) is not None:
+                return {}, "not_a_tar"
+    except OSError:
+        return {}, "not_a_tar"
+    problem = None
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
                 if info.offset_data + info.size > file_size:
-                    truncated = True
+                    problem = "truncated_tar"
                     break
-                base = os.path.basename(info.name)
-                if "." not in base:
+                parts = split_member_name(info.name)
+                if parts is None or parts[1] not in (*IMAGE_EXTS, "json"):
                     continue
-                key, ext = (
-                    info.name[: len(info.name) - len(base)] + base.split(".", 1)[0],
-                    base.split(".", 1)[1],
-                )
-                ext = ext.lower()
+                key, ext = parts
                 members.setdefault(key, {})[ext] = info
                 if ext == "json":
                     handle = tar.extractfile(info)
                     json_data[key] = handle.read() if handle is not None else b""
     except (tarfile.ReadError, EOFError, OSError):
-        truncated = True
+        problem = "truncated_tar"
     index: dict[str, Download] = {}
     for key, parts in members.items():
-        image = next((parts[e] for e in _IMAGE_EXTENSIONS if e in parts), None)
+        image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         if image is None or key not in json_data:
             continue
         try:
-            meta = json.loads(json_data[key])
+            meta = decode_json(json_data[key])
         except ValueError:
             continue
         url = meta.get("url") if isinstance(meta, dict) else None
@@ -121,7 +125,7 @@ def index_tar(path: str) -> tuple[dict[str, Download], bool]:
             _int_or_none(meta.get("original_width")),
             _int_or_none(meta.get("original_height")),
         )
-    return index, truncated
+    return index, problem
 
 
 def parse_box(value: Any, box_format: str) -> tuple[float, float, float, float]:
@@ -234,7 +238,7 @@ class FaceCaptionSource:
         }
 
     def total(self) -> int:
-        """Parquet rows, plus one per truncated tar once the downloads are indexed."""
+        """Parquet rows, plus one per damaged tar once the downloads are indexed."""
         if self._rows is None:
             self._rows = sum(parquet_rows(p) for p in self.parquet)
         return self._rows + self._truncated
@@ -247,10 +251,14 @@ class FaceCaptionSource:
         else:
             results = [index_tar(t) for t in self._tars]
         index: dict[str, Download] = {}
-        for tar, (found, truncated) in zip(self._tars, results, strict=True):
-            if truncated:
+        details = {
+            "truncated_tar": "the tar ends early; its complete members are used",
+            "not_a_tar": "the file is not a tar archive (empty, or other content); nothing in it is used",
+        }
+        for tar, (found, problem) in zip(self._tars, results, strict=True):
+            if problem is not None:
                 self._truncated += 1
-                skips.add("truncated_tar", tar, "the tar ends early; its complete members are used")
+                skips.add(problem, tar, details[problem])
             for url, download in found.items():
                 index.setdefault(url, download)
         return index
