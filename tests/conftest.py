@@ -85,6 +85,18 @@ def run_train_py(*args: str, flip_root: Path, threads: int | None = None) -> sub
     return done
 
 
+class Poisoned(torch.nn.Module):
+    """A loss whose every term turns NaN while `now()` is true: the non-finite guard's input."""
+
+    def __init__(self, criterion, now) -> None:
+        super().__init__()
+        self.criterion, self.now, self.requires_tokens = criterion, now, criterion.requires_tokens
+
+    def forward(self, features):
+        losses = self.criterion(features)
+        return {k: v * float("nan") for k, v in losses.items()} if self.now() else losses
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from flip.models import build_model

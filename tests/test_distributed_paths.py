@@ -23,7 +23,7 @@ from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.deepspeed import _scalar_parameters_broadcast_apart
 from flip.training.module import FlipLitModule
 
-from .conftest import CONF, TINY_ARCH
+from .conftest import CONF, TINY_ARCH, Poisoned
 
 MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
 OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
@@ -71,18 +71,6 @@ def _patch_deepspeed_for_cpu() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-class _Poison(torch.nn.Module):
-    """The loss, made NaN on one rank at the given steps."""
-
-    def __init__(self, criterion, now) -> None:
-        super().__init__()
-        self.criterion, self.now, self.requires_tokens = criterion, now, criterion.requires_tokens
-
-    def forward(self, features):
-        losses = self.criterion(features)
-        return {k: v * float("nan") for k, v in losses.items()} if self.now() else losses
-
-
 class _Recorder(L.Callback):
     """NaN on rank `bad_rank` at `nan_steps`; the whole weights at the start of every step."""
 
@@ -90,7 +78,7 @@ class _Recorder(L.Callback):
         self.bad_rank, self.nan_steps, self.weights, self.logged = bad_rank, nan_steps, {}, {}
 
     def on_train_start(self, trainer, module) -> None:
-        module.criterion = _Poison(
+        module.criterion = Poisoned(
             module.criterion,
             lambda: trainer.global_rank == self.bad_rank and trainer.global_step in self.nan_steps,
         )

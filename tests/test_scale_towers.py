@@ -19,7 +19,7 @@ from flip.training.nonfinite import NonFiniteLossError
 from flip.training.optim import build_optimizer, warmup_cosine
 from flip.training.run import train
 
-from .conftest import CONF, SHARDS_BASE, TINY_ARCH, compose_train_config, write_caption_shards
+from .conftest import CONF, SHARDS_BASE, TINY_ARCH, Poisoned, compose_train_config, write_caption_shards
 
 CLIP_LOSS = OmegaConf.to_container(OmegaConf.load(CONF / "loss" / "clip.yaml"))
 OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
@@ -175,16 +175,6 @@ def test_compile_runs_the_towers_through_torch_compile():
 
 
 # ---------------------------------------------------------------- non-finite losses
-
-
-class Poisoned(torch.nn.Module):
-    def __init__(self, criterion, now) -> None:
-        super().__init__()
-        self.criterion, self.now, self.requires_tokens = criterion, now, criterion.requires_tokens
-
-    def forward(self, features):
-        losses = self.criterion(features)
-        return {k: v * float("nan") for k, v in losses.items()} if self.now() else losses
 
 
 class NaNLoss(L.Callback):
