@@ -22,8 +22,18 @@ class _Linear(L.LightningModule):
         (x,) = batch
         return self.layer(x).pow(2).mean()
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.layer(batch).pow(2).mean())
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class _Streamed(torch.utils.data.IterableDataset):
+    """A loader without a length, as webdataset's validation stream is: Lightning's total is inf."""
+
+    def __iter__(self):
+        yield from (torch.randn(4, 3) for _ in range(2))
 
 
 def _fit(tmp_path, max_steps: int, ckpt_path=None) -> tuple[RunProgressBar, L.Trainer]:
@@ -33,6 +43,9 @@ def _fit(tmp_path, max_steps: int, ckpt_path=None) -> tuple[RunProgressBar, L.Tr
         max_steps=max_steps,
         max_epochs=-1,
         limit_train_batches=3,  # several epochs in one run, as a resampled stream has
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
         callbacks=[bar],
         logger=False,
         enable_model_summary=False,
@@ -40,7 +53,8 @@ def _fit(tmp_path, max_steps: int, ckpt_path=None) -> tuple[RunProgressBar, L.Tr
         accelerator="cpu",
     )
     data = DataLoader(TensorDataset(torch.randn(12, 3)), batch_size=4)
-    trainer.fit(_Linear(), data, ckpt_path=ckpt_path)
+    trainer.fit(_Linear(), data, DataLoader(_Streamed(), batch_size=None), ckpt_path=ckpt_path)
+    bar.refresh(hard=True)  # render every task once more, validation's included
     return bar, trainer
 
 
@@ -54,6 +68,8 @@ def test_one_task_spans_every_epoch_and_counts_global_steps(tmp_path):
     assert task.fields["samples_per_step"] == 4
     assert not any("Epoch" in t.description for t in bar.progress.tasks)
     assert str(_StepsColumn().render(task)) == "step 7/7"
+    validation = [t for t in bar.progress.tasks if t.description != RunProgressBar.TRAIN_DESCRIPTION]
+    assert validation and all(str(_StepsColumn().render(t)).endswith("/?") for t in validation)
 
 
 def test_samples_per_second_is_steps_per_second_times_the_global_batch():

@@ -9,6 +9,7 @@ rate. Validation keeps Lightning's own bar beside it.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -22,7 +23,8 @@ class _StepsColumn(ProgressColumn):
     """`step N/M` for the run's task; Lightning's validation tasks count batches."""
 
     def render(self, task: Task) -> Text:
-        total = "?" if task.total is None else f"{int(task.total):,}"
+        known = task.total is not None and math.isfinite(task.total)  # streamed loaders have no length
+        total = f"{int(task.total):,}" if known else "?"
         unit = "step " if "samples_per_step" in task.fields else ""
         return Text(f"{unit}{int(task.completed):,}/{total}", style="progress.download")
 
