@@ -36,8 +36,10 @@ class _Streamed(torch.utils.data.IterableDataset):
         yield from (torch.randn(4, 3) for _ in range(2))
 
 
-def _fit(tmp_path, max_steps: int, ckpt_path=None) -> tuple[RunProgressBar, L.Trainer]:
-    bar = RunProgressBar(console_kwargs={"file": io.StringIO(), "force_terminal": True, "width": 200})
+def _fit(
+    tmp_path, max_steps: int, ckpt_path=None, bar_class: type[RunProgressBar] = RunProgressBar
+) -> tuple[RunProgressBar, L.Trainer]:
+    bar = bar_class(console_kwargs={"file": io.StringIO(), "force_terminal": True, "width": 200})
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_steps=max_steps,
@@ -92,19 +94,7 @@ def test_a_resumed_run_starts_at_its_global_step(tmp_path):
             if not starts:
                 starts.append(self.progress.tasks[0].completed)
 
-    bar = Recording(console_kwargs={"file": io.StringIO(), "force_terminal": True, "width": 200})
-    trainer = L.Trainer(
-        default_root_dir=tmp_path / "b",
-        max_steps=7,
-        max_epochs=-1,
-        limit_train_batches=3,
-        callbacks=[bar],
-        logger=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-    )
-    trainer.fit(_Linear(), DataLoader(TensorDataset(torch.randn(12, 3)), batch_size=4), ckpt_path=checkpoint)
+    bar, _ = _fit(tmp_path / "b", max_steps=7, ckpt_path=checkpoint, bar_class=Recording)
     assert starts == [4]
-    (task,) = bar.progress.tasks
+    (task,) = (t for t in bar.progress.tasks if t.description == RunProgressBar.TRAIN_DESCRIPTION)
     assert (task.total, task.completed) == (7, 7)
