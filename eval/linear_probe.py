@@ -5,7 +5,7 @@
 Writes OUT/metrics.json, OUT/report.md and plots; configuration: conf/eval_linear_probe.yaml.
 """
 
-from flip.evaluation.cli import linear_probe
+from flip.cli.evaluate import linear_probe
 
 if __name__ == "__main__":
     linear_probe()

@@ -5,7 +5,7 @@
 Writes OUT/metrics.json, OUT/report.md and plots; configuration: conf/eval_retrieval.yaml.
 """
 
-from flip.evaluation.cli import retrieval
+from flip.cli.evaluate import retrieval
 
 if __name__ == "__main__":
     retrieval()

@@ -5,7 +5,7 @@
 Writes OUT/metrics.json, OUT/report.md and plots; configuration: conf/eval_zeroshot.yaml.
 """
 
-from flip.evaluation.cli import zeroshot
+from flip.cli.evaluate import zeroshot
 
 if __name__ == "__main__":
     zeroshot()

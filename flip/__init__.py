@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flip.config import register_resolvers
+from flip.config import __version__, register_resolvers
 
 register_resolvers()
 
-__all__ = ["load"]
-__version__ = "0.1.0"
+__all__ = ["__version__", "load", "query"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from flip.checkpoint import load
 
         return load
+    if name == "query":
+        from flip.evaluation.attribute_query import query
+
+        return query
     raise AttributeError(f"module 'flip' has no attribute {name!r}")

@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import re
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from open_clip.constants import HF_CONFIG_NAME
 from safetensors.torch import load_file
 
+from flip.atomic import atomic_file, remove_stale_temporaries
 from flip.models import FlipModel, build_model
 
 MODEL_PREFIX = "model."
@@ -38,6 +40,15 @@ FORMAT_NAME = "flip-safetensors"
 FORMAT_VERSION = 1
 OPEN_CLIP_CONFIG_NAME = HF_CONFIG_NAME  # "open_clip_config.json", what open_clip's local-dir: reads
 OPEN_CLIP_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` that leaves the old file or the new one, never half of one (flip.atomic)."""
+    started = time.time()
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
+    remove_stale_temporaries(path, started)
+
 
 ACCEPTED = (
     "a Lightning checkpoint written by train.py (.ckpt), a safetensors export folder "

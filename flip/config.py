@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
-__all__ = ["cpu_precision", "log_rank_suffix", "register_resolvers"]
+__all__ = ["CONFIG_PATH", "__version__", "cpu_precision", "log_rank_suffix", "register_resolvers"]
+
+__version__ = "0.1.0"
+
+# conf/ lives beside the package in a checkout (editable install); an absolute path lets Hydra
+# find it whether an entry point runs from a script (train.py, eval/*.py) or a console script.
+CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def cpu_precision() -> str:

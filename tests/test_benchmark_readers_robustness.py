@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flip.datasets import (
+from flip.benchmarks import (
     CELEBA_ATTRIBUTES,
     CelebAFormatError,
     MalformedFileError,

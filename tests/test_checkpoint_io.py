@@ -3,8 +3,9 @@ import pickle
 import pytest
 import torch
 
-from flip.training import checkpoint_io
-from flip.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from flip.checkpoint import atomic_torch_save
+from flip import checkpoint
+from flip.training.checkpoint_io import AtomicCheckpointIO
 
 
 class NotATensor:
@@ -19,7 +20,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_intact(tmp_path,
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()

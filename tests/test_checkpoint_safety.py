@@ -25,12 +25,12 @@ import torch
 import flip
 from flip.atomic import atomic_file, atomic_write_text
 from flip.checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint
+from flip.cli.export import main as flip_export
+from flip.cli.query import main as flip_query
 from flip.evaluation.features import FeatureCache
-from flip.export.cli import main as flip_export
 from flip.export.open_clip_format import write_open_clip_folder
 from flip.export.safetensors_format import write_safetensors_folder
 from flip.models import build_model
-from flip.query import main as flip_query
 from flip.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from flip.training.deepspeed import consolidate
 from flip.training.deepspeed import main as zero_to_fp32

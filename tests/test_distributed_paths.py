@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from flip.datasets import read_folder
+from flip.benchmarks import read_folder
 from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.deepspeed import _scalar_parameters_broadcast_apart
 from flip.training.module import FlipLitModule

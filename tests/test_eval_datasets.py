@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flip.datasets import (
+from flip.benchmarks import (
     MalformedFileError,
     read_affectnet,
     read_celeba_split,
@@ -21,8 +21,8 @@ from flip.datasets import (
     read_lfwa,
     read_rafdb,
 )
-from flip.datasets.celeba import CELEBA_ATTRIBUTES, CelebAFormatError
-from flip.datasets.csv_labels import csv_splits
+from flip.benchmarks.celeba import CELEBA_ATTRIBUTES, CelebAFormatError
+from flip.benchmarks.csv_labels import csv_splits
 
 from .conftest import write_caption_shards
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from hydra.utils import instantiate
 
-from flip.datasets import read_folder
+from flip.benchmarks import read_folder
 from flip.evaluation.features import split_features
 from flip.evaluation.zeroshot import evaluate_zeroshot
 from flip.training.callbacks import ZeroShotBenchmark

@@ -19,9 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import flip
+from flip.cli.export import main
 from flip.evaluation.zeroshot import ZeroShotClassifier, expand
 from flip.export import OpenClipExportError, export
-from flip.export.cli import main
 from flip.models import build_model
 from flip.training.run import train
 

@@ -9,8 +9,8 @@ import pytest
 
 import flip
 import flip.export
+from flip.cli.export import main
 from flip.export import export
-from flip.export.cli import main
 
 from .test_eval_entrypoints import save_checkpoint
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flip.data.captions import CaptionGrammar
-from flip.data.prepare.cli import main
-from flip.data.prepare.sources.celeba import CelebASource
-from flip.datasets.celeba import (
+from flip.benchmarks.celeba import (
     CELEBA_ATTRIBUTES,
     CelebAFormatError,
     find_celeba,
     read_attribute_file,
     read_celeba,
 )
-from flip.datasets.celeba_grammar import CELEBA_GRAMMAR
+from flip.cli.data import main
+from flip.data.captions import CaptionGrammar
+from flip.prepare.sources.celeba import CelebASource
+from flip.prepare.sources.celeba_grammar import CELEBA_GRAMMAR
 
 SPLIT_CODES = [0, 0, 0, 0, 0, 1, 1, 2, 2, 2]  # 5 train, 2 val, 3 test
 

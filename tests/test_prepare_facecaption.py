@@ -14,10 +14,10 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from flip.data.prepare.cli import main
-from flip.data.prepare.hygiene import HygieneConfig, SkipSample
-from flip.data.prepare.sources.facecaption import Download, FaceCaptionSource, map_box, parse_box
-from flip.data.prepare.writer import JobConfig, run_job
+from flip.cli.data import main
+from flip.prepare.hygiene import HygieneConfig, SkipSample
+from flip.prepare.sources.facecaption import Download, FaceCaptionSource, map_box, parse_box
+from flip.prepare.writer import JobConfig, run_job
 
 from .test_prepare_folder import read_shards
 

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flip.data.prepare.cli import main
-from flip.data.prepare.detect import HaarFaceDetector
-from flip.data.prepare.hygiene import HygieneConfig
-from flip.data.prepare.sources.folder import FolderSource, key_from_path
-from flip.data.prepare.writer import JobConfig, run_job
+from flip.cli.data import main
+from flip.prepare.detect import HaarFaceDetector
+from flip.prepare.hygiene import HygieneConfig
+from flip.prepare.sources.folder import FolderSource, key_from_path
+from flip.prepare.writer import JobConfig, run_job
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -20,8 +20,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from flip.data.prepare.cli import main
-from flip.datasets.celeba import CELEBA_ATTRIBUTES
+from flip.benchmarks.celeba import CELEBA_ATTRIBUTES
+from flip.cli.data import main
 
 from .conftest import ROOT
 
@@ -56,7 +56,7 @@ def _folder(tmp_path: Path, rows: list[str], files: dict[str, bytes], table: str
 
 
 def _flip_data(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flip.data.prepare", *args]
+    return [sys.executable, "-m", "flip.prepare", *args]
 
 
 def _env() -> dict[str, str]:
@@ -241,7 +241,7 @@ def _blocks_on_last(task: str) -> str:
 
 
 def test_a_worker_killed_while_the_last_task_is_in_flight_raises_at_once(tmp_path):
-    from flip.data.prepare.workers import WorkerDied, WorkerPool
+    from flip.prepare.workers import WorkerDied, WorkerPool
 
     marker = tmp_path / "pid"
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import flip
+from flip.cli.query import main as flip_query
 from flip.data.faceshapes.generate import make_sample
+from flip.evaluation.attribute_query import AttributeQuery
 from flip.evaluation.prompts import DEFAULT_TEMPLATES, binary_prompts, choice_prompts
-from flip.evaluation.query import AttributeQuery
 from flip.models import build_model
-from flip.query import main as flip_query
 
 from .test_eval_entrypoints import save_checkpoint
 
@@ -51,15 +51,17 @@ def test_query_is_the_softmax_over_each_attributes_prompt_pair(tiny_model, tmp_p
     paths = sorted(folder.glob("*.jpg"))
     pils = [Image.open(p).convert("RGB") for p in paths]
     tensors = torch.stack([tiny_model.preprocess(p) for p in pils])
-    probs = tiny_model.query(paths, ["eyeglasses", "blond hair"])
+    probs = flip.query(tiny_model, paths, ["eyeglasses", "blond hair"])
     assert probs.shape == (5, 2) and ((probs > 0) & (probs < 1)).all()
     torch.testing.assert_close(probs[:, 0], _manual_binary(tiny_model, tensors, "eyeglasses"))
     torch.testing.assert_close(probs[:, 1], _manual_binary(tiny_model, tensors, "blond hair"))
-    torch.testing.assert_close(tiny_model.query(pils, ["eyeglasses", "blond hair"], batch_size=2), probs)
-    torch.testing.assert_close(tiny_model.query(tensors, ["eyeglasses", "blond hair"]), probs)
-    torch.testing.assert_close(tiny_model.query(str(paths[0]), ["eyeglasses", "blond hair"]), probs[:1])
+    torch.testing.assert_close(
+        flip.query(tiny_model, pils, ["eyeglasses", "blond hair"], batch_size=2), probs
+    )
+    torch.testing.assert_close(flip.query(tiny_model, tensors, ["eyeglasses", "blond hair"]), probs)
+    torch.testing.assert_close(flip.query(tiny_model, str(paths[0]), ["eyeglasses", "blond hair"]), probs[:1])
 
-    choices = tiny_model.query(paths, choices=["happy", "sad", "angry"])
+    choices = flip.query(tiny_model, paths, choices=["happy", "sad", "angry"])
     torch.testing.assert_close(choices.sum(dim=1), torch.ones(5))
     with torch.no_grad():
         classes = torch.stack(
@@ -81,7 +83,7 @@ def test_query_is_the_softmax_over_each_attributes_prompt_pair(tiny_model, tmp_p
         ).softmax(1)
     torch.testing.assert_close(choices, expected)
     with pytest.raises(ValueError, match="either attributes"):
-        tiny_model.query(paths, ["hat"], choices=["a", "b"])
+        flip.query(tiny_model, paths, ["hat"], choices=["a", "b"])
 
 
 def test_prompt_rules_for_free_phrases():
@@ -110,7 +112,7 @@ def test_flip_query_prints_one_json_line_per_image_in_order(tiny_model, tmp_path
     assert [r["image"] for r in lines] == expected_order and code == 1  # one unreadable image
     assert "error" in lines[4] and lines[4]["image"].endswith("broken.jpg")
     readable = [r for r in lines if "error" not in r]
-    probs = tiny_model.query([r["image"] for r in readable], ["eyeglasses", "smiling"])
+    probs = flip.query(tiny_model, [r["image"] for r in readable], ["eyeglasses", "smiling"])
     got = torch.tensor([[r["probabilities"]["eyeglasses"], r["probabilities"]["smiling"]] for r in readable])
     torch.testing.assert_close(got, probs, atol=1e-5, rtol=0)
 
@@ -120,7 +122,8 @@ def test_flip_query_prints_one_json_line_per_image_in_order(tiny_model, tmp_path
         ["--ckpt", str(ckpt), "--choices", "calm", "upset", "--prompts", str(prompts), "--", str(extra)]
     )
     (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    expected = tiny_model.query(
+    expected = flip.query(
+        tiny_model,
         [extra],
         choices=["calm", "upset"],
         prompts={"calm": ["looking calm"], "upset": ["looking upset"]},
@@ -193,6 +196,6 @@ def test_flip_query_gives_faces_with_eyeglasses_a_higher_probability(tmp_path, c
     glasses = np.array([r["eyeglasses"] for r in records])
     assert 40 < glasses.sum() < 160
     assert p[glasses].mean() > p[~glasses].mean() + 0.05, (p[glasses].mean(), p[~glasses].mean())
-    assert flip.load(ckpt).query(str(folder / "0000.jpg"), ["eyeglasses"]).item() == pytest.approx(
+    assert flip.query(flip.load(ckpt), str(folder / "0000.jpg"), ["eyeglasses"]).item() == pytest.approx(
         p[0], abs=1e-5
     )

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+import flip
+from flip.cli.query import cli as flip_query_cli
+from flip.cli.query import main as flip_query
+from flip.evaluation.attribute_query import UnreadableImage
 from flip.evaluation.prompts import DEFAULT_TEMPLATES
-from flip.evaluation.query import UnreadableImage
-from flip.query import cli as flip_query_cli
-from flip.query import main as flip_query
 
 from .test_eval_entrypoints import save_checkpoint
 
@@ -105,7 +106,7 @@ def test_each_unreadable_image_gets_its_own_error_line_and_the_rest_are_answered
     assert "folder" in errors[next(p for p, k in bad.items() if k == "empty_folder")]
     answered = [line for line in lines if "error" not in line]
     assert [line["image"] for line in answered] == good
-    expected = tiny_model.query(good, ["eyeglasses", "smiling"])
+    expected = flip.query(tiny_model, good, ["eyeglasses", "smiling"])
     got = torch.tensor([[r["probabilities"]["eyeglasses"], r["probabilities"]["smiling"]] for r in answered])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert code == 1 and f"{len(bad)} of {len(order)} images" in captured.err
@@ -115,15 +116,15 @@ def test_python_query_names_the_bad_image_or_gives_it_a_nan_row(tiny_model, mixe
     order, good, bad = mixed_inputs
     bomb = next(p for p, k in bad.items() if k == "bomb")
     with pytest.raises(UnreadableImage, match="DecompressionBombError") as raised:
-        tiny_model.query([good[0], bomb, good[1]], ["eyeglasses"])
+        flip.query(tiny_model, [good[0], bomb, good[1]], ["eyeglasses"])
     assert raised.value.image == bomb
-    probs = tiny_model.query(order, ["eyeglasses", "smiling"], batch_size=3, errors="nan")
+    probs = flip.query(tiny_model, order, ["eyeglasses", "smiling"], batch_size=3, errors="nan")
     assert probs.shape == (len(order), 2)
     rows_ok = [i for i, path in enumerate(order) if path not in bad]
     assert all(math.isnan(v) for i, path in enumerate(order) if path in bad for v in probs[i].tolist())
-    torch.testing.assert_close(probs[rows_ok], tiny_model.query(good, ["eyeglasses", "smiling"]))
+    torch.testing.assert_close(probs[rows_ok], flip.query(tiny_model, good, ["eyeglasses", "smiling"]))
     with pytest.raises(UnreadableImage, match=r"tensor\(3, 8\).*\[C, H, W\]"):
-        tiny_model.query([torch.zeros(3, 8)], ["eyeglasses"])
+        flip.query(tiny_model, [torch.zeros(3, 8)], ["eyeglasses"])
 
 
 @pytest.mark.parametrize(
@@ -151,19 +152,21 @@ def test_a_question_that_cannot_be_answered_faithfully_is_refused(
     assert re.search(message, captured.err, flags=re.S), captured.err
     kind = "attributes" if question[0] == "--attributes" else "choices"
     with pytest.raises(ValueError, match=message):
-        tiny_model.query([image], **{kind: question[1:]})
+        flip.query(tiny_model, [image], **{kind: question[1:]})
 
 
 def test_prompt_phrases_must_be_non_empty_and_fit_the_context(tiny_model, tmp_path):
     image = tmp_path / "face.jpg"
     image.write_bytes(_jpeg((200, 150, 120)))
     with pytest.raises(ValueError, match=r"prompts for 'calm' must be a non-empty list"):
-        tiny_model.query([image], choices=["calm", "upset"], prompts={"calm": [], "upset": ["upset"]})
+        flip.query(tiny_model, [image], choices=["calm", "upset"], prompts={"calm": [], "upset": ["upset"]})
     with pytest.raises(ValueError, match=r"'freckles.positive'.*non-blank"):
-        tiny_model.query([image], ["freckles"], prompts={"freckles": {"positive": [" "], "negative": ["no"]}})
+        flip.query(
+            tiny_model, [image], ["freckles"], prompts={"freckles": {"positive": [" "], "negative": ["no"]}}
+        )
     long_phrase = {"freckles": {"positive": ["with " + "many " * 30 + "freckles"], "negative": ["without"]}}
     with pytest.raises(ValueError, match=r"'freckles'.*context length of 24"):
-        tiny_model.query([image], ["freckles"], prompts=long_phrase)
+        flip.query(tiny_model, [image], ["freckles"], prompts=long_phrase)
 
 
 def test_a_prompt_that_exactly_fills_the_context_is_answered_and_one_token_more_is_refused(
@@ -177,7 +180,7 @@ def test_a_prompt_that_exactly_fills_the_context_is_answered_and_one_token_more_
 
     words = next(n for n in range(1, 30) if longest("with" + " red" * n) == 24)
     exact = {"hat": {"positive": ["with" + " red" * words], "negative": ["without a hat"]}}
-    assert 0 < float(tiny_model.query([image], ["hat"], prompts=exact)) < 1
+    assert 0 < float(flip.query(tiny_model, [image], ["hat"], prompts=exact)) < 1
     over = {"hat": {"positive": ["with" + " red" * (words + 1)], "negative": ["without a hat"]}}
     with pytest.raises(ValueError, match="context length of 24"):
-        tiny_model.query([image], ["hat"], prompts=over)
+        flip.query(tiny_model, [image], ["hat"], prompts=over)

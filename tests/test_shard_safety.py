@@ -26,9 +26,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from flip.benchmarks.shards import read_faceshapes, read_labelled_shards
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
-from flip.data.prepare.sources.facecaption import index_tar
-from flip.datasets.shards import read_faceshapes, read_labelled_shards
+from flip.prepare.sources.facecaption import index_tar
 
 from .conftest import ROOT, SHARDS_BASE, run_train_py, write_caption_shards
 
@@ -334,7 +334,7 @@ def _flip_data_folder(tmp_path) -> pathlib.Path:
     (tmp_path / "captions.csv").write_text("file_name,caption\n" + "\n".join(rows) + "\n")
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "flip.data.prepare", "folder", str(images), "--captions",
+        [sys.executable, "-m", "flip.prepare", "folder", str(images), "--captions",
          str(tmp_path / "captions.csv"), "--output", str(out), "--samples-per-shard", "3", "--workers", "1",
          "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},

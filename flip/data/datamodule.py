@@ -11,15 +11,18 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 from webdataset.shardlists import expand_urls
 
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
-from flip.data.prepare.report import REPORT_NAME
-from flip.data.prepare.writer import MARKER
 from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS
-from flip.models.flip_model import FlipModel
+from flip.prepare.report import REPORT_NAME
+from flip.prepare.writer import MARKER
+
+if TYPE_CHECKING:  # data sits below models: the model is handed in, never imported
+    from flip.models.flip_model import FlipModel
 
 
 def _is_flip_data_output(folder: str) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flip.datasets.shards import read_labelled_shards
+from flip.benchmarks.shards import read_labelled_shards
 from flip.evaluation.features import split_features
 from flip.evaluation.metrics import binary_metrics, multiclass_metrics
 from flip.evaluation.report import write_report

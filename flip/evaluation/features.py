@@ -24,9 +24,9 @@ import torch
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
-from flip.datasets.base import ImageSource, LabelledSplit
+from flip.benchmarks.base import ImageSource, LabelledSplit
+from flip.checkpoint import atomic_torch_save
 from flip.models import FlipModel
-from flip.training.checkpoint_io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flip.datasets.base import LabelledSplit
+from flip.benchmarks.base import LabelledSplit
 from flip.evaluation.features import FeatureCache, SplitFeatures, model_identity, split_features
 from flip.evaluation.linear_probe import linear_probe
 from flip.evaluation.report import write_report
@@ -41,9 +41,9 @@ def load_eval_model(cfg: DictConfig) -> tuple[FlipModel, str, str]:
     if cfg.get("ckpt") and baseline.get("name"):
         raise ValueError(f"give either ckpt={cfg.ckpt!r} or baseline.name={baseline['name']!r}, not both")
     if cfg.get("ckpt"):
-        import flip
+        from flip.checkpoint import load
 
-        return flip.load(cfg.ckpt, device=device), model_identity(ckpt=cfg.ckpt), str(cfg.ckpt)
+        return load(cfg.ckpt, device=device), model_identity(ckpt=cfg.ckpt), str(cfg.ckpt)
     if baseline.get("name"):
         from flip.models import build_model
 

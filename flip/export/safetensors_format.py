@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import flip
 from flip.checkpoint import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from flip.config import __version__
 from flip.export.files import save_state_dict, write_json
 from flip.models import FlipModel
 
@@ -22,7 +22,7 @@ def write_safetensors_folder(model: FlipModel, folder: Path) -> dict[str, Any]:
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "flip_version": flip.__version__,
+        "flip_version": __version__,
         "model": {**model.config, "pretrained": None},
     }
     write_json(config, folder / CONFIG_NAME)

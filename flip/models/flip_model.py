@@ -95,12 +95,12 @@ class FlipModel(nn.Module):
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self.clip.encode_text(text, normalize=normalize)
 
-    def query(self, images: Any, attributes: Sequence[str] | None = None, **kwargs: Any) -> torch.Tensor:
-        """Zero-shot probabilities [N, A] of `attributes` for images (paths, PIL images or tensors);
-        `choices=[...]` asks one multi-class question instead. See flip.evaluation.query.query."""
-        from flip.evaluation.query import query
-
-        return query(self, images, attributes, **kwargs)
+    def query(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Moved: models sit below evaluation and do not import it; ask `flip.query(model, ...)`."""
+        raise AttributeError(
+            "FlipModel.query(images, attributes) is now flip.query(model, images, attributes) "
+            "(same arguments, model first)"
+        )
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> EncoderOutput:
         if return_tokens:

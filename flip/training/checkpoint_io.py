@@ -8,27 +8,16 @@ POSIX, so resume always finds the previous or the new checkpoint, never half of 
 
 from __future__ import annotations
 
-import os
-import time
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from flip.atomic import atomic_file, remove_stale_temporaries
-from flip.checkpoint import read_checkpoint
+from flip.checkpoint import atomic_torch_save, read_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "ModelCheckpoint"]
 
 RESUMABLE = "a checkpoint written by train.py (<run>/checkpoints/last.ckpt, or a DeepSpeed last.ckpt folder)"
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    started = time.time()
-    with atomic_file(path, "wb") as f:
-        torch.save(obj, f)
-    remove_stale_temporaries(path, started)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

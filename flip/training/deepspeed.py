@@ -40,8 +40,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 
 from flip.atomic import atomic_write_text
-from flip.checkpoint import read_checkpoint
-from flip.training.checkpoint_io import atomic_torch_save
+from flip.checkpoint import atomic_torch_save, read_checkpoint
 
 # what a consolidated file keeps of Lightning's client state: enough to rebuild and to know its age
 KEPT_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters")

@@ -16,9 +16,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flip.benchmarks.shards import read_labelled_shards
 from flip.checkpoint import weights_loaded_after
 from flip.data.datamodule import FaceShapesDataModule, ShardDataModule, resolve_shards
-from flip.datasets.shards import read_labelled_shards
 from flip.evaluation.features import split_features
 from flip.evaluation.report import write_report
 from flip.evaluation.runner import benchmark_prompts, load_split, probe_metrics

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flip.datasets.base import OUTSIDE_ROOT, inside
+from flip.benchmarks.base import OUTSIDE_ROOT, inside
 
 __all__ = [
     "CELEBA_ATTRIBUTES",

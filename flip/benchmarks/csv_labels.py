@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import ImageFiles, LabelledSplit, MalformedFileError, parse_binary
+from flip.benchmarks.base import ImageFiles, LabelledSplit, MalformedFileError, parse_binary
 
 SPLITS = ("train", "val", "test")
 RESERVED = ("image", "split", "caption")

@@ -1,20 +1,20 @@
 """Readers for face datasets in the layouts they are published in."""
 
-from flip.datasets.affectnet import read_affectnet
-from flip.datasets.base import LabelledSplit, MalformedFileError
-from flip.datasets.celeba import (
+from flip.benchmarks.affectnet import read_affectnet
+from flip.benchmarks.base import LabelledSplit, MalformedFileError
+from flip.benchmarks.celeba import (
     CELEBA_ATTRIBUTES,
     CELEBA_SPLITS,
     CelebAFormatError,
     CelebARecord,
     read_celeba,
 )
-from flip.datasets.celeba_attributes import read_celeba_split, read_lfwa
-from flip.datasets.csv_labels import read_csv_labels
-from flip.datasets.fer2013 import read_fer2013
-from flip.datasets.folder import read_folder
-from flip.datasets.rafdb import read_rafdb
-from flip.datasets.shards import read_faceshapes, read_labelled_shards
+from flip.benchmarks.celeba_attributes import read_celeba_split, read_lfwa
+from flip.benchmarks.csv_labels import read_csv_labels
+from flip.benchmarks.fer2013 import read_fer2013
+from flip.benchmarks.folder import read_folder
+from flip.benchmarks.rafdb import read_rafdb
+from flip.benchmarks.shards import read_faceshapes, read_labelled_shards
 
 __all__ = [
     "CELEBA_ATTRIBUTES",

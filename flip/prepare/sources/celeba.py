@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flip.benchmarks.celeba import CELEBA_SPLITS, read_celeba
 from flip.data.captions import CaptionGrammar
-from flip.data.prepare.report import SkipLog
-from flip.data.prepare.writer import ImageRef, Item
-from flip.datasets.celeba import CELEBA_SPLITS, read_celeba
-from flip.datasets.celeba_grammar import CELEBA_GRAMMAR
+from flip.prepare.report import SkipLog
+from flip.prepare.sources.celeba_grammar import CELEBA_GRAMMAR
+from flip.prepare.writer import ImageRef, Item
 
 __all__ = ["CelebASource"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import (
+from flip.benchmarks.base import (
     OUTSIDE_ROOT,
     ImageFiles,
     LabelledSplit,

@@ -1,6 +1,6 @@
 """CelebA and LFWA as labelled splits of 40 binary attributes, for evaluation.
 
-CelebA is read by `flip.datasets.celeba` (the published `Anno/ Eval/ Img/` layout or the flat
+CelebA is read by `flip.benchmarks.celeba` (the published `Anno/ Eval/ Img/` layout or the flat
 one). LFWA ships as MATLAB files; FLIP accepts it converted to the same text layout as CelebA:
 
     ROOT/list_attr_lfwa.txt            (or Anno/): image count, header of 40 names, then
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import ImageFiles, LabelledSplit, find_first, inside
-from flip.datasets.celeba import (
+from flip.benchmarks.base import ImageFiles, LabelledSplit, find_first, inside
+from flip.benchmarks.celeba import (
     CELEBA_SPLITS,
     OUTSIDE_ROOT,
     read_attribute_file,

@@ -25,11 +25,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flip.data.prepare.detect import CASCADES, HaarFaceDetector
-from flip.data.prepare.hygiene import HygieneConfig
-from flip.data.prepare.workers import WorkerDied
-from flip.data.prepare.writer import JobConfig, OutputFolderError, Source, run_job
 from flip.locking import FolderBusyError
+from flip.prepare.detect import CASCADES, HaarFaceDetector
+from flip.prepare.hygiene import HygieneConfig
+from flip.prepare.workers import WorkerDied
+from flip.prepare.writer import JobConfig, OutputFolderError, Source, run_job
 
 __all__ = ["build_parser", "main"]
 
@@ -174,7 +174,7 @@ def _find_captions(images: Path) -> Path:
 
 def make_source(args: argparse.Namespace) -> Source:
     if args.command == "folder":
-        from flip.data.prepare.sources.folder import FolderSource
+        from flip.prepare.sources.folder import FolderSource
 
         return FolderSource(
             args.images,
@@ -185,7 +185,7 @@ def make_source(args: argparse.Namespace) -> Source:
             args.multi_caption,
         )
     if args.command == "facecaption15m":
-        from flip.data.prepare.sources.facecaption import FaceCaptionSource
+        from flip.prepare.sources.facecaption import FaceCaptionSource
 
         return FaceCaptionSource(
             args.parquet,
@@ -197,7 +197,7 @@ def make_source(args: argparse.Namespace) -> Source:
             args.resize_mode,
             workers=args.workers,
         )
-    from flip.data.prepare.sources.celeba import CelebASource
+    from flip.prepare.sources.celeba import CelebASource
 
     return CelebASource(args.root, args.split, args.seed)
 

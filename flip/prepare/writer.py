@@ -32,12 +32,12 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from flip.atomic import TEMP_SUFFIX, atomic_file, write_json_atomic
-from flip.data.prepare.detect import HaarFaceDetector
-from flip.data.prepare.hygiene import REASONS, HygieneConfig, SkipSample, process_image
-from flip.data.prepare.keys import KEY_PATTERN
-from flip.data.prepare.report import REPORT_NAME, SkipLog
-from flip.data.prepare.workers import WorkerDied, WorkerPool
 from flip.locking import hold_lock
+from flip.prepare.detect import HaarFaceDetector
+from flip.prepare.hygiene import REASONS, HygieneConfig, SkipSample, process_image
+from flip.prepare.keys import KEY_PATTERN
+from flip.prepare.report import REPORT_NAME, SkipLog
+from flip.prepare.workers import WorkerDied, WorkerPool
 
 __all__ = ["ImageRef", "Item", "JobConfig", "OutputFolderError", "Source", "run_job", "shard_name"]
 

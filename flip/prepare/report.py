@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from flip.data.prepare.hygiene import REASONS
+from flip.prepare.hygiene import REASONS
 
 __all__ = ["REPORT_NAME", "SkipLog"]
 

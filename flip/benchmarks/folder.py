@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import IMAGE_EXTENSIONS, ImageFiles, LabelledSplit
+from flip.benchmarks.base import IMAGE_EXTENSIONS, ImageFiles, LabelledSplit
 
 SPLIT_DIRS = ("train", "val", "test")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from flip.cli import CONFIG_PATH
+from flip.config import CONFIG_PATH
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_zeroshot")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flip.benchmarks.base import EncodedImages, LabelledSplit
 from flip.data.shard_reader import IMAGE_EXTS, TEXT_EXTS, ShardError, decode_json, iter_tar_samples
-from flip.datasets.base import EncodedImages, LabelledSplit
 
 log = logging.getLogger(__name__)
 

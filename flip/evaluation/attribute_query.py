@@ -1,8 +1,8 @@
 """Zero-shot questions about faces, for people rather than benchmarks.
 
     model = flip.load(CKPT)
-    model.query(["a.jpg", "b.jpg"], ["eyeglasses", "smiling", "blond hair"])  # [2, 3] probabilities
-    model.query(images, choices=["happy", "sad", "angry"])                       # [N, 3], rows sum to 1
+    flip.query(model, ["a.jpg", "b.jpg"], ["eyeglasses", "smiling", "blond hair"])  # [2, 3] probabilities
+    flip.query(model, images, choices=["happy", "sad", "angry"])                       # [N, 3], rows sum to 1
 
 An attribute is answered by the softmax over its positive and negative prompt ensembles
 (flip.evaluation.prompts), a multi-class question by the softmax over one ensemble per

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import (
+from flip.benchmarks.base import (
     OUTSIDE_ROOT,
     ImageFiles,
     LabelledSplit,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from flip.data.prepare.hygiene import SkipSample
+from flip.prepare.hygiene import SkipSample
 
 __all__ = [
     "TABLE_FORMATS",

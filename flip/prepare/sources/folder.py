@@ -9,7 +9,7 @@ row go into the `.json`. Images in the folder that no row mentions are counted a
 `missing_caption`; rows naming an image that does not exist are counted as `missing_image`;
 a row repeating an earlier row's image and caption is counted as `duplicate_row`.
 
-Keys come from the path (see `flip.data.prepare.keys`): `bob.jpg` is `bob`, and a path that
+Keys come from the path (see `flip.prepare.keys`): `bob.jpg` is `bob`, and a path that
 a key cannot spell (`alice/001.jpg`, `a b.jpg`, `张三.jpg`) keeps a readable form plus a hash
 of the path, so distinct images never share a key. The table is checked (it exists, has
 rows, the columns are there and named once) when the source is made, before any output is.
@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flip.data.prepare.keys import disambiguate, safe_key
-from flip.data.prepare.report import SkipLog
-from flip.data.prepare.sources.tables import (
+from flip.prepare.keys import disambiguate, safe_key
+from flip.prepare.report import SkipLog
+from flip.prepare.sources.tables import (
     clean_captions,
     json_safe,
     pick_column,
     read_rows,
     table_columns,
 )
-from flip.data.prepare.writer import RESERVED_KEYS, ImageRef, Item
+from flip.prepare.writer import RESERVED_KEYS, ImageRef, Item
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderSource", "key_from_path"]
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from flip.datasets.base import IMAGE_EXTENSIONS
+from flip.benchmarks.base import IMAGE_EXTENSIONS
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         raise SystemExit(f"--batch-size={args.batch_size} must be >= 1 and --workers={args.workers} >= 0")
-    from flip.evaluation.query import AttributeQuery, ImageItems, check_question
+    from flip.evaluation.attribute_query import AttributeQuery, ImageItems, check_question
     from flip.evaluation.runner import resolve_device
 
     check_question(args.attributes, args.choices)  # before loading anything

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.datasets.base import LabelledSplit, MalformedFileError, PixelArrays, check_split
+from flip.benchmarks.base import LabelledSplit, MalformedFileError, PixelArrays, check_split
 
 FER2013_CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 FER2013_USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}

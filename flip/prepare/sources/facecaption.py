@@ -27,18 +27,18 @@ from typing import Any
 
 import numpy as np
 
-from flip.data.prepare.hygiene import SkipSample
-from flip.data.prepare.report import SkipLog
-from flip.data.prepare.sources.tables import (
+from flip.data.shard_reader import IMAGE_EXTS, decode_json, not_a_tar, split_member_name
+from flip.prepare.hygiene import SkipSample
+from flip.prepare.report import SkipLog
+from flip.prepare.sources.tables import (
     clean_caption,
     json_safe,
     parquet_rows,
     read_rows,
     table_columns,
 )
-from flip.data.prepare.workers import WorkerPool
-from flip.data.prepare.writer import RESERVED_KEYS, ImageRef, Item
-from flip.data.shard_reader import IMAGE_EXTS, decode_json, not_a_tar, split_member_name
+from flip.prepare.workers import WorkerPool
+from flip.prepare.writer import RESERVED_KEYS, ImageRef, Item
 
 __all__ = ["BOX_FORMATS", "RESIZE_MODES", "FaceCaptionSource", "index_tar", "map_box", "parse_box"]
 
