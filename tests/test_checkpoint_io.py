@@ -3,8 +3,8 @@ import pickle
 import pytest
 import torch
 
-from flip.checkpoint import atomic_torch_save
 from flip import checkpoint
+from flip.checkpoint import atomic_torch_save
 from flip.training.checkpoint_io import AtomicCheckpointIO
 
 
