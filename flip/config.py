@@ -1,14 +1,24 @@
-"""OmegaConf resolvers that the Hydra configs in conf/ use; registered on `import flip`."""
+"""What every layer needs from the configuration: where conf/ is, the OmegaConf resolvers the
+YAML files use (registered on `import flip`), and configs as plain Python containers."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["CONFIG_PATH", "__version__", "cpu_precision", "log_rank_suffix", "register_resolvers"]
+__all__ = [
+    "CONFIG_PATH",
+    "__version__",
+    "cpu_precision",
+    "log_rank_suffix",
+    "num_nodes",
+    "plain",
+    "register_resolvers",
+]
 
 __version__ = "0.1.0"
 
@@ -54,8 +64,35 @@ def log_rank_suffix(environ: Mapping[str, str] | None = None) -> str:
     return f".rank{local}" if local else ""
 
 
+def num_nodes(environ: Mapping[str, str] | None = None) -> int:
+    """SLURM_NNODES under SLURM, WORLD_SIZE / LOCAL_WORLD_SIZE under torchrun, else 1."""
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_NNODES"):
+        return int(env["SLURM_NNODES"])
+    if env.get("WORLD_SIZE") and env.get("LOCAL_WORLD_SIZE"):
+        world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+        if world % local:
+            raise ValueError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}")
+        return world // local
+    return 1
+
+
+def plain(cfg: Any) -> Any:
+    """`cfg` with interpolations resolved, as dicts and lists (what hparams, JSON and code that
+    knows nothing of OmegaConf want); anything else is returned as it is."""
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
 def register_resolvers() -> None:
-    """`${cpu_precision:}` and `${log_rank_suffix:}` in a config resolve to the functions of
-    those names; safe to call twice."""
+    """`${cpu_precision:}`, `${log_rank_suffix:}` and `${flip.num_nodes:}` in a config resolve
+    to the functions of those names; safe to call twice (Hydra's multirun trains in one process).
+
+    Lightning detects SLURM and torchrun by itself and takes ranks from them, but it must be
+    told the number of nodes; `${flip.num_nodes:}` in conf/trainer/multinode.yaml reads it from
+    the launcher's environment, so a job script never has to repeat it.
+    """
     OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
     OmegaConf.register_new_resolver("log_rank_suffix", log_rank_suffix, replace=True)
+    OmegaConf.register_new_resolver("flip.num_nodes", num_nodes, replace=True)

@@ -19,7 +19,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 import flip.config  # noqa: F401 (registers ${cpu_precision:})
-from flip.training.launch import register_resolvers
+from flip.config import register_resolvers
 from flip.training.run import validate
 
 from .conftest import ROOT, compose_train_config

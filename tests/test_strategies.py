@@ -24,8 +24,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeed
 from omegaconf import OmegaConf
 
 import flip
+from flip.config import num_nodes, register_resolvers
 from flip.training.deepspeed import DeepSpeedStrategy, consolidate, is_zero_checkpoint
-from flip.training.launch import num_nodes, register_resolvers
 from flip.training.module import FlipLitModule
 from flip.training.optim import optimizer_class
 from flip.training.run import train

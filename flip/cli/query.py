@@ -89,7 +89,9 @@ def _prompts(path: str | None) -> tuple[dict | None, list[str] | None]:
         return None, None
     from omegaconf import OmegaConf
 
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    from flip.config import plain
+
+    data = plain(OmegaConf.load(path))
     if not isinstance(data, dict):
         raise ValueError(f"--prompts {path!r} must be a YAML mapping of name -> phrases")
     templates = data.pop("templates", None)

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flip.benchmarks.base import LabelledSplit
+from flip.config import plain
 from flip.evaluation.features import FeatureCache, SplitFeatures, model_identity, split_features
 from flip.evaluation.linear_probe import linear_probe
 from flip.evaluation.report import write_report
@@ -127,7 +128,7 @@ def skipped_images(*splits: SplitFeatures | None) -> dict[str, dict[str, int]]:
 
 def benchmark_prompts(benchmark: Mapping[str, Any]) -> dict[str, Any]:
     """The zero-shot prompts of a benchmark config: templates, binary, multiclass, classes."""
-    node = OmegaConf.to_container(benchmark, resolve=True) if isinstance(benchmark, DictConfig) else benchmark
+    node = plain(benchmark)
     return {k: node.get(k) for k in ("templates", "binary", "multiclass", "classes")}
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.checkpoint import checkpoint
 
+from flip.config import plain
 from flip.losses import build_loss
 from flip.models import EncoderOutput, FlipModel, build_model
 from flip.models.factory import absolute_model_name
@@ -26,11 +27,6 @@ from flip.training.resume import gather_rng_states, own_rng_state, restore_rng_s
 
 RNG_KEY = "flip_rng_state"
 ZERO3_SCALARS_KEY = "flip_zero3_scalar_parameters"
-
-
-def plain(cfg: Any) -> Any:
-    """OmegaConf nodes to plain containers (checkpoint-safe, JSON-safe)."""
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def module_options(cfg: DictConfig) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flip.benchmarks.shards import read_labelled_shards
 from flip.checkpoint import weights_loaded_after
+from flip.config import register_resolvers
 from flip.data.datamodule import FaceShapesDataModule, ShardDataModule, resolve_shards
 from flip.evaluation.features import split_features
 from flip.evaluation.report import write_report
@@ -27,7 +28,6 @@ from flip.models import FlipModel
 from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.checkpoint_io import AtomicCheckpointIO
 from flip.training.deepspeed import model_for_evaluation
-from flip.training.launch import register_resolvers
 from flip.training.module import FlipLitModule, check_compile_strategy, module_options, zero_stage
 from flip.training.preemption import Preemption
 from flip.training.resume import AUTO, PerRankSeed, resolve_ckpt_path
