@@ -30,10 +30,10 @@ CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
 def cpu_precision() -> str:
     """Lightning precision for CPU training: "bf16-mixed" where the CPU multiplies bf16 natively.
 
-    With AVX512-BF16 or AMX, bf16 autocast runs the towers' matmuls about 2x faster than
-    float32 (0.18 vs 0.43 s per demo step on 2 Zen 5 cores); without them oneDNN emulates
-    bf16 and it is slower than float32, so those CPUs stay on "32-true". Losses run in float32
-    either way (see flip.losses.combined).
+    With AVX512-BF16 or AMX, bf16 autocast runs the towers' matmuls faster than float32
+    (step times: docs/training.md, "The demo recipe"); without them oneDNN emulates bf16 and
+    it is slower than float32, so those CPUs stay on "32-true". Losses run in float32 either
+    way (see flip.losses.combined).
     """
     import torch  # here, not at module level: `import flip` stays light
 

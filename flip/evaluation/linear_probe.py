@@ -30,8 +30,8 @@ from flip.evaluation.metrics import attribute_scores, classification_scores
 DEFAULT_L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
 # below this many multiply-adds per objective evaluation, one CPU thread is faster: the
-# problem is too small to split, and on a busy machine waiting for a second thread costs
-# milliseconds per evaluation (measured 50x slower on 2 oversubscribed cores)
+# problem is too small to split, and on a busy machine waiting for a second thread costs more
+# than the work itself (measured: bench/README.md, "Linear probe")
 SINGLE_THREAD_BELOW = 20_000_000
 
 
@@ -78,8 +78,8 @@ class LogisticRegression:
 def standardizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and (unbiased) standard deviation of the features (1 where constant).
 
-    Two passes in row blocks: torch's column-wise `std` over a tall matrix is an order of
-    magnitude slower than its column-wise `sum` (0.65 s vs 0.03 s at 160k x 512 on one core).
+    Two passes in row blocks: torch's column-wise `std` over a tall matrix is far slower than
+    its column-wise `sum` (timings: bench/README.md, "Linear probe").
     """
     x = x.to(torch.float32)
     mean = x.mean(dim=0)
@@ -129,7 +129,7 @@ class RegularizedLogLoss:
 
         The log-loss of a sample is -log(sigmoid(s * logit)) with s = +1 if present, -1 if
         not: one sigmoid serves the value and the gradient (torch's fused log-loss spends
-        5x longer in its transcendental functions at this size).
+        longer in its transcendental functions at this size: bench/README.md, "Linear probe").
         """
         margin = self._logits(weight, bias).mul_(self.sign)
         p = torch.sigmoid(margin.clamp(min=-80.0))  # sigmoid(-80) is still a normal float32

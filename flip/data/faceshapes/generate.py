@@ -49,7 +49,8 @@ DEFAULT_SPLITS = {"train": 20_000, "val": 1000, "test": 2000}
 MANIFEST = "manifest.json"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # fixed member metadata, so equal samples make byte-identical shards; an int, because a float
-# mtime makes tarfile write a PAX header per member, which readers then parse at ~0.5 ms each
+# mtime makes tarfile write a PAX header per member, which every reader then has to parse
+# (its cost: docs/data.md, "Why FaceShapes looks the way it does")
 _TAR_MTIME = 0
 
 

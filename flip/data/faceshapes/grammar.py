@@ -11,9 +11,9 @@ for 95% of the faces that have them and denied for only 8% of the others; the ob
 the defaults (70% / 22%). A young text tower reads a caption as a bag of words, and "mustache"
 occurs in "with a mustache" and "with no mustache" alike: at the defaults 63% of the captions
 holding the word come with a mustache (35% of all faces have one), at 95/8 87%. The images were
-never the problem (a supervised tiny ViT learns mustache and earrings to 0.96 and 0.98 in 600
-steps); the contrastive signal was. Demo recipe, seed 1: linear probe 0.841 -> 0.905, zero-shot
-0.765 -> 0.832. Naming the obvious ones less often instead cost them their zero-shot accuracy.
+never the problem (a supervised tiny ViT learns mustache and earrings quickly); the contrastive
+signal was. Naming the obvious ones less often instead cost them their zero-shot accuracy. The
+scores before and after: docs/data.md, "Why FaceShapes looks the way it does".
 """
 
 from __future__ import annotations

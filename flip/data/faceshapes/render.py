@@ -5,7 +5,8 @@ the face at 64x64 after JPEG: a feature smaller than a couple of pixels cannot b
 would only add label noise. The small ones are drawn bigger than life and in colours nothing
 else has (full-strength blush, a mustache darker than the hair, gold or turquoise drops, a
 fringe down to the brows). At natural size and colour they stayed near chance in the demo
-model's linear probe: mean balanced accuracy 0.812 over two seeds, 0.853 drawn like this.
+model's linear probe (the scores before and after: docs/data.md, "Why FaceShapes looks the
+way it does").
 
 Shapes are polygons in a unit square; the pose (rotation, scale, shift) is applied to their
 points, so the whole face is drawn once, already posed, at 4x the output size and then
@@ -28,7 +29,7 @@ __all__ = ["IDENTITY_POSE", "render_face"]
 SUPERSAMPLE = 4
 # Zoomed in so the face fills the frame: hat brims and long hair may leave it, but glasses,
 # lipstick and earrings get ~1.7x the pixels they had at 1.1, and the 64 px demo model learns
-# more of them in its budget (zero-shot 0.696 at 1.1, 0.752 at 1.3, 0.783 at 1.45; 1,600 steps)
+# more of them in its budget (zero-shot by zoom: docs/data.md, "Why FaceShapes looks the way it does")
 BASE_ZOOM = 1.45
 ZOOM_CENTER = (0.5, 0.52)  # the layout point that lands at the image centre (before the shift)
 IDENTITY_POSE = {"angle": 0.0, "scale": 1.0, "dx": 0.0, "dy": 0.0}
@@ -378,7 +379,7 @@ def render_face(attributes: Mapping[str, object], rng: random.Random, size: int 
     face.glasses()
     face.earrings()
     face.hat()
-    # reducing_gap: a 2x box reduction first, then LANCZOS; ~2x faster, same look at this size
+    # reducing_gap: a 2x box reduction first, then LANCZOS: less work, the same look at this size
     small = np.asarray(canvas.resize((size, size), Image.LANCZOS, reducing_gap=2.0), dtype=np.int16)
     noise_rng = np.random.default_rng(rng.getrandbits(64))
     sigma = rng.uniform(1.0, 4.0)
