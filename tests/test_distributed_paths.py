@@ -390,8 +390,8 @@ def test_a_matmul_precision_torch_does_not_know_is_refused_before_training():
 def test_the_documented_slurm_script_gives_each_task_its_cpus():
     """Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without SRUN_CPUS_PER_TASK
     (or srun --cpus-per-task) each training process, and all its loader workers, get one core."""
-    readme = (CONF.parent / "README.md").read_text()
-    script = next(block for block in readme.split("```bash") if "#SBATCH" in block).split("```")[0]
+    page = (CONF.parent / "docs" / "training.md").read_text()
+    script = next(block for block in page.split("```bash") if "#SBATCH" in block).split("```")[0]
     assert "#SBATCH --cpus-per-task=" in script
     srun_at = script.index("\nsrun ")
     before, srun_line = script[:srun_at], script[srun_at:].splitlines()[1]

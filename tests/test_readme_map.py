@@ -67,6 +67,19 @@ def test_every_folder_has_a_line_in_the_map():
     assert not unmapped, "folders without a line in the README's map: " + ", ".join(unmapped)
 
 
+def test_every_module_in_the_data_flow_picture_exists():
+    text = README.read_text()
+    picture = re.search(r"^## Data flow\n.*?^```\n(.*?)^```", text, flags=re.M | re.S)
+    assert picture, "README.md has no '## Data flow' picture"
+    paths = re.findall(r"\b(flip/[\w/]*\w(?:\.py)?/?)", picture.group(1))
+    files = re.findall(r"(?<![\w/])(\w+\.py)\b", picture.group(1))  # named without their folder
+    assert len(paths) >= 8 and files, "the data flow picture names too few modules to be a map"
+    missing = [path for path in paths if not (ROOT / path).exists()]
+    python_files = {f.name for f in ROOT.rglob("*.py") if ".venv" not in f.parts}
+    missing += [name for name in files if name not in python_files]
+    assert not missing, "the data flow picture names modules that do not exist: " + ", ".join(missing)
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
