@@ -39,7 +39,7 @@ from webdataset.tariterators import tar_file_expander  # noqa: E402
 from flip.atomic import atomic_file  # noqa: E402
 from flip.data.faceshapes.generate import make_sample  # noqa: E402
 from flip.data.pipeline import EpochSeed, SampleTransform, make_loader, train_pipeline  # noqa: E402
-from flip.data.shard_reader import IMAGE_EXTS, TEXT_EXTS, split_member_name  # noqa: E402
+from flip.data.shards import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, split_member_name  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -79,7 +79,7 @@ def image_or_caption(name: str) -> bool:
     default handlers, which unpickle `.pyd`/`.pickle` and `torch.load` `.pth` members, so no other
     member may reach it (the shards are cached in a shared temp folder and reused)."""
     parts = split_member_name(name)
-    return parts is not None and parts[1] in (*IMAGE_EXTS, *TEXT_EXTS)
+    return parts is not None and parts[1] in (*IMAGE_EXTENSIONS, *CAPTION_EXTENSIONS)
 
 
 def open_clip_loader(urls, preprocess, tokenizer, args):

@@ -241,7 +241,7 @@ def _blocks_on_last(task: str) -> str:
 
 
 def test_a_worker_killed_while_the_last_task_is_in_flight_raises_at_once(tmp_path):
-    from flip.prepare.workers import WorkerDied, WorkerPool
+    from flip.data.workers import WorkerDied, WorkerPool
 
     marker = tmp_path / "pid"
 

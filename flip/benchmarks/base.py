@@ -20,7 +20,6 @@ from PIL import Image
 
 TASKS = ("attributes", "classification")
 OUTSIDE_ROOT = "path_outside_root"  # skip reason: a listed image name leads outside its folder
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 class MalformedFileError(ValueError):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flip.benchmarks.base import OUTSIDE_ROOT, inside
+from flip.data.shards import is_image_file
 
 __all__ = [
     "CELEBA_ATTRIBUTES",
@@ -254,7 +255,7 @@ def check_attribute_names(names: Sequence[str], path: str | os.PathLike, line: i
 
 
 def _looks_like_file(token: str) -> bool:
-    return token.lower().endswith((".jpg", ".png", ".jpeg"))
+    return is_image_file(token)
 
 
 def read_partition_file(path: str | os.PathLike) -> dict[str, str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.benchmarks.base import IMAGE_EXTENSIONS, ImageFiles, LabelledSplit
+from flip.benchmarks.base import ImageFiles, LabelledSplit
+from flip.data.shards import IMAGE_SUFFIXES, is_image_file
 
 SPLIT_DIRS = ("train", "val", "test")
 
@@ -27,7 +28,7 @@ def folder_splits(root: str | os.PathLike) -> dict[str, Path]:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in folder.rglob("*") if is_image_file(p.name) and p.is_file())
 
 
 def read_folder(root: str | os.PathLike, split: str) -> LabelledSplit:
@@ -49,7 +50,7 @@ def read_folder(root: str | os.PathLike, split: str) -> LabelledSplit:
         labels += [index] * len(found)
     if not paths:
         raise FileNotFoundError(
-            f"folder benchmark: no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(splits[split])!r}"
+            f"folder benchmark: no images ({', '.join(IMAGE_SUFFIXES)}) under {str(splits[split])!r}"
         )
     return LabelledSplit(
         benchmark="folder",

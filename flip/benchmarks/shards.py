@@ -1,9 +1,10 @@
 """Labelled webdataset shards (FaceShapes, or img2dataset output with labels in `.json`) as a split.
 
-Each sample is `{key}.jpg` (or png/webp), `{key}.txt` (caption) and `{key}.json` (labels).
+Each sample is `{key}.jpg` (or another of `IMAGE_EXTENSIONS`), `{key}.txt` (caption) and
+`{key}.json` (labels).
 Encoded images are held in memory (a few KB each), so features can be extracted by any
 loader without re-reading the tars. A sample lacking an image or readable labels is skipped
-and counted, as training skips it. Shards are read by `flip.data.shard_reader`, as training
+and counted, as training skips it. Shards are read by `flip.data.shards`, as training
 reads them: only images, captions and `.json` are read, and `.json` is parsed by `json.loads`;
 no other member (`.pyd`, `.pth`, ... which webdataset would unpickle) is touched.
 """
@@ -18,7 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from flip.benchmarks.base import EncodedImages, LabelledSplit
-from flip.data.shard_reader import IMAGE_EXTS, TEXT_EXTS, ShardError, decode_json, iter_tar_samples
+from flip.data.shards import (
+    CAPTION_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    METADATA_MEMBER,
+    ShardError,
+    decode_json,
+    iter_tar_samples,
+    pick,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +63,9 @@ def read_labelled_shards(
     blobs, keys, captions, targets, answers, skipped = [], [], [], [], {q: [] for q in questions}, 0
     for url in urls:
         for key, sample in _samples(url):
-            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            image = pick(sample, IMAGE_EXTENSIONS)
             try:
-                meta = decode_json(sample["json"])
+                meta = decode_json(sample[METADATA_MEMBER])
                 row = [-1 if meta.get(a) is None else int(bool(meta[a])) for a in attributes]
                 answer = {q: _class_index(meta.get(q), c) for q, c in questions.items()}
             except (KeyError, ValueError, TypeError) as exc:
@@ -67,7 +76,7 @@ def read_labelled_shards(
                 continue
             blobs.append(image)
             keys.append(key)
-            text = next((sample[e] for e in TEXT_EXTS if e in sample), b"")
+            text = pick(sample, CAPTION_EXTENSIONS) or b""
             captions.append(text.decode("utf-8", errors="replace"))
             targets.append(row)
             for q in questions:

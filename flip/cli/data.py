@@ -25,10 +25,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flip.data.workers import WorkerDied
 from flip.locking import FolderBusyError
 from flip.prepare.detect import CASCADES, HaarFaceDetector
 from flip.prepare.hygiene import HygieneConfig
-from flip.prepare.workers import WorkerDied
 from flip.prepare.writer import JobConfig, OutputFolderError, Source, run_job
 
 __all__ = ["build_parser", "main"]

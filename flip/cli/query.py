@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from flip.benchmarks.base import IMAGE_EXTENSIONS
+from flip.data.shards import is_image_file
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
@@ -41,7 +41,7 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
         path = Path(item)
         found = []
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found = sorted(p for p in path.rglob("*") if is_image_file(p.name) and p.is_file())
         out += [str(p) for p in found] or [item]
     return out
 

@@ -17,9 +17,8 @@ import lightning as L
 from webdataset.shardlists import expand_urls
 
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
+from flip.data.shards import MARKER, REPORT_NAME, STATS_SUFFIX
 from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS
-from flip.prepare.report import REPORT_NAME
-from flip.prepare.writer import MARKER
 
 if TYPE_CHECKING:  # data sits below models: the model is handed in, never imported
     from flip.models.flip_model import FlipModel
@@ -30,7 +29,7 @@ def _is_flip_data_output(folder: str) -> bool:
     `digest` of its inputs beside each shard; img2dataset's stats files have no such field."""
     if os.path.exists(os.path.join(folder, MARKER)):
         return True
-    for path in sorted(glob.glob(os.path.join(folder, "*_stats.json")))[:3]:
+    for path in sorted(glob.glob(os.path.join(folder, f"*{STATS_SUFFIX}")))[:3]:
         try:
             with open(path, encoding="utf-8") as f:
                 stats = json.load(f)

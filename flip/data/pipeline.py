@@ -6,7 +6,7 @@ Evaluation reads every sample once; across ranks in equal shares, so that ranks 
 all-gather in `validation_step` stay in step.
 
 Every pipeline reads shards through `ReadShards` and decodes through `DecodeSamples`, which use
-`flip.data.shard_reader` only: images, captions and `.json`, never webdataset's default
+`flip.data.shards` only: images, captions and `.json`, never webdataset's default
 decoders (which unpickle `.pyd`/`.pth`/... members).
 """
 
@@ -25,7 +25,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
-from flip.data.shard_reader import ShardError, decode_sample, iter_tar_samples
+from flip.data.shards import ShardError, decode_sample, iter_tar_samples
 from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS, NoUsableSamples, SkipCounter, skip_reason
 
 __all__ = [
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 class ReadShards(wds.PipelineStage):
-    """Shard urls -> samples of raw bytes, holding only the members FLIP decodes (`shard_reader`).
+    """Shard urls -> samples of raw bytes, holding only the members FLIP decodes (`shards.reading`).
 
     Replaces webdataset's `tarfile_to_samples`, so no member beyond images, captions and `.json`
     is even read, and a damaged shard is counted under its own reason (`not_a_tar`,
@@ -70,7 +70,7 @@ PAD = "__pad__"
 
 
 class DecodeSamples(wds.PipelineStage):
-    """Raw samples -> transformed ones, through `shard_reader.decode_sample` only.
+    """Raw samples -> transformed ones, through `shards.decode_sample` only.
 
     This is the one decoding step of every pipeline: images by PIL, captions as UTF-8, `.json`
     by `json.loads` (with `with_json`), nothing else. A sample that fails is counted by `skips`

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from flip.data.shard_reader import IMAGE_EXTS, TEXT_EXTS, SampleError, ShardError
+from flip.data.shards import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SampleError, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,6 @@ class SkipCounter:
         raise NoUsableSamples(
             f"no usable (image, caption) samples: {why}. Shards: {names}. Skipped {self.skipped} "
             f"by reason: {self.summary()}. First of each: {examples}. A usable sample is a tar member "
-            f"group with an image ({'/'.join(IMAGE_EXTS)}) and a UTF-8 caption "
-            f"({'/'.join(TEXT_EXTS)}), as img2dataset and flip-data write them."
+            f"group with an image ({'/'.join(IMAGE_EXTENSIONS)}) and a UTF-8 caption "
+            f"({'/'.join(CAPTION_EXTENSIONS)}), as img2dataset and flip-data write them."
         )

@@ -1,9 +1,10 @@
-"""Worker processes for `flip-data` that die with their parent and whose death ends the run.
+"""Worker processes for the shard writers (FaceShapes, `flip-data`) that die with their parent and
+whose death ends the run.
 
-`concurrent.futures.ProcessPoolExecutor` fits neither failure a data job meets: workers
-outlive a parent killed with SIGKILL (re-parented, still holding memory and writing), and a
-worker killed mid-task (the kernel's OOM killer) can leave the parent waiting forever on the
-shared queues, whose locks the dead worker held. Here every worker has its own pipe, so
+`concurrent.futures.ProcessPoolExecutor` and `multiprocessing.Pool` fit neither failure a data
+job meets: workers outlive a parent killed with SIGKILL (re-parented, still holding memory and
+writing), and a worker killed mid-task (the kernel's OOM killer) can leave the parent waiting
+forever on the shared queues, whose locks the dead worker held. Here every worker has its own pipe, so
 nothing is shared that a death could leave locked, and the parent waits on the pipes and
 the processes' sentinels together: a dead worker is seen at once and ends the run with
 `WorkerDied`. Each worker asks the kernel to kill it when its parent dies

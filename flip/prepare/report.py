@@ -2,7 +2,8 @@
 
 Every sample that does not make it into a shard is counted under one reason (see
 `hygiene.REASONS`), with a few examples per reason, so a user can tell a handful of broken
-downloads from a systematic problem (a wrong column name, boxes in the wrong format).
+downloads from a systematic problem (a wrong column name, boxes in the wrong format). The
+report's file name is part of the output folder's layout (`flip.data.shards.REPORT_NAME`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from typing import Any
 
 from flip.prepare.hygiene import REASONS
 
-__all__ = ["REPORT_NAME", "SkipLog"]
+__all__ = ["SkipLog"]
 
-REPORT_NAME = "report.json"
 EXAMPLES_PER_REASON = 10
 
 

@@ -11,14 +11,18 @@ do not change it), and rewrites any shard whose inputs or settings changed.
 
 A run holds a lock on its output folder (`flip.locking`): a second run on the same folder is
 refused, naming the first, instead of both deleting each other's temporary files. Workers
-die with the run (`workers.WorkerPool`), and a dead worker stops the run at once with
-`WorkerDied`; every finished shard is kept, so rerunning the same command resumes.
+die with the run (`flip.data.workers.WorkerPool`), and a dead worker stops the run at once
+with `WorkerDied`; every finished shard is kept, so rerunning the same command resumes.
+
+The job is four steps, one function each: `_plan` (cut the stream into shards and find those
+already finished), `_write_shards` (write the others, in order or on workers), `_remove_stale`
+and `_report`. How a shard's bytes are written, and the output folder's names, are the shared
+shard I/O's (`flip.data.shards`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -31,13 +35,24 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from flip.atomic import TEMP_SUFFIX, atomic_file, write_json_atomic
+from flip.atomic import TEMP_SUFFIX, write_json_atomic
+from flip.data.shards import (
+    CAPTION_MEMBER,
+    IMAGE_MEMBER,
+    MARKER,
+    METADATA_MEMBER,
+    PAX_MTIME,
+    REPORT_NAME,
+    STATS_SUFFIX,
+    fingerprint,
+    write_shard,
+)
+from flip.data.workers import WorkerDied, WorkerPool
 from flip.locking import hold_lock
 from flip.prepare.detect import HaarFaceDetector
 from flip.prepare.hygiene import REASONS, HygieneConfig, SkipSample, process_image
 from flip.prepare.keys import KEY_PATTERN
-from flip.prepare.report import REPORT_NAME, SkipLog
-from flip.prepare.workers import WorkerDied, WorkerPool
+from flip.prepare.report import SkipLog
 
 __all__ = ["ImageRef", "Item", "JobConfig", "OutputFolderError", "Source", "run_job", "shard_name"]
 
@@ -45,10 +60,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "1"  # bump when the bytes written for the same item and settings change
 RESERVED_KEYS = ("key", "caption", "source", "width", "height", "original_width", "original_height", "crop")
-MARKER = ".flip-data"
 LOCK = ".flip-data.lock"
 _SHARD = re.compile(r"^(\d{5,})\.tar$")
-_TAR_MTIME = 0.0  # fixed member metadata: equal inputs give byte-identical shards
 
 
 class OutputFolderError(RuntimeError):
@@ -146,20 +159,12 @@ def shard_name(index: int) -> str:
 
 
 def _stats_path(output: Path, index: int) -> Path:
-    return output / f"{index:05d}_stats.json"
+    return output / f"{index:05d}{STATS_SUFFIX}"
 
 
 def _digest(config: dict[str, Any], items: list[Item]) -> str:
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for item in items:
-        h.update(
-            json.dumps(
-                [item.key, asdict(item.image), item.caption, item.metadata, item.box],
-                sort_keys=True,
-                default=str,
-            ).encode()
-        )
-    return h.hexdigest()[:24]
+    records = ([item.key, asdict(item.image), item.caption, item.metadata, item.box] for item in items)
+    return fingerprint([config, *records], length=24)
 
 
 def _finished(output: Path, index: int, digest: str) -> dict | None:
@@ -200,35 +205,31 @@ def _sample_json(item: Item, processed) -> bytes:
     return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
 
 
-def write_shard(task: _ShardTask) -> dict[str, Any]:
-    """Reads, cleans and writes one shard; never raises for a bad sample (it is counted)."""
-    from webdataset import TarWriter
+def _samples(task: _ShardTask, skips: SkipLog) -> Iterator[dict[str, Any]]:
+    """The shard's items read and cleaned into samples; a bad one is counted in `skips`, never raised."""
+    for item in task.items:
+        try:
+            processed = process_image(item.image.read(), task.hygiene, item.box, task.detector)
+        except SkipSample as skip:
+            skips.add(skip.reason, item.key, f"{item.image.describe()}: {skip.detail}")
+            continue
+        except Exception as exc:  # an unforeseen decoder failure costs one sample, not the run
+            skips.add("corrupt_image", item.key, f"{item.image.describe()}: {type(exc).__name__}: {exc}")
+            continue
+        yield {
+            "__key__": item.key,
+            IMAGE_MEMBER: processed.jpeg,
+            CAPTION_MEMBER: item.caption.encode("utf-8"),
+            METADATA_MEMBER: _sample_json(item, processed),
+        }
 
+
+def make_shard(task: _ShardTask) -> dict[str, Any]:
+    """Reads, cleans and writes one shard, then its stats file (last: it marks the shard finished)."""
     skips = SkipLog()
-    written = 0
     final = task.output / shard_name(task.index)
-    with (
-        atomic_file(final, "wb") as stream,
-        TarWriter(stream, encoder=False, mtime=_TAR_MTIME, user="flip", group="flip") as sink,
-    ):
-        for item in task.items:
-            try:
-                processed = process_image(item.image.read(), task.hygiene, item.box, task.detector)
-            except SkipSample as skip:
-                skips.add(skip.reason, item.key, f"{item.image.describe()}: {skip.detail}")
-                continue
-            except Exception as exc:  # an unforeseen decoder failure costs one sample, not the run
-                skips.add("corrupt_image", item.key, f"{item.image.describe()}: {type(exc).__name__}: {exc}")
-                continue
-            sink.write(
-                {
-                    "__key__": item.key,
-                    "jpg": processed.jpeg,
-                    "txt": item.caption.encode("utf-8"),
-                    "json": _sample_json(item, processed),
-                }
-            )
-            written += 1
+    # PAX_MTIME: the bytes this writer's VERSION has always written
+    written = write_shard(final, _samples(task, skips), mtime=PAX_MTIME)
     stats = {
         "shard": final.name,
         "digest": task.digest,
@@ -236,7 +237,7 @@ def write_shard(task: _ShardTask) -> dict[str, Any]:
         "written": written,
         "skipped": skips.to_json(),
     }
-    write_json_atomic(_stats_path(task.output, task.index), stats)  # last: marks the shard finished
+    write_json_atomic(_stats_path(task.output, task.index), stats)
     return stats
 
 
@@ -281,18 +282,25 @@ def _check_output(output: Path) -> None:
 
     The first run marks the folder as flip-data's (`.flip-data`); any shard in a marked folder,
     even one whose stats file a crash kept from being written, is then flip-data's to redo.
+    An unwritable folder raises OutputFolderError.
     """
     marker = output / MARKER
-    if not marker.is_file():
-        foreign = sorted(p.name for p in output.glob("*.tar"))
-        if foreign:
-            raise FileExistsError(
-                f"output folder {str(output)!r} holds .tar files that flip-data did not write "
-                f"(e.g. {foreign[0]!r}); choose an empty or new --output"
-            )
-        marker.write_text("shards in this folder are written by flip-data; it may replace them\n")
-    for leftover in output.glob(f".*{TEMP_SUFFIX}"):  # half-written files of a killed run
-        leftover.unlink(missing_ok=True)
+    try:
+        if not marker.is_file():
+            foreign = sorted(p.name for p in output.glob("*.tar"))
+            if foreign:
+                raise FileExistsError(
+                    f"output folder {str(output)!r} holds .tar files that flip-data did not write "
+                    f"(e.g. {foreign[0]!r}); choose an empty or new --output"
+                )
+            marker.write_text("shards in this folder are written by flip-data; it may replace them\n")
+        for leftover in output.glob(f".*{TEMP_SUFFIX}"):  # half-written files of a killed run
+            leftover.unlink(missing_ok=True)
+    except PermissionError as exc:
+        raise OutputFolderError(
+            f"cannot write to output folder {str(output)!r} ({exc.strerror}); "
+            "choose a folder you can write to with --output"
+        ) from None
 
 
 def _remove_stale(output: Path, count: int) -> list[str]:
@@ -311,6 +319,135 @@ def _describe_task(task: _ShardTask) -> str:
     return f"shard {shard_name(task.index)}"
 
 
+def _plan(source: Source, config: JobConfig, output: Path, skips: SkipLog) -> Iterator[_ShardTask | dict]:
+    """Shard by shard, in order: a task to write it, or the stats of its finished earlier write.
+
+    Records the source cannot turn into items, and duplicate keys, go to `skips` as the stream
+    is read (lazily: a shard is planned only when a worker is free for it).
+    """
+    settings = config.fingerprint()
+    for index, chunk in enumerate(_chunks(source.items(skips), config.samples_per_shard, skips)):
+        digest = _digest(settings, chunk)
+        done = _finished(output, index, digest)
+        yield (
+            done
+            if done is not None
+            else _ShardTask(index, chunk, digest, output, config.hygiene, config.detector)
+        )
+
+
+@dataclass
+class _Tally:
+    """Stats of every finished shard (resumed or written) and the skips inside them."""
+
+    stats: dict[int, dict] = field(default_factory=dict)
+    skips: SkipLog = field(default_factory=SkipLog)
+    resumed: int = 0
+
+    def add(self, index: int, stats: dict, resumed: bool) -> None:
+        self.stats[index] = stats
+        self.skips.merge(stats["skipped"])
+        self.resumed += resumed
+
+    def count(self, field_name: str) -> int:
+        return sum(s[field_name] for s in self.stats.values())
+
+
+class _Progress:
+    """The bar counts records: items handed to workers plus records skipped while reading."""
+
+    def __init__(self, source: Source, plan_skips: SkipLog, enabled: bool) -> None:
+        self.source, self.plan_skips, self.counted_plan_skips = source, plan_skips, 0
+        self.bar = tqdm(
+            total=source.total(),
+            desc=f"flip-data {source.command}",
+            unit="img",
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
+
+    def advance(self, items: int, tally: _Tally) -> None:
+        total = self.source.total()  # some sources only know it once they have read their tables
+        if total != self.bar.total:
+            self.bar.total = total
+            self.bar.refresh()
+        self.bar.update(items + self.plan_skips.total - self.counted_plan_skips)
+        self.counted_plan_skips = self.plan_skips.total
+        self.bar.set_postfix(
+            written=tally.count("written"), skipped=self.plan_skips.total + tally.skips.total
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _write_shards(
+    plan: Iterator[_ShardTask | dict], config: JobConfig, output: Path, progress: _Progress
+) -> _Tally:
+    """Writes the planned shards (in order with one worker, else as workers finish them)."""
+    tally = _Tally()
+
+    def record(index: int, stats: dict, resumed: bool = False) -> None:
+        tally.add(index, stats, resumed)
+        progress.advance(stats["items"], tally)
+
+    def to_write() -> Iterator[_ShardTask]:
+        for index, task in enumerate(plan):
+            if isinstance(task, _ShardTask):
+                yield task
+            else:
+                record(index, task, resumed=True)
+
+    if config.workers == 1:
+        for task in to_write():
+            record(task.index, make_shard(task))
+    else:
+        try:
+            with WorkerPool(make_shard, config.workers, _describe_task) as pool:
+                for task, stats in pool.imap_unordered(to_write()):  # one task per worker in flight
+                    record(task.index, stats)
+        except WorkerDied as exc:
+            raise WorkerDied(
+                f"{exc}. The run stopped; the {len(tally.stats)} shard(s) finished in "
+                f"{str(output)!r} are kept: rerun the same command to resume"
+            ) from None
+    progress.advance(0, tally)  # records skipped after the last shard's items
+    return tally
+
+
+def _report(
+    source: Source,
+    config: JobConfig,
+    output: Path,
+    tally: _Tally,
+    skips: SkipLog,
+    removed: list[str],
+    seconds: float,
+) -> dict[str, Any]:
+    """What the run did, for `report.json`: settings, shards, and skips by reason with examples."""
+    count = len(tally.stats)
+    return {
+        "command": source.command,
+        "source": source.describe(),
+        "settings": {
+            **config.fingerprint(),
+            "samples_per_shard": config.samples_per_shard,
+            "workers": config.workers,
+        },
+        "output": str(output.resolve()),
+        "shards": [shard_name(i) for i in range(count)],
+        "samples": {"written": tally.count("written"), "skipped": skips.total, "items": tally.count("items")},
+        "skipped_by_reason": dict(sorted(skips.counts.items())),
+        "reasons": {reason: REASONS[reason] for reason in sorted(skips.counts)},
+        "examples": skips.to_json()["examples"],
+        "shards_resumed": tally.resumed,
+        "shards_written": count - tally.resumed,
+        "stale_shards_removed": removed,
+        "seconds": round(seconds, 2),
+    }
+
+
 def run_job(source: Source, config: JobConfig) -> dict[str, Any]:
     """Writes every shard of `source` into `config.output` and returns (and writes) the report.
 
@@ -319,127 +456,33 @@ def run_job(source: Source, config: JobConfig) -> dict[str, Any]:
     """
     output = Path(config.output)
     with _own_output(output):
-        return _run_locked(source, config, output)
-
-
-def _run_locked(source: Source, config: JobConfig, output: Path) -> dict[str, Any]:
-    start = time.time()
-    try:
+        start = time.time()
         _check_output(output)
-    except PermissionError as exc:
-        raise OutputFolderError(
-            f"cannot write to output folder {str(output)!r} ({exc.strerror}); "
-            "choose a folder you can write to with --output"
-        ) from None
-    fingerprint = config.fingerprint()
-    plan_skips, shard_skips = SkipLog(), SkipLog()
-    shard_stats: dict[int, dict] = {}
-    resumed = 0
+        plan_skips = SkipLog()
+        progress = _Progress(source, plan_skips, config.progress)
+        try:
+            tally = _write_shards(_plan(source, config, output, plan_skips), config, output, progress)
+        finally:
+            progress.close()
+        removed = _remove_stale(output, len(tally.stats))
+        skips = SkipLog()
+        skips.merge(plan_skips)
+        skips.merge(tally.skips)
+        report = _report(source, config, output, tally, skips, removed, time.time() - start)
+        write_json_atomic(output / REPORT_NAME, report)
+        _log_summary(report, output)
+    return report
 
-    def tasks() -> Iterator[_ShardTask | dict]:
-        for index, chunk in enumerate(
-            _chunks(source.items(plan_skips), config.samples_per_shard, plan_skips)
-        ):
-            digest = _digest(fingerprint, chunk)
-            done = _finished(output, index, digest)
-            yield (
-                done
-                if done is not None
-                else _ShardTask(index, chunk, digest, output, config.hygiene, config.detector)
-            )
 
-    bar = tqdm(
-        total=source.total(),
-        desc=f"flip-data {source.command}",
-        unit="img",
-        file=sys.stderr,
-        disable=not config.progress,
-        dynamic_ncols=True,
-    )
-
-    counted_plan_skips = 0
-
-    def advance(items: int) -> None:
-        """The bar counts records: items handed to workers plus records skipped while reading."""
-        nonlocal counted_plan_skips
-        total = source.total()  # some sources only know it once they have read their tables
-        if total != bar.total:
-            bar.total = total
-            bar.refresh()
-        bar.update(items + plan_skips.total - counted_plan_skips)
-        counted_plan_skips = plan_skips.total
-        written = sum(s["written"] for s in shard_stats.values())
-        bar.set_postfix(written=written, skipped=plan_skips.total + shard_skips.total)
-
-    def record(index: int, stats: dict) -> None:
-        shard_stats[index] = stats
-        shard_skips.merge(stats["skipped"])
-        advance(stats["items"])
-
-    with bar:
-        if config.workers == 1:
-            for index, task in enumerate(tasks()):
-                if isinstance(task, dict):
-                    resumed += 1
-                    record(index, task)
-                else:
-                    record(index, write_shard(task))
-        else:
-
-            def to_write() -> Iterator[_ShardTask]:
-                nonlocal resumed
-                for index, task in enumerate(tasks()):
-                    if isinstance(task, dict):
-                        resumed += 1
-                        record(index, task)
-                    else:
-                        yield task
-
-            try:
-                with WorkerPool(write_shard, config.workers, _describe_task) as pool:
-                    for task, stats in pool.imap_unordered(to_write()):  # one task per worker in flight
-                        record(task.index, stats)
-            except WorkerDied as exc:
-                raise WorkerDied(
-                    f"{exc}. The run stopped; the {len(shard_stats)} shard(s) finished in {str(output)!r} "
-                    "are kept: rerun the same command to resume"
-                ) from None
-        advance(0)  # records skipped after the last shard's items
-
-    count = len(shard_stats)
-    removed = _remove_stale(output, count)
-    skips = SkipLog()
-    skips.merge(plan_skips)
-    skips.merge(shard_skips)
-    written = sum(s["written"] for s in shard_stats.values())
-    report = {
-        "command": source.command,
-        "source": source.describe(),
-        "settings": {**fingerprint, "samples_per_shard": config.samples_per_shard, "workers": config.workers},
-        "output": str(output.resolve()),
-        "shards": [shard_name(i) for i in range(count)],
-        "samples": {
-            "written": written,
-            "skipped": skips.total,
-            "items": sum(s["items"] for s in shard_stats.values()),
-        },
-        "skipped_by_reason": dict(sorted(skips.counts.items())),
-        "reasons": {reason: REASONS[reason] for reason in sorted(skips.counts)},
-        "examples": skips.to_json()["examples"],
-        "shards_resumed": resumed,
-        "shards_written": count - resumed,
-        "stale_shards_removed": removed,
-        "seconds": round(time.time() - start, 2),
-    }
-    write_json_atomic(output / REPORT_NAME, report)
+def _log_summary(report: dict[str, Any], output: Path) -> None:
+    skipped = report["skipped_by_reason"]
     log.info(
         "flip-data %s: %d samples written to %d shards in %s (%d skipped: %s; %d shards already done)",
-        source.command,
-        written,
-        count,
+        report["command"],
+        report["samples"]["written"],
+        len(report["shards"]),
         output,
-        skips.total,
-        ", ".join(f"{k} {v}" for k, v in sorted(skips.counts.items())) or "none",
-        resumed,
+        report["samples"]["skipped"],
+        ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none",
+        report["shards_resumed"],
     )
-    return report

@@ -15,16 +15,13 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import random
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import textwrap
 import uuid
@@ -34,12 +31,21 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
-from webdataset import TarWriter
 
 from flip.data.captions import CaptionGrammar
 from flip.data.faceshapes.attributes import sample_attributes
 from flip.data.faceshapes.grammar import FACESHAPES_GRAMMAR
 from flip.data.faceshapes.render import render_face
+from flip.data.shards import (
+    CAPTION_MEMBER,
+    IMAGE_MEMBER,
+    METADATA_MEMBER,
+    decode_sample,
+    fingerprint,
+    iter_tar_samples,
+    write_shard,
+)
+from flip.data.workers import WorkerPool
 from flip.locking import hold_lock
 
 __all__ = ["DEFAULT_SPLITS", "VERSION", "FaceShapesManifest", "ensure_faceshapes", "make_sample"]
@@ -48,10 +54,6 @@ VERSION = "4"  # bump whenever sampling, rendering or captions change what gets 
 DEFAULT_SPLITS = {"train": 20_000, "val": 1000, "test": 2000}
 MANIFEST = "manifest.json"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-# fixed member metadata, so equal samples make byte-identical shards; an int, because a float
-# mtime makes tarfile write a PAX header per member, which every reader then has to parse
-# (its cost: docs/data.md, "Why FaceShapes looks the way it does")
-_TAR_MTIME = 0
 
 
 @dataclass
@@ -121,20 +123,24 @@ def make_sample(split: str, index: int, seed: int, image_size: int = 112, jpeg_q
     }
     return {
         "__key__": key,
-        "jpg": buffer.getvalue(),
-        "txt": caption.text.encode("utf-8"),
-        "json": json.dumps(record, sort_keys=True).encode("utf-8"),
+        IMAGE_MEMBER: buffer.getvalue(),
+        CAPTION_MEMBER: caption.text.encode("utf-8"),
+        METADATA_MEMBER: json.dumps(record, sort_keys=True).encode("utf-8"),
     }
 
 
 def _write_shard(task: tuple[str, str, int, int, dict]) -> int:
     path, split, start, stop, params = task
-    with TarWriter(path, encoder=False, mtime=_TAR_MTIME, user="flip", group="flip") as sink:
-        for index in range(start, stop):
-            sink.write(
-                make_sample(split, index, params["seed"], params["image_size"], params["jpeg_quality"])
-            )
-    return stop - start
+    samples = (
+        make_sample(split, index, params["seed"], params["image_size"], params["jpeg_quality"])
+        for index in range(start, stop)
+    )
+    return write_shard(path, samples)
+
+
+def _describe_task(task: tuple[str, str, int, int, dict]) -> str:
+    path, split, start, stop, _ = task
+    return f"FaceShapes {split} samples {start}..{stop - 1} ({os.path.basename(path)})"
 
 
 def _params(
@@ -161,16 +167,12 @@ def _params(
     }
 
 
-def _fingerprint(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
-
-def _existing(root: Path, fingerprint: str) -> FaceShapesManifest | None:
+def _existing(root: Path, digest: str) -> FaceShapesManifest | None:
     try:
         manifest = FaceShapesManifest.load(root)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if manifest.fingerprint != fingerprint:
+    if manifest.fingerprint != digest:
         return None
     if not all((root / rel).is_file() for shards in manifest.shards.values() for rel in shards):
         return None
@@ -185,10 +187,8 @@ def _run(tasks: list[tuple[str, str, int, int, dict]], num_workers: int) -> None
             for task in tasks:
                 bar.update(_write_shard(task))
             return
-        # fork: spawned workers would re-import torch through `flip` (seconds each)
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(workers) as pool:
-            for done in pool.imap_unordered(_write_shard, tasks):
+        with WorkerPool(_write_shard, workers, _describe_task) as pool:
+            for _task, done in pool.imap_unordered(tasks):
                 bar.update(done)
 
 
@@ -208,14 +208,14 @@ def ensure_faceshapes(
     """
     root = Path(root).absolute()
     params = _params(splits, samples_per_shard, image_size, seed, jpeg_quality)
-    fingerprint = _fingerprint(params)
-    found = _existing(root, fingerprint)
+    digest = fingerprint([params], length=16)
+    found = _existing(root, digest)
     if found is not None:
         return found
     root.parent.mkdir(parents=True, exist_ok=True)
     # ranks generating the same root take turns; the first writes, the others find its manifest
     with hold_lock(root.parent / f".{root.name}.lock", f"FaceShapes root {str(root)!r}", wait=True):
-        found = _existing(root, fingerprint)  # another process may have finished meanwhile
+        found = _existing(root, digest)  # another process may have finished meanwhile
         if found is not None:
             return found
         for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by killed runs
@@ -235,7 +235,7 @@ def ensure_faceshapes(
                         (str(tmp / rel), split, start, min(start + samples_per_shard, count), params)
                     )
             _run(tasks, num_workers)
-            manifest = FaceShapesManifest(root, dict(params["splits"]), shards, fingerprint, params)
+            manifest = FaceShapesManifest(root, dict(params["splits"]), shards, digest, params)
             (tmp / MANIFEST).write_text(
                 json.dumps(manifest.to_json(), indent=2, sort_keys=True), encoding="utf-8"
             )
@@ -258,16 +258,9 @@ def ensure_faceshapes(
 def _read_samples(urls: list[str], count: int) -> list[tuple[str, Image.Image, str]]:
     samples: list[tuple[str, Image.Image, str]] = []
     for url in urls:
-        fields: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(url) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    fields.setdefault(key, {})[ext] = handle.read()
-        for key, sample in fields.items():
-            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-            samples.append((key, image, sample["txt"].decode("utf-8")))
+        for key, fields in iter_tar_samples(url):
+            sample = decode_sample(fields)
+            samples.append((key, sample["image"], sample["text"]))
             if len(samples) == count:
                 return samples
     return samples

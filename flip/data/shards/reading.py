@@ -3,12 +3,13 @@
 Shards come from the internet (img2dataset downloads, shared datasets), so a member is data,
 never code. webdataset's default decoders map extensions such as `.pyd`, `.pickle`, `.pkl`
 and `.pth` to `pickle.loads` and `torch.load(weights_only=False)`; every FLIP reader
-(training, validation, evaluation and benchmark shards, flip-data inputs) goes through this
-module instead, which knows three kinds of member and nothing else:
+(training, validation, evaluation and benchmark shards, flip-data inputs, the FaceShapes
+preview) goes through this module instead, which knows three kinds of member (`format`) and
+nothing else:
 
-- images (`IMAGE_EXTS`), decoded by PIL;
-- captions (`TEXT_EXTS`), decoded as UTF-8;
-- metadata (`JSON_EXTS`), decoded by `json.loads`.
+- images (`IMAGE_EXTENSIONS`), decoded by PIL;
+- captions (`CAPTION_EXTENSIONS`), decoded as UTF-8;
+- metadata (`METADATA_EXTENSIONS`), decoded by `json.loads`.
 
 Every other member is skipped unread, whatever its name.
 """
@@ -17,37 +18,39 @@ from __future__ import annotations
 
 import io
 import json
-import re
+import os
 import tarfile
-from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
 
 from PIL import Image
 
+from flip.data.shards.format import (
+    CAPTION_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    METADATA_MEMBER,
+    WANTED_EXTENSIONS,
+    split_member_name,
+)
+
 __all__ = [
-    "IMAGE_EXTS",
-    "JSON_EXTS",
-    "TEXT_EXTS",
-    "WANTED_EXTS",
+    "MemberSpan",
     "SampleError",
     "ShardError",
+    "TarIndex",
     "decode_caption",
     "decode_image",
     "decode_json",
     "decode_sample",
     "iter_tar_samples",
+    "locate_members",
     "not_a_tar",
-    "split_member_name",
+    "pick",
 ]
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TEXT_EXTS = ("txt", "text", "caption")
-JSON_EXTS = ("json",)
-WANTED_EXTS = frozenset((*IMAGE_EXTS, *TEXT_EXTS, *JSON_EXTS))
-
 _TAR_BLOCK = 512
-# webdataset's sample key: the member's folder and its file name up to the first dot
-_MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+V = TypeVar("V")
 
 
 class ShardError(Exception):
@@ -64,12 +67,6 @@ class SampleError(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """(sample key, lower-case extension) of a tar member, as webdataset groups members into samples."""
-    match = _MEMBER_NAME.match(name)
-    return None if match is None else (match.group(1), match.group(2).lower())
 
 
 def not_a_tar(head: bytes) -> str | None:
@@ -122,7 +119,7 @@ class _Prefixed(io.RawIOBase):
 
 
 def iter_tar_samples(
-    url: str, read_data: bool = True, wanted: frozenset[str] = WANTED_EXTS
+    url: str, read_data: bool = True, wanted: Collection[str] = WANTED_EXTENSIONS
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of one shard, in order; only `wanted` members are read.
 
@@ -169,6 +166,65 @@ def iter_tar_samples(
             yield key, fields
 
 
+@dataclass(frozen=True)
+class MemberSpan:
+    """Where one member's bytes lie inside an uncompressed tar file, to be read later by offset."""
+
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass
+class TarIndex:
+    """What `locate_members` found in one tar: spans per sample key and extension, the bytes of the
+    members it was asked to read, and what was wrong with the tar (a skip reason, or None)."""
+
+    spans: dict[str, dict[str, MemberSpan]] = field(default_factory=dict)
+    data: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def locate_members(path: str | os.PathLike, wanted: Collection[str], read: Collection[str]) -> TarIndex:
+    """Where each `wanted` member of an uncompressed tar lies, reading the bytes of the `read` ones only.
+
+    For indexing a large tar whose images are fetched later by offset (flip-data's
+    facecaption15m joins img2dataset downloads this way): images are seeked past, not read.
+    Members are grouped by sample key across the whole tar; a later member of the same key and
+    extension replaces an earlier one. `problem` is `not_a_tar` (nothing indexed) or
+    `truncated_tar` (the members before the damage are indexed).
+    """
+    file_size = os.path.getsize(path)
+    found = TarIndex()
+    try:
+        with open(path, "rb") as f:
+            if not_a_tar(f.read(_TAR_BLOCK)) is not None:
+                found.problem = "not_a_tar"
+                return found
+    except OSError:
+        found.problem = "not_a_tar"
+        return found
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > file_size:
+                    found.problem = "truncated_tar"
+                    break
+                parts = split_member_name(info.name)
+                if parts is None or parts[1] not in wanted:
+                    continue
+                key, ext = parts
+                found.spans.setdefault(key, {})[ext] = MemberSpan(info.name, info.offset_data, info.size)
+                if ext in read:
+                    handle = tar.extractfile(info)
+                    found.data.setdefault(key, {})[ext] = handle.read() if handle is not None else b""
+    except (tarfile.ReadError, EOFError, OSError):
+        found.problem = "truncated_tar"
+    return found
+
+
 def decode_image(data: bytes) -> Image.Image:
     """An RGB image decoded (fully, so that a truncated file fails here) by PIL."""
     with Image.open(io.BytesIO(data)) as image:
@@ -187,8 +243,9 @@ def decode_json(data: bytes) -> Any:
     return json.loads(data)
 
 
-def _first(fields: dict[str, bytes], exts: Sequence[str]) -> bytes | None:
-    return next((fields[e] for e in exts if e in fields), None)
+def pick(members: Mapping[str, V], extensions: Sequence[str]) -> V | None:
+    """The member of the first of `extensions` that a sample has (None when it has none of them)."""
+    return next((members[e] for e in extensions if e in members), None)
 
 
 def decode_sample(fields: dict[str, bytes], with_json: bool = False) -> dict[str, Any]:
@@ -197,14 +254,14 @@ def decode_sample(fields: dict[str, bytes], with_json: bool = False) -> dict[str
     Raises `SampleError` (or PIL's error for a bad image) naming what is missing or undecodable.
     The caption is decoded first: it is the cheap check.
     """
-    text, image = _first(fields, TEXT_EXTS), _first(fields, IMAGE_EXTS)
+    text, image = pick(fields, CAPTION_EXTENSIONS), pick(fields, IMAGE_EXTENSIONS)
     if image is None or text is None:
-        missing = "an image (" + "/".join(IMAGE_EXTS) + ")" if image is None else "a caption"
+        missing = "an image (" + "/".join(IMAGE_EXTENSIONS) + ")" if image is None else "a caption"
         raise SampleError("missing_field", f"the sample has no {missing}; members: {sorted(fields)}")
     sample: dict[str, Any] = {"text": decode_caption(text), "image": decode_image(image)}
-    if with_json and "json" in fields:
+    if with_json and METADATA_MEMBER in fields:
         try:
-            sample["json"] = decode_json(fields["json"])
+            sample["json"] = decode_json(fields[METADATA_MEMBER])
         except ValueError as exc:
             raise SampleError("bad_json", f"the .json is not JSON ({exc})") from exc
     return sample

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import os
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from flip.data.shard_reader import IMAGE_EXTS, decode_json, not_a_tar, split_member_name
+from flip.data.shards import IMAGE_EXTENSIONS, METADATA_MEMBER, decode_json, locate_members, pick
+from flip.data.workers import WorkerPool
 from flip.prepare.hygiene import SkipSample
 from flip.prepare.report import SkipLog
 from flip.prepare.sources.tables import (
@@ -37,7 +36,6 @@ from flip.prepare.sources.tables import (
     read_rows,
     table_columns,
 )
-from flip.prepare.workers import WorkerPool
 from flip.prepare.writer import RESERVED_KEYS, ImageRef, Item
 
 __all__ = ["BOX_FORMATS", "RESIZE_MODES", "FaceCaptionSource", "index_tar", "map_box", "parse_box"]
@@ -72,44 +70,18 @@ def index_tar(path: str) -> tuple[dict[str, Download], str | None]:
 
     Returns what was wrong with the tar, as a skip reason: None, `truncated_tar` (members
     before the damage are still indexed) or `not_a_tar`. Only the `.json` members are read
-    here (by `json.loads`, as `flip.data.shard_reader` reads them), and only images are
-    indexed; no other member is read.
+    here (by `json.loads`, through `flip.data.shards`), and only images are indexed; no other
+    member is read.
     """
-    file_size = os.path.getsize(path)
-    members: dict[str, dict[str, tarfile.TarInfo]] = {}
-    json_data: dict[str, bytes] = {}
-    try:
-        with open(path, "rb") as f:
-            if not_a_tar(f.read(512)) is not None:
-                return {}, "not_a_tar"
-    except OSError:
-        return {}, "not_a_tar"
-    problem = None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                if info.offset_data + info.size > file_size:
-                    problem = "truncated_tar"
-                    break
-                parts = split_member_name(info.name)
-                if parts is None or parts[1] not in (*IMAGE_EXTS, "json"):
-                    continue
-                key, ext = parts
-                members.setdefault(key, {})[ext] = info
-                if ext == "json":
-                    handle = tar.extractfile(info)
-                    json_data[key] = handle.read() if handle is not None else b""
-    except (tarfile.ReadError, EOFError, OSError):
-        problem = "truncated_tar"
+    found = locate_members(path, wanted=(*IMAGE_EXTENSIONS, METADATA_MEMBER), read=(METADATA_MEMBER,))
     index: dict[str, Download] = {}
-    for key, parts in members.items():
-        image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-        if image is None or key not in json_data:
+    for key, spans in found.spans.items():
+        image = pick(spans, IMAGE_EXTENSIONS)
+        raw = found.data.get(key, {}).get(METADATA_MEMBER)
+        if image is None or raw is None:
             continue
         try:
-            meta = decode_json(json_data[key])
+            meta = decode_json(raw)
         except ValueError:
             continue
         url = meta.get("url") if isinstance(meta, dict) else None
@@ -118,14 +90,14 @@ def index_tar(path: str) -> tuple[dict[str, Download], str | None]:
         index[url] = Download(
             path,
             image.name,
-            image.offset_data,
+            image.offset,
             image.size,
             _int_or_none(meta.get("width")),
             _int_or_none(meta.get("height")),
             _int_or_none(meta.get("original_width")),
             _int_or_none(meta.get("original_height")),
         )
-    return index, problem
+    return index, found.problem
 
 
 def parse_box(value: Any, box_format: str) -> tuple[float, float, float, float]:

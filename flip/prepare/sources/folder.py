@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flip.data.shards import is_image_file
 from flip.prepare.keys import disambiguate, safe_key
 from flip.prepare.report import SkipLog
 from flip.prepare.sources.tables import (
@@ -34,9 +35,8 @@ from flip.prepare.sources.tables import (
 )
 from flip.prepare.writer import RESERVED_KEYS, ImageRef, Item
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "key_from_path"]
+__all__ = ["FolderSource", "key_from_path"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("file_name", "image", "filename", "filepath", "path", "image_path")
 CAPTION_COLUMNS = ("caption", "text", "captions")
 MULTI_CAPTION = ("each", "first")
@@ -147,7 +147,7 @@ class FolderSource:
         for directory, subdirs, files in os.walk(self.images):
             subdirs.sort()
             for name in sorted(files):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
+                if is_image_file(name):
                     yield Path(os.path.relpath(os.path.join(directory, name), self.images)).as_posix()
 
     def total(self) -> int | None:
