@@ -56,7 +56,7 @@ def _folder(tmp_path: Path, rows: list[str], files: dict[str, bytes], table: str
 
 
 def _flip_data(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flip.prepare", *args]
+    return [sys.executable, "-m", "flip.cli.data", *args]
 
 
 def _env() -> dict[str, str]:

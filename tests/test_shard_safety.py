@@ -334,7 +334,7 @@ def _flip_data_folder(tmp_path) -> pathlib.Path:
     (tmp_path / "captions.csv").write_text("file_name,caption\n" + "\n".join(rows) + "\n")
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "flip.prepare", "folder", str(images), "--captions",
+        [sys.executable, "-m", "flip.cli.data", "folder", str(images), "--captions",
          str(tmp_path / "captions.csv"), "--output", str(out), "--samples-per-shard", "3", "--workers", "1",
          "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
