@@ -11,8 +11,10 @@ never leaves a half-written `.tar` that a later run or a reader would take for a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import tarfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,6 +29,7 @@ TAR_MTIME = 0
 # their PAX headers) stay as they are until that VERSION is bumped, then TAR_MTIME serves both
 PAX_MTIME = 0.0
 _OWNER = "flip"
+_MODE = 0o444  # members are data: read-only for everyone, once extracted
 
 
 def write_shard(
@@ -34,21 +37,34 @@ def write_shard(
 ) -> int:
     """Writes `samples` (webdataset dicts of `__key__` and extension -> bytes) as the tar `path`.
 
-    Members are stored per sample in sorted extension order, with fixed metadata. Returns the
-    number of samples written; `samples` may be a generator that leaves out the ones it
-    cannot make. On any error nothing is left at `path` (an older file there stays).
+    Members are stored per sample in sorted extension order, with fixed metadata, as
+    webdataset's `TarWriter(encoder=False)` stores them (keys starting with `_` are not
+    stored); tarfile is used directly because importing webdataset imports torch, seconds in
+    every worker process. Returns the number of samples written; `samples` may be a generator
+    that leaves out the ones it cannot make. On any error nothing is left at `path` (an older
+    file there stays).
     """
-    from webdataset import TarWriter  # imported on use: it is slow to import for light entry points
-
     written = 0
-    with (
-        atomic_file(path, "wb") as stream,
-        TarWriter(stream, encoder=False, mtime=mtime, user=_OWNER, group=_OWNER) as sink,
-    ):
+    with atomic_file(path, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
         for sample in samples:
-            sink.write(sample)
+            _add_sample(tar, sample, mtime)
             written += 1
     return written
+
+
+def _add_sample(tar: tarfile.TarFile, sample: Mapping[str, Any], mtime: int | float) -> None:
+    if "__key__" not in sample:
+        raise ValueError(f"a sample needs a '__key__'; it has only {sorted(sample)}")
+    key = sample["__key__"]
+    members = {ext: data for ext, data in sorted(sample.items()) if not ext.startswith("_")}
+    for ext, data in members.items():  # all checked before any is written
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ValueError(f"sample {key!r}: member {ext!r} is {type(data).__name__}; expected bytes")
+    for ext, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), mtime, _MODE
+        info.uname = info.gname = _OWNER
+        tar.addfile(info, io.BytesIO(data))
 
 
 def fingerprint(parts: Iterable[Any], length: int) -> str:
