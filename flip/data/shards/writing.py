@@ -39,10 +39,10 @@ def write_shard(
 
     Members are stored per sample in sorted extension order, with fixed metadata, as
     webdataset's `TarWriter(encoder=False)` stores them (keys starting with `_` are not
-    stored); tarfile is used directly because importing webdataset imports torch, seconds in
-    every worker process. Returns the number of samples written; `samples` may be a generator
-    that leaves out the ones it cannot make. On any error nothing is left at `path` (an older
-    file there stays).
+    stored); tarfile is used directly because importing webdataset imports torch, which
+    every worker process would pay for. Returns the number of samples written; `samples`
+    may be a generator that leaves out the ones it cannot make. On any error nothing is left
+    at `path` (an older file there stays).
     """
     written = 0
     with atomic_file(path, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
