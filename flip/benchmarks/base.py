@@ -8,7 +8,6 @@ then never needs to know where a benchmark came from, and a new layout needs onl
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -17,6 +16,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
+
+from flip.data.shards import decode_image
 
 TASKS = ("attributes", "classification")
 OUTSIDE_ROOT = "path_outside_root"  # skip reason: a listed image name leads outside its folder
@@ -127,8 +128,7 @@ class EncodedImages:
         return len(self.blobs)
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(io.BytesIO(self.blobs[index])) as image:
-            return image.convert("RGB")
+        return decode_image(self.blobs[index])
 
     def describe(self, index: int) -> str:
         return self.names[index]
