@@ -14,10 +14,11 @@ __all__ = [
     "CONFIG_PATH",
     "MOVED_KEYS",
     "__version__",
-    "check_moved_overrides",
+    "check_moved_keys",
     "cpu_precision",
     "log_rank_suffix",
     "num_nodes",
+    "override_key",
     "plain",
     "register_resolvers",
 ]
@@ -36,19 +37,21 @@ MOVED_KEYS = {
 }
 
 
-def check_moved_overrides(overrides: Iterable[str]) -> None:
-    """Fail on a command-line override of a key in MOVED_KEYS, naming the key that replaced it.
+def check_moved_keys(keys: Iterable[str]) -> None:
+    """Fail on any of `keys` (dotted, as in `loss.init_logit_scale`) in MOVED_KEYS, naming the key
+    that replaced it.
 
-    Hydra refuses such a key on its own, but as one "not in struct", which does not say where the
-    setting went (and with `+` it would add it where nothing reads it).
+    Hydra refuses a moved key on the command line by itself, but as one "not in struct", which does
+    not say where the setting went (and with `+` it would add it where nothing reads it).
     """
-    moved = []
-    for override in overrides:
-        key = override.lstrip("~+").split("=", 1)[0]
-        if key in MOVED_KEYS:
-            moved.append(f"{key} is now {MOVED_KEYS[key]}")
+    moved = [f"{key} is now {MOVED_KEYS[key]}" for key in keys if key in MOVED_KEYS]
     if moved:
         raise ValueError(f"moved config key(s): {'; '.join(moved)}; set the new key(s) instead")
+
+
+def override_key(override: str) -> str:
+    """The dotted key of a Hydra command-line override (`+loss.x=1`, `~loss.x`, `loss.x=1,2`)."""
+    return override.lstrip("~+").split("=", 1)[0]
 
 
 def cpu_precision() -> str:

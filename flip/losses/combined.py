@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from torch import nn
 
-from flip.config import MOVED_KEYS
+from flip.config import check_moved_keys
 from flip.models.outputs import EncoderOutput
 
 CONFIG_KEYS = ("terms",)
@@ -104,10 +104,7 @@ def build_loss(cfg: Mapping, rank: int = 0, world_size: int = 1) -> CombinedLoss
     with are parameters of the model, initialised from the model config, so that a checkpoint
     rebuilds its model from the model config alone.
     """
-    moved = [f"loss.{key}" for key in cfg if f"loss.{key}" in MOVED_KEYS]
-    if moved:
-        now = "; ".join(f"{key} is now {MOVED_KEYS[key]}" for key in moved)
-        raise ValueError(f"moved key(s) in the loss config: {now} (the model owns its temperature)")
+    check_moved_keys(f"loss.{key}" for key in cfg)
     unknown = sorted(set(cfg) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in the loss config; accepted: {list(CONFIG_KEYS)}")
