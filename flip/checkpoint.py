@@ -34,6 +34,7 @@ from flip.atomic import atomic_file, remove_stale_temporaries
 from flip.models import FlipModel, build_model
 
 MODEL_PREFIX = "model."
+BIAS_KEY = "clip.logit_bias"  # FlipModel's logit bias, when it has one
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "flip_config.json"
 FORMAT_NAME = "flip-safetensors"
@@ -163,24 +164,25 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> FlipMod
 def _load_lightning_checkpoint(path: Path) -> FlipModel:
     checkpoint = read_checkpoint(path)
     try:
-        hparams = checkpoint["hyper_parameters"]
-        model_cfg, loss_cfg = hparams["model"], hparams["loss"]
+        model_cfg = checkpoint["hyper_parameters"]["model"]
     except (KeyError, TypeError) as err:
         raise ValueError(
             f"{str(path)!r} is not a FLIP training checkpoint: it lacks hyper_parameters {err}; "
             f"give {ACCEPTED}"
         ) from None
-    with weights_loaded_after():
-        model = build_model(
-            **{**model_cfg, "pretrained": None},  # the checkpoint holds the weights: never fetch them again
-            init_logit_scale=loss_cfg.get("init_logit_scale"),
-            init_logit_bias=loss_cfg.get("init_logit_bias"),
-        )
     state = {
         key[len(MODEL_PREFIX) :]: value
         for key, value in checkpoint["state_dict"].items()
         if key.startswith(MODEL_PREFIX)
     }
+    # the checkpoint holds the weights: never fetch them again
+    model_cfg = {**model_cfg, "pretrained": None}
+    if "init_logit_bias" not in model_cfg and BIAS_KEY in state:
+        # saved while the temperature's init was a loss setting (loss.init_logit_bias): the weights
+        # say whether the model has a bias parameter, and then overwrite the value it starts from
+        model_cfg["init_logit_bias"] = float(state[BIAS_KEY].reshape(-1)[0])
+    with weights_loaded_after():
+        model = build_model(**model_cfg)
     model.load_state_dict(state)
     return model
 

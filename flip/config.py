@@ -4,7 +4,7 @@ YAML files use (registered on `import flip`), and configs as plain Python contai
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     "CONFIG_PATH",
+    "MOVED_KEYS",
     "__version__",
+    "check_moved_keys",
     "cpu_precision",
     "log_rank_suffix",
     "num_nodes",
+    "override_key",
     "plain",
     "register_resolvers",
 ]
@@ -25,6 +28,30 @@ __version__ = "0.1.0"
 # conf/ lives beside the package in a checkout (editable install); an absolute path lets Hydra
 # find it whether an entry point runs from a script (train.py, eval/*.py) or a console script.
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
+
+# config keys that moved, and where to: users' scripts may still set the old ones
+MOVED_KEYS = {
+    # the model owns its temperature, so that a checkpoint rebuilds it from the model config alone
+    "loss.init_logit_scale": "model.init_logit_scale",
+    "loss.init_logit_bias": "model.init_logit_bias",
+}
+
+
+def check_moved_keys(keys: Iterable[str]) -> None:
+    """Fail on any of `keys` (dotted, as in `loss.init_logit_scale`) in MOVED_KEYS, naming the key
+    that replaced it.
+
+    Hydra refuses a moved key on the command line by itself, but as one "not in struct", which does
+    not say where the setting went (and with `+` it would add it where nothing reads it).
+    """
+    moved = [f"{key} is now {MOVED_KEYS[key]}" for key in keys if key in MOVED_KEYS]
+    if moved:
+        raise ValueError(f"moved config key(s): {'; '.join(moved)}; set the new key(s) instead")
+
+
+def override_key(override: str) -> str:
+    """The dotted key of a Hydra command-line override (`+loss.x=1`, `~loss.x`, `loss.x=1,2`)."""
+    return override.lstrip("~+").split("=", 1)[0]
 
 
 def cpu_precision() -> str:

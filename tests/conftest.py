@@ -20,7 +20,7 @@ import webdataset as wds
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,17 @@ TINY_ARCH = {
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+
+
+def loss_file(name: str) -> tuple[dict, dict]:
+    """conf/loss/<name>.yaml as (the loss config, the model settings it makes): conf/loss/siglip.yaml
+    sits at the top of the config (`# @package _global_`) to set SigLIP's temperature init too."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "loss" / f"{name}.yaml"))
+    if "terms" in cfg:
+        return cfg, {}
+    return cfg["loss"], cfg.get("model", {})
+
+
 TINY_OVERRIDES = [
     "model.name=flip-test-tiny",
     "model.arch.embed_dim=32",

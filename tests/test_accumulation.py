@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from flip.training.module import FlipLitModule
 
-from .conftest import CONF, TINY_ARCH
+from .conftest import TINY_ARCH, loss_file
 
 OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
 MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
@@ -14,8 +13,8 @@ MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
 
 def _loss_and_grads(loss_name: str, micro_batches: int, images, text):
     torch.manual_seed(0)  # identical initial weights for every variant
-    loss_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "loss" / f"{loss_name}.yaml"))
-    module = FlipLitModule(MODEL, loss_cfg, OPTIM, micro_batches=micro_batches)
+    loss_cfg, model_settings = loss_file(loss_name)
+    module = FlipLitModule({**MODEL, **model_settings}, loss_cfg, OPTIM, micro_batches=micro_batches)
     losses = module.criterion(module(images, text))
     losses["loss"].backward()
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
@@ -43,7 +42,7 @@ def test_k_micro_batches_equal_one_batch_of_k_times_b(loss_name):
 
 
 def test_a_batch_that_does_not_split_is_rejected_with_the_fix():
-    loss_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "loss" / "clip.yaml"))
+    loss_cfg = loss_file("clip")[0]
     module = FlipLitModule(MODEL, loss_cfg, OPTIM, micro_batches=4)
     with pytest.raises(ValueError, match="multiple of it"):
         module(torch.randn(6, 3, 32, 32), torch.zeros(6, 24, dtype=torch.long))

@@ -23,7 +23,7 @@ from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.deepspeed import _scalar_parameters_broadcast_apart
 from flip.training.module import FlipLitModule
 
-from .conftest import CONF, TINY_ARCH, Poisoned
+from .conftest import CONF, TINY_ARCH, Poisoned, loss_file
 
 MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
 OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
@@ -31,7 +31,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
 def _loss(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF / "loss" / f"{name}.yaml"))
+    return loss_file(name)[0]
 
 
 def _free_port() -> int:
@@ -48,7 +48,8 @@ def test_no_parameter_is_broadcast_from_the_cpu_under_a_cuda_only_process_group(
     "No backend type associated with device type cpu". `cuda:gloo` refuses CPU tensors the same way."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    module = FlipLitModule(MODEL, _loss("siglip"), OPTIM)  # logit_scale and logit_bias: 0-dim
+    loss, model_settings = loss_file("siglip")
+    module = FlipLitModule({**MODEL, **model_settings}, loss, OPTIM)  # logit_scale and logit_bias: 0-dim
     assert [p.dim() for p in (module.model.clip.logit_scale, module.model.clip.logit_bias)] == [0, 0]
     dist.init_process_group(backend="cuda:gloo", rank=0, world_size=1)
     try:
@@ -122,8 +123,8 @@ def _worker(rank: int, world: int, port: int, directory: str, scenario: str) -> 
     for name in [n for n in os.environ if n.startswith(("SLURM_", "TORCHELASTIC_"))]:
         del os.environ[name]
     torch.manual_seed(0)
-    loss = "siglip" if scenario != "ddp" else "clip"
-    module = FlipLitModule(MODEL, _loss(loss), OPTIM)
+    loss, model_settings = loss_file("siglip" if scenario != "ddp" else "clip")
+    module = FlipLitModule({**MODEL, **model_settings}, loss, OPTIM)
     if rank == 1:  # a rank that started from other scalars: the engine must make them rank 0's
         with torch.no_grad():
             for p in module.model.parameters():

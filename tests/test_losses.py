@@ -4,7 +4,6 @@ SigLipLoss against open_clip, and the Hydra loss configs and their error message
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import open_clip.loss as oc
 import pytest
@@ -16,7 +15,8 @@ from flip.losses import ClipLoss, CombinedLoss, FilipLoss, SigLipLoss, build_los
 from flip.losses.clip import contrastive_labels
 from flip.models.outputs import EncoderOutput
 
-LOSS_CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
+from .conftest import loss_file
+
 NEG_INF = float("-inf")
 
 
@@ -356,31 +356,31 @@ def test_combined_loss_is_float32_under_bf16_autocast():
     assert abs(rounded.float().item() - exact["clip"].item()) > 1e-4
 
 
-EXPECTED = {
-    "clip": ({"clip": (ClipLoss, 1.0)}, math.log(1 / 0.07), None),
-    "siglip": ({"siglip": (SigLipLoss, 1.0)}, math.log(10), -10.0),
-    "filip": ({"filip": (FilipLoss, 1.0)}, math.log(1 / 0.07), None),
-    "clip_filip": ({"clip": (ClipLoss, 0.5), "filip": (FilipLoss, 0.5)}, math.log(1 / 0.07), None),
+EXPECTED = {  # terms, and the model settings (the temperature init) the file makes
+    "clip": ({"clip": (ClipLoss, 1.0)}, {}),
+    "siglip": ({"siglip": (SigLipLoss, 1.0)}, {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}),
+    "filip": ({"filip": (FilipLoss, 1.0)}, {}),
+    "clip_filip": ({"clip": (ClipLoss, 0.5), "filip": (FilipLoss, 0.5)}, {}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_loss_configs_build_and_run(name):
-    cfg = OmegaConf.load(LOSS_CONF / f"{name}.yaml")
-    terms, scale, bias = EXPECTED[name]
-    assert cfg.init_logit_scale == pytest.approx(scale) and cfg.init_logit_bias == bias
+    cfg, model_settings = loss_file(name)
+    terms, expected_settings = EXPECTED[name]
+    assert model_settings == pytest.approx(expected_settings)
     loss = build_loss(cfg, rank=1, world_size=4)
     assert {n: (type(m), loss.weights[n]) for n, m in loss.terms.items()} == terms
     assert all(m.rank == 1 and m.world_size == 4 for m in loss.terms.values())
     assert loss.requires_tokens == ("filip" in terms)
     single = build_loss(cfg)  # rank 0 of 1: runnable here
-    values = single(outputs(102, bias=bias))
+    values = single(outputs(102, bias=model_settings.get("init_logit_bias")))
     values["loss"].backward()
     assert set(values) == {*terms, "loss"} and torch.isfinite(values["loss"])
 
 
 def _clip_cfg() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(LOSS_CONF / "clip.yaml"))
+    return loss_file("clip")[0]
 
 
 @pytest.mark.parametrize(
@@ -388,7 +388,12 @@ def _clip_cfg() -> dict:
     [
         (
             lambda c: c.update(temperature=0.07),
-            r"unknown key\(s\) \['temperature'\].*accepted.*init_logit_scale",
+            r"unknown key\(s\) \['temperature'\] in the loss config; accepted: \['terms'\]",
+        ),
+        (
+            lambda c: c.update(init_logit_scale=2.3, init_logit_bias=-10.0),
+            r"loss.init_logit_scale is now model.init_logit_scale; "
+            r"loss.init_logit_bias is now model.init_logit_bias",
         ),
         (lambda c: c.update(terms={}), "loss.terms must map"),
         (
@@ -425,7 +430,7 @@ def test_build_loss_names_the_bad_key(edit, message):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_loss_configs_train_the_real_model(tiny_model, name):
     """The model's EncoderOutput (token features, open_clip pad mask) feeds every config's loss."""
-    loss = build_loss(OmegaConf.load(LOSS_CONF / f"{name}.yaml"))
+    loss = build_loss(loss_file(name)[0])
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(111))
     text = tiny_model.tokenize(["a face", "a smiling face with glasses", "an old man"])
     try:

@@ -44,7 +44,7 @@ def test_token_features_pool_to_the_same_embeddings_as_open_clip(tiny_model):
     torch.testing.assert_close(out.text_tokens[torch.arange(2), eot], out.text_features, atol=1e-6, rtol=0)
 
 
-def test_logit_scale_and_bias_initialisation_come_from_the_loss():
+def test_logit_scale_and_bias_initialisation_come_from_the_model_config():
     model = build_model("flip-test-tiny", TINY_ARCH, init_logit_scale=2.302585, init_logit_bias=-10.0)
     assert model.logit_scale.item() == pytest.approx(2.302585)
     assert model.logit_bias.item() == pytest.approx(-10.0)

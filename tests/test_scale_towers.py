@@ -9,7 +9,6 @@ import copy
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from flip.models import build_model
 from flip.models.factory import tower_weight_flags
@@ -19,9 +18,9 @@ from flip.training.nonfinite import NonFiniteLossError
 from flip.training.optim import build_optimizer, warmup_cosine
 from flip.training.run import train
 
-from .conftest import CONF, SHARDS_BASE, TINY_ARCH, Poisoned, compose_train_config, write_caption_shards
+from .conftest import SHARDS_BASE, TINY_ARCH, Poisoned, compose_train_config, loss_file, write_caption_shards
 
-CLIP_LOSS = OmegaConf.to_container(OmegaConf.load(CONF / "loss" / "clip.yaml"))
+CLIP_LOSS = loss_file("clip")[0]
 OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
 MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
 

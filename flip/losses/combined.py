@@ -16,9 +16,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from torch import nn
 
+from flip.config import check_moved_keys
 from flip.models.outputs import EncoderOutput
 
-CONFIG_KEYS = ("init_logit_scale", "init_logit_bias", "terms")
+CONFIG_KEYS = ("terms",)
 TERM_KEYS = ("weight", "loss")
 BUILT_IN = ("flip.losses.ClipLoss", "flip.losses.SigLipLoss", "flip.losses.FilipLoss")
 _FROM_TRAINER = ("rank", "world_size")
@@ -99,10 +100,11 @@ def _term(name: str, term: Any, rank: int, world_size: int) -> tuple[nn.Module, 
 def build_loss(cfg: Mapping, rank: int = 0, world_size: int = 1) -> CombinedLoss:
     """The CombinedLoss of a `loss` config (conf/loss/*.yaml) for this rank of world_size.
 
-    `init_logit_scale` / `init_logit_bias` belong to the same file because the temperature
-    init goes with the loss (CLIP vs SigLIP), but the model owns them; they are accepted here
-    and read by the model factory.
+    A loss config only chooses terms and weights. The temperature and bias the terms score
+    with are parameters of the model, initialised from the model config, so that a checkpoint
+    rebuilds its model from the model config alone.
     """
+    check_moved_keys(f"loss.{key}" for key in cfg)
     unknown = sorted(set(cfg) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in the loss config; accepted: {list(CONFIG_KEYS)}")

@@ -90,8 +90,10 @@ def build_model(
 
     `name` is an open_clip architecture (`open_clip.list_models()`), an `hf-hub:`/`local-dir:`
     reference, or, together with `arch`, a custom architecture. `pretrained` is an open_clip
-    tag or a checkpoint path; random initialisation when None. The logit scale and bias
-    initialisation belong to the loss (CLIP vs SigLIP) but live in the model as parameters.
+    tag or a checkpoint path; random initialisation when None. `init_logit_scale` /
+    `init_logit_bias` start the learnable temperature and logit bias (model.init_logit_* in the
+    config); None keeps the architecture's own (open_clip's CLIP: log(1/0.07) and no bias), and
+    only a model built with a bias has that parameter.
     """
     if ":" in name and pretrained is not None:
         raise ValueError(

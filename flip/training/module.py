@@ -155,11 +155,7 @@ class FlipLitModule(L.LightningModule):
                 "grad_checkpointing": grad_checkpointing,
             }
         )
-        self.model: FlipModel = build_model(
-            **{k: v for k, v in model.items() if k not in INIT_KEYS.values()},
-            init_logit_scale=loss.get("init_logit_scale"),
-            init_logit_bias=loss.get("init_logit_bias"),
-        )
+        self.model: FlipModel = build_model(**{k: v for k, v in model.items() if k not in INIT_KEYS.values()})
         for tower, key in INIT_KEYS.items():
             if model.get(key):
                 load_tower(self.model, tower, model[key])
