@@ -2,7 +2,10 @@
 
     python eval/linear_probe.py ckpt=CKPT benchmark=rafdb benchmark.root=DIR output_dir=OUT
 
-Writes OUT/metrics.json, OUT/report.md and plots; configuration: conf/eval_linear_probe.yaml.
+Writes OUT/metrics.json, OUT/report.md and plots. Configuration: conf/eval_linear_probe.yaml
+(the evaluation node conf/eval/default.yaml + conf/protocol/linear_probe.yaml, whose settings
+are `protocols.linear_probe.*`, e.g. protocols.linear_probe.max_train=3000; the old `probe.*`,
+`train_split`, `val_split`, `max_train` and `max_val` are translated to them).
 """
 
 from flip.cli.evaluate import linear_probe

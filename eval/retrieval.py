@@ -2,7 +2,8 @@
 
     python eval/retrieval.py ckpt=CKPT benchmark=faceshapes output_dir=OUT
 
-Writes OUT/metrics.json, OUT/report.md and plots; configuration: conf/eval_retrieval.yaml.
+Writes OUT/metrics.json, OUT/report.md and plots. Configuration: conf/eval_retrieval.yaml
+(the evaluation node conf/eval/default.yaml + conf/protocol/retrieval.yaml).
 """
 
 from flip.cli.evaluate import retrieval

@@ -1,8 +1,10 @@
 """What every layer needs from the configuration: where conf/ is, the OmegaConf resolvers the
-YAML files use (registered on `import flip`), and configs as plain Python containers."""
+YAML files use (registered on `import flip`), configs as plain Python containers, and the
+translation of renamed keys (old keys in users' scripts keep working or fail naming the new one)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +23,8 @@ __all__ = [
     "override_key",
     "plain",
     "register_resolvers",
+    "reject_renamed_keys",
+    "rename_overrides",
 ]
 
 __version__ = "0.1.0"
@@ -123,3 +127,53 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
     OmegaConf.register_new_resolver("log_rank_suffix", log_rank_suffix, replace=True)
     OmegaConf.register_new_resolver("flip.num_nodes", num_nodes, replace=True)
+
+
+_ABSENT = object()
+
+
+def _renamed(key: str, renamed: Mapping[str, str]) -> tuple[str, str] | None:
+    """(old prefix, new prefix) of the longest renamed prefix of `key` (at a dot), if any."""
+    for old in sorted(renamed, key=len, reverse=True):
+        if key == old or key.startswith(old + "."):
+            return old, renamed[old]
+    return None
+
+
+def rename_overrides(args: list[str], renamed: Mapping[str, str]) -> list[str]:
+    """Command-line overrides with renamed keys given their new names, each change logged.
+
+    `renamed` maps an old key (or node) to its new one; a new key written `~key` marks an old
+    on/off switch (`old=false` removes the node, `old=true` was the default and is dropped).
+    Flags, group choices (`group@package=option`) and values are left as they are.
+    """
+    out = []
+    for arg in args:
+        sign = arg[: len(arg) - len(arg.lstrip("+~"))]
+        key, eq, value = arg[len(sign) :].partition("=")
+        found = None if arg.startswith("-") or "@" in key else _renamed(key, renamed)
+        if found is None:
+            out.append(arg)
+            continue
+        old, new = found
+        if new.startswith("~"):  # an on/off switch became the presence of a node
+            replacement = [new] if value.strip().lower() in ("false", "0", "null") else []
+        else:
+            replacement = [f"{sign}{new}{key[len(old) :]}{eq}{value}"]
+        now = f"is now {replacement[0]}" if replacement else "is what runs by default; dropped"
+        logging.getLogger(__name__).warning("%s %s (a renamed key: use the new one)", arg, now)
+        out += replacement
+    return out
+
+
+def reject_renamed_keys(cfg: DictConfig, renamed: Mapping[str, str]) -> None:
+    """Fail, naming the new keys, when a config (e.g. a user's experiment file) sets renamed ones."""
+    found = [old for old in renamed if OmegaConf.select(cfg, old, default=_ABSENT) is not _ABSENT]
+    if found:
+        moved = "; ".join(
+            f"{old} -> remove the node ({renamed[old][1:]}: null)"
+            if renamed[old].startswith("~")
+            else f"{old} -> {renamed[old]}"
+            for old in found
+        )
+        raise ValueError(f"config keys that were renamed: {moved}")

@@ -21,9 +21,8 @@ from flip.benchmarks import (
     read_lfwa,
     read_rafdb,
 )
-from flip.evaluation.runner import run_zeroshot
 
-from .test_eval_entrypoints import _overrides, compose_eval, save_checkpoint
+from .test_eval_entrypoints import _overrides, compose_eval, run_zeroshot, save_checkpoint
 
 
 def _image(path: Path, colour: tuple[int, int, int] = (200, 40, 40)) -> None:

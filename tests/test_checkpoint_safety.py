@@ -133,7 +133,7 @@ def test_a_hugging_face_text_tower_folder_never_runs_a_pickled_weights_file(tmp_
 
 
 def test_eval_entry_point_ckpt_refuses_a_payload(tmp_path, marker):
-    from flip.evaluation.runner import load_eval_model
+    from flip.cli.evaluate import load_eval_model
 
     evil = evil_file(tmp_path / "evil.ckpt", marker)
     cfg = compose_eval(

@@ -19,10 +19,10 @@ from omegaconf import open_dict
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
 
+from flip.cli.evaluate import run
 from flip.evaluation import features as features_module
-from flip.evaluation.attributes import retrieval_recalls
 from flip.evaluation.prompts import choice_prompts
-from flip.evaluation.runner import run_linear_probe, run_retrieval, run_zeroshot
+from flip.evaluation.retrieval import retrieval_recalls
 
 from .conftest import CONF, ROOT, TINY_ARCH
 
@@ -88,6 +88,18 @@ def folder_benchmark(tmp_path) -> Path:
     return root
 
 
+def run_zeroshot(cfg) -> dict:
+    return run(cfg)["zeroshot"]
+
+
+def run_linear_probe(cfg) -> dict:
+    return run(cfg)["linear_probe"]
+
+
+def run_retrieval(cfg) -> dict:
+    return run(cfg)["retrieval"]
+
+
 def compose_eval(name: str, tmp_path: Path, *overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -132,7 +144,9 @@ def test_every_benchmark_config_composes_with_a_reader(tmp_path, benchmark):
         assert cfg.benchmark.reader.root == "/data/x"
     assert cfg.split == cfg.benchmark.test_split
     probe = compose_eval("eval_linear_probe", tmp_path, f"benchmark={benchmark}", "benchmark.root=/data/x")
-    assert list(probe.probe.fractions) == [0.01, 0.1, 1.0] and probe.train_split == "train"
+    settings = probe.protocols.linear_probe
+    assert list(settings.fractions) == [0.01, 0.1, 1.0] and settings.train_split == "train"
+    assert settings.val_split == probe.benchmark.val_split
 
 
 def test_zeroshot_classification_matches_an_independent_computation(tmp_path, tiny_ckpt, folder_benchmark):
@@ -207,8 +221,8 @@ def test_linear_probe_entry_point_caches_features_and_reports_every_fraction(
 ):
     overrides = [
         *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark),
-        "val_split=val",
-        "probe.l2_grid=[1.0,0.01]",
+        "protocols.linear_probe.val_split=val",
+        "protocols.linear_probe.l2_grid=[1.0,0.01]",
     ]
     metrics = run_linear_probe(compose_eval("eval_linear_probe", tmp_path, *overrides))
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())

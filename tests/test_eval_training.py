@@ -14,7 +14,8 @@ from flip.benchmarks import read_folder
 from flip.evaluation.features import split_features
 from flip.evaluation.zeroshot import evaluate_zeroshot
 from flip.training.callbacks import ZeroShotBenchmark
-from flip.training.run import evaluate_model, train
+from flip.evaluation.run import evaluate_config
+from flip.training.run import train
 
 from .test_eval_entrypoints import COLOURS, _square
 
@@ -70,10 +71,12 @@ def test_training_logs_zero_shot_results_during_the_run(train_config, tmp_path):
 
 
 def test_end_of_run_evaluation_writes_zero_shot_and_linear_probe(train_config, tmp_path, tiny_model):
-    cfg = train_config("eval.linear_probe.max_train=60", "eval.linear_probe.l2_grid=[1.0,0.001]")
+    cfg = train_config(
+        "eval.protocols.linear_probe.max_train=60", "eval.protocols.linear_probe.l2_grid=[1.0,0.001]"
+    )
     datamodule = instantiate(cfg.data)
     datamodule.ensure()
-    results = evaluate_model(tiny_model, cfg.eval, datamodule, tmp_path / "eval", checkpoint="x.ckpt")
+    results = evaluate_config(tiny_model, cfg.eval, tmp_path / "eval", checkpoint="x.ckpt")
     zeroshot = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     probe = json.loads((tmp_path / "eval" / "linear_probe" / "metrics.json").read_text())
     assert zeroshot == json.loads(json.dumps(results["zeroshot"]))
@@ -82,6 +85,7 @@ def test_end_of_run_evaluation_writes_zero_shot_and_linear_probe(train_config, t
     assert probe["labels"] == zeroshot["labels"] and len(probe["labels"]) == 11
     assert probe["n_train"] == 60 and probe["n_test"] == 64 and probe["val_split"] == "val"
     assert [b["n_train"] for b in probe["fractions"].values()] == [2, 6, 60]
+    assert zeroshot["skipped"] == {"test": {}} and probe["skipped"] == {"train": {}, "val": {}, "test": {}}
     assert probe["l2"] in (1.0, 0.001) and 0 <= probe["summary"]["mean_balanced_accuracy"] <= 1
     for name in ("per_label.png", "confusion_hair_color.png", "linear_probe/per_label.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 1000

@@ -69,7 +69,7 @@ def demo(tmp_path_factory):
             (images / Path(member.name).name).write_bytes(tar.extractfile(member).read())
     return {
         "ckpt": root / "run" / "checkpoints" / "last.ckpt",
-        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "eval": OmegaConf.to_container(cfg.eval.benchmark, resolve=True),
         "images": sorted(str(p) for p in images.glob("*.jpg")),
     }
 

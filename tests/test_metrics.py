@@ -3,8 +3,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
 
-from flip.evaluation.attributes import retrieval_recalls
 from flip.evaluation.metrics import binary_metrics, multiclass_metrics
+from flip.evaluation.retrieval import retrieval_recalls
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

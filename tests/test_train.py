@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import OmegaConf
 
 import flip
-from flip.evaluation.attributes import evaluate_zeroshot_attributes
+from flip.evaluation.benchmark import Benchmark
+from flip.evaluation.run import evaluate
+from flip.evaluation.zeroshot import ZeroShot
 from flip.training.run import train
 
 from .conftest import TINY_OVERRIDES, run_train_py
@@ -37,16 +38,18 @@ def test_train_save_reload_gives_the_same_model(train_config, tmp_path):
 
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["protocol"] == "zeroshot" and metrics["n_test"] == 64
-    assert set(metrics["per_label"]) == set(cfg.eval.binary)  # every attribute reported
+    assert set(metrics["per_label"]) == set(cfg.eval.benchmark.binary)  # every attribute reported
     for m in metrics["per_label"].values():
         assert 0 <= m["balanced_accuracy"] <= 1 and m["support"] == 64
     assert set(metrics["multiclass"]) == {"hair_color", "expression"}
     assert (run / "eval" / "report.md").read_text().count("|") > 20
 
-    # the reloaded model answers every question exactly as the trained one did
+    # the reloaded model answers every question exactly as the trained one did, on the test
+    # shards read as labelled shards (eval.test_shards)
     model = flip.load(ckpt)
     urls = sorted(str(p) for p in (tmp_path / "data" / "faceshapes" / "test").glob("*.tar"))
-    again = evaluate_zeroshot_attributes(model, urls, OmegaConf.to_container(cfg.eval), "faceshapes", "test")
+    benchmark = Benchmark.from_config(cfg.eval.benchmark, shards={"test": urls})
+    again = evaluate(model, benchmark, {"zeroshot": ZeroShot()}, batch_size=32)["zeroshot"]
     assert again["per_label"] == metrics["per_label"]
     assert again["retrieval"] == pytest.approx(metrics["retrieval"])
 

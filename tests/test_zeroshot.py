@@ -1,9 +1,18 @@
+import dataclasses
+import io
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
 
-from flip.evaluation.attributes import score_attributes
-from flip.evaluation.zeroshot import ZeroShotClassifier, ensemble_embedding, expand
+from flip.benchmarks import read_labelled_shards
+from flip.evaluation import features as features_module
+from flip.evaluation.benchmark import Benchmark
+from flip.evaluation.run import evaluate
+from flip.evaluation.zeroshot import ZeroShot, ZeroShotClassifier, ensemble_embedding, expand
 
 
 def test_expand_fills_every_template_with_every_phrase():
@@ -43,20 +52,43 @@ def test_binary_decision_is_the_softmax_over_the_positive_and_negative_pair():
     assert probs["mood"].argmax(1).tolist() == [0, 1]
 
 
-def test_score_attributes_reports_every_attribute_and_skips_unlabelled_classes():
-    clf = _planted_classifier()
+def _labelled_shard(path, metadata: list[dict]) -> str:
+    """A shard whose samples carry these `.json` labels (the images do not matter: features are planted)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    with wds.TarWriter(str(path)) as sink:
+        for i, meta in enumerate(metadata):
+            sink.write({"__key__": f"{i:03d}", "png": buffer.getvalue(), "json": json.dumps(meta).encode()})
+    return str(path)
+
+
+def test_zero_shot_reports_every_attribute_and_skips_unlabelled_classes(tmp_path, tiny_model, monkeypatch):
+    """Labelled shards through flip.evaluation.evaluate, the planted classifier deciding."""
+    url = _labelled_shard(
+        tmp_path / "labelled.tar",
+        [
+            {"hat": True, "beard": False, "mood": "happy"},
+            {"hat": False, "beard": True, "mood": None},  # no label: left out of the mood metrics
+            {"hat": False, "beard": True, "mood": "sad"},
+            {"hat": True, "beard": False, "mood": "angry"},  # outside the classes: the sample is left out
+        ],
+    )
     features = torch.tensor([[1.0, 0, 0, 1, 1, 0], [0, 1.0, 1, 0, 0, 1], [1.0, 0, 1, 0, 0, 1]])
-    metadata = [
-        {"hat": True, "beard": False, "mood": "happy"},
-        {"hat": False, "beard": True, "mood": None},  # no label: left out of the mood metrics
-        {"hat": False, "beard": True, "mood": "sad"},
-    ]
-    scores = score_attributes(clf, features, metadata)
-    assert scores["labels"] == ["hat", "beard"]
+    monkeypatch.setattr(features_module, "extract_image_features", lambda *a, **k: (features, [0, 1, 2]))
+    monkeypatch.setattr(
+        ZeroShotClassifier, "from_prompts", classmethod(lambda cls, *a: _planted_classifier())
+    )
+
+    def reader(split: str):  # without the (empty) captions: no retrieval on planted features
+        labelled = read_labelled_shards([url], split, ["hat", "beard"], {"mood": ["happy", "sad"]}, "planted")
+        return dataclasses.replace(labelled, captions=None)
+
+    benchmark = Benchmark("planted", reader, {"multiclass": {"mood": {"happy": ["happy"], "sad": ["sad"]}}})
+    scores = evaluate(tiny_model, benchmark, {"zeroshot": ZeroShot()})["zeroshot"]
+    assert scores["labels"] == ["hat", "beard"] and scores["n_test"] == 3
     assert scores["per_label"]["hat"]["accuracy"] == pytest.approx(2 / 3)
     assert scores["per_label"]["beard"]["accuracy"] == pytest.approx(1.0)
     assert scores["summary"]["mean_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
     assert scores["multiclass"]["mood"]["support"] == 2
     assert scores["multiclass"]["mood"]["accuracy"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match=r"'mood' has values \['angry'\] outside"):
-        score_attributes(clf, features, [*metadata[:2], {"hat": 1, "beard": 0, "mood": "angry"}])
+    assert scores["skipped"] == {"test": {"unusable_record": 1}}

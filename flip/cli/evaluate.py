@@ -1,33 +1,81 @@
 """Hydra entry points of eval/zeroshot.py, eval/linear_probe.py and eval/retrieval.py.
 
-Each composes conf/eval_<protocol>.yaml (the model, `benchmark=<name>`, output_dir, ...) and
-runs the protocol of flip.evaluation.runner.
+Each composes conf/eval_<protocol>.yaml: the evaluation node of conf/eval/default.yaml
+(benchmark, split, batch sizes) with one protocol of conf/protocol/, and the model to load.
+`run` is what they do with the composed config, apart from the Hydra decorators so tests
+(and other programs) can call it with a config they composed themselves. The model is a FLIP
+checkpoint (`ckpt=`, a .ckpt or an exported folder) or, for baselines through the same code,
+any open_clip architecture with a pretrained tag or local weights
+(`baseline.name=ViT-B-16 baseline.pretrained=openai`).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import hydra
 from omegaconf import DictConfig
 
-from flip.config import CONFIG_PATH
+from flip.config import CONFIG_PATH, reject_renamed_keys, rename_overrides
+from flip.evaluation.renamed_keys import EVAL_SCRIPT_KEYS
+
+if TYPE_CHECKING:  # torch is imported when a model is loaded, not for `--help`
+    from flip.models import FlipModel
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_zeroshot")
-def zeroshot(cfg: DictConfig) -> None:
-    from flip.evaluation.runner import run_zeroshot
+def load_eval_model(cfg: DictConfig) -> tuple[FlipModel, str, str]:
+    """(model in eval mode, cache identity, the name metrics.json records as `checkpoint`)."""
+    from flip.evaluation.features import model_identity, resolve_device
 
-    run_zeroshot(cfg)
+    device = resolve_device(cfg.get("device"))
+    baseline = cfg.get("baseline") or {}
+    if cfg.get("ckpt") and baseline.get("name"):
+        raise ValueError(f"give either ckpt={cfg.ckpt!r} or baseline.name={baseline['name']!r}, not both")
+    if cfg.get("ckpt"):
+        from flip.checkpoint import load
+
+        return load(cfg.ckpt, device=device), model_identity(ckpt=cfg.ckpt), str(cfg.ckpt)
+    if baseline.get("name"):
+        from flip.models import build_model
+
+        name, pretrained = baseline["name"], baseline.get("pretrained")
+        model = (
+            build_model(name, pretrained=pretrained, cache_dir=baseline.get("cache_dir")).to(device).eval()
+        )
+        return model, model_identity(name=name, pretrained=pretrained), f"open_clip:{name}:{pretrained}"
+    raise ValueError(
+        "no model to evaluate: give ckpt=PATH (a FLIP .ckpt or exported folder) or "
+        "baseline.name=ARCH baseline.pretrained=TAG_OR_PATH (an open_clip model)"
+    )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_linear_probe")
-def linear_probe(cfg: DictConfig) -> None:
-    from flip.evaluation.runner import run_linear_probe
+def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The metrics of every protocol in `cfg.protocols` (by name), written under `cfg.output_dir`."""
+    from flip.evaluation.features import FeatureCache
+    from flip.evaluation.run import evaluate_config
 
-    run_linear_probe(cfg)
+    reject_renamed_keys(cfg, EVAL_SCRIPT_KEYS)
+    model, model_id, name = load_eval_model(cfg)
+    cache = FeatureCache(cfg.feature_cache_dir) if cfg.get("feature_cache_dir") else None
+    return evaluate_config(model, cfg, cfg.output_dir, checkpoint=name, model_id=model_id, cache=cache)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_retrieval")
-def retrieval(cfg: DictConfig) -> None:
-    from flip.evaluation.runner import run_retrieval
+def _main(config_name: str) -> Callable[[], None]:
+    """An entry point composing `config_name`; old keys on the command line get their new names."""
 
-    run_retrieval(cfg)
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
+    def composed(cfg: DictConfig) -> None:
+        run(cfg)
+
+    def main() -> None:
+        sys.argv[1:] = rename_overrides(sys.argv[1:], EVAL_SCRIPT_KEYS)
+        composed()
+
+    return main
+
+
+zeroshot = _main("eval_zeroshot")
+linear_probe = _main("eval_linear_probe")
+retrieval = _main("eval_retrieval")

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1 or args.workers < 0:
         raise SystemExit(f"--batch-size={args.batch_size} must be >= 1 and --workers={args.workers} >= 0")
     from flip.evaluation.attribute_query import AttributeQuery, ImageItems, check_question
-    from flip.evaluation.runner import resolve_device
+    from flip.evaluation.features import resolve_device
 
     check_question(args.attributes, args.choices)  # before loading anything
     paths = expand_paths(args.paths)

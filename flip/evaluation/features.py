@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from flip.benchmarks.base import ImageSource, LabelledSplit
 from flip.checkpoint import atomic_torch_save
+from flip.evaluation.benchmark import Benchmark
 from flip.models import FlipModel
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,13 @@ def _collate(batch: list) -> tuple[torch.Tensor | None, list[int]]:
     if not kept:
         return None, []
     return torch.stack([x for x, _ in kept]), [i for _, i in kept]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`auto` (or None): the GPU when there is one, else the CPU; anything else as torch reads it."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -213,3 +221,54 @@ def split_features(
     skipped = len(split) - len(index)
     kept = split if skipped == 0 else split.subset(np.asarray(index))
     return SplitFeatures(features, kept, skipped)
+
+
+class BenchmarkFeatures:
+    """The features of a benchmark's splits for one model, each split (and subsample) extracted once.
+
+    Protocols ask for the splits they need; the evaluated split (`split`, `max_samples`,
+    `seed`) is what a call without arguments returns, so zero-shot and the linear probe's test
+    set share one extraction. `requested` lists, in order, the splits asked for since it was
+    last cleared: the ones a protocol's metrics rest on.
+    """
+
+    def __init__(
+        self,
+        model: FlipModel,
+        benchmark: Benchmark,
+        split: str | None = None,
+        max_samples: int | None = None,
+        seed: int = 0,
+        model_id: str | None = None,
+        cache: FeatureCache | None = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.model, self.benchmark = model, benchmark
+        self.evaluated = (split or benchmark.test_split, max_samples, seed)
+        self.model_id, self.cache = model_id, cache
+        self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.requested: list[SplitFeatures] = []
+        self._extracted: dict[tuple[str, int | None, int], SplitFeatures] = {}
+
+    def __call__(
+        self, split: str | None = None, max_samples: int | None = None, seed: int = 0
+    ) -> SplitFeatures:
+        """Features of `split` (a seeded subsample of `max_samples`), or of the evaluated split."""
+        key = self.evaluated if split is None else (split, max_samples, seed)
+        if key not in self._extracted:
+            labelled = self.benchmark.load(*key)
+            self._extracted[key] = split_features(
+                self.model,
+                labelled,
+                self.model_id,
+                self.cache,
+                self.batch_size,
+                self.num_workers,
+                self.progress,
+            )
+        found = self._extracted[key]
+        if all(found is not seen for seen in self.requested):
+            self.requested.append(found)
+        return found

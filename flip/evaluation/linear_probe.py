@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, model_device
 from flip.evaluation.lbfgs import columnwise_lbfgs
 from flip.evaluation.metrics import attribute_scores, classification_scores
+from flip.models import FlipModel
 
 DEFAULT_L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
@@ -355,3 +357,78 @@ def linear_probe(
                 **score_probe(probe, x_test, y_test, names),
             }
     return results
+
+
+@dataclass
+class LinearProbe:
+    """The linear-probe protocol (conf/protocol/linear_probe.yaml): probes trained on
+    `train_split` (a seeded subsample of `max_train`), l2 chosen on `val_split` (`max_val`; or
+    on a held-out part of train when it is None), tested on the evaluated split.
+
+    The subsamples are drawn with the probe's `seed`, as are the few-shot fractions.
+    """
+
+    train_split: str
+    val_split: str | None = None
+    max_train: int | None = None
+    max_val: int | None = None
+    fractions: Sequence[float] = DEFAULT_FRACTIONS
+    l2_grid: Sequence[float] = DEFAULT_L2_GRID
+    seed: int = 0
+    holdout: float = 0.2
+    max_iter: int = 300
+
+    def __call__(
+        self, model: FlipModel, features: BenchmarkFeatures, checkpoint: str | None = None
+    ) -> dict[str, Any]:
+        train = features(self.train_split, self.max_train, self.seed)
+        val = features(self.val_split, self.max_val, self.seed) if self.val_split else None
+        return self.metrics(train, features(), val, checkpoint, model_device(model))
+
+    def metrics(
+        self,
+        train: SplitFeatures,
+        test: SplitFeatures,
+        val: SplitFeatures | None,
+        checkpoint: str | None,
+        device: torch.device | str = "cpu",
+    ) -> dict[str, Any]:
+        """metrics.json of the probe: every fraction, and the largest fraction at the top level."""
+        if train.split.task != test.split.task or train.split.label_names != test.split.label_names:
+            raise ValueError(
+                f"train and test splits disagree on their labels: {train.split.label_names} vs "
+                f"{test.split.label_names}"
+            )
+        fractions = linear_probe(
+            (train.features, train.split.targets),
+            (test.features, test.split.targets),
+            test.split.label_names,
+            test.split.task,
+            val=None if val is None else (val.features, val.split.targets),
+            fractions=sorted(float(f) for f in self.fractions),
+            grid=[float(v) for v in self.l2_grid],
+            seed=self.seed,
+            holdout=self.holdout,
+            max_iter=self.max_iter,
+            device=device,
+        )
+        top = fractions[max(fractions, key=float)]
+        metrics = {
+            "benchmark": test.split.benchmark,
+            "protocol": "linear_probe",
+            "task": test.split.task,
+            "checkpoint": checkpoint,
+            "split": test.split.split,
+            "n_train": top["n_train"],
+            "n_test": len(test.split),
+            "labels": list(test.split.label_names),
+            "summary": top["summary"],
+            "per_label": top["per_label"],
+            "l2": top["l2"],
+            "train_split": train.split.split,
+            "val_split": None if val is None else val.split.split,
+            "fractions": fractions,
+        }
+        if "confusion_matrix" in top:
+            metrics["confusion_matrix"] = top["confusion_matrix"]
+        return metrics

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from flip.evaluation.features import SplitFeatures, extract_text_features
+from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, extract_text_features
 from flip.models import FlipModel
 
 RECALL_AT = (1, 5, 10)
@@ -53,3 +54,13 @@ def evaluate_retrieval(
         "summary": retrieval_recalls(features.features, text_features),
         "per_label": {},
     }
+
+
+@dataclass
+class Retrieval:
+    """The retrieval protocol (conf/protocol/retrieval.yaml): Recall@k on the evaluated split's captions."""
+
+    def __call__(
+        self, model: FlipModel, features: BenchmarkFeatures, checkpoint: str | None = None
+    ) -> dict[str, Any]:
+        return evaluate_retrieval(model, features(), checkpoint, features.batch_size)

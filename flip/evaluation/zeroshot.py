@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flip.evaluation.features import SplitFeatures, extract_text_features
+from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, extract_text_features
 from flip.evaluation.metrics import attribute_scores, classification_scores, multiclass_metrics
 from flip.evaluation.prompts import DEFAULT_TEMPLATES, resolve_binary, resolve_choices
 from flip.evaluation.retrieval import retrieval_recalls
@@ -165,3 +165,14 @@ def evaluate_zeroshot(
         text_features = extract_text_features(model, split.captions)
         metrics["retrieval"] = retrieval_recalls(image_features, text_features)
     return metrics
+
+
+@dataclass
+class ZeroShot:
+    """The zero-shot protocol (conf/protocol/zeroshot.yaml): the evaluated split, asked with the
+    benchmark's prompts. It has no settings of its own: the prompts belong to the benchmark."""
+
+    def __call__(
+        self, model: FlipModel, features: BenchmarkFeatures, checkpoint: str | None = None
+    ) -> dict[str, Any]:
+        return evaluate_zeroshot(model, features(), features.benchmark.prompts, checkpoint)

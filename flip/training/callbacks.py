@@ -10,16 +10,22 @@ from typing import Any
 import lightning as L
 import torch
 
+from flip import evaluation
+from flip.evaluation.benchmark import Benchmark
+from flip.evaluation.zeroshot import ZeroShot
+from flip.models import FlipModel
+
 log = logging.getLogger(__name__)
 
 
 class ZeroShotBenchmark(L.Callback):
     """Runs a zero-shot benchmark every `every_n_steps` training steps and logs its summary.
 
-    `benchmark` is a benchmark config (conf/benchmark/<name>.yaml: its `reader` and prompts);
+    `benchmark` is a Benchmark or a benchmark config (conf/benchmark/<name>.yaml: its `reader`
+    and prompts), evaluated through flip.evaluation.evaluate like any other evaluation;
     `max_samples` keeps each run to seconds (a seeded subset, the same every time, so the
-    curve shows the model changing, not the sample). Logs through the trainer's loggers as
-    `<prefix>/<metric>` at the current step, from global rank 0.
+    curve shows the model changing, not the sample, and read once). Logs through the trainer's
+    loggers as `<prefix>/<metric>` at the current step, from global rank 0.
 
     Every rank runs the same evaluation, in step: under DeepSpeed ZeRO-3 each rank holds a
     shard of the weights, and gathering them is a collective that one rank alone would wait on
@@ -28,43 +34,38 @@ class ZeroShotBenchmark(L.Callback):
 
     def __init__(
         self,
-        benchmark: Mapping[str, Any],
+        benchmark: Benchmark | Mapping[str, Any],
         every_n_steps: int,
         split: str | None = None,
         max_samples: int | None = 500,
         batch_size: int = 256,
         num_workers: int = 0,
         prefix: str = "zeroshot",
-        root: str | None = None,
     ) -> None:
         super().__init__()
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+        if not isinstance(benchmark, Benchmark):
+            benchmark = Benchmark.from_config(benchmark)
         self.benchmark = benchmark
         self.every_n_steps = every_n_steps
-        self.split = split or benchmark.get("test_split", "test")
+        self.split = split or benchmark.test_split
         self.max_samples, self.batch_size, self.num_workers = max_samples, batch_size, num_workers
-        self.prefix, self.root = prefix, root
-        self._split = None
+        self.prefix = prefix
         self.history: list[tuple[int, dict[str, float]]] = []
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model: FlipModel) -> dict[str, float]:
         """The benchmark's summary for `model` now (numbers only, as loggers want them)."""
-        from flip.evaluation.features import split_features
-        from flip.evaluation.runner import benchmark_prompts, load_split
-        from flip.evaluation.zeroshot import evaluate_zeroshot
-
-        if self._split is None:
-            self._split = load_split(self.benchmark, self.split, self.max_samples, root=self.root)
-        was_training = model.training
-        model.eval()
-        try:
-            features = split_features(
-                model, self._split, batch_size=self.batch_size, num_workers=self.num_workers, progress=False
-            )
-            metrics = evaluate_zeroshot(model, features, benchmark_prompts(self.benchmark))
-        finally:
-            model.train(was_training)
+        metrics = evaluation.evaluate(
+            model,
+            self.benchmark,
+            {"zeroshot": ZeroShot()},
+            split=self.split,
+            max_samples=self.max_samples,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            progress=False,  # inside the training loop's live display
+        )["zeroshot"]
         summary = {k: float(v) for k, v in metrics["summary"].items()}
         for k, v in metrics.get("retrieval", {}).items():
             summary[k] = float(v)
@@ -85,7 +86,7 @@ class ZeroShotBenchmark(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=step)
         headline = summary.get("mean_balanced_accuracy", summary.get("accuracy"))
-        log.info("step %d: zero-shot %s %s = %.3f", step, self.benchmark.get("name"), self.split, headline)
+        log.info("step %d: zero-shot %s %s = %.3f", step, self.benchmark.name, self.split, headline)
 
 
 @contextmanager

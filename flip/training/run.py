@@ -15,16 +15,14 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from flip.benchmarks.shards import read_labelled_shards
 from flip.checkpoint import weights_loaded_after
-from flip.config import register_resolvers
-from flip.data.datamodule import FaceShapesDataModule, ShardDataModule, resolve_shards
-from flip.evaluation.features import split_features
-from flip.evaluation.report import write_report
-from flip.evaluation.runner import benchmark_prompts, load_split, probe_metrics
-from flip.evaluation.zeroshot import evaluate_zeroshot
-from flip.models import FlipModel
+from flip.config import register_resolvers, reject_renamed_keys
+from flip.data.datamodule import ShardDataModule
+from flip.evaluation.benchmark import Benchmark
+from flip.evaluation.renamed_keys import TRAIN_EVAL_KEYS
+from flip.evaluation.run import evaluate_config
 from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.checkpoint_io import AtomicCheckpointIO
 from flip.training.deepspeed import model_for_evaluation
@@ -94,71 +92,31 @@ def validate(cfg: DictConfig) -> None:
     if warmup < 0 or cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 and optim.warmup_steps={warmup} >= 0")
     check_compile_strategy(cfg.get("compile"), zero_stage(cfg.trainer))
+    reject_renamed_keys(cfg, TRAIN_EVAL_KEYS)
     _check_eval_data(cfg)
 
 
-def _benchmark_root(eval_cfg: DictConfig, datamodule: ShardDataModule) -> str | None:
-    """The generated FaceShapes the run trained on, when the evaluated benchmark is FaceShapes."""
-    if eval_cfg.get("name") == "faceshapes" and isinstance(datamodule, FaceShapesDataModule):
-        return str(datamodule.root)
-    return None
-
-
 def _check_eval_data(cfg: DictConfig) -> None:
-    """Fail before training, not after it, when the evaluation would have nothing to read."""
+    """Fail before training, not after it, when the evaluation would have nothing to read.
+
+    The evaluated split is read now, unless the run writes it: a benchmark root that is the
+    training data's own (the demo evaluates on the FaceShapes it generates) is made during fit.
+    """
     eval_cfg = cfg.get("eval")
     if not cfg.get("evaluate") or eval_cfg is None or eval_cfg.get("test_shards") is not None:
         return
-    trains_on_faceshapes = str(cfg.data.get("_target_", "")).endswith("FaceShapesDataModule")
-    if eval_cfg.get("name") == "faceshapes" and not trains_on_faceshapes:
-        root = Path(eval_cfg.root)
-        if not (root / "manifest.json").is_file():
-            raise ValueError(
-                f"evaluate=true evaluates on FaceShapes, but data={cfg.data._target_} does not generate "
-                f"it and eval.root={str(root)!r} holds none; set eval.test_shards to labelled shards, "
-                "generate FaceShapes there (python -m flip.data.faceshapes.generate), or evaluate=false"
-            )
-
-
-def evaluate_model(
-    model: FlipModel,
-    eval_cfg: DictConfig,
-    datamodule: ShardDataModule,
-    output_dir: Path,
-    checkpoint: str | None,
-) -> dict[str, Any]:
-    """Zero-shot (output_dir/metrics.json) and linear-probe (output_dir/linear_probe/) evaluation.
-
-    The test features are extracted once and serve both protocols.
-    """
-    model.eval()
-    root = _benchmark_root(eval_cfg, datamodule)
-    batch, workers = eval_cfg.batch_size, eval_cfg.num_workers
-    if eval_cfg.get("test_shards") is not None:
-        questions = {q: list(c) for q, c in (eval_cfg.get("multiclass") or {}).items()}
-        urls = resolve_shards(eval_cfg.test_shards, "eval.test_shards")
-        test_split = read_labelled_shards(
-            urls, eval_cfg.split, list(eval_cfg.binary), questions, eval_cfg.name
-        )
-    else:
-        test_split = load_split(eval_cfg, eval_cfg.split, root=root)
-    test = split_features(model, test_split, batch_size=batch, num_workers=workers)
-    zeroshot = evaluate_zeroshot(model, test, benchmark_prompts(eval_cfg), checkpoint)
-    write_report(zeroshot, output_dir)
-    results = {"zeroshot": zeroshot}
-    probe_cfg = eval_cfg.get("linear_probe")
-    if probe_cfg is not None and probe_cfg.enabled:
-        seed = probe_cfg.seed
-        train_split = load_split(eval_cfg, eval_cfg.train_split, probe_cfg.max_train, seed, root=root)
-        train = split_features(model, train_split, batch_size=batch, num_workers=workers)
-        val = None
-        if eval_cfg.get("val_split"):
-            val_split = load_split(eval_cfg, eval_cfg.val_split, probe_cfg.max_val, seed, root=root)
-            val = split_features(model, val_split, batch_size=batch, num_workers=workers)
-        device = next(model.parameters()).device
-        results["linear_probe"] = probe_metrics(train, test, val, probe_cfg, checkpoint, device)
-        write_report(results["linear_probe"], output_dir / "linear_probe")
-    return results
+    root = OmegaConf.select(eval_cfg, "benchmark.root", throw_on_resolution_failure=False)
+    if root is not None and root == OmegaConf.select(cfg, "data.root", default=None):
+        return
+    split = eval_cfg.get("split") or eval_cfg.benchmark.test_split
+    try:
+        Benchmark.from_config(eval_cfg.benchmark).load(split)
+    except (OSError, ValueError, OmegaConfBaseException) as exc:  # e.g. ${data.root} with data=shards
+        raise ValueError(
+            f"evaluate=true evaluates {eval_cfg.benchmark.name}/{split}, but this run does not generate "
+            f"it and eval.benchmark.root={root!r} cannot be read ({exc}); point eval.benchmark.root at "
+            "it, set eval.test_shards to labelled shards, or evaluate=false"
+        ) from exc
 
 
 def _eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -168,14 +126,11 @@ def _eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
         return []
     return [
         ZeroShotBenchmark(
-            cfg.eval,
+            cfg.eval.benchmark,
             every_n_steps=during.every_n_steps,
             split=during.split,
             max_samples=during.max_samples,
             batch_size=cfg.eval.batch_size,
-            root=cfg.data.root
-            if str(cfg.data.get("_target_", "")).endswith("FaceShapesDataModule")
-            else None,
         )
     ]
 
@@ -214,13 +169,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
         output_dir = Path(cfg.paths.output_dir) / "eval"
         model, checkpoint = model_for_evaluation(module, checkpoint)  # one fp32 file after ZeRO
-        evaluation = evaluate_model(model, cfg.eval, datamodule, output_dir, checkpoint)
-        results["eval"] = evaluation["zeroshot"]
-        if "linear_probe" in evaluation:
-            results["linear_probe"] = evaluation["linear_probe"]
-        log.info(
-            "evaluation written to %s (zero-shot) and %s",
-            output_dir / "metrics.json",
-            output_dir / "linear_probe",
-        )
+        evaluation = evaluate_config(model, cfg.eval, output_dir, checkpoint=checkpoint)
+        # the first protocol's metrics (<run>/eval/metrics.json) are "eval", the others by name
+        first, *others = evaluation
+        results["eval"] = evaluation[first]
+        results.update({name: evaluation[name] for name in others})
     return results
