@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 
 from flip.benchmarks import read_folder
 from flip.evaluation.features import split_features
+from flip.evaluation.run import evaluate_config
 from flip.evaluation.zeroshot import evaluate_zeroshot
 from flip.training.callbacks import ZeroShotBenchmark
-from flip.evaluation.run import evaluate_config
 from flip.training.run import train
 
 from .test_eval_entrypoints import COLOURS, _square
