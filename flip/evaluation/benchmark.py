@@ -35,7 +35,9 @@ class Benchmark:
     train_split: str | None = "train"
     val_split: str | None = None
     test_split: str = "test"
-    _loaded: dict[tuple[str, int | None, int], LabelledSplit] = field(default_factory=dict, repr=False)
+    _loaded: dict[tuple[str, int | None, int], LabelledSplit] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     @classmethod
     def from_config(

@@ -18,6 +18,7 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,8 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from flip.benchmarks.base import ImageSource, LabelledSplit
 from flip.checkpoint import atomic_torch_save
-from flip.evaluation.benchmark import Benchmark
 from flip.models import FlipModel
+
+if TYPE_CHECKING:  # flip-query extracts features without benchmarks (or Hydra)
+    from flip.evaluation.benchmark import Benchmark
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1

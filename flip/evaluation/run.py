@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 from hydra.utils import instantiate
 
-from flip.data.datamodule import resolve_shards
 from flip.evaluation.benchmark import Benchmark
 from flip.evaluation.features import BenchmarkFeatures, FeatureCache, SplitFeatures
 from flip.evaluation.report import write_report
@@ -118,6 +117,8 @@ def evaluate_config(
     split = cfg.get("split") or cfg["benchmark"].get("test_split") or "test"
     shards = None
     if cfg.get("test_shards") is not None:
+        from flip.data.datamodule import resolve_shards  # Lightning's import, only for shards
+
         shards = {split: resolve_shards(cfg["test_shards"], "test_shards")}
     benchmark = Benchmark.from_config(cfg["benchmark"], shards)
     return evaluate(
