@@ -5,7 +5,7 @@
 Writes OUT/metrics.json, OUT/report.md and plots. Configuration: conf/eval_linear_probe.yaml
 (the evaluation node conf/eval/default.yaml + conf/protocol/linear_probe.yaml, whose settings
 are `protocols.linear_probe.*`, e.g. protocols.linear_probe.max_train=3000; the old `probe.*`,
-`train_split`, `val_split`, `max_train` and `max_val` are translated to them).
+`train_split`, `val_split`, `max_train` and `max_val` fail naming them).
 """
 
 from flip.cli.evaluate import linear_probe

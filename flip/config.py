@@ -1,10 +1,9 @@
 """What every layer needs from the configuration: where conf/ is, the OmegaConf resolvers the
-YAML files use (registered on `import flip`), configs as plain Python containers, and the
-translation of renamed keys (old keys in users' scripts keep working or fail naming the new one)."""
+YAML files use (registered on `import flip`), configs as plain Python containers, and the keys
+that moved (an old key in a user's script fails naming the new one)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,17 +13,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     "CONFIG_PATH",
+    "EVAL_SCRIPT_MOVED_KEYS",
     "MOVED_KEYS",
     "__version__",
     "check_moved_keys",
     "cpu_precision",
     "log_rank_suffix",
+    "moved_keys_in",
     "num_nodes",
     "override_key",
     "plain",
     "register_resolvers",
-    "reject_renamed_keys",
-    "rename_overrides",
 ]
 
 __version__ = "0.1.0"
@@ -34,23 +33,59 @@ __version__ = "0.1.0"
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
 
 # config keys that moved, and where to: users' scripts may still set the old ones
+# (train.py's); a key stands for the node under it too, and a new key written `~key` means the
+# old on/off switch became that node's presence
 MOVED_KEYS = {
     # the model owns its temperature, so that a checkpoint rebuilds it from the model config alone
     "loss.init_logit_scale": "model.init_logit_scale",
     "loss.init_logit_bias": "model.init_logit_bias",
+    # evaluation is a benchmark + protocols (conf/benchmark, conf/protocol): the FaceShapes
+    # benchmark was merged into `eval` and the probe had a node of its own; eval.split,
+    # eval.batch_size, eval.num_workers, eval.test_shards and eval.during_training.* stay
+    "eval.linear_probe.enabled": "~eval.protocols.linear_probe",
+    "eval.linear_probe": "eval.protocols.linear_probe",
+    "eval.train_split": "eval.protocols.linear_probe.train_split",
+    "eval.val_split": "eval.protocols.linear_probe.val_split",
+    **{
+        f"eval.{key}": f"eval.benchmark.{key}"
+        for key in ("root", "name", "reader", "test_split", "templates", "binary", "multiclass", "classes")
+    },
 }
+# eval/linear_probe.py's: the probe's settings were `probe.*` and four top-level keys
+EVAL_SCRIPT_MOVED_KEYS = {
+    "probe": "protocols.linear_probe",
+    **{key: f"protocols.linear_probe.{key}" for key in ("train_split", "val_split", "max_train", "max_val")},
+}
+_ABSENT = object()
 
 
-def check_moved_keys(keys: Iterable[str]) -> None:
-    """Fail on any of `keys` (dotted, as in `loss.init_logit_scale`) in MOVED_KEYS, naming the key
-    that replaced it.
+def check_moved_keys(keys: Iterable[str], moved: Mapping[str, str] = MOVED_KEYS) -> None:
+    """Fail on any of `keys` (dotted, as in `loss.init_logit_scale`) in `moved`, or under a node
+    there, naming the key that replaced it.
 
     Hydra refuses a moved key on the command line by itself, but as one "not in struct", which does
     not say where the setting went (and with `+` it would add it where nothing reads it).
     """
-    moved = [f"{key} is now {MOVED_KEYS[key]}" for key in keys if key in MOVED_KEYS]
-    if moved:
-        raise ValueError(f"moved config key(s): {'; '.join(moved)}; set the new key(s) instead")
+    found = []
+    for key in keys:
+        old = next(
+            (o for o in sorted(moved, key=len, reverse=True) if key == o or key.startswith(o + ".")), None
+        )
+        if old is None:
+            continue
+        new = moved[old]
+        found.append(
+            f"{key} is gone: {new} turns it off"
+            if new.startswith("~")
+            else f"{key} is now {new}{key[len(old) :]}"
+        )
+    if found:
+        raise ValueError(f"moved config key(s): {'; '.join(found)}; set the new key(s) instead")
+
+
+def moved_keys_in(cfg: DictConfig, moved: Mapping[str, str] = MOVED_KEYS) -> list[str]:
+    """The keys of `moved` that a composed config holds (set in a config file, e.g. an experiment)."""
+    return [key for key in moved if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT]
 
 
 def override_key(override: str) -> str:
@@ -127,53 +162,3 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
     OmegaConf.register_new_resolver("log_rank_suffix", log_rank_suffix, replace=True)
     OmegaConf.register_new_resolver("flip.num_nodes", num_nodes, replace=True)
-
-
-_ABSENT = object()
-
-
-def _renamed(key: str, renamed: Mapping[str, str]) -> tuple[str, str] | None:
-    """(old prefix, new prefix) of the longest renamed prefix of `key` (at a dot), if any."""
-    for old in sorted(renamed, key=len, reverse=True):
-        if key == old or key.startswith(old + "."):
-            return old, renamed[old]
-    return None
-
-
-def rename_overrides(args: list[str], renamed: Mapping[str, str]) -> list[str]:
-    """Command-line overrides with renamed keys given their new names, each change logged.
-
-    `renamed` maps an old key (or node) to its new one; a new key written `~key` marks an old
-    on/off switch (`old=false` removes the node, `old=true` was the default and is dropped).
-    Flags, group choices (`group@package=option`) and values are left as they are.
-    """
-    out = []
-    for arg in args:
-        sign = arg[: len(arg) - len(arg.lstrip("+~"))]
-        key, eq, value = arg[len(sign) :].partition("=")
-        found = None if arg.startswith("-") or "@" in key else _renamed(key, renamed)
-        if found is None:
-            out.append(arg)
-            continue
-        old, new = found
-        if new.startswith("~"):  # an on/off switch became the presence of a node
-            replacement = [new] if value.strip().lower() in ("false", "0", "null") else []
-        else:
-            replacement = [f"{sign}{new}{key[len(old) :]}{eq}{value}"]
-        now = f"is now {replacement[0]}" if replacement else "is what runs by default; dropped"
-        logging.getLogger(__name__).warning("%s %s (a renamed key: use the new one)", arg, now)
-        out += replacement
-    return out
-
-
-def reject_renamed_keys(cfg: DictConfig, renamed: Mapping[str, str]) -> None:
-    """Fail, naming the new keys, when a config (e.g. a user's experiment file) sets renamed ones."""
-    found = [old for old in renamed if OmegaConf.select(cfg, old, default=_ABSENT) is not _ABSENT]
-    if found:
-        moved = "; ".join(
-            f"{old} -> remove the node ({renamed[old][1:]}: null)"
-            if renamed[old].startswith("~")
-            else f"{old} -> {renamed[old]}"
-            for old in found
-        )
-        raise ValueError(f"config keys that were renamed: {moved}")

@@ -315,9 +315,10 @@ RUN_BY = {
     "flip-query": ("tests/test_query.py", "flip.cli.query", "main"),
     "flip-export": ("tests/test_export.py", "flip.cli.export", "main"),
     "flip-zero-to-fp32": ("tests/test_checkpoint_safety.py", "flip.training.deepspeed", "main"),
-    "eval/zeroshot.py": ("tests/test_eval_entrypoints.py", "flip.evaluation.runner", "run_zeroshot"),
-    "eval/linear_probe.py": ("tests/test_eval_entrypoints.py", "flip.evaluation.runner", "run_linear_probe"),
-    "eval/retrieval.py": ("tests/test_eval_entrypoints.py", "flip.evaluation.runner", "run_retrieval"),
+    # the three scripts run flip.cli.evaluate.run on conf/eval_<name>.yaml
+    "eval/zeroshot.py": ("tests/test_eval_entrypoints.py", "flip.cli.evaluate", "run"),
+    "eval/linear_probe.py": ("tests/test_eval_entrypoints.py", "flip.cli.evaluate", "run"),
+    "eval/retrieval.py": ("tests/test_eval_entrypoints.py", "flip.cli.evaluate", "run"),
     "python -m flip.data.faceshapes.generate": (
         "tests/test_faceshapes.py",
         "flip.data.faceshapes.generate",

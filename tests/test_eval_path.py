@@ -1,11 +1,12 @@
 """The one evaluation path: every caller goes through flip.evaluation.evaluate, a split's features
 are extracted once for all protocols, a benchmark or protocol is one module + one YAML, and the
-old evaluation keys keep working or fail naming the new ones."""
+old evaluation keys fail naming the new ones."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,12 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from flip.cli.evaluate import run
-from flip.config import rename_overrides
+from flip.config import EVAL_SCRIPT_MOVED_KEYS, check_moved_keys, override_key
 from flip.evaluation import features as features_module
 from flip.evaluation import run as run_module
 from flip.evaluation.benchmark import Benchmark
 from flip.evaluation.linear_probe import LinearProbe
-from flip.evaluation.renamed_keys import EVAL_SCRIPT_KEYS, TRAIN_EVAL_KEYS
 from flip.evaluation.retrieval import Retrieval
 from flip.evaluation.run import evaluate, evaluate_config
 from flip.evaluation.zeroshot import ZeroShot
@@ -154,91 +154,87 @@ def test_every_protocol_yaml_names_a_protocol_that_runs(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("old", "new"),
+    ("override", "message"),
     [
-        (["eval.linear_probe.max_train=60"], ["eval.protocols.linear_probe.max_train=60"]),
-        (["eval.linear_probe.l2_grid=[1.0]"], ["eval.protocols.linear_probe.l2_grid=[1.0]"]),
-        (["eval.linear_probe.enabled=false"], ["~eval.protocols.linear_probe"]),
-        (["eval.linear_probe.enabled=true"], []),
-        (["eval.root=/data/fs"], ["eval.benchmark.root=/data/fs"]),
-        (["eval.val_split=null"], ["eval.protocols.linear_probe.val_split=null"]),
-        (["+eval.templates=[a {}]"], ["+eval.benchmark.templates=[a {}]"]),
-        # unchanged keys, group choices and flags pass as they are
-        (["eval.split=val", "eval.batch_size=8", "eval.during_training.every_n_steps=5", "-m"], None),
-        (["eval.test_shards=/s", "benchmark@eval.benchmark=celeba", "evaluate=false"], None),
+        (
+            "eval.linear_probe.max_train=60",
+            "eval.linear_probe.max_train is now eval.protocols.linear_probe.max_train",
+        ),
+        (
+            "eval.linear_probe.l2_grid=[1.0]",
+            "eval.linear_probe.l2_grid is now eval.protocols.linear_probe.l2_grid",
+        ),
+        (
+            "eval.linear_probe.enabled=false",
+            "eval.linear_probe.enabled is gone: ~eval.protocols.linear_probe",
+        ),
+        ("eval.root=/data/fs", "eval.root is now eval.benchmark.root"),
+        ("eval.val_split=null", "eval.val_split is now eval.protocols.linear_probe.val_split"),
+        ("+eval.templates=[a {}]", "eval.templates is now eval.benchmark.templates"),
     ],
 )
-def test_old_train_keys_get_their_new_names(old, new):
-    assert rename_overrides(old, TRAIN_EVAL_KEYS) == (old if new is None else new)
+def test_an_old_train_key_fails_naming_the_new_one(override, message, monkeypatch):
+    from flip.cli.train import train as train_py
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "trainer.max_steps=1", override])
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train_py()
 
 
-def test_old_train_keys_compose_into_what_the_new_keys_set(tmp_path):
-    old = ["eval.linear_probe.max_train=60", "eval.linear_probe.seed=3", "eval.root=/data/fs"]
-    cfg = compose_train_config(tmp_path, rename_overrides(old, TRAIN_EVAL_KEYS))
+def test_keys_that_kept_their_names_pass(tmp_path):
+    kept = [
+        "eval.split=val",
+        "eval.batch_size=8",
+        "eval.num_workers=0",
+        "eval.during_training.every_n_steps=5",
+    ]
+    kept += ["eval.test_shards=null", "benchmark@eval.benchmark=celeba", "evaluate=false", "-m"]
+    check_moved_keys(override_key(o) for o in kept)
+    cfg = compose_train_config(tmp_path, [k for k in kept if k != "-m"])
+    assert (cfg.eval.split, cfg.eval.batch_size, cfg.eval.during_training.every_n_steps) == ("val", 8, 5)
+    new = ["eval.protocols.linear_probe.max_train=60", "eval.protocols.linear_probe.seed=3"]
+    cfg = compose_train_config(tmp_path, [*new, "eval.benchmark.root=/data/fs"])
     probe = cfg.eval.protocols.linear_probe
     assert (probe.max_train, probe.seed, cfg.eval.benchmark.root) == (60, 3, "/data/fs")
-    assert cfg.eval.batch_size == 32 and cfg.eval.num_workers == 0  # conftest's eval.* keys, unchanged
-    off = compose_train_config(
-        tmp_path, rename_overrides(["eval.linear_probe.enabled=false"], TRAIN_EVAL_KEYS)
-    )
+    off = compose_train_config(tmp_path, ["~eval.protocols.linear_probe"])
     assert list(off.eval.protocols) == ["zeroshot"]
 
 
 def test_old_keys_in_a_config_file_fail_naming_the_new_key(tmp_path, tiny_ckpt, folder_benchmark):
     cfg = compose_train_config(tmp_path, ["+eval.linear_probe.max_train=5"])  # as an experiment file sets it
-    with pytest.raises(ValueError, match=r"eval\.linear_probe -> eval\.protocols\.linear_probe"):
-        validate(cfg)
-    cfg = compose_train_config(tmp_path, ["+eval.linear_probe.enabled=false"])
-    with pytest.raises(ValueError, match=r"eval\.linear_probe\.enabled -> remove the node"):
+    with pytest.raises(ValueError, match=r"eval\.linear_probe is now eval\.protocols\.linear_probe"):
         validate(cfg)
     overrides = _overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
-    with pytest.raises(ValueError, match=r"probe -> protocols\.linear_probe"):
+    with pytest.raises(ValueError, match=r"probe is now protocols\.linear_probe"):
         run(compose_eval("eval_linear_probe", tmp_path, *overrides, "+probe.seed=1"))
 
 
-def test_old_eval_script_keys_get_their_new_names(tmp_path):
-    old = ["probe.fractions=[0.5]", "probe.seed=2", "val_split=null", "max_train=10", "max_val=4"]
-    new = rename_overrides(old, EVAL_SCRIPT_KEYS)
-    assert new == [f"protocols.linear_probe.{o.removeprefix('probe.')}" for o in old]
-    cfg = compose_eval("eval_linear_probe", tmp_path, "benchmark=celeba", "benchmark.root=/x", *new)
-    probe = cfg.protocols.linear_probe
-    assert (list(probe.fractions), probe.seed, probe.val_split, probe.max_train, probe.max_val) == (
-        [0.5],
-        2,
-        None,
-        10,
-        4,
-    )
-    assert rename_overrides(["max_samples=5", "seed=1", "split=val", "batch_size=8"], EVAL_SCRIPT_KEYS) == [
-        "max_samples=5", "seed=1", "split=val", "batch_size=8"
-    ]  # fmt: skip
-    kept = compose_eval(
-        "eval_zeroshot",
-        tmp_path,
-        "baseline.name=ViT-B-16",
-        "baseline.pretrained=openai",
-        "baseline.cache_dir=/c",
-    )
-    assert dict(kept.baseline) == {"name": "ViT-B-16", "pretrained": "openai", "cache_dir": "/c"}
+def test_old_eval_script_keys_fail_naming_the_new_ones(tmp_path, monkeypatch):
+    old = ["probe.fractions=[0.5]", "val_split=null", "max_train=10", "max_val=4", "train_split=x"]
+    for override in old:
+        key = override_key(override)
+        new = "protocols.linear_probe." + key.removeprefix("probe.")
+        with pytest.raises(ValueError, match=re.escape(f"{key} is now {new}")):
+            check_moved_keys([key], EVAL_SCRIPT_MOVED_KEYS)
+    kept = ["max_samples=5", "seed=1", "split=val", "batch_size=8", "baseline.name=ViT-B-16"]
+    kept += ["baseline.pretrained=openai", "baseline.cache_dir=/c", "protocols.linear_probe.max_train=10"]
+    check_moved_keys((override_key(o) for o in kept), EVAL_SCRIPT_MOVED_KEYS)
+    cfg = compose_eval("eval_linear_probe", tmp_path, "benchmark=celeba", "benchmark.root=/x", *kept)
+    assert dict(cfg.baseline) == {"name": "ViT-B-16", "pretrained": "openai", "cache_dir": "/c"}
+    assert cfg.protocols.linear_probe.max_train == 10 and cfg.max_samples == 5
+    from flip.cli.evaluate import linear_probe as linear_probe_py
+
+    monkeypatch.setattr(sys, "argv", ["eval/linear_probe.py", "probe.seed=3"])
+    with pytest.raises(SystemExit, match=re.escape("probe.seed is now protocols.linear_probe.seed")):
+        linear_probe_py()
 
 
-@pytest.mark.slow
-def test_eval_linear_probe_script_runs_with_old_keys(tmp_path, tiny_ckpt, csv_benchmark):
-    out = tmp_path / "cli"
-    command = [
-        sys.executable,
-        "eval/linear_probe.py",
-        *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark, "cli"),
-        "val_split=val",
-        "probe.l2_grid=[1.0]",
-        "max_train=12",
-    ]
+def test_eval_script_command_line_names_the_new_key(tmp_path):
+    command = [sys.executable, "eval/linear_probe.py", "ckpt=x", "probe.l2_grid=[1.0]"]
     env = {**os.environ, "FLIP_ROOT": str(tmp_path)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "probe.l2_grid=[1.0] is now protocols.linear_probe.l2_grid=[1.0]" in done.stderr
-    written = json.loads((out / "metrics.json").read_text())
-    assert written["n_train"] == 12 and written["val_split"] == "val" and written["l2"] == 1.0
+    assert done.returncode != 0
+    assert "probe.l2_grid is now protocols.linear_probe.l2_grid" in done.stderr
 
 
 # -- which data train.py evaluates ------------------------------------------------------------------

@@ -18,8 +18,13 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
-from flip.config import CONFIG_PATH, reject_renamed_keys, rename_overrides
-from flip.evaluation.renamed_keys import EVAL_SCRIPT_KEYS
+from flip.config import (
+    CONFIG_PATH,
+    EVAL_SCRIPT_MOVED_KEYS,
+    check_moved_keys,
+    moved_keys_in,
+    override_key,
+)
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded, not for `--help`
     from flip.models import FlipModel
@@ -56,21 +61,24 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     from flip.evaluation.features import FeatureCache
     from flip.evaluation.run import evaluate_config
 
-    reject_renamed_keys(cfg, EVAL_SCRIPT_KEYS)
+    check_moved_keys(moved_keys_in(cfg, EVAL_SCRIPT_MOVED_KEYS), EVAL_SCRIPT_MOVED_KEYS)
     model, model_id, name = load_eval_model(cfg)
     cache = FeatureCache(cfg.feature_cache_dir) if cfg.get("feature_cache_dir") else None
     return evaluate_config(model, cfg, cfg.output_dir, checkpoint=name, model_id=model_id, cache=cache)
 
 
 def _main(config_name: str) -> Callable[[], None]:
-    """An entry point composing `config_name`; old keys on the command line get their new names."""
+    """An entry point composing `config_name`; an old key on the command line fails naming the new one."""
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def composed(cfg: DictConfig) -> None:
         run(cfg)
 
     def main() -> None:
-        sys.argv[1:] = rename_overrides(sys.argv[1:], EVAL_SCRIPT_KEYS)
+        try:
+            check_moved_keys((override_key(arg) for arg in sys.argv[1:]), EVAL_SCRIPT_MOVED_KEYS)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
         composed()
 
     return main

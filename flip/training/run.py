@@ -18,10 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flip.checkpoint import weights_loaded_after
-from flip.config import register_resolvers, reject_renamed_keys
+from flip.config import check_moved_keys, moved_keys_in, register_resolvers
 from flip.data.datamodule import ShardDataModule
 from flip.evaluation.benchmark import Benchmark
-from flip.evaluation.renamed_keys import TRAIN_EVAL_KEYS
 from flip.evaluation.run import evaluate_config
 from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.checkpoint_io import AtomicCheckpointIO
@@ -92,7 +91,7 @@ def validate(cfg: DictConfig) -> None:
     if warmup < 0 or cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 and optim.warmup_steps={warmup} >= 0")
     check_compile_strategy(cfg.get("compile"), zero_stage(cfg.trainer))
-    reject_renamed_keys(cfg, TRAIN_EVAL_KEYS)
+    check_moved_keys(moved_keys_in(cfg))  # the command line was checked before composing
     _check_eval_data(cfg)
 
 
