@@ -22,7 +22,7 @@ import flip.config  # noqa: F401 (registers ${cpu_precision:})
 from flip.config import register_resolvers
 from flip.training.run import validate
 
-from .conftest import ROOT, compose_train_config
+from .helpers import ROOT, compose_train_config
 
 START = re.compile(r"(?:srun\s+(?:\S+\s+)*?)?python3?\s+train\.py\b|torchrun\s|docker\s+run\s")
 SHELL_VARIABLE = re.compile(r"\$(?:\{([A-Z_][A-Z0-9_]*)\}|([A-Z_][A-Z0-9_]*))")

@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_method
-from omegaconf import open_dict
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
 
@@ -24,7 +21,7 @@ from flip.evaluation.attributes import retrieval_recalls
 from flip.evaluation.prompts import choice_prompts
 from flip.evaluation.runner import run_linear_probe, run_retrieval, run_zeroshot
 
-from .conftest import CONF, ROOT, TINY_ARCH
+from .helpers import COLOURS, ROOT, compose_eval, eval_overrides, flip_root_env, write_square
 
 BENCHMARKS = ("celeba", "lfwa", "rafdb", "fer2013", "affectnet", "folder", "csv", "faceshapes")
 SCHEMA = {
@@ -39,27 +36,6 @@ SCHEMA = {
     "summary",
     "per_label",
 }
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def save_checkpoint(model, path: Path) -> Path:
-    """A checkpoint in the form train.py writes (hyperparameters + `model.`-prefixed weights)."""
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    hparams = {"model": {"name": "flip-test-tiny", "arch": TINY_ARCH, "pretrained": None}, "loss": {}}
-    torch.save({"hyper_parameters": hparams, "state_dict": state}, path)
-    return path
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path, tiny_model) -> Path:
-    return save_checkpoint(tiny_model, tmp_path / "tiny.ckpt")
-
-
-def _square(path: Path, colour: tuple[int, int, int], seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(colour) + rng.normal(0, 25, size=(20, 20, 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
 
 
 @pytest.fixture
@@ -70,7 +46,7 @@ def csv_benchmark(tmp_path) -> Path:
         rows = ["image,is_red,is_blue,caption"]
         for i in range(n):
             name = list(COLOURS)[i % 3]
-            _square(root / "img" / f"{split}{i}.png", COLOURS[name], seed=i + 100 * len(split))
+            write_square(root / "img" / f"{split}{i}.png", COLOURS[name], seed=i + 100 * len(split))
             rows.append(
                 f"img/{split}{i}.png,{int(name == 'red')},{int(name == 'blue')},a {name} square number {i}"
             )
@@ -84,29 +60,8 @@ def folder_benchmark(tmp_path) -> Path:
     for split, n in (("train", 8), ("test", 4)):
         for name, colour in COLOURS.items():
             for i in range(n):
-                _square(root / split / name / f"{i}.png", colour, seed=i + 10 * n)
+                write_square(root / split / name / f"{i}.png", colour, seed=i + 10 * n)
     return root
-
-
-def compose_eval(name: str, tmp_path: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-    return cfg
-
-
-def _overrides(tmp_path, ckpt, benchmark, root, out="out"):
-    return [
-        f"ckpt={ckpt}",
-        f"benchmark={benchmark}",
-        f"benchmark.root={root}",
-        f"output_dir={tmp_path / out}",
-        f"feature_cache_dir={tmp_path / 'cache'}",
-        "num_workers=0",
-        "batch_size=7",
-    ]
 
 
 @torch.no_grad()
@@ -139,7 +94,7 @@ def test_zeroshot_classification_matches_an_independent_computation(tmp_path, ti
     import flip
 
     cfg = compose_eval(
-        "eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
+        "eval_zeroshot", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
     )
     metrics = run_zeroshot(cfg)
     out = tmp_path / "out"
@@ -178,7 +133,7 @@ def test_zeroshot_attributes_match_sklearn_on_the_same_decisions(tmp_path, tiny_
 
     prompts = "benchmark.binary={is_red:{positive:[red],negative:['not red']}}"
     cfg = compose_eval(
-        "eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark), prompts
+        "eval_zeroshot", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark), prompts
     )
     written = run_zeroshot(cfg)
     assert written["task"] == "attributes" and written["labels"] == ["is_red", "is_blue"]
@@ -206,7 +161,7 @@ def test_linear_probe_entry_point_caches_features_and_reports_every_fraction(
     tmp_path, tiny_ckpt, csv_benchmark, monkeypatch
 ):
     overrides = [
-        *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark),
+        *eval_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark),
         "val_split=val",
         "probe.l2_grid=[1.0,0.01]",
     ]
@@ -235,7 +190,7 @@ def test_linear_probe_entry_point_caches_features_and_reports_every_fraction(
 def test_retrieval_recalls_equal_a_naive_ranking(tmp_path, tiny_ckpt, csv_benchmark, folder_benchmark):
     import flip
 
-    cfg = compose_eval("eval_retrieval", tmp_path, *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark))
+    cfg = compose_eval("eval_retrieval", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark))
     written = run_retrieval(cfg)
     assert written["task"] == "retrieval" and set(written["summary"]) == {
         f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)
@@ -257,19 +212,20 @@ def test_retrieval_recalls_equal_a_naive_ranking(tmp_path, tiny_ckpt, csv_benchm
     with pytest.raises(ValueError, match="has no captions"):
         run_retrieval(
             compose_eval(
-                "eval_retrieval", tmp_path, *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
+                "eval_retrieval", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
             )
         )
 
 
+@pytest.mark.slow
 def test_eval_script_runs_from_the_command_line(tmp_path, tiny_ckpt, folder_benchmark):
     out = tmp_path / "cli"
     command = [
         sys.executable,
         "eval/zeroshot.py",
-        *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark, "cli"),
+        *eval_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark, "cli"),
     ]
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path)}
+    env = flip_root_env(tmp_path, threads=None)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["benchmark"] == "folder"
@@ -278,11 +234,11 @@ def test_eval_script_runs_from_the_command_line(tmp_path, tiny_ckpt, folder_benc
 
 def test_a_missing_benchmark_root_says_what_to_give(tmp_path, tiny_ckpt):
     overrides = [
-        o for o in _overrides(tmp_path, tiny_ckpt, "rafdb", "x") if not o.startswith("benchmark.root")
+        o for o in eval_overrides(tmp_path, tiny_ckpt, "rafdb", "x") if not o.startswith("benchmark.root")
     ]
     with pytest.raises(ValueError, match=r"benchmark.root is not set: give benchmark.root=DIR.*rafdb"):
         run_zeroshot(compose_eval("eval_zeroshot", tmp_path, *overrides))
     with pytest.raises(FileNotFoundError, match=r"RAF-DB label file: none of .*list_patition_label.txt"):
         run_zeroshot(
-            compose_eval("eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "rafdb", tmp_path))
+            compose_eval("eval_zeroshot", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "rafdb", tmp_path))
         )
