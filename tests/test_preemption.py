@@ -20,7 +20,7 @@ import torch
 
 from flip.training.resume import resolve_ckpt_path, resume_candidates
 
-from .helpers import ROOT, SHARDS_BASE, flip_root_env, logged_losses, write_caption_shards
+from .helpers import ROOT, SHARDS_BASE, csv_losses, flip_root_env, write_caption_shards
 
 EXIT_SIGTERM, EXIT_SIGUSR1 = 128 + signal.SIGTERM, 128 + signal.SIGUSR1
 
@@ -153,7 +153,7 @@ def test_sigterm_saves_where_it_stopped_exits_non_zero_and_resumes_exactly(tmp_p
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _step_of(last) == 7
-    expected, after = logged_losses(whole / "run"), logged_losses(split / "run", 1)
+    expected, after = csv_losses(whole / "run"), csv_losses(split / "run", 1)
     assert sorted(after) == list(range(stopped, 7))  # continued, not restarted
     for step in after:
         assert after[step] == pytest.approx(expected[step], rel=0, abs=1e-6), (step, after, expected)
@@ -226,7 +226,7 @@ def test_a_signal_to_one_ddp_rank_stops_both_at_the_same_step_and_resume_is_exac
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, after = logged_losses(whole / "run"), logged_losses(split / "run", 1)
+    expected, after = csv_losses(whole / "run"), csv_losses(split / "run", 1)
     assert sorted(after) == list(range(stops[0], 6))
     for step in after:  # rank 1's restored generator feeds the global batch of rank 0's logged loss
         assert after[step] == pytest.approx(expected[step], rel=0, abs=1e-6), (step, after, expected)

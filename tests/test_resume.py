@@ -25,8 +25,8 @@ from .helpers import (
     ROOT,
     SHARDS_BASE,
     compose_train_config,
+    csv_losses,
     flip_root_env,
-    logged_losses,
     write_caption_shards,
 )
 
@@ -61,7 +61,7 @@ def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_pa
     # patch dropout draws from the global generator at every step: the RNG state must be restored too
     overrides = [*_shard_overrides(shards, workers), "+model.arch.vision_cfg.patch_dropout=0.25"]
     train(compose_train_config(tmp_path / "whole", overrides, SHARDS_BASE))
-    whole = logged_losses(tmp_path / "whole" / "run")
+    whole = csv_losses(tmp_path / "whole" / "run")
     assert sorted(whole) == [0, 1, 2, 3, 4, 5]
 
     crash = "+callbacks.crash={_target_: tests.test_resume.InterruptAt, step: 3}"
@@ -73,10 +73,7 @@ def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_pa
     # the data stream's position is in the checkpoint: epoch 0, 3 batches consumed
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
     train(compose_train_config(tmp_path / "split", [*overrides, f"ckpt_path={last}"], SHARDS_BASE))
-    before, resumed = (
-        logged_losses(tmp_path / "split" / "run", 0),
-        logged_losses(tmp_path / "split" / "run", 1),
-    )
+    before, resumed = csv_losses(tmp_path / "split" / "run", 0), csv_losses(tmp_path / "split" / "run", 1)
     assert sorted(before) == [0, 1, 2] and sorted(resumed) == [3, 4, 5]
     # same batches, same weights, same optimizer and schedule: the same losses, to float rounding
     for step in range(6):
@@ -168,8 +165,5 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_whole_checkpoint(tmp_pa
     cfg.trainer.max_steps = killed_at + 2
     train(cfg)
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == killed_at + 2
-    assert sorted(logged_losses(tmp_path / "run", 1)) == [
-        killed_at,
-        killed_at + 1,
-    ]  # continued, not restarted
+    assert sorted(csv_losses(tmp_path / "run", 1)) == [killed_at, killed_at + 1]  # continued, not restarted
     assert not list(checkpoints.glob(".*.tmp"))  # a temp file the kill left behind is cleaned up

@@ -26,7 +26,7 @@ from flip.training.module import FlipLitModule
 from flip.training.optim import optimizer_class
 from flip.training.run import train
 
-from .helpers import ROOT, TINY_OVERRIDES, logged_losses, run_train_py, write_caption_shards
+from .helpers import ROOT, TINY_OVERRIDES, csv_losses, run_train_py, write_caption_shards
 
 TRAINER_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "trainer").glob("*.yaml") if p.stem != "default")
 
@@ -152,7 +152,7 @@ def test_zero2_resumes_from_its_checkpoint_folder(train_config, tmp_path, deepsp
     train(_deepspeed_config(train_config, 2, "evaluate=false", "trainer.max_steps=4", f"ckpt_path={last}"))
     second = consolidate(last, tmp_path / "step4.ckpt")
     assert (first["global_step"], second["global_step"]) == (2, 4)
-    assert sorted(logged_losses(tmp_path / "run")) == [0, 1, 2, 3]  # steps 2 and 3 only after the resume
+    assert sorted(csv_losses(tmp_path / "run")) == [0, 1, 2, 3]  # steps 2 and 3 only after the resume
     changed = [
         k for k in first["state_dict"] if not torch.equal(first["state_dict"][k], second["state_dict"][k])
     ]
@@ -201,7 +201,7 @@ def test_ddp_on_two_cpu_processes_through_train_py_and_the_loss_falls(tmp_path):
     done = run_train_py(*overrides, flip_root=tmp_path, threads=1)
     assert "MEMBER: 2/2" in done.stdout + done.stderr  # both ranks joined the process group
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
-    losses = [loss for _, loss in sorted(logged_losses(tmp_path / "run").items())]
-    assert len(losses) == 12, sorted(logged_losses(tmp_path / "run").items())
+    losses = [loss for _, loss in sorted(csv_losses(tmp_path / "run").items())]
+    assert len(losses) == 12, sorted(csv_losses(tmp_path / "run").items())
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first - 0.3, losses  # from ~log(32) towards log(8): 4 colours in a global batch of 32

@@ -28,7 +28,7 @@ from .processes import (
 )
 from .runs import TrainedRun
 from .shards import read_shards, write_caption_shards, write_img2dataset
-from .training import NaNLoss, Poisoned, fit_briefly, logged_losses, random_batch
+from .training import NaNLoss, Poisoned, csv_losses, fit_briefly, random_batch
 
 __all__ = [
     "COLOURS",
@@ -45,6 +45,7 @@ __all__ = [
     "TrainedRun",
     "compose_eval",
     "compose_train_config",
+    "csv_losses",
     "eval_overrides",
     "fit_briefly",
     "flip_data_command",
@@ -52,7 +53,6 @@ __all__ = [
     "flip_root_env",
     "free_port",
     "jpeg_bytes",
-    "logged_losses",
     "random_batch",
     "read_shards",
     "run_train_py",

@@ -58,7 +58,7 @@ def fit_briefly(module, callbacks=(), steps: int = 3, **trainer_kwargs) -> L.Tra
     return trainer
 
 
-def logged_losses(run: Path, version: int | None = None) -> dict[int, float]:
+def csv_losses(run: Path, version: int | None = None) -> dict[int, float]:
     """Logged training loss by step, of one CSV version (a resumed run writes the next) or all."""
     losses = {}
     pattern = "version_*" if version is None else f"version_{version}"
