@@ -26,6 +26,17 @@ from .helpers import (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tests' models and batches are tiny: a second intra-op thread only synchronises with the
+    first, and on a machine shared with other jobs it waits for a core. Processes that tests start
+    choose their own (OMP_NUM_THREADS, torch.set_num_threads in workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from flip.models import build_model
