@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flip-installed
 
-.PHONY: setup train test lint format clean-data gpu-check
+.PHONY: setup train test test-fast lint format clean-data gpu-check
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest
+
+# the quick loop while editing: everything but the tests marked slow (training runs, subprocesses, DDP)
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 # the GPU paths (bf16, FILIP on CUDA, DeepSpeed ZeRO-2/3 + resume, compile, MFU); exits 0 without CUDA
 gpu-check: setup

@@ -5,10 +5,7 @@ import torch
 
 from flip.training.module import FlipLitModule
 
-from .conftest import TINY_ARCH, loss_file
-
-OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
-MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
+from .helpers import MODEL, OPTIM, TINY_ARCH, loss_file
 
 
 def _loss_and_grads(loss_name: str, micro_batches: int, images, text):
@@ -21,6 +18,7 @@ def _loss_and_grads(loss_name: str, micro_batches: int, images, text):
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name", ["clip", "siglip", "filip", "clip_filip"])
 def test_k_micro_batches_equal_one_batch_of_k_times_b(loss_name):
     torch.manual_seed(1234)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from flip.benchmarks import (
     CELEBA_ATTRIBUTES,
@@ -22,12 +21,7 @@ from flip.benchmarks import (
     read_rafdb,
 )
 
-from .test_eval_entrypoints import _overrides, compose_eval, run_zeroshot, save_checkpoint
-
-
-def _image(path: Path, colour: tuple[int, int, int] = (200, 40, 40)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (20, 20), colour).save(path)
+from .helpers import compose_eval, eval_overrides, run_zeroshot, write_image
 
 
 def _attribute_file(path: Path, header: list[str], names: list[str]) -> None:
@@ -39,7 +33,7 @@ def _attribute_file(path: Path, header: list[str], names: list[str]) -> None:
 def _celeba(root: Path, header: list[str], extra_names: tuple[str, ...] = ()) -> None:
     names = ["000001.jpg", "000002.jpg", *extra_names]
     for name in names[:2]:
-        _image(root / "img_align_celeba" / name)
+        write_image(root / "img_align_celeba" / name)
     _attribute_file(root / "list_attr_celeba.txt", header, names)
     (root / "list_eval_partition.txt").write_text("".join(f"{n} 2\n" for n in names))
 
@@ -47,7 +41,7 @@ def _celeba(root: Path, header: list[str], extra_names: tuple[str, ...] = ()) ->
 def _lfwa(root: Path, header: list[str], extra_names: tuple[str, ...] = ()) -> None:
     names = ["Ann/Ann_0001.jpg", "Bob/Bob_0001.jpg", *extra_names]
     for name in names[:2]:
-        _image(root / "lfw" / name)
+        write_image(root / "lfw" / name)
     _attribute_file(root / "list_attr_lfwa.txt", header, names)
     (root / "list_eval_partition_lfwa.txt").write_text("".join(f"{n} 2\n" for n in names))
 
@@ -73,7 +67,7 @@ def test_celeba_and_lfwa_readers_refuse_headers_that_are_not_celebas_40_names(
 
 def test_celeba_and_lfwa_skip_and_count_image_names_leading_outside_the_root(tmp_path):
     secret = tmp_path / "secret.jpg"
-    _image(secret, (1, 2, 3))
+    write_image(secret, (1, 2, 3))
     outside = ("../../secret.jpg", str(secret), "000009.jpg")
     celeba = tmp_path / "celeba"
     _celeba(celeba, list(CELEBA_ATTRIBUTES), outside)
@@ -94,7 +88,7 @@ def _rafdb(root: Path, escape_to: Path | None = None, missing: bool = False) -> 
     lines = []
     for label in range(1, 8):
         name = f"test_{label:04d}.jpg"
-        _image(root / "Image" / "aligned" / f"test_{label:04d}_aligned.jpg", (30 * label, 90, 120))
+        write_image(root / "Image" / "aligned" / f"test_{label:04d}_aligned.jpg", (30 * label, 90, 120))
         lines.append(f"{name} {label}")
     if escape_to is not None:
         (root / "Image" / "aligned" / "test_0008_aligned.jpg").symlink_to(escape_to)
@@ -107,13 +101,13 @@ def _rafdb(root: Path, escape_to: Path | None = None, missing: bool = False) -> 
 
 def test_rafdb_and_affectnet_skip_and_count_image_names_leading_outside_the_root(tmp_path):
     secret = tmp_path / "secret.jpg"
-    _image(secret, (1, 2, 3))
+    write_image(secret, (1, 2, 3))
     _rafdb(tmp_path / "rafdb", escape_to=secret)
     split = read_rafdb(tmp_path / "rafdb", "test")
     assert len(split) == 7 and split.skipped_by_reason == {"path_outside_root": 1}
 
     root = tmp_path / "affectnet"
-    _image(root / "Manually_Annotated_Images" / "1" / "a.png")
+    write_image(root / "Manually_Annotated_Images" / "1" / "a.png")
     columns = ["face_x", "face_y", "face_width", "face_height", "facial_landmarks", "expression"]
     header = ",".join(["subDirectory_filePath", *columns, "valence", "arousal"])
     rows = ["1/a.png", "../../secret.jpg", str(secret)]
@@ -135,17 +129,12 @@ def test_a_fer2013_pixel_out_of_range_is_named_with_its_value_and_line(tmp_path)
         read_fer2013(tmp_path, "train")
 
 
-@pytest.fixture
-def tiny_ckpt(tmp_path, tiny_model) -> Path:
-    return save_checkpoint(tiny_model, tmp_path / "tiny.ckpt")
-
-
 def test_images_skipped_at_evaluation_are_counted_by_reason_in_metrics_json(tmp_path, tiny_ckpt):
     secret = tmp_path / "secret.jpg"
-    _image(secret, (1, 2, 3))
+    write_image(secret, (1, 2, 3))
     _rafdb(tmp_path / "rafdb", escape_to=secret, missing=True)
     cfg = compose_eval(
-        "eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "rafdb", tmp_path / "rafdb")
+        "eval_zeroshot", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "rafdb", tmp_path / "rafdb")
     )
     run_zeroshot(cfg)
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -160,9 +149,9 @@ def test_images_skipped_at_evaluation_are_counted_by_reason_in_metrics_json(tmp_
     folder = tmp_path / "folderbench"
     for name, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
         for i in range(3):
-            _image(folder / "test" / name / f"{i}.png", colour)
+            write_image(folder / "test" / name / f"{i}.png", colour)
     (folder / "test" / "a" / "broken.png").write_bytes(b"not a png")
-    overrides = _overrides(tmp_path, tiny_ckpt, "folder", folder, out="folder_out")
+    overrides = eval_overrides(tmp_path, tiny_ckpt, "folder", folder, out="folder_out")
     run_zeroshot(compose_eval("eval_zeroshot", tmp_path, *overrides))
     written = json.loads((tmp_path / "folder_out" / "metrics.json").read_text())
     assert written["n_test"] == 6 and written["skipped"] == {"test": {"unreadable_image": 1}}

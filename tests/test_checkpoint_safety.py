@@ -36,9 +36,15 @@ from flip.training.deepspeed import consolidate
 from flip.training.deepspeed import main as zero_to_fp32
 from flip.training.run import train
 
-from .conftest import ROOT, SHARDS_BASE, TINY_ARCH, compose_train_config, write_caption_shards
-from .test_eval_entrypoints import compose_eval
-from .test_strategies import clean_launcher_env, deepspeed_on_cpu  # noqa: F401 (fixtures)
+from .helpers import (
+    ROOT,
+    SHARDS_BASE,
+    TINY_ARCH,
+    compose_eval,
+    compose_train_config,
+    flip_root_env,
+    write_caption_shards,
+)
 
 
 class Payload:
@@ -123,7 +129,7 @@ def test_a_tower_init_checkpoint_refuses_a_payload(tmp_path, marker):
 
 
 def test_a_hugging_face_text_tower_folder_never_runs_a_pickled_weights_file(tmp_path, marker):
-    from .test_hf_text import bert_arch, write_tiny_bert
+    from .helpers.bert import bert_arch, write_tiny_bert
 
     folder = write_tiny_bert(tmp_path / "bert", with_weights=False)
     evil_file(folder / "pytorch_model.bin", marker)
@@ -242,7 +248,7 @@ def _shard(folder: Path, kind: str) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("kind", ["model", "optim"])
-def test_zero_to_fp32_never_runs_a_crafted_shard(tmp_path, marker, deepspeed_on_cpu, stage, kind):  # noqa: F811
+def test_zero_to_fp32_never_runs_a_crafted_shard(tmp_path, marker, deepspeed_on_cpu, stage, kind):
     folder = _zero_checkpoint(tmp_path, stage)
     consolidate(folder, tmp_path / "good.ckpt")  # the real shards convert: DeepSpeed's classes are allowed
     shard = _shard(folder, kind)
@@ -255,7 +261,7 @@ def test_zero_to_fp32_never_runs_a_crafted_shard(tmp_path, marker, deepspeed_on_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["model", "optim"])
-def test_deepspeed_resume_never_runs_a_crafted_shard(tmp_path, marker, deepspeed_on_cpu, kind):  # noqa: F811
+def test_deepspeed_resume_never_runs_a_crafted_shard(tmp_path, marker, deepspeed_on_cpu, kind):
     folder = _zero_checkpoint(tmp_path, 2)
     shard = _shard(folder, kind)
     evil_file(shard, marker, payload_key="module" if kind == "model" else "optimizer_state_dict")
@@ -270,6 +276,7 @@ def test_deepspeed_resume_never_runs_a_crafted_shard(tmp_path, marker, deepspeed
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_deepspeed_resume_from_a_crafted_folder_through_train_py(tmp_path, marker):
     """The issue's command, as typed: DeepSpeed's engine unpickles the model-state shard first."""
     folder = tmp_path / "last.ckpt"
@@ -277,7 +284,7 @@ def test_deepspeed_resume_from_a_crafted_folder_through_train_py(tmp_path, marke
     evil_file(folder / "step1" / "mp_rank_00_model_states.pt", marker, payload_key="module")
     evil_file(folder / "step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker, "optimizer_state_dict")
     shards = Path(write_caption_shards(tmp_path / "shards", count=20, per_shard=10)[0]).parent
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = flip_root_env(tmp_path)
     args = [*SHARDS_BASE, f"data.train_shards={shards}", "trainer=deepspeed_zero2", "trainer.accelerator=cpu",
             "trainer.devices=1", "trainer.precision=32-true", f"ckpt_path={folder}",
             f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip

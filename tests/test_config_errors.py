@@ -13,8 +13,7 @@ import torch
 import flip
 from flip.training.run import train
 
-from .conftest import SHARDS_BASE, compose_train_config, write_caption_shards
-from .test_eval_entrypoints import save_checkpoint
+from .helpers import SHARDS_BASE, compose_train_config, save_checkpoint, write_caption_shards
 
 RANDOM_INIT = "No pretrained weights loaded"
 
@@ -44,6 +43,7 @@ def test_a_number_of_the_wrong_type_is_named_before_anything_runs(tmp_path, shar
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before building anything
 
 
+@pytest.mark.slow
 def test_resuming_with_another_learning_rate_names_both_and_keeps_the_checkpoints(
     tmp_path, shard_dir, caplog
 ):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,21 +22,11 @@ from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.deepspeed import _scalar_parameters_broadcast_apart
 from flip.training.module import FlipLitModule
 
-from .conftest import CONF, TINY_ARCH, Poisoned, loss_file
-
-MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
-OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+from .helpers import COLOURS, CONF, MODEL, OPTIM, Poisoned, free_port, loss_file
 
 
 def _loss(name: str) -> dict:
     return loss_file(name)[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- engine start: where scalars are broadcast
@@ -47,7 +36,7 @@ def test_no_parameter_is_broadcast_from_the_cpu_under_a_cuda_only_process_group(
     """NCCL has no CPU backend: a broadcast before the engine moved the model to its GPU fails with
     "No backend type associated with device type cpu". `cuda:gloo` refuses CPU tensors the same way."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     loss, model_settings = loss_file("siglip")
     module = FlipLitModule({**MODEL, **model_settings}, loss, OPTIM)  # logit_scale and logit_bias: 0-dim
     assert [p.dim() for p in (module.model.clip.logit_scale, module.model.clip.logit_bias)] == [0, 0]
@@ -168,7 +157,7 @@ def _worker(rank: int, world: int, port: int, directory: str, scenario: str) -> 
 
 def _spawn(scenario: str, directory: Path, world: int = 2) -> list[dict]:
     _write_benchmark(directory)
-    mp.spawn(_worker, args=(world, _free_port(), str(directory), scenario), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(directory), scenario), nprocs=world, join=True)
     return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -207,6 +196,7 @@ def test_deepspeed_bf16_two_ranks_start_skip_together_and_evaluate_on_every_rank
     assert 0.0 <= ranks[0]["zeroshot"][0][1]["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_a_skipped_step_is_logged_as_skipped_with_its_own_loss_not_the_last_finite_one(tmp_path):
     import csv
 
@@ -235,7 +225,10 @@ def test_a_skipped_step_is_logged_as_skipped_with_its_own_loss_not_the_last_fini
 # ---------------------------------------------------------------- configurations refused before any work
 
 
-@pytest.mark.parametrize("trainer", ["deepspeed_zero3", "deepspeed_zero3_offload"])
+@pytest.mark.parametrize(
+    "trainer",
+    ["deepspeed_zero3", pytest.param("deepspeed_zero3_offload", marks=pytest.mark.slow)],  # builds CPU Adam
+)
 def test_compile_under_zero3_is_refused_at_validation_with_what_works(train_config, trainer):
     from flip.training.run import validate
 

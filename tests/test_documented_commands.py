@@ -42,7 +42,7 @@ import flip.config  # noqa: F401 (registers ${cpu_precision:})
 from flip.config import register_resolvers
 from flip.training.run import validate
 
-from .conftest import CONF, ROOT, compose_train_config
+from .helpers import CONF, ROOT, compose_train_config
 
 START = re.compile(r"(?:srun\s+(?:\S+\s+)*?)?python3?\s+train\.py\b|torchrun\s|docker\s+run\s")
 SHELL_VARIABLE = re.compile(r"\$(?:\{([A-Z_][A-Z0-9_]*)\}|([A-Z_][A-Z0-9_]*))")
@@ -315,10 +315,11 @@ RUN_BY = {
     "flip-query": ("tests/test_query.py", "flip.cli.query", "main"),
     "flip-export": ("tests/test_export.py", "flip.cli.export", "main"),
     "flip-zero-to-fp32": ("tests/test_checkpoint_safety.py", "flip.training.deepspeed", "main"),
-    # the three scripts run flip.cli.evaluate.run on conf/eval_<name>.yaml
-    "eval/zeroshot.py": ("tests/test_eval_entrypoints.py", "flip.cli.evaluate", "run"),
-    "eval/linear_probe.py": ("tests/test_eval_entrypoints.py", "flip.cli.evaluate", "run"),
-    "eval/retrieval.py": ("tests/test_eval_entrypoints.py", "flip.cli.evaluate", "run"),
+    # the three scripts run flip.cli.evaluate.run on conf/eval_<name>.yaml; test_eval_entrypoints.py
+    # calls it through tests/helpers/evaluation.py
+    "eval/zeroshot.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
+    "eval/linear_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
+    "eval/retrieval.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "python -m flip.data.faceshapes.generate": (
         "tests/test_faceshapes.py",
         "flip.data.faceshapes.generate",

@@ -24,13 +24,7 @@ from flip.benchmarks import (
 from flip.benchmarks.celeba import CELEBA_ATTRIBUTES, CelebAFormatError
 from flip.benchmarks.csv_labels import csv_splits
 
-from .conftest import write_caption_shards
-
-
-def _image(path, colour=(120, 60, 30), size=(12, 10)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-    return path
+from .helpers import write_caption_shards, write_image
 
 
 def _attribute_file(path, names, rows):
@@ -59,7 +53,7 @@ def _celeba(root, official=True):
         "".join(f"{n} {p}\n" for n, p in zip(names, partition, strict=True))
     )
     for n in names:
-        _image(img / n)
+        write_image(img / n)
     return names, values, partition
 
 
@@ -92,7 +86,7 @@ def test_lfwa_reads_the_celeba_text_layout_with_a_split_file(tmp_path):
     _attribute_file(tmp_path / "list_attr_lfwa.txt", CELEBA_ATTRIBUTES, list(zip(names, values, strict=True)))
     (tmp_path / "list_eval_partition_lfwa.txt").write_text(f"{names[0]} 0\n{names[1]} 2\n{names[2]} 0\n")
     for n in names:
-        _image(tmp_path / "lfw" / n)
+        write_image(tmp_path / "lfw" / n)
     train, test = read_lfwa(tmp_path, "train"), read_lfwa(tmp_path, "test")
     assert train.keys == [names[0], names[2]] and test.keys == [names[1]]
     np.testing.assert_array_equal(train.targets[1], [1, 0] * 20)
@@ -110,8 +104,8 @@ def test_rafdb_labels_splits_and_aligned_names(tmp_path):
     (tmp_path / "EmoLabel").mkdir()
     (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text("".join(f"{n} {y}\n" for n, y in rows))
     for n, _ in rows:
-        _image(tmp_path / "Image" / "aligned" / n.replace(".jpg", "_aligned.jpg"))
-        _image(tmp_path / "Image" / "original" / n, size=(20, 20))
+        write_image(tmp_path / "Image" / "aligned" / n.replace(".jpg", "_aligned.jpg"))
+        write_image(tmp_path / "Image" / "original" / n, size=(20, 20))
     train = read_rafdb(tmp_path, "train")
     assert train.keys == ["train_00001.jpg", "train_00002.jpg", "train_00003.jpg"]
     assert [train.label_names[y] for y in train.targets] == ["Sadness", "Surprise", "Happiness"]
@@ -211,22 +205,22 @@ def test_folder_classes_are_shared_across_splits(tmp_path):
         ("test", "angry", 1),
     ]:
         for i in range(n):
-            _image(tmp_path / split / cls / f"{i}.png")
+            write_image(tmp_path / split / cls / f"{i}.png")
     train, test = read_folder(tmp_path, "train"), read_folder(tmp_path, "test")
     assert train.label_names == test.label_names == ["angry", "happy", "sad"]
     assert train.counts() == {"angry": 0, "happy": 2, "sad": 1}
     assert test.counts() == {"angry": 1, "happy": 0, "sad": 2}
     assert test.keys[0] == "angry/0.png"
     flat = tmp_path / "flat"
-    _image(flat / "a" / "x.jpg")
+    write_image(flat / "a" / "x.jpg")
     assert read_folder(flat, "test").counts() == {"a": 1}
     with pytest.raises(ValueError, match=r"no split 'train'; it has \['test'\]"):
         read_folder(flat, "train")
 
 
 def test_csv_attributes_classes_split_column_and_captions(tmp_path):
-    _image(tmp_path / "img" / "a.png")
-    _image(tmp_path / "img" / "b.png")
+    write_image(tmp_path / "img" / "a.png")
+    write_image(tmp_path / "img" / "b.png")
     (tmp_path / "train.csv").write_text(
         "image,smiling,eyeglasses\nimg/a.png,1,-1\nimg/b.png,0,1\nimg/a.png,,true\n"
     )

@@ -6,25 +6,29 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_method
-from omegaconf import open_dict
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
 
-from flip.cli.evaluate import run
 from flip.evaluation import features as features_module
 from flip.evaluation.prompts import choice_prompts
 from flip.evaluation.retrieval import retrieval_recalls
 
-from .conftest import CONF, ROOT, TINY_ARCH
+from .helpers import (
+    CONF,
+    ROOT,
+    compose_eval,
+    eval_overrides,
+    flip_root_env,
+    run_linear_probe,
+    run_retrieval,
+    run_zeroshot,
+)
 
 BENCHMARKS = tuple(sorted(path.stem for path in (CONF / "benchmark").glob("*.yaml")))  # a new one included
 SCHEMA = {
@@ -39,86 +43,6 @@ SCHEMA = {
     "summary",
     "per_label",
 }
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def save_checkpoint(model, path: Path) -> Path:
-    """A checkpoint in the form train.py writes (hyperparameters + `model.`-prefixed weights)."""
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    hparams = {"model": {"name": "flip-test-tiny", "arch": TINY_ARCH, "pretrained": None}, "loss": {}}
-    torch.save({"hyper_parameters": hparams, "state_dict": state}, path)
-    return path
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path, tiny_model) -> Path:
-    return save_checkpoint(tiny_model, tmp_path / "tiny.ckpt")
-
-
-def _square(path: Path, colour: tuple[int, int, int], seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(colour) + rng.normal(0, 25, size=(20, 20, 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-
-
-@pytest.fixture
-def csv_benchmark(tmp_path) -> Path:
-    """Coloured squares with attribute columns (is_red, is_blue) and captions, in train/val/test CSVs."""
-    root = tmp_path / "csvbench"
-    for split, n in (("train", 24), ("val", 9), ("test", 12)):
-        rows = ["image,is_red,is_blue,caption"]
-        for i in range(n):
-            name = list(COLOURS)[i % 3]
-            _square(root / "img" / f"{split}{i}.png", COLOURS[name], seed=i + 100 * len(split))
-            rows.append(
-                f"img/{split}{i}.png,{int(name == 'red')},{int(name == 'blue')},a {name} square number {i}"
-            )
-        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return root
-
-
-@pytest.fixture
-def folder_benchmark(tmp_path) -> Path:
-    root = tmp_path / "folderbench"
-    for split, n in (("train", 8), ("test", 4)):
-        for name, colour in COLOURS.items():
-            for i in range(n):
-                _square(root / split / name / f"{i}.png", colour, seed=i + 10 * n)
-    return root
-
-
-def run_zeroshot(cfg) -> dict:
-    return run(cfg)["zeroshot"]
-
-
-def run_linear_probe(cfg) -> dict:
-    return run(cfg)["linear_probe"]
-
-
-def run_retrieval(cfg) -> dict:
-    return run(cfg)["retrieval"]
-
-
-def compose_eval(name: str, tmp_path: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-    return cfg
-
-
-def _overrides(tmp_path, ckpt, benchmark, root, out="out"):
-    return [
-        f"ckpt={ckpt}",
-        f"benchmark={benchmark}",
-        f"benchmark.root={root}",
-        f"output_dir={tmp_path / out}",
-        f"feature_cache_dir={tmp_path / 'cache'}",
-        "num_workers=0",
-        "batch_size=7",
-    ]
 
 
 @torch.no_grad()
@@ -153,7 +77,7 @@ def test_zeroshot_classification_matches_an_independent_computation(tmp_path, ti
     import flip
 
     cfg = compose_eval(
-        "eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
+        "eval_zeroshot", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
     )
     metrics = run_zeroshot(cfg)
     out = tmp_path / "out"
@@ -192,7 +116,7 @@ def test_zeroshot_attributes_match_sklearn_on_the_same_decisions(tmp_path, tiny_
 
     prompts = "benchmark.binary={is_red:{positive:[red],negative:['not red']}}"
     cfg = compose_eval(
-        "eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark), prompts
+        "eval_zeroshot", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark), prompts
     )
     written = run_zeroshot(cfg)
     assert written["task"] == "attributes" and written["labels"] == ["is_red", "is_blue"]
@@ -220,7 +144,7 @@ def test_linear_probe_entry_point_caches_features_and_reports_every_fraction(
     tmp_path, tiny_ckpt, csv_benchmark, monkeypatch
 ):
     overrides = [
-        *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark),
+        *eval_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark),
         "protocols.linear_probe.val_split=val",
         "protocols.linear_probe.l2_grid=[1.0,0.01]",
     ]
@@ -249,7 +173,7 @@ def test_linear_probe_entry_point_caches_features_and_reports_every_fraction(
 def test_retrieval_recalls_equal_a_naive_ranking(tmp_path, tiny_ckpt, csv_benchmark, folder_benchmark):
     import flip
 
-    cfg = compose_eval("eval_retrieval", tmp_path, *_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark))
+    cfg = compose_eval("eval_retrieval", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "csv", csv_benchmark))
     written = run_retrieval(cfg)
     assert written["task"] == "retrieval" and set(written["summary"]) == {
         f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)
@@ -271,19 +195,20 @@ def test_retrieval_recalls_equal_a_naive_ranking(tmp_path, tiny_ckpt, csv_benchm
     with pytest.raises(ValueError, match="has no captions"):
         run_retrieval(
             compose_eval(
-                "eval_retrieval", tmp_path, *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
+                "eval_retrieval", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
             )
         )
 
 
+@pytest.mark.slow
 def test_eval_script_runs_from_the_command_line(tmp_path, tiny_ckpt, folder_benchmark):
     out = tmp_path / "cli"
     command = [
         sys.executable,
         "eval/zeroshot.py",
-        *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark, "cli"),
+        *eval_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark, "cli"),
     ]
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path)}
+    env = flip_root_env(tmp_path, threads=None)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["benchmark"] == "folder"
@@ -292,11 +217,11 @@ def test_eval_script_runs_from_the_command_line(tmp_path, tiny_ckpt, folder_benc
 
 def test_a_missing_benchmark_root_says_what_to_give(tmp_path, tiny_ckpt):
     overrides = [
-        o for o in _overrides(tmp_path, tiny_ckpt, "rafdb", "x") if not o.startswith("benchmark.root")
+        o for o in eval_overrides(tmp_path, tiny_ckpt, "rafdb", "x") if not o.startswith("benchmark.root")
     ]
     with pytest.raises(ValueError, match=r"benchmark.root is not set: give benchmark.root=DIR.*rafdb"):
         run_zeroshot(compose_eval("eval_zeroshot", tmp_path, *overrides))
     with pytest.raises(FileNotFoundError, match=r"RAF-DB label file: none of .*list_patition_label.txt"):
         run_zeroshot(
-            compose_eval("eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "rafdb", tmp_path))
+            compose_eval("eval_zeroshot", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "rafdb", tmp_path))
         )

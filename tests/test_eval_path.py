@@ -26,10 +26,7 @@ from flip.evaluation.run import evaluate, evaluate_config
 from flip.evaluation.zeroshot import ZeroShot
 from flip.training.run import train, validate
 
-from .conftest import CONF, ROOT, SHARDS_BASE, compose_train_config
-from .test_eval_entrypoints import _overrides, compose_eval, csv_benchmark, folder_benchmark, tiny_ckpt
-
-__all__ = ["csv_benchmark", "folder_benchmark", "tiny_ckpt"]  # fixtures shared with test_eval_entrypoints
+from .helpers import CONF, ROOT, SHARDS_BASE, compose_eval, compose_train_config, eval_overrides
 
 
 @pytest.fixture
@@ -45,10 +42,15 @@ def evaluate_calls(monkeypatch) -> list[dict]:
     return calls
 
 
+@pytest.mark.slow
 def test_eval_scripts_train_py_and_the_callback_all_evaluate_through_one_function(
     train_config, tmp_path, tiny_ckpt, folder_benchmark, evaluate_calls
 ):
-    run(compose_eval("eval_zeroshot", tmp_path, *_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)))
+    run(
+        compose_eval(
+            "eval_zeroshot", tmp_path, *eval_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
+        )
+    )
     assert [c["protocols"] for c in evaluate_calls] == [["zeroshot"]]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["benchmark"] == "folder"
 
@@ -130,7 +132,7 @@ def test_a_new_protocol_and_a_new_benchmark_are_one_yaml_each(tmp_path, tiny_ckp
         "train_split: train\nval_split: null\ntest_split: test\ntemplates: null\nclasses: null\n"
     )
     search = f"hydra.searchpath=[file://{extra}]"
-    overrides = _overrides(tmp_path, tiny_ckpt, "squares", folder_benchmark)
+    overrides = eval_overrides(tmp_path, tiny_ckpt, "squares", folder_benchmark)
     cfg = compose_eval("eval_zeroshot", tmp_path, search, *overrides, "+protocol@protocols.size=split_size")
     results = run(cfg)
     assert cfg.benchmark.name == "squares" and results["zeroshot"]["n_test"] == 12
@@ -204,7 +206,7 @@ def test_old_keys_in_a_config_file_fail_naming_the_new_key(tmp_path, tiny_ckpt, 
     cfg = compose_train_config(tmp_path, ["+eval.linear_probe.max_train=5"])  # as an experiment file sets it
     with pytest.raises(ValueError, match=r"eval\.linear_probe is now eval\.protocols\.linear_probe"):
         validate(cfg)
-    overrides = _overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
+    overrides = eval_overrides(tmp_path, tiny_ckpt, "folder", folder_benchmark)
     with pytest.raises(ValueError, match=r"probe is now protocols\.linear_probe"):
         run(compose_eval("eval_linear_probe", tmp_path, *overrides, "+probe.seed=1"))
 
@@ -229,6 +231,7 @@ def test_old_eval_script_keys_fail_naming_the_new_ones(tmp_path, monkeypatch):
         linear_probe_py()
 
 
+@pytest.mark.slow
 def test_eval_script_command_line_names_the_new_key(tmp_path):
     command = [sys.executable, "eval/linear_probe.py", "ckpt=x", "probe.l2_grid=[1.0]"]
     env = {**os.environ, "FLIP_ROOT": str(tmp_path)}

@@ -17,7 +17,7 @@ from flip.evaluation.zeroshot import evaluate_zeroshot
 from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.run import train
 
-from .test_eval_entrypoints import COLOURS, _square
+from .helpers import COLOURS, write_square
 
 
 class _RecordingLogger:
@@ -31,7 +31,7 @@ class _RecordingLogger:
 def test_callback_logs_the_benchmark_summary_every_n_steps(tmp_path, tiny_model):
     for name, colour in COLOURS.items():
         for i in range(3):
-            _square(tmp_path / "test" / name / f"{i}.png", colour, seed=i)
+            write_square(tmp_path / "test" / name / f"{i}.png", colour, seed=i)
     benchmark = {
         "name": "folder",
         "reader": partial(read_folder, tmp_path),
@@ -58,6 +58,7 @@ def test_callback_logs_the_benchmark_summary_every_n_steps(tmp_path, tiny_model)
         ZeroShotBenchmark(benchmark, every_n_steps=0)
 
 
+@pytest.mark.slow
 def test_training_logs_zero_shot_results_during_the_run(train_config, tmp_path):
     train(
         train_config(
@@ -70,6 +71,7 @@ def test_training_logs_zero_shot_results_during_the_run(train_config, tmp_path):
     assert all(0 <= float(r["zeroshot/mean_balanced_accuracy"]) <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_end_of_run_evaluation_writes_zero_shot_and_linear_probe(train_config, tmp_path, tiny_model):
     cfg = train_config(
         "eval.protocols.linear_probe.max_train=60", "eval.protocols.linear_probe.l2_grid=[1.0,0.001]"

@@ -13,7 +13,6 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-import transformers
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
@@ -23,9 +22,8 @@ from flip.cli.export import main
 from flip.evaluation.zeroshot import ZeroShotClassifier, expand
 from flip.export import OpenClipExportError, export
 from flip.models import build_model
-from flip.training.run import train
 
-from .conftest import compose_train_config
+from .helpers.bert import bert_arch, write_tiny_bert
 
 # Runs in a fresh interpreter that imports open_clip and torch only, as a user without FLIP would.
 OPEN_CLIP_ONLY = r"""
@@ -56,19 +54,16 @@ torch.save({
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(trained_demo, tmp_path_factory):
     """The demo recipe (CLIP + FILIP on FaceShapes) at test size: a real train.py checkpoint."""
-    root = tmp_path_factory.mktemp("demo")
-    cfg = compose_train_config(root, ["evaluate=false"])
-    train(cfg)
-    images = root / "images"
-    images.mkdir()
-    shard = sorted((root / "data" / "faceshapes" / "test").glob("*.tar"))[0]
+    cfg = trained_demo.cfg
+    images = tmp_path_factory.mktemp("demo_images")
+    shard = sorted((trained_demo.faceshapes / "test").glob("*.tar"))[0]
     with tarfile.open(shard) as tar:
         for member in [m for m in tar.getmembers() if m.name.endswith(".jpg")][:24]:
             (images / Path(member.name).name).write_bytes(tar.extractfile(member).read())
     return {
-        "ckpt": root / "run" / "checkpoints" / "last.ckpt",
+        "ckpt": trained_demo.ckpt,
         "eval": OmegaConf.to_container(cfg.eval.benchmark, resolve=True),
         "images": sorted(str(p) for p in images.glob("*.jpg")),
     }
@@ -81,6 +76,7 @@ def open_clip_export(demo, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_open_clip_export_holds_exactly_the_trained_weights(demo, open_clip_export):
     assert sorted(p.name for p in open_clip_export.iterdir()) == [
         "open_clip_config.json",
@@ -96,6 +92,7 @@ def test_open_clip_export_holds_exactly_the_trained_weights(demo, open_clip_expo
     assert config["preprocess_cfg"]["size"] == [32, 32]
 
 
+@pytest.mark.slow
 def test_open_clip_alone_gives_the_same_embeddings_and_zero_shot_predictions(
     demo, open_clip_export, tmp_path
 ):
@@ -140,6 +137,7 @@ def test_open_clip_alone_gives_the_same_embeddings_and_zero_shot_predictions(
     assert len({tuple(p.tolist()) for p in theirs["predictions"].values()}) > 1  # not one constant answer
 
 
+@pytest.mark.slow
 def test_onnx_graphs_match_pytorch_at_any_batch_size(demo, tmp_path):
     out = tmp_path / "onnx"
     assert main(["--ckpt", str(demo["ckpt"]), "--format", "onnx", "--out", str(out)]) == 0
@@ -164,6 +162,7 @@ def test_onnx_graphs_match_pytorch_at_any_batch_size(demo, tmp_path):
     assert max(config["check"]["max_abs_difference"].values()) <= 1e-4
 
 
+@pytest.mark.slow
 def test_safetensors_export_is_read_by_flip_load_bit_for_bit(demo, open_clip_export, tmp_path):
     out = tmp_path / "st"
     assert main(["--ckpt", str(demo["ckpt"]), "--format", "safetensors", "--out", str(out)]) == 0
@@ -192,6 +191,7 @@ def test_flip_load_names_what_it_accepts(tmp_path):
         flip.load(tmp_path / "no_weights")
 
 
+@pytest.mark.slow
 def test_export_never_overwrites_by_accident_and_leaves_nothing_when_it_fails(demo, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
@@ -218,29 +218,8 @@ def test_export_never_overwrites_by_accident_and_leaves_nothing_when_it_fails(de
     assert "invalid choice: 'torchscript'" in capsys.readouterr().err
 
 
-def _tiny_bert(folder: Path) -> Path:
-    """A BERT text tower and tokenizer from local files: what FLIP's HF towers look like, offline."""
-    config = transformers.BertConfig(
-        vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=24,
-    )  # fmt: skip
-    transformers.BertModel(config).save_pretrained(folder)
-    (folder / "vocab.txt").write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "face", "smile"])
-    )
-    transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    return folder
-
-
 def test_a_hugging_face_text_tower_cannot_go_to_open_clip_and_the_error_says_why(tmp_path):
-    bert = str(_tiny_bert(tmp_path / "bert"))
-    arch = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-        "text_cfg": {"hf_model_name": bert, "hf_tokenizer_name": bert, "hf_pooler_type": "cls_pooler",
-                     "hf_proj_type": "linear", "context_length": 24},
-    }  # fmt: skip
-    model = build_model("flip-test-bert", arch)
+    model = build_model("flip-test-bert", bert_arch(write_tiny_bert(tmp_path / "bert")))
     with pytest.raises(
         OpenClipExportError, match=r"Hugging Face text tower.*hf_model_name=.*bert.*AutoConfig"
     ):

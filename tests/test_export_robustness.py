@@ -12,8 +12,6 @@ import flip.export
 from flip.cli.export import main
 from flip.export import export
 
-from .test_eval_entrypoints import save_checkpoint
-
 
 def _tree(folder) -> dict[str, bytes | None]:
     """Every entry under `folder` (hidden ones too) with its bytes; folders map to None."""
@@ -23,12 +21,7 @@ def _tree(folder) -> dict[str, bytes | None]:
     }
 
 
-@pytest.fixture
-def ckpt(tiny_model, tmp_path):
-    return save_checkpoint(tiny_model, tmp_path / "tiny.ckpt")
-
-
-def test_out_dot_is_refused_with_a_message_and_leaves_nothing(ckpt, tmp_path, monkeypatch, capsys):
+def test_out_dot_is_refused_with_a_message_and_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch, capsys):
     for holds_files in (False, True):
         work = tmp_path / f"work{int(holds_files)}"
         work.mkdir()
@@ -37,17 +30,17 @@ def test_out_dot_is_refused_with_a_message_and_leaves_nothing(ckpt, tmp_path, mo
         monkeypatch.chdir(work)
         before = _tree(tmp_path)
         for out in (".", "..", str(work)):
-            args = ["--ckpt", str(ckpt), "--format", "safetensors", "--out", out]
+            args = ["--ckpt", str(tiny_ckpt), "--format", "safetensors", "--out", out]
             assert main([*args, "--overwrite"]) == 2
             assert "current folder" in capsys.readouterr().err
             assert _tree(tmp_path) == before  # no staged export, no half-replaced folder
 
 
 def test_overwrite_replaces_a_previous_export_and_refuses_any_other_folder_deleting_nothing(
-    ckpt, tiny_model, tmp_path, capsys
+    tiny_ckpt, tiny_model, tmp_path, capsys
 ):
     out = tmp_path / "model"
-    args = ["--ckpt", str(ckpt), "--out", str(out)]
+    args = ["--ckpt", str(tiny_ckpt), "--out", str(out)]
     assert main([*args, "--format", "safetensors"]) == 0
     assert main([*args, "--format", "open_clip"]) == 2  # without --overwrite: refused
     assert "already holds files" in capsys.readouterr().err
@@ -66,7 +59,7 @@ def test_overwrite_replaces_a_previous_export_and_refuses_any_other_folder_delet
     (precious / "sub").mkdir(parents=True)
     (precious / "precious.txt").write_text("years of work")
     (precious / "sub" / "data.bin").write_bytes(b"\x00\x01")
-    args = ["--ckpt", str(ckpt), "--format", "safetensors", "--out", str(precious), "--overwrite"]
+    args = ["--ckpt", str(tiny_ckpt), "--format", "safetensors", "--out", str(precious), "--overwrite"]
     before = _tree(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
-from .conftest import ROOT
+import pytest
+
+from .helpers import ROOT
 
 
+@pytest.mark.slow
 def test_without_cuda_it_exits_zero_with_one_line_reason():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(

@@ -16,7 +16,7 @@ from flip.models import build_model
 from flip.training.module import FlipLitModule
 from flip.training.run import train
 
-from .conftest import TINY_ARCH
+from .helpers import TINY_ARCH
 
 # a SigLIP-style model (it has a logit_bias) with an image transform unlike open_clip's default
 MODEL_CFG = {**TINY_ARCH, "init_logit_bias": -10.0}
@@ -82,6 +82,7 @@ def test_model_pretrained_takes_an_open_clip_checkpoint_file(train_config, tmp_p
     assert_same_state(module.model.clip.state_dict(), original)
 
 
+@pytest.mark.slow
 def test_training_starts_from_an_open_clip_local_dir_folder(train_config, tmp_path):
     original = write_open_clip_folder(tmp_path / "oc")
     cfg = train_config(

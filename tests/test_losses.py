@@ -15,7 +15,7 @@ from flip.losses import ClipLoss, CombinedLoss, FilipLoss, SigLipLoss, build_los
 from flip.losses.clip import contrastive_labels
 from flip.models.outputs import EncoderOutput
 
-from .conftest import loss_file
+from .helpers import loss_file
 
 NEG_INF = float("-inf")
 

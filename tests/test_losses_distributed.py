@@ -7,7 +7,6 @@ passing-on and shift's further hops need more ranks)."""
 from __future__ import annotations
 
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from torch import nn
 
 from flip.losses import ClipLoss, CombinedLoss, FilipLoss, SigLipLoss, build_loss
 from flip.models.outputs import EncoderOutput
+
+from .helpers import free_port
 
 B, NI, NT, IN, D = 4, 5, 7, 12, 8
 LOSS_CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
@@ -160,9 +161,7 @@ def _worker(rank: int, world: int, names: list[str], port: int, path: str) -> No
 
 
 def spawn(world: int, names: list[str], directory: Path) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path = str(directory / "results.pt")
     mp.spawn(_worker, args=(world, names, port, path), nprocs=world, join=True)
     return torch.load(path)
@@ -181,11 +180,13 @@ def four_ranks(tmp_path_factory):
     return spawn(4, RING_CASES, tmp_path_factory.mktemp("ddp4"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_equal_one_process_on_the_global_batch(two_ranks, name):
     check(two_ranks[name], name, world=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RING_CASES)
 def test_four_rank_ring_exchanges_equal_one_process(four_ranks, name):
     check(four_ranks[name], name, world=4)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from flip.models import build_model
 
-from .conftest import TINY_ARCH
+from .helpers import TINY_ARCH
 
 
 def test_custom_architecture_builds_open_clip_towers_of_the_configured_shape(tiny_model):

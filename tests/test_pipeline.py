@@ -8,7 +8,7 @@ import webdataset as wds
 from flip.data.datamodule import ShardDataModule, resolve_shards
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
 
-from .conftest import write_caption_shards
+from .helpers import write_caption_shards
 
 
 def test_resolve_shards_accepts_folders_patterns_and_lists(tmp_path, caption_shards):

@@ -20,8 +20,7 @@ import torch
 
 from flip.training.resume import resolve_ckpt_path, resume_candidates
 
-from .conftest import ROOT, SHARDS_BASE, write_caption_shards
-from .test_resume import _losses
+from .helpers import ROOT, SHARDS_BASE, csv_losses, flip_root_env, write_caption_shards
 
 EXIT_SIGTERM, EXIT_SIGUSR1 = 128 + signal.SIGTERM, 128 + signal.SIGUSR1
 
@@ -70,7 +69,7 @@ def _overrides(tmp_path: Path, shards: Path, *extra: str, workers: int = 0, repo
 
 
 def _start(tmp_path: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**flip_root_env(tmp_path), **(env or {})}
     log = open(tmp_path / "train.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
         [sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -127,7 +126,7 @@ def test_sigterm_saves_where_it_stopped_exits_non_zero_and_resumes_exactly(tmp_p
     whole = tmp_path / "whole"
     done = subprocess.run(
         [sys.executable, "train.py", *_overrides(whole, shards, "trainer.max_steps=7", report=False)],
-        cwd=ROOT, env={**os.environ, "FLIP_ROOT": str(whole), "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, env=flip_root_env(whole),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -149,12 +148,12 @@ def test_sigterm_saves_where_it_stopped_exits_non_zero_and_resumes_exactly(tmp_p
     resumed = subprocess.run(
         [sys.executable, "train.py", *_overrides(split, shards, "trainer.max_steps=7", "ckpt_path=auto",
                                                  report=False)],
-        cwd=ROOT, env={**os.environ, "FLIP_ROOT": str(split), "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, env=flip_root_env(split),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _step_of(last) == 7
-    expected, after = _losses(whole / "run"), _losses(split / "run", 1)
+    expected, after = csv_losses(whole / "run"), csv_losses(split / "run", 1)
     assert sorted(after) == list(range(stopped, 7))  # continued, not restarted
     for step in after:
         assert after[step] == pytest.approx(expected[step], rel=0, abs=1e-6), (step, after, expected)
@@ -198,7 +197,7 @@ def test_a_signal_to_one_ddp_rank_stops_both_at_the_same_step_and_resume_is_exac
     whole.mkdir()
     done = subprocess.run(
         [sys.executable, "train.py", *_overrides(whole, shards, *ddp, "trainer.max_steps=6")],
-        cwd=ROOT, env={**os.environ, "FLIP_ROOT": str(whole), "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, env=flip_root_env(whole),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -223,11 +222,11 @@ def test_a_signal_to_one_ddp_rank_stops_both_at_the_same_step_and_resume_is_exac
     resumed = subprocess.run(
         [sys.executable, "train.py", *_overrides(split, shards, *ddp, "trainer.max_steps=6", "ckpt_path=auto",
                                                  report=False)],
-        cwd=ROOT, env={**os.environ, "FLIP_ROOT": str(split), "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, env=flip_root_env(split),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, after = _losses(whole / "run"), _losses(split / "run", 1)
+    expected, after = csv_losses(whole / "run"), csv_losses(split / "run", 1)
     assert sorted(after) == list(range(stops[0], 6))
     for step in after:  # rank 1's restored generator feeds the global batch of rank 0's logged loss
         assert after[step] == pytest.approx(expected[step], rel=0, abs=1e-6), (step, after, expected)

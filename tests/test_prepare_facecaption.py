@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import webdataset as wds
 from PIL import Image, ImageDraw
 
 from flip.cli.data import main
@@ -19,60 +17,9 @@ from flip.prepare.hygiene import HygieneConfig, SkipSample
 from flip.prepare.sources.facecaption import Download, FaceCaptionSource, map_box, parse_box
 from flip.prepare.writer import JobConfig, run_job
 
-from .test_prepare_folder import read_shards
+from .helpers import read_shards, write_img2dataset
 
 RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 220)
-
-
-def _jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def write_img2dataset(folder: Path, shards: list[list[dict]]) -> list[Path]:
-    """Shards exactly as img2dataset writes them: NNNNN.tar with {key}.jpg/.txt/.json, plus
-    NNNNN.parquet and NNNNN_stats.json beside each. A sample dict holds url, caption, image
-    (PIL) and optionally original_size (what the image was before img2dataset resized it)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for shard_id, samples in enumerate(shards):
-        rows = []
-        with wds.TarWriter(str(folder / f"{shard_id:05d}.tar")) as sink:
-            for index, sample in enumerate(samples):
-                key = f"{shard_id:05d}{index:04d}"
-                data = _jpeg(sample["image"])
-                width, height = sample["image"].size
-                original = sample.get("original_size", (width, height))
-                meta = {
-                    "url": sample["url"],
-                    "caption": sample["caption"],
-                    "key": key,
-                    "status": "success",
-                    "error_message": None,
-                    "width": width,
-                    "height": height,
-                    "original_width": original[0],
-                    "original_height": original[1],
-                    "exif": None,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-                sink.write({"__key__": key, "jpg": data, "txt": sample["caption"], "json": json.dumps(meta)})
-                rows.append(meta)
-        pd.DataFrame(rows).to_parquet(folder / f"{shard_id:05d}.parquet")
-        stats = {
-            "count": len(samples),
-            "successes": len(samples),
-            "failed_to_download": 0,
-            "failed_to_resize": 0,
-            "duration": 1.0,
-            "start_time": 0.0,
-            "end_time": 1.0,
-            "status_dict": {"success": len(samples)},
-        }
-        (folder / f"{shard_id:05d}_stats.json").write_text(json.dumps(stats))
-        paths.append(folder / f"{shard_id:05d}.tar")
-    return paths
 
 
 def _scene(size: tuple[int, int], boxes: list[tuple[tuple[int, int, int, int], tuple]]) -> Image.Image:

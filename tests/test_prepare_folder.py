@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from flip.prepare.detect import HaarFaceDetector
 from flip.prepare.hygiene import HygieneConfig
 from flip.prepare.sources.folder import FolderSource, key_from_path
 from flip.prepare.writer import JobConfig, run_job
+
+from .helpers import read_shards
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -92,17 +93,6 @@ BAD_IMAGES = {
 
 def _close(a, b, tol: int = 12) -> bool:
     return all(abs(int(x) - int(y)) <= tol for x, y in zip(a, b, strict=True))
-
-
-def read_shards(folder: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                assert ext not in samples.get(key, {}), f"{key}.{ext} written twice"
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from PIL import Image
 from flip.benchmarks.celeba import CELEBA_ATTRIBUTES
 from flip.cli.data import main
 
-from .conftest import ROOT
+from .helpers import flip_data_command, flip_data_env, read_shards
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -32,16 +30,6 @@ def _jpeg(side: int = 16, colour: tuple[int, int, int] = (120, 80, 40)) -> bytes
     buffer = io.BytesIO()
     Image.new("RGB", (side, side), colour).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def _samples(output: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(output.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def _folder(tmp_path: Path, rows: list[str], files: dict[str, bytes], table: str = "captions.csv"):
@@ -53,14 +41,6 @@ def _folder(tmp_path: Path, rows: list[str], files: dict[str, bytes], table: str
     captions = tmp_path / table
     captions.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return images, captions
-
-
-def _flip_data(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flip.cli.data", *args]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 # -- 1. keys ---------------------------------------------------------------------------------------
@@ -79,7 +59,7 @@ def test_keys_are_unique_for_distinct_names_and_stable_across_runs(tmp_path):
         )
         report = json.loads((out / "report.json").read_text())
         assert report["samples"]["written"] == len(names) and report["skipped_by_reason"] == {}
-        samples = _samples(out)
+        samples = read_shards(out)
         by_path = {json.loads(s["json"])["image_path"]: key for key, s in samples.items()}
         assert sorted(by_path) == sorted(names)
         assert all(KEY.match(key) for key in by_path.values()), by_path
@@ -142,7 +122,7 @@ def _slow_folder(tmp_path: Path, count: int = 160) -> tuple[Path, Path]:
 
 
 def _slow_args(images: Path, captions: Path, out: Path, workers: int = 2) -> list[str]:
-    return _flip_data(
+    return flip_data_command(
         "folder", str(images), "--captions", str(captions), "-o", str(out), "--workers", str(workers),
         "--samples-per-shard", "4", "--resize-short-side", "32", "--no-progress",
     )  # fmt: skip
@@ -171,7 +151,7 @@ def test_workers_die_with_a_parent_killed_by_sigkill(tmp_path):
     images, captions = _slow_folder(tmp_path)
     parent = subprocess.Popen(
         _slow_args(images, captions, tmp_path / "out"),
-        env=_env(),
+        env=flip_data_env(),
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -197,7 +177,9 @@ def test_workers_die_with_a_parent_killed_by_sigkill(tmp_path):
 def test_a_worker_killed_mid_run_ends_the_run_promptly_and_a_rerun_completes_it(tmp_path):
     images, captions = _slow_folder(tmp_path)
     out = tmp_path / "out"
-    run = subprocess.Popen(_slow_args(images, captions, out), env=_env(), stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        _slow_args(images, captions, out), env=flip_data_env(), stderr=subprocess.PIPE, text=True
+    )
     try:
         workers = _workers_of(run, 2)
         deadline = time.monotonic() + 60
@@ -217,12 +199,15 @@ def test_a_worker_killed_mid_run_ends_the_run_promptly_and_a_rerun_completes_it(
     assert not list(out.glob("*_stats.json"))[40:], "the run went on after its worker died"
 
     rerun = subprocess.run(
-        _slow_args(images, captions, out), env=_env(), capture_output=True, text=True, timeout=300
+        _slow_args(images, captions, out), env=flip_data_env(), capture_output=True, text=True, timeout=300
     )
     assert rerun.returncode == 0, rerun.stderr
     reference = tmp_path / "reference"
     once = subprocess.run(
-        _slow_args(images, captions, reference, workers=1), env=_env(), capture_output=True, timeout=300
+        _slow_args(images, captions, reference, workers=1),
+        env=flip_data_env(),
+        capture_output=True,
+        timeout=300,
     )
     assert once.returncode == 0
     shards = sorted(p.name for p in out.glob("*.tar"))
@@ -278,11 +263,17 @@ def test_a_worker_killed_while_the_last_task_is_in_flight_raises_at_once(tmp_pat
 def test_a_second_run_on_a_busy_output_folder_is_refused_naming_the_first(tmp_path):
     images, captions = _slow_folder(tmp_path)
     out = tmp_path / "out"
-    first = subprocess.Popen(_slow_args(images, captions, out), env=_env(), stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        _slow_args(images, captions, out), env=flip_data_env(), stderr=subprocess.PIPE, text=True
+    )
     try:
         _workers_of(first, 2)
         second = subprocess.run(
-            _slow_args(images, captions, out), env=_env(), capture_output=True, text=True, timeout=120
+            _slow_args(images, captions, out),
+            env=flip_data_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert first.poll() is None, "the first run ended before the second was tried"
         _, first_err = first.communicate(timeout=300)
@@ -350,7 +341,7 @@ def test_non_string_captions_are_skipped_and_counted_not_stringified(tmp_path, c
     code, _ = _run_folder(images, captions, tmp_path / "out", capsys)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert code == 0 and report["skipped_by_reason"] == {"not_text_caption": 3}
-    assert {s["txt"] for s in _samples(tmp_path / "out").values()} == {b"a real caption"}
+    assert {s["txt"] for s in read_shards(tmp_path / "out").values()} == {b"a real caption"}
 
 
 def test_captions_with_nul_or_other_control_characters_are_skipped_and_counted(tmp_path, capsys):
@@ -363,7 +354,7 @@ def test_captions_with_nul_or_other_control_characters_are_skipped_and_counted(t
     code, _ = _run_folder(images, captions, tmp_path / "out", capsys)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert code == 0 and report["skipped_by_reason"] == {"control_characters": 2}
-    texts = [s["txt"] for s in _samples(tmp_path / "out").values()]
+    texts = [s["txt"] for s in read_shards(tmp_path / "out").values()]
     assert texts == [b"tabs and newlines are whitespace"]
 
 
@@ -373,7 +364,7 @@ def test_identical_rows_become_one_sample_and_the_repeat_is_counted(tmp_path, ca
     code, _ = _run_folder(images, captions, tmp_path / "out", capsys)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert code == 0 and report["skipped_by_reason"] == {"duplicate_row": 1}
-    assert sorted(s["txt"] for s in _samples(tmp_path / "out").values()) == [
+    assert sorted(s["txt"] for s in read_shards(tmp_path / "out").values()) == [
         b"a smiling face",
         b"another caption",
     ]
@@ -396,7 +387,7 @@ def test_celeba_image_names_leading_outside_the_root_are_skipped_and_never_read(
     assert main(["celeba", str(root), "-o", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["samples"]["written"] == 2 and report["skipped_by_reason"] == {"path_outside_root": 3}
-    assert all("secret" not in json.loads(s["json"])["source"] for s in _samples(out).values())
+    assert all("secret" not in json.loads(s["json"])["source"] for s in read_shards(out).values())
 
 
 def test_a_read_only_output_folder_is_named_in_a_clear_message(tmp_path, capsys):

@@ -13,10 +13,7 @@ from PIL import Image
 
 from flip.data.pipeline import SampleTransform, SkipCounter, eval_pipeline, make_loader
 
-from .conftest import TINY_OVERRIDES, run_train_py
-from .test_prepare_facecaption import write_img2dataset
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+from .helpers import COLOURS, TINY_OVERRIDES, run_train_py, write_img2dataset
 
 
 def _samples(shard: int, count: int) -> list[dict]:

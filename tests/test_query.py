@@ -19,7 +19,7 @@ from flip.evaluation.attribute_query import AttributeQuery
 from flip.evaluation.prompts import DEFAULT_TEMPLATES, binary_prompts, choice_prompts
 from flip.models import build_model
 
-from .test_eval_entrypoints import save_checkpoint
+from .helpers import save_checkpoint
 
 
 def _faces(tmp_path, count: int, seed: int = 0):
@@ -182,6 +182,7 @@ def _train_eyeglasses_model(steps: int = 300, seed: int = 0):
     return model.eval(), arch
 
 
+@pytest.mark.slow
 def test_flip_query_gives_faces_with_eyeglasses_a_higher_probability(tmp_path, capsys):
     model, arch = _train_eyeglasses_model()
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

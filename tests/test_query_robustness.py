@@ -3,7 +3,6 @@ and a question that cannot be answered faithfully is refused before any work."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -12,7 +11,6 @@ import zlib
 
 import pytest
 import torch
-from PIL import Image
 
 import flip
 from flip.cli.query import cli as flip_query_cli
@@ -20,7 +18,7 @@ from flip.cli.query import main as flip_query
 from flip.evaluation.attribute_query import UnreadableImage
 from flip.evaluation.prompts import DEFAULT_TEMPLATES
 
-from .test_eval_entrypoints import save_checkpoint
+from .helpers import jpeg_bytes, save_checkpoint
 
 QUESTION = ["--attributes", "eyeglasses", "smiling"]
 
@@ -41,12 +39,6 @@ def decompression_bomb_png() -> bytes:
     )
 
 
-def _jpeg(colour: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 40), colour).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def mixed_inputs(tmp_path):
     """Good faces interleaved with every kind of file that cannot be answered, in input order."""
@@ -55,7 +47,7 @@ def mixed_inputs(tmp_path):
     good = []
     for i, colour in enumerate([(200, 150, 120), (90, 60, 40), (230, 200, 180), (120, 90, 70)]):
         path = folder / f"good{i}.jpg"
-        path.write_bytes(_jpeg(colour))
+        path.write_bytes(jpeg_bytes(colour))
         good.append(str(path))
     bad = {
         "bomb": folder / "bomb.png",
@@ -67,7 +59,7 @@ def mixed_inputs(tmp_path):
         "empty_folder": folder / "empty",
     }
     bad["bomb"].write_bytes(decompression_bomb_png())
-    bad["truncated"].write_bytes(_jpeg((10, 20, 30))[:300])
+    bad["truncated"].write_bytes(jpeg_bytes((10, 20, 30))[:300])
     bad["corrupt"].write_bytes(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50)
     bad["not_an_image"].write_text("not an image at all\n")
     bad["dangling_link"].symlink_to(folder / "nowhere.jpg")
@@ -141,7 +133,7 @@ def test_a_question_that_cannot_be_answered_faithfully_is_refused(
     tiny_model, tmp_path, capsys, monkeypatch, question, message
 ):
     image = tmp_path / "face.jpg"
-    image.write_bytes(_jpeg((200, 150, 120)))
+    image.write_bytes(jpeg_bytes((200, 150, 120)))
     ckpt = save_checkpoint(tiny_model, tmp_path / "tiny.ckpt")
     monkeypatch.setattr("sys.argv", ["flip-query", "--ckpt", str(ckpt), *question, "--", str(image)])
     with pytest.raises(SystemExit) as exited:
@@ -157,7 +149,7 @@ def test_a_question_that_cannot_be_answered_faithfully_is_refused(
 
 def test_prompt_phrases_must_be_non_empty_and_fit_the_context(tiny_model, tmp_path):
     image = tmp_path / "face.jpg"
-    image.write_bytes(_jpeg((200, 150, 120)))
+    image.write_bytes(jpeg_bytes((200, 150, 120)))
     with pytest.raises(ValueError, match=r"prompts for 'calm' must be a non-empty list"):
         flip.query(tiny_model, [image], choices=["calm", "upset"], prompts={"calm": [], "upset": ["upset"]})
     with pytest.raises(ValueError, match=r"'freckles.positive'.*non-blank"):
@@ -173,7 +165,7 @@ def test_a_prompt_that_exactly_fills_the_context_is_answered_and_one_token_more_
     tiny_model, tmp_path
 ):
     image = tmp_path / "face.jpg"
-    image.write_bytes(_jpeg((200, 150, 120)))
+    image.write_bytes(jpeg_bytes((200, 150, 120)))
 
     def longest(phrase: str) -> int:  # tokens of the longest prompt, start and end tokens included
         return max(len(tiny_model.tokenizer.encode(t.format(phrase))) + 2 for t in DEFAULT_TEMPLATES)

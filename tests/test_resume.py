@@ -3,7 +3,6 @@ an uninterrupted one; a run killed with SIGKILL resumes from its last (always wh
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import signal
@@ -22,7 +21,14 @@ from flip.training.checkpoint_io import atomic_torch_save
 from flip.training.resume import capture_rng_state, restore_rng_state
 from flip.training.run import train
 
-from .conftest import ROOT, SHARDS_BASE, compose_train_config, write_caption_shards
+from .helpers import (
+    ROOT,
+    SHARDS_BASE,
+    compose_train_config,
+    csv_losses,
+    flip_root_env,
+    write_caption_shards,
+)
 
 
 class Interrupted(RuntimeError):
@@ -49,24 +55,13 @@ def _shard_overrides(shards: Path, workers: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _losses(run: Path, version: int | None = None) -> dict[int, float]:
-    """Logged training loss by step, of one CSV version (a resumed run writes the next) or all."""
-    losses = {}
-    pattern = "version_*" if version is None else f"version_{version}"
-    for path in sorted((run / "csv").glob(f"{pattern}/metrics.csv")):
-        with open(path) as f:
-            losses |= {
-                int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")
-            }
-    return losses
-
-
+@pytest.mark.slow
 def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_path, workers=0):
     shards = Path(write_caption_shards(tmp_path / "shards", count=120, per_shard=20)[0]).parent
     # patch dropout draws from the global generator at every step: the RNG state must be restored too
     overrides = [*_shard_overrides(shards, workers), "+model.arch.vision_cfg.patch_dropout=0.25"]
     train(compose_train_config(tmp_path / "whole", overrides, SHARDS_BASE))
-    whole = _losses(tmp_path / "whole" / "run")
+    whole = csv_losses(tmp_path / "whole" / "run")
     assert sorted(whole) == [0, 1, 2, 3, 4, 5]
 
     crash = "+callbacks.crash={_target_: tests.test_resume.InterruptAt, step: 3}"
@@ -78,7 +73,7 @@ def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_pa
     # the data stream's position is in the checkpoint: epoch 0, 3 batches consumed
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
     train(compose_train_config(tmp_path / "split", [*overrides, f"ckpt_path={last}"], SHARDS_BASE))
-    before, resumed = _losses(tmp_path / "split" / "run", 0), _losses(tmp_path / "split" / "run", 1)
+    before, resumed = csv_losses(tmp_path / "split" / "run", 0), csv_losses(tmp_path / "split" / "run", 1)
     assert sorted(before) == [0, 1, 2] and sorted(resumed) == [3, 4, 5]
     # same batches, same weights, same optimizer and schedule: the same losses, to float rounding
     for step in range(6):
@@ -143,7 +138,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_whole_checkpoint(tmp_pa
     shards = Path(write_caption_shards(tmp_path / "shards", count=120, per_shard=20)[0]).parent
     overrides = [*SHARDS_BASE, *_shard_overrides(shards, 0), "trainer.max_steps=100000"]
     checkpoints = tmp_path / "run" / "checkpoints"
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = flip_root_env(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -170,5 +165,5 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_whole_checkpoint(tmp_pa
     cfg.trainer.max_steps = killed_at + 2
     train(cfg)
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == killed_at + 2
-    assert sorted(_losses(tmp_path / "run", 1)) == [killed_at, killed_at + 1]  # continued, not restarted
+    assert sorted(csv_losses(tmp_path / "run", 1)) == [killed_at, killed_at + 1]  # continued, not restarted
     assert not list(checkpoints.glob(".*.tmp"))  # a temp file the kill left behind is cleaned up

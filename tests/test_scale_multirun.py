@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import SHARDS_BASE, run_train_py, write_caption_shards
+from .helpers import SHARDS_BASE, run_train_py, write_caption_shards
 
 
 @pytest.mark.slow
@@ -36,7 +36,7 @@ def test_a_sweep_whose_ranks_lightning_would_start_by_rerunning_the_command_is_r
 
     from flip.training.run import train
 
-    from .conftest import compose_train_config
+    from .helpers import compose_train_config
 
     def children_started(self):  # on the old code: stop here instead of re-running pytest's argv
         raise AssertionError("Lightning started DDP children for a multirun job")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import pytest
 import torch
 
@@ -18,16 +17,20 @@ from flip.training.nonfinite import NonFiniteLossError
 from flip.training.optim import build_optimizer, warmup_cosine
 from flip.training.run import train
 
-from .conftest import SHARDS_BASE, TINY_ARCH, Poisoned, compose_train_config, loss_file, write_caption_shards
+from .helpers import (
+    MODEL,
+    OPTIM,
+    SHARDS_BASE,
+    TINY_ARCH,
+    NaNLoss,
+    compose_train_config,
+    fit_briefly,
+    loss_file,
+    random_batch,
+    write_caption_shards,
+)
 
 CLIP_LOSS = loss_file("clip")[0]
-OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "warmup_steps": 0}
-MODEL = {"name": "flip-test-tiny", "pretrained": None, "arch": TINY_ARCH}
-
-
-def _batch(model, n: int = 6):
-    words = ["red hat", "glasses", "a beard", "smiling", "bald", "long hair"]
-    return torch.randn(n, 3, 32, 32), model.tokenize([f"a face with {words[i % 6]}" for i in range(n)])
 
 
 def _split(state: dict) -> tuple[dict, dict]:
@@ -115,7 +118,7 @@ def test_lit_freezes_the_image_tower_and_towers_get_their_own_rates():
     frozen = {k: v.detach().clone() for k, v in visual.items()}
     text_before = module.model.clip.text_projection.detach().clone()
     schedule = warmup_cosine(optimizer, warmup_steps=2, total_steps=10)
-    losses = module.criterion(module(*_batch(module.model)))
+    losses = module.criterion(module(*random_batch(module.model)))
     losses["loss"].backward()
     optimizer.step()
     schedule.step()
@@ -142,7 +145,7 @@ def test_gradient_checkpointing_is_set_in_both_towers_and_changes_no_gradient():
     assert checkpointed.model.clip.visual.transformer.grad_checkpointing
     assert checkpointed.model.clip.transformer.grad_checkpointing
     assert not plain.model.clip.transformer.grad_checkpointing
-    batch = _batch(plain.model)
+    batch = random_batch(plain.model)
     grads = []
     for module in (plain, checkpointed):
         module.train()
@@ -153,21 +156,11 @@ def test_gradient_checkpointing_is_set_in_both_towers_and_changes_no_gradient():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _fit(module, callbacks=(), steps: int = 3, **trainer_kwargs):
-    images, text = _batch(module.model, 24)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, text), batch_size=6)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks), **trainer_kwargs,
-    )  # fmt: skip
-    trainer.fit(module, loader)
-    return trainer
-
-
+@pytest.mark.slow
 def test_compile_runs_the_towers_through_torch_compile():
     module = FlipLitModule(MODEL, CLIP_LOSS, OPTIM, compile={"backend": "eager"})
     names = [n for n, _ in module.model.named_parameters()]
-    trainer = _fit(module, steps=2)
+    trainer = fit_briefly(module, steps=2)
     assert module.model._compiled_call_impl is not None  # nn.Module.compile: in place
     assert [n for n, _ in module.model.named_parameters()] == names  # checkpoints keep their keys
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -176,29 +169,12 @@ def test_compile_runs_the_towers_through_torch_compile():
 # ---------------------------------------------------------------- non-finite losses
 
 
-class NaNLoss(L.Callback):
-    """Makes the loss NaN at the given steps (all steps when None), and records the weights."""
-
-    def __init__(self, steps=None) -> None:
-        self.steps, self.weights, self.rates = steps, {}, {}
-
-    def on_train_start(self, trainer, module) -> None:
-        module.criterion = Poisoned(
-            module.criterion, lambda: self.steps is None or trainer.global_step in self.steps
-        )
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.weights[trainer.global_step] = {
-            k: v.detach().clone() for k, v in module.model.state_dict().items()
-        }
-        self.rates[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
-
-
+@pytest.mark.slow
 def test_a_non_finite_loss_skips_its_step(caplog):
     torch.manual_seed(5)
     module = FlipLitModule(MODEL, CLIP_LOSS, OPTIM)
     poison = NaNLoss(steps={1})
-    trainer = _fit(module, [poison], steps=3)
+    trainer = fit_briefly(module, [poison], steps=3)
     assert module.nonfinite.skipped == 1 and "non-finite loss at step 1" in caplog.text
     # step 0 trained; step 1 (NaN) changed nothing; after it training went on
     after_skip = poison.weights.get(2) or {k: v for k, v in module.model.state_dict().items()}
@@ -211,10 +187,11 @@ def test_a_non_finite_loss_skips_its_step(caplog):
     assert torch.isfinite(module.model.clip.text_projection).all()
 
 
+@pytest.mark.slow
 def test_repeated_non_finite_losses_stop_the_run_with_what_to_do():
     module = FlipLitModule(MODEL, CLIP_LOSS, OPTIM, max_nonfinite_steps=3)
     with pytest.raises(NonFiniteLossError, match=r"non-finite for 3 steps in a row.*optim.lr.*ckpt_path"):
-        _fit(module, [NaNLoss()], steps=10)
+        fit_briefly(module, [NaNLoss()], steps=10)
     with pytest.raises(ValueError, match="max_nonfinite_steps must be an integer >= 1, got 0"):
         FlipLitModule(MODEL, CLIP_LOSS, OPTIM, max_nonfinite_steps=0)
 
@@ -237,6 +214,7 @@ def test_timm_image_tower_through_open_clip():
     assert recipe["arch"]["vision_cfg"]["timm_model_pretrained"] is False
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     shards = write_caption_shards(tmp_path / "shards", count=32, per_shard=32)[0]
     overrides = [f"data.train_shards={shards}", "data.batch_size=8", "data.num_workers=0",

@@ -13,7 +13,6 @@ import contextlib
 import gzip
 import io
 import json
-import os
 import pathlib
 import pickle
 import subprocess
@@ -30,7 +29,16 @@ from flip.benchmarks.shards import read_faceshapes, read_labelled_shards
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
 from flip.prepare.sources.facecaption import index_tar
 
-from .conftest import ROOT, SHARDS_BASE, run_train_py, write_caption_shards
+from .helpers import (
+    ROOT,
+    SHARDS_BASE,
+    flip_data_command,
+    flip_data_env,
+    flip_root_env,
+    jpeg_bytes,
+    run_train_py,
+    write_caption_shards,
+)
 
 # pickle.loads (pkl, pickle, pyd), torch.load (pth), numpy (npy, npz), msgpack (mp, msg),
 # tenbin (ten, tb), cbor, int() (cls, cls2, index, inx, id), json (jsn) and the same behind
@@ -71,12 +79,6 @@ def _payload(ext: str, markers: pathlib.Path) -> bytes:
     return gzip.compress(data) if ext.endswith(".gz") else data
 
 
-def _jpeg(colour) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 40), colour).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
 def write_evil_shard(path: pathlib.Path, markers: pathlib.Path, exts: list[str] = EVIL_EXTS) -> pathlib.Path:
     """One img2dataset-like sample (jpg, txt, json with url and sizes) per extension, carrying that
     extension's payload (one per sample: a decoder that fails on one member drops the whole
@@ -88,7 +90,7 @@ def write_evil_shard(path: pathlib.Path, markers: pathlib.Path, exts: list[str] 
             meta = {"url": f"http://evil/{i}.jpg", "width": 40, "height": 40, "red": True}
             sample = {
                 "__key__": f"{i:06d}",
-                "jpg": _jpeg((200, 30 * i % 255, 30)),
+                "jpg": jpeg_bytes((200, 30 * i % 255, 30)),
                 "txt": f"a face number {i}".encode(),
                 "json": json.dumps(meta).encode(),
                 ext: _payload(ext, markers),
@@ -231,7 +233,7 @@ def test_train_py_with_evil_validation_shards_runs_no_payload(evil, tmp_path):
 
 def _train_py_expecting_failure(tmp_path, *overrides: str, timeout: int = 120) -> tuple[str, str]:
     """`python train.py` that must stop by itself, non-zero, within `timeout` seconds."""
-    env = {**os.environ, "FLIP_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = flip_root_env(tmp_path)
     done = subprocess.run(
         [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
@@ -247,7 +249,7 @@ def _garbage(tmp_path, kind: str) -> pathlib.Path:
     else:  # a real tar whose every caption is invalid UTF-8
         with wds.TarWriter(str(path), encoder=False) as sink:
             for i in range(20):
-                sink.write({"__key__": f"{i:04d}", "jpg": _jpeg((10, 10, 10)), "txt": b"caf\xe9 \xff"})
+                sink.write({"__key__": f"{i:04d}", "jpg": jpeg_bytes((10, 10, 10)), "txt": b"caf\xe9 \xff"})
     return path
 
 
@@ -273,7 +275,7 @@ def test_repeated_skips_are_summarised_not_logged_one_by_one(tmp_path, tiny_mode
     with wds.TarWriter(str(path), encoder=False) as sink:
         for i in range(400):
             text = f"sample {i}".encode() if i % 100 == 0 else b"\xff\xfe"
-            sink.write({"__key__": f"{i:04d}", "jpg": _jpeg((i % 255, 0, 0)), "txt": text})
+            sink.write({"__key__": f"{i:04d}", "jpg": jpeg_bytes((i % 255, 0, 0)), "txt": text})
     pipeline, batches = train_pipeline(
         [str(path)], SampleTransform(tiny_model.preprocess_train, tiny_model.tokenizer), batch_size=2,
         samples_per_epoch=8, world_size=1, num_workers=0, shuffle_buffer=4, seed=0, epoch_seed=EpochSeed(),
@@ -334,15 +336,15 @@ def _flip_data_folder(tmp_path) -> pathlib.Path:
     (tmp_path / "captions.csv").write_text("file_name,caption\n" + "\n".join(rows) + "\n")
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "flip.cli.data", "folder", str(images), "--captions",
-         str(tmp_path / "captions.csv"), "--output", str(out), "--samples-per-shard", "3", "--workers", "1",
-         "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        flip_data_command("folder", str(images), "--captions", str(tmp_path / "captions.csv"), "--output",
+                          str(out), "--samples-per-shard", "3", "--workers", "1", "--no-progress"),
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=flip_data_env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
 
+@pytest.mark.slow
 def test_a_flip_data_folder_without_its_report_is_refused_with_how_to_resume(tmp_path):
     from flip.data.datamodule import resolve_shards
 
@@ -358,6 +360,7 @@ def test_a_flip_data_folder_without_its_report_is_refused_with_how_to_resume(tmp
     assert len(resolve_shards(str(plain), "data.train_shards")) == 1
 
 
+@pytest.mark.slow
 def test_train_shards_without_data_shards_says_to_add_it(tmp_path):
     _, stderr = _train_py_expecting_failure(tmp_path, "data.train_shards=[x.tar]", timeout=120)
     assert "add data=shards" in stderr and "data.train_shards=['x.tar']" in stderr

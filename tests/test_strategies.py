@@ -4,10 +4,6 @@ one fp32 file; a real 2-process DDP run goes through `python train.py trainer=dd
 
 from __future__ import annotations
 
-import csv
-import importlib
-import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -30,23 +26,9 @@ from flip.training.module import FlipLitModule
 from flip.training.optim import optimizer_class
 from flip.training.run import train
 
-from .conftest import ROOT, TINY_OVERRIDES, run_train_py, write_caption_shards
+from .helpers import ROOT, TINY_OVERRIDES, csv_losses, run_train_py, write_caption_shards
 
 TRAINER_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "trainer").glob("*.yaml") if p.stem != "default")
-LAUNCHER_VARIABLES = ("SLURM_", "TORCHELASTIC_", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK",
-                      "GROUP_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
-
-
-@pytest.fixture
-def clean_launcher_env(monkeypatch):
-    """No SLURM/torchrun variables from the machine running the tests; restored after."""
-    for name in list(os.environ):
-        if name.startswith(LAUNCHER_VARIABLES):
-            monkeypatch.delenv(name)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(name, "")  # registers the variable for restoring, then:
-        monkeypatch.delenv(name)
-    return monkeypatch
 
 
 def _trainer(cfg):
@@ -134,39 +116,11 @@ def test_num_nodes_comes_from_the_launcher():
 # ---------------------------------------------------------------- DeepSpeed ZeRO on the CPU accelerator
 
 
-@pytest.fixture
-def deepspeed_on_cpu(clean_launcher_env):
-    """DeepSpeed in this process, on gloo; the process group and DeepSpeed's globals are undone after.
-
-    DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce (~1 min, needs a C++
-    toolchain) that one process never uses; it is optional in DeepSpeed and left out here.
-    """
-    import deepspeed.comm.comm as ds_comm
-    import deepspeed.utils.groups as ds_groups
-
-    clean_launcher_env.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    ds_comm.cdb = None
-    importlib.reload(ds_groups)  # its cached process groups belong to the destroyed world
-
-
 def _deepspeed_config(train_config, stage: int, *overrides: str):
     return train_config(
         f"trainer=deepspeed_zero{stage}", "trainer.accelerator=cpu", "trainer.devices=1",
         "trainer.precision=32-true", "callbacks.model_checkpoint.every_n_train_steps=1", *overrides,
     )  # fmt: skip
-
-
-def _losses(run: Path) -> dict[int, float]:
-    losses = {}
-    for path in sorted((run / "csv").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            losses |= {
-                int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")
-            }
-    return losses
 
 
 @pytest.mark.slow
@@ -198,7 +152,7 @@ def test_zero2_resumes_from_its_checkpoint_folder(train_config, tmp_path, deepsp
     train(_deepspeed_config(train_config, 2, "evaluate=false", "trainer.max_steps=4", f"ckpt_path={last}"))
     second = consolidate(last, tmp_path / "step4.ckpt")
     assert (first["global_step"], second["global_step"]) == (2, 4)
-    assert sorted(_losses(tmp_path / "run")) == [0, 1, 2, 3]  # steps 2 and 3 only after the resume
+    assert sorted(csv_losses(tmp_path / "run")) == [0, 1, 2, 3]  # steps 2 and 3 only after the resume
     changed = [
         k for k in first["state_dict"] if not torch.equal(first["state_dict"][k], second["state_dict"][k])
     ]
@@ -207,13 +161,13 @@ def test_zero2_resumes_from_its_checkpoint_folder(train_config, tmp_path, deepsp
 
 @pytest.mark.slow
 def test_under_deepspeed_a_non_finite_loss_leaves_the_weights_alone(deepspeed_on_cpu):
-    from .test_scale_towers import CLIP_LOSS, MODEL, OPTIM, NaNLoss, _fit
+    from .helpers import MODEL, OPTIM, NaNLoss, fit_briefly, loss_file
 
     torch.manual_seed(6)
-    module = FlipLitModule(MODEL, CLIP_LOSS, OPTIM)
+    module = FlipLitModule(MODEL, loss_file("clip")[0], OPTIM)
     poison = NaNLoss(steps={1})
     strategy = instantiate(OmegaConf.load(ROOT / "conf" / "trainer" / "deepspeed_zero2.yaml").strategy)
-    _fit(module, [poison], steps=3, strategy=strategy, devices=1, precision="32-true")
+    fit_briefly(module, [poison], steps=3, strategy=strategy, devices=1, precision="32-true")
     assert module.nonfinite.skipped == 1
     for key, value in poison.weights[1].items():  # step 1 ran at a zero rate with zero gradients
         torch.testing.assert_close(poison.weights[2][key], value, rtol=0, atol=0, msg=key)
@@ -246,7 +200,7 @@ def test_ddp_on_two_cpu_processes_through_train_py_and_the_loss_falls(tmp_path):
     done = run_train_py(*overrides, flip_root=tmp_path, threads=1)
     assert "MEMBER: 2/2" in done.stdout + done.stderr  # both ranks joined the process group
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
-    losses = [loss for _, loss in sorted(_losses(tmp_path / "run").items())]
-    assert len(losses) == 12, sorted(_losses(tmp_path / "run").items())
+    losses = [loss for _, loss in sorted(csv_losses(tmp_path / "run").items())]
+    assert len(losses) == 12, sorted(csv_losses(tmp_path / "run").items())
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first - 0.3, losses  # from ~log(32) towards log(8): 4 colours in a global batch of 32

@@ -18,7 +18,7 @@ from flip.models import build_model
 from flip.training.module import FlipLitModule
 from flip.training.run import train
 
-from .conftest import TINY_ARCH
+from .helpers import TINY_ARCH
 
 CLIP_SCALE, SIGLIP_SCALE = math.log(1 / 0.07), math.log(10)
 TINY = {"name": "flip-test-tiny", "arch": TINY_ARCH, "pretrained": None}

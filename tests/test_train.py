@@ -15,7 +15,7 @@ from flip.evaluation.run import evaluate
 from flip.evaluation.zeroshot import ZeroShot
 from flip.training.run import train
 
-from .conftest import TINY_OVERRIDES, run_train_py
+from .helpers import TINY_OVERRIDES, run_train_py
 
 
 def _steps_logged(run: Path) -> list[int]:
@@ -27,10 +27,9 @@ def _steps_logged(run: Path) -> list[int]:
     return steps
 
 
-def test_train_save_reload_gives_the_same_model(train_config, tmp_path):
-    cfg = train_config()
-    results = train(cfg)
-    run = tmp_path / "run"
+@pytest.mark.slow
+def test_train_save_reload_gives_the_same_model(trained_demo):
+    cfg, results, run = trained_demo.cfg, trained_demo.results, trained_demo.run
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     assert _steps_logged(run) == [0, 1, 2, 3]
@@ -47,13 +46,14 @@ def test_train_save_reload_gives_the_same_model(train_config, tmp_path):
     # the reloaded model answers every question exactly as the trained one did, on the test
     # shards read as labelled shards (eval.test_shards)
     model = flip.load(ckpt)
-    urls = sorted(str(p) for p in (tmp_path / "data" / "faceshapes" / "test").glob("*.tar"))
+    urls = sorted(str(p) for p in (trained_demo.faceshapes / "test").glob("*.tar"))
     benchmark = Benchmark.from_config(cfg.eval.benchmark, shards={"test": urls})
     again = evaluate(model, benchmark, {"zeroshot": ZeroShot()}, batch_size=32)["zeroshot"]
     assert again["per_label"] == metrics["per_label"]
     assert again["retrieval"] == pytest.approx(metrics["retrieval"])
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_step(train_config, tmp_path):
     train(train_config("evaluate=false"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -68,6 +68,7 @@ def test_resume_continues_at_the_saved_step(train_config, tmp_path):
 @pytest.mark.parametrize(
     ("loss", "terms"), [("siglip", {"siglip"}), ("filip", {"filip"}), ("clip_filip", {"clip", "filip"})]
 )
+@pytest.mark.slow
 def test_every_loss_config_trains_through_train_py(train_config, tmp_path, loss, terms):
     results = train(train_config(f"loss={loss}", "evaluate=false", "trainer.max_steps=3", "micro_batches=2"))
     logged = {k.split("/")[1] for k in results["train"] if k.startswith("train/") and "logit" not in k}
@@ -92,6 +93,7 @@ def test_bad_values_fail_before_training_and_name_what_is_accepted(train_config,
         train(train_config("optim.lr=-1.0"))
 
 
+@pytest.mark.slow
 def test_wandb_logger_runs_offline_beside_csv(train_config, tmp_path):
     cfg = train_config("logger=wandb", "evaluate=false", "trainer.max_steps=2")
     assert cfg.logger.wandb.offline is True

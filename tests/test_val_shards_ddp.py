@@ -8,7 +8,6 @@ abort (gloo) or hang (NCCL). Two real gloo processes build the validation loader
 from __future__ import annotations
 
 import io
-import socket
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,7 @@ from PIL import Image
 from flip.data.datamodule import ShardDataModule
 from flip.models import build_model
 
-from .conftest import SHARDS_BASE, TINY_ARCH, run_train_py, write_caption_shards
+from .helpers import SHARDS_BASE, TINY_ARCH, free_port, run_train_py, write_caption_shards
 
 
 def _worker(rank: int, world: int, port: int, cases: dict[str, tuple[list[str], int]], out: str) -> None:
@@ -64,9 +63,7 @@ def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
     cases = {
         name: (_numbered_shards(root / name, sizes), workers) for name, (sizes, workers) in CASES.items()
     }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(root / "ranks")
     mp.spawn(_worker, args=(2, port, cases, out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
