@@ -52,7 +52,7 @@ class Benchmark:
         if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "root"):
             raise ValueError(
                 f"benchmark.root is not set: give benchmark.root=DIR, the folder holding {name} "
-                "in its published layout (see conf/benchmark/<name>.yaml and the README)"
+                "in its published layout (see conf/benchmark/<name>.yaml and docs/evaluation.md)"
             )
         reader = cfg["reader"]
         if not callable(reader):  # a config node; already a partial when Hydra instantiated a parent
