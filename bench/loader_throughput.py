@@ -10,8 +10,8 @@ processes. Rounds alternate
 alike; each round builds a fresh loader, discards the first batches (worker start-up and
 shuffle-buffer fill) and times the next ones. The medians over rounds are reported.
 
-    .venv/bin/python bench/loader_throughput.py                   # 2 workers, batch 64, 224 px
-    .venv/bin/python bench/loader_throughput.py --workers 8 --rounds 5
+    .venv/bin/python bench/loader_throughput.py                   # web (512 -> 224 px) and demo (64 px)
+    .venv/bin/python bench/loader_throughput.py --cases demo --workers 8 --rounds 5
 """
 
 from __future__ import annotations
@@ -125,12 +125,64 @@ def measure(make, args) -> float:
     return seen / elapsed
 
 
+# stored px, model px, batch, tokenizer context: web-face JPEGs stored larger than a ViT-B/16's input,
+# and the demo's FaceShapes shards at the demo model's input (conf/data/faceshapes.yaml, conf/model/tiny.yaml)
+CASES = {
+    "web": {"image_size": 512, "model_size": 224, "batch_size": 64, "context_length": 77},
+    "web256": {"image_size": 256, "model_size": 224, "batch_size": 64, "context_length": 77},
+    "demo": {"image_size": 64, "model_size": 64, "batch_size": 128, "context_length": 48},
+}
+
+
+def run_case(name: str, args) -> dict:
+    """Alternating rounds of both loaders on one case's shards; medians and paired ratios."""
+    case = SimpleNamespace(**vars(args), **CASES[name])
+    case.samples_per_round = case.batch_size * (case.warmup + case.batches + 2 * max(1, case.workers))
+    cache = args.cache / f"{case.image_size}px-{case.shards}x{case.per_shard}"
+    urls = write_shards(cache, case.shards, case.per_shard, case.image_size)
+    preprocess = open_clip.image_transform(case.model_size, is_train=True)
+    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=case.context_length)
+    runs: dict[str, list[float]] = {"flip": [], "open_clip": []}
+    makers = {
+        "flip": lambda: flip_loader(urls, preprocess, tokenizer, case),
+        "open_clip": lambda: open_clip_loader(urls, preprocess, tokenizer, case),
+    }
+    for round_ in range(case.rounds):
+        order = ("flip", "open_clip") if round_ % 2 == 0 else ("open_clip", "flip")
+        for side in order:
+            runs[side].append(measure(makers[side], case))
+            rate = runs[side][-1]
+            print(f"{name} round {round_ + 1}/{case.rounds} {side:9s} {rate:8.1f} samples/s", flush=True)
+    flip_rate, oc_rate = statistics.median(runs["flip"]), statistics.median(runs["open_clip"])
+    # the two loaders of one round ran back to back, under about the same machine load
+    paired = [f / o for f, o in zip(runs["flip"], runs["open_clip"], strict=True)]
+    return {
+        "flip_samples_per_s": round(flip_rate, 1),
+        "open_clip_samples_per_s": round(oc_rate, 1),
+        "ratio": round(flip_rate / oc_rate, 3),
+        "paired_ratios": [round(r, 3) for r in paired],
+        "median_paired_ratio": round(statistics.median(paired), 3),
+        "rounds": {k: [round(v, 1) for v in vs] for k, vs in runs.items()},
+        "settings": {
+            "workers": case.workers,
+            "batch_size": case.batch_size,
+            "model_size": case.model_size,
+            "stored_image_size": case.image_size,
+            "shards": case.shards,
+            "samples_per_shard": case.per_shard,
+            "shuffle_buffer": case.shuffle_buffer,
+            "warmup_batches": case.warmup,
+            "timed_batches": case.batches,
+            "transform": f"open_clip.image_transform({case.model_size}, is_train=True)",
+            "tokenizer": f"open_clip ViT-B-16, context {case.context_length}",
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["web", "demo"])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--model-size", type=int, default=224, help="transform output size (ViT-B/16: 224)")
-    parser.add_argument("--image-size", type=int, default=256, help="stored image size")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--per-shard", type=int, default=256)
     parser.add_argument("--shuffle-buffer", type=int, default=256)
@@ -140,48 +192,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "flip-bench-loader")
     parser.add_argument("--out", type=Path, default=RESULTS / "loader_throughput.json")
     args = parser.parse_args()
-    args.samples_per_round = args.batch_size * (args.warmup + args.batches + 2 * max(1, args.workers))
-
     torch.set_num_threads(1)
-    cache = args.cache / f"{args.image_size}px-{args.shards}x{args.per_shard}"
-    urls = write_shards(cache, args.shards, args.per_shard, args.image_size)
-    preprocess = open_clip.image_transform(args.model_size, is_train=True)
-    tokenizer = open_clip.get_tokenizer("ViT-B-16")
 
-    runs: dict[str, list[float]] = {"flip": [], "open_clip": []}
-    makers = {
-        "flip": lambda: flip_loader(urls, preprocess, tokenizer, args),
-        "open_clip": lambda: open_clip_loader(urls, preprocess, tokenizer, args),
-    }
-    for round_ in range(args.rounds):
-        order = ("flip", "open_clip") if round_ % 2 == 0 else ("open_clip", "flip")
-        for name in order:
-            runs[name].append(measure(makers[name], args))
-            print(f"round {round_ + 1}/{args.rounds} {name:9s} {runs[name][-1]:8.1f} samples/s", flush=True)
-
-    flip_rate, oc_rate = statistics.median(runs["flip"]), statistics.median(runs["open_clip"])
-    paired = [f / o for f, o in zip(runs["flip"], runs["open_clip"], strict=True)]
+    cases = {name: run_case(name, args) for name in args.cases}
     result = {
-        "flip_samples_per_s": round(flip_rate, 1),
-        "open_clip_samples_per_s": round(oc_rate, 1),
-        "ratio": round(flip_rate / oc_rate, 3),
-        # the two loaders of one round ran back to back, under about the same machine load
-        "paired_ratios": [round(r, 3) for r in paired],
-        "median_paired_ratio": round(statistics.median(paired), 3),
-        "rounds": {k: [round(v, 1) for v in vs] for k, vs in runs.items()},
-        "settings": {
-            "workers": args.workers,
-            "batch_size": args.batch_size,
-            "model_size": args.model_size,
-            "stored_image_size": args.image_size,
-            "shards": args.shards,
-            "samples_per_shard": args.per_shard,
-            "shuffle_buffer": args.shuffle_buffer,
-            "warmup_batches": args.warmup,
-            "timed_batches": args.batches,
-            "transform": "open_clip.image_transform(is_train=True)",
-            "tokenizer": "open_clip ViT-B-16",
-        },
+        **{f"ratio_{name}": case["median_paired_ratio"] for name, case in cases.items()},
+        "cases": cases,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
@@ -192,21 +208,26 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = [
-        "| workers | batch | stored px | model px | FLIP samples/s | open_clip samples/s | ratio "
-        "| paired ratios (min / median / max) |",
-        "|--------:|------:|----------:|---------:|---------------:|--------------------:|------:"
+        "| case | workers | batch | stored px | model px | FLIP samples/s | open_clip samples/s "
+        "| ratio of medians | paired ratios (min / median / max) |",
+        "|---|--------:|------:|----------:|---------:|---------------:|--------------------:|------:"
         "|:---------------------------------:|",
-        f"| {args.workers} | {args.batch_size} | {args.image_size} | {args.model_size} | {flip_rate:.1f} "
-        f"| {oc_rate:.1f} | {flip_rate / oc_rate:.3f} "
-        f"| {min(paired):.2f} / {statistics.median(paired):.2f} / {max(paired):.2f} |",
     ]
+    for name, case in cases.items():
+        settings, paired = case["settings"], case["paired_ratios"]
+        flip_rate, oc_rate = case["flip_samples_per_s"], case["open_clip_samples_per_s"]
+        table.append(
+            f"| {name} | {settings['workers']} | {settings['batch_size']} | {settings['stored_image_size']} "
+            f"| {settings['model_size']} | {flip_rate:.1f} | {oc_rate:.1f} | {case['ratio']:.3f} "
+            f"| {min(paired):.2f} / {statistics.median(paired):.2f} / {max(paired):.2f} |"
+        )
     note = (
-        f"\nMedians of {args.rounds} alternating rounds ({args.batches} timed batches each, after "
+        f"\nMedians of {args.rounds} alternating rounds per case ({args.batches} timed batches each, after "
         f"{args.warmup} discarded), {os.cpu_count()} cores, torch {torch.__version__}, "
         f"open_clip {open_clip.__version__}. Per-round numbers are in loader_throughput.json.\n"
     )
     args.out.with_suffix(".md").write_text("\n".join(table) + "\n" + note)
-    print(json.dumps({k: result[k] for k in ("flip_samples_per_s", "open_clip_samples_per_s", "ratio")}))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("ratio_")}))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import math
 import multiprocessing as mp
 import random
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from webdataset.utils import pytorch_worker_info
 
 from flip.data.shards import ShardError, decode_sample, iter_tar_samples
 from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS, NoUsableSamples, SkipCounter, skip_reason
+from flip.data.transform import SampleTransform, seeded_augmentation
 
 __all__ = [
     "EpochSeed",
@@ -35,6 +35,7 @@ __all__ = [
     "SkipCounter",
     "eval_pipeline",
     "make_loader",
+    "seeded_augmentation",
     "skip_reason",
     "train_pipeline",
 ]
@@ -74,14 +75,20 @@ class DecodeSamples(wds.PipelineStage):
 
     This is the one decoding step of every pipeline: images by PIL, captions as UTF-8, `.json`
     by `json.loads` (with `with_json`), nothing else. A sample that fails is counted by `skips`
-    and dropped, or, with `pad_failures`, replaced by a blank one (see `EqualShare`).
+    and dropped, or, with `pad_failures`, replaced by a blank one (see `EqualShare`). With
+    `at_least` (the transform's `decode_size`), large JPEGs decode at reduced scale.
     """
 
     def __init__(
-        self, transform: Callable, skips: SkipCounter, with_json: bool = False, pad_failures: bool = False
+        self,
+        transform: Callable,
+        skips: SkipCounter,
+        with_json: bool = False,
+        pad_failures: bool = False,
+        at_least: tuple[int, int] | None = None,
     ) -> None:
         self.transform, self.skips = transform, skips
-        self.with_json, self.pad_failures = with_json, pad_failures
+        self.with_json, self.pad_failures, self.at_least = with_json, pad_failures, at_least
         self._blank = None
 
     def blank(self):
@@ -98,7 +105,7 @@ class DecodeSamples(wds.PipelineStage):
                 yield self.blank()
                 continue
             try:
-                sample = decode_sample(raw, with_json=self.with_json)
+                sample = decode_sample(raw, with_json=self.with_json, at_least=self.at_least)
                 sample.update(__key__=key, __url__=url, __seed__=raw.get("__seed__"))
                 output = self.transform(sample)
             except Exception as exc:
@@ -236,40 +243,6 @@ class SeededShuffle(wds.PipelineStage):
 
 
 @dataclass
-class SampleTransform:
-    """Turns a decoded sample into (image tensor, token ids); picklable for loader workers."""
-
-    preprocess: Callable
-    tokenizer: Callable
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = sample.get("__seed__")
-        if seed is None:
-            image = self.preprocess(sample["image"])
-        else:
-            with seeded_augmentation(seed):
-                image = self.preprocess(sample["image"])
-        return image, self.tokenizer([sample["text"]])[0]
-
-
-@contextmanager
-def seeded_augmentation(seed: int):
-    """Random transforms draw from generators seeded by the sample, then the global ones resume.
-
-    torchvision draws from torch's CPU generator and some transforms (timm's) from Python's
-    `random`; both are restored after, so training randomness does not depend on the data.
-    """
-    python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-
-
-@dataclass
 class WithMetadata:
     """Keeps each sample's key and `.json` beside its tensors, for labelled evaluation."""
 
@@ -304,8 +277,9 @@ def train_pipeline(
         ReadShards(skips),
         SeededShuffle(shuffle_buffer, min(shuffle_buffer, 4 * batch_size), seed, epoch_seed),
         SkipConsumed(batch_size, seed, epoch_seed),
-        DecodeSamples(transform, skips),
-        wds.batched(batch_size, partial=False),
+        # per sample the PIL work, per batch the float conversion and the tokenizer (`SampleTransform`)
+        DecodeSamples(transform.prepare, skips, at_least=transform.decode_size),
+        wds.batched(batch_size, partial=False, collation_fn=transform.collate),
     ).with_epoch(batches_per_worker)
     return pipeline, batches_per_rank
 

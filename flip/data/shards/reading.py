@@ -225,11 +225,22 @@ def locate_members(path: str | os.PathLike, wanted: Collection[str], read: Colle
     return found
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """An RGB image decoded (fully, so that a truncated file fails here) by PIL."""
+def decode_image(data: bytes, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """An RGB image decoded (fully, so that a truncated file fails here) by PIL.
+
+    With `at_least` (width, height), a JPEG at least twice that size on both sides decodes at
+    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling: less to decode and less to resize later),
+    never below `at_least`; its stored size is then in `image.info["full_size"]`.
+    """
     with Image.open(io.BytesIO(data)) as image:
+        full_size = image.size
+        if at_least is not None and min(full_size[0] // at_least[0], full_size[1] // at_least[1]) >= 2:
+            image.draft("RGB", at_least)
         image.load()
-        return image.convert("RGB")
+        rgb = image.convert("RGB")
+    if rgb.size != full_size:
+        rgb.info["full_size"] = full_size
+    return rgb
 
 
 def decode_caption(data: bytes) -> str:
@@ -248,8 +259,13 @@ def pick(members: Mapping[str, V], extensions: Sequence[str]) -> V | None:
     return next((members[e] for e in extensions if e in members), None)
 
 
-def decode_sample(fields: dict[str, bytes], with_json: bool = False) -> dict[str, Any]:
+def decode_sample(
+    fields: dict[str, bytes], with_json: bool = False, at_least: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """{"image": PIL image, "text": caption} (and "json" when asked and present) of one sample.
+
+    `at_least` lets a large JPEG decode at reduced scale (`decode_image`); the image's stored
+    (width, height) is then in "full_size".
 
     Raises `SampleError` (or PIL's error for a bad image) naming what is missing or undecodable.
     The caption is decoded first: it is the cheap check.
@@ -258,7 +274,9 @@ def decode_sample(fields: dict[str, bytes], with_json: bool = False) -> dict[str
     if image is None or text is None:
         missing = "an image (" + "/".join(IMAGE_EXTENSIONS) + ")" if image is None else "a caption"
         raise SampleError("missing_field", f"the sample has no {missing}; members: {sorted(fields)}")
-    sample: dict[str, Any] = {"text": decode_caption(text), "image": decode_image(image)}
+    sample: dict[str, Any] = {"text": decode_caption(text), "image": decode_image(image, at_least)}
+    if "full_size" in sample["image"].info:
+        sample["full_size"] = sample["image"].info["full_size"]
     if with_json and METADATA_MEMBER in fields:
         try:
             sample["json"] = decode_json(fields[METADATA_MEMBER])

@@ -1,0 +1,148 @@
+"""From a decoded sample to the model's tensors, with the per-batch work done once per batch.
+
+open_clip's image transforms end in `ToTensor` and `Normalize`, and its tokenizers take a list
+of captions. Per sample, the float conversion allocates two float copies of each image and the
+tokenizer pays its call overhead once per caption. `SampleTransform` splits the work: `prepare`
+(in the loader, per sample) runs the PIL part of the transform and keeps the image as uint8;
+`collate` (per batch) converts and normalises all images in one tensor operation and tokenizes
+all captions in one call. The arithmetic per pixel is the one `ToTensor` and `Normalize` do
+(`x / 255`, then `(x - mean) / std`, in float32), so the tensors are bit-identical to
+`preprocess(image)` stacked.
+
+Large JPEGs decode at reduced scale (`reduced_decode_size`, `shards.decode_image`): when the
+stored image is at least twice the crop's output size, libjpeg's DCT scaling decodes it at
+1/2, 1/4 or 1/8 of its size, never below the output size. The random crop is then drawn on the
+full-size geometry (the same random numbers, the same region) and cut from the smaller image
+by a resize with a fractional box, so only the resampling differs from the full decode.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import Compose, Normalize, RandomResizedCrop, ToTensor
+from torchvision.transforms import functional as F
+
+__all__ = ["SampleTransform", "reduced_decode_size", "seeded_augmentation", "split_preprocess"]
+
+
+def split_preprocess(preprocess: Callable) -> tuple[Callable, Normalize | None]:
+    """(per-sample part, final `Normalize`) of a transform ending in `ToTensor`, `Normalize`.
+
+    Any other transform is kept whole, per sample: (preprocess, None).
+    """
+    steps = list(getattr(preprocess, "transforms", ())) if isinstance(preprocess, Compose) else []
+    if len(steps) < 2:
+        return preprocess, None
+    *head, to_tensor, normalize = steps
+    if not isinstance(to_tensor, ToTensor) or type(normalize) is not Normalize or normalize.inplace:
+        return preprocess, None
+    return Compose(head), normalize
+
+
+def reduced_decode_size(preprocess: Callable) -> tuple[int, int] | None:
+    """(width, height) a JPEG may be decoded down to for `preprocess`, or None when it must be decoded whole.
+
+    Only a transform that starts with `RandomResizedCrop` qualifies: the crop is drawn on the
+    stored size (see `SampleTransform.prepare`) and its output size bounds the decode from below.
+    """
+    steps = getattr(preprocess, "transforms", None) if isinstance(preprocess, Compose) else None
+    if not steps or not isinstance(steps[0], RandomResizedCrop):
+        return None
+    height, width = steps[0].size
+    return width, height
+
+
+def _pixels(image) -> np.ndarray | torch.Tensor:
+    """An RGB image as its uint8 (height, width, 3) pixels, anything else as `ToTensor` makes it."""
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return np.asarray(image)
+    return image if isinstance(image, torch.Tensor) else F.to_tensor(image)
+
+
+def _to_float(pixels: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+    """A float32 (batch, channels, height, width) batch, each value as `ToTensor` computes it (x / 255)."""
+    if all(isinstance(p, np.ndarray) for p in pixels) and len({p.shape for p in pixels}) == 1:
+        batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+        return batch.to(torch.float32).div_(255)
+    return torch.stack([F.to_tensor(p) if isinstance(p, np.ndarray) else p for p in pixels])
+
+
+@dataclass
+class SampleTransform:
+    """Turns decoded samples into (image tensor, token ids); picklable for loader workers.
+
+    Called on one sample it returns that sample's tensors; a pipeline calls `prepare` per sample
+    and `collate` per batch, which gives the same tensors, stacked, for less work.
+    """
+
+    preprocess: Callable
+    tokenizer: Callable
+    per_sample: Callable = field(init=False, repr=False)
+    normalize: Normalize | None = field(init=False, repr=False)
+    decode_size: tuple[int, int] | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.per_sample, self.normalize = split_preprocess(self.preprocess)
+        self.decode_size = reduced_decode_size(self.preprocess) if self.normalize is not None else None
+
+    def prepare(self, sample: dict) -> tuple:
+        """(pixels, caption) of one sample; its random augmentation seeded by `__seed__` when it has one."""
+        seed = sample.get("__seed__")
+        if seed is None:
+            return self._augment(sample), sample["text"]
+        with seeded_augmentation(seed):
+            return self._augment(sample), sample["text"]
+
+    def _augment(self, sample: dict):
+        image, full_size = sample["image"], sample.get("full_size")
+        if self.normalize is None:
+            return self.preprocess(image)
+        if full_size is None or full_size == image.size:
+            return _pixels(self.per_sample(image))
+        # decoded at reduced scale: the crop drawn on the stored geometry, cut from the smaller image
+        crop, *rest = self.per_sample.transforms
+        top, left, height, width = crop.get_params(
+            torch.empty(1, 1, 1).expand(1, full_size[1], full_size[0]), crop.scale, crop.ratio
+        )
+        sx, sy = image.size[0] / full_size[0], image.size[1] / full_size[1]
+        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+        image = image.resize((crop.size[1], crop.size[0]), F.pil_modes_mapping[crop.interpolation], box=box)
+        for step in rest:
+            image = step(image)
+        return _pixels(image)
+
+    def collate(self, prepared: Sequence[tuple]) -> list[torch.Tensor]:
+        """[images, token ids] of a batch of `prepare` outputs (a list, as webdataset's default collation)."""
+        images, texts = zip(*prepared, strict=True)
+        batch = _to_float(images) if self.normalize is not None else torch.stack(list(images))
+        if self.normalize is not None:
+            batch = self.normalize(batch)
+        return [batch, self.tokenizer(list(texts))]
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images, tokens = self.collate([self.prepare(sample)])
+        return images[0], tokens[0]
+
+
+@contextmanager
+def seeded_augmentation(seed: int):
+    """Random transforms draw from generators seeded by the sample, then the global ones resume.
+
+    torchvision draws from torch's CPU generator and some transforms (timm's) from Python's
+    `random`; both are restored after, so training randomness does not depend on the data.
+    """
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
