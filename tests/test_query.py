@@ -1,4 +1,4 @@
-"""`model.query` and `flip-query`: zero-shot attribute questions about images."""
+"""`flip.query` and `flip-query`: zero-shot attribute questions about images."""
 
 from __future__ import annotations
 
@@ -200,3 +200,9 @@ def test_flip_query_gives_faces_with_eyeglasses_a_higher_probability(tmp_path, c
     assert flip.query(flip.load(ckpt), str(folder / "0000.jpg"), ["eyeglasses"]).item() == pytest.approx(
         p[0], abs=1e-5
     )
+
+
+def test_the_old_model_query_method_names_its_replacement(tiny_model):
+    """Models sit below evaluation and no longer import it: scripts calling model.query learn the new call."""
+    with pytest.raises(AttributeError, match=r"flip\.query\(model, images, attributes\)"):
+        tiny_model.query(["a.jpg"], ["eyeglasses"])

@@ -1,4 +1,4 @@
-"""flip-query and model.query on hostile input: one bad image costs its own answer only,
+"""flip-query and flip.query on hostile input: one bad image costs its own answer only,
 and a question that cannot be answered faithfully is refused before any work."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ forward pass per batch.
 
 Images come from users' folders, so any one of them may be unreadable: missing, not an image,
 truncated, corrupt, or a decompression bomb. `ImageItems` reads each on its own and turns every
-such failure into a reason attached to that image alone; `model.query` and `flip-query` both
+such failure into a reason attached to that image alone; `flip.query` and `flip-query` both
 read through it, so one bad file never costs the answers for the others. The Python API raises
 `UnreadableImage` naming the first bad image (`errors="raise"`, the default: a tensor has no
 room for a reason), or gives its row NaN probabilities (`errors="nan"`) so that rows stay
@@ -194,7 +194,7 @@ class ImageItems(Dataset):
     """The images of one query, read one by one: item i is (i, tensor, None) or (i, None, reason).
 
     The single place where images are read for questions, in loader workers (flip-query) or in
-    the caller's process (model.query): a failure is returned with its image, never raised.
+    the caller's process (flip.query): a failure is returned with its image, never raised.
     """
 
     def __init__(self, images: Sequence[ImageInput], preprocess) -> None:
