@@ -2,18 +2,24 @@
 
 Both train the same open_clip architecture (FLIP's `conf/model/tiny.yaml`, registered with
 open_clip in both processes) with the CLIP loss on the same webdataset shards (resampled), at
-the same batch size, fp32, the same number of threads, no data-loader workers, for the same
-number of steps, on the CPU. The two run in turn, `--rounds` times each, alternating which goes
-first, in fresh processes. A step is timed from the end of the previous one (data loading,
+the same batch size, the same number of threads, no data-loader workers, for the same number
+of steps, on the CPU, at two precisions: fp32 on both sides, and bf16 with each side in its own
+mixed-precision mode (FLIP `trainer.precision=bf16-mixed`, open_clip `--precision amp_bf16`:
+both autocast to bf16 and keep fp32 weights). Each side keeps its own defaults otherwise,
+checkpointing included (FLIP's last.ckpt and open_clip's end-of-epoch save both land after the
+last step). The runs go in turn, `--rounds` times each, alternating which side and which
+precision goes first, in fresh processes. A step is timed from the end of the previous one (data loading,
 step, logging: everything), as open_clip times its batches; the first `--warmup` steps are
 left out; samples/s is the batch over the median window of 10 steps (open_clip logs the mean
 of each window). Both log every 10 steps.
 
 The step's achieved GFLOP/s (FLOPs of one forward + backward, counted by
-`torch.utils.flop_counter`, over FLIP's median step time) is set against this machine's
-measured fp32 matmul GFLOP/s with the same threads.
+`torch.utils.flop_counter`, over FLIP's median step time at that precision) is set against this
+machine's measured matmul GFLOP/s at the same precision and threads, for two shapes: the
+model's largest matmul (the vision MLP's up-projection over the whole batch of tokens), a bound
+the step could reach, and a large square one, the machine's peak.
 
-    .venv/bin/python bench/train_throughput.py                 # ~2 min on 2 idle cores
+    .venv/bin/python bench/train_throughput.py
     .venv/bin/python bench/train_throughput.py --steps 20 --rounds 1   # quick check
 """
 
@@ -50,6 +56,11 @@ OPEN_CLIP_LAUNCHER = (
     "open_clip.add_model_config(sys.argv[1]); "
     "from open_clip_train.main import main; main(sys.argv[2:])"
 )
+# name -> FLIP's trainer.precision, open_clip's --precision, the dtype of the matmul it is set against
+PRECISIONS = {
+    "fp32": ("32-true", "fp32", torch.float32),
+    "bf16": ("bf16-mixed", "amp_bf16", torch.bfloat16),
+}
 BATCH_TIME = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/.*?Batch \(t\): ([0-9.]+)")
 
 
@@ -73,44 +84,56 @@ def write_shards(directory: Path, count: int, per_shard: int, size: int, seed: i
     return urls
 
 
-def run_flip(args, shards: Path, work: Path, threads: int) -> list[float]:
+def flip_overrides(args, shards: Path, work: Path, precision: str) -> list[str]:
     times = work / "flip_times.json"
-    overrides = [
+    return [
         "~experiment", "model=tiny", f"model.name={ARCH_NAME}", "loss=clip", "trainer=cpu", "evaluate=false",
         "data=shards", f"data.train_shards={shards}", f"data.batch_size={args.batch}", "data.num_workers=0",
         "data.shuffle_buffer=1000", "data.samples_per_epoch=10000000", f"trainer.max_steps={args.steps}",
-        "trainer.precision=32-true", f"trainer.log_every_n_steps={LOG_EVERY}", "optim.lr=1e-3",
-        "optim.warmup_steps=5", f"hydra.run.dir={work / 'flip_run'}", f"paths.root_dir={work}",
+        f"trainer.precision={PRECISIONS[precision][0]}", f"trainer.log_every_n_steps={LOG_EVERY}",
+        "optim.lr=1e-3", "optim.warmup_steps=5", f"hydra.run.dir={work}/flip-{precision}-{time.time_ns()}",
+        f"paths.root_dir={work}",
         f"+callbacks.step_times={{_target_: flip.training.throughput.StepTimes, path: {times}}}",
     ]  # fmt: skip
+
+
+def run_flip(args, shards: Path, work: Path, threads: int, precision: str) -> list[float]:
+    overrides = flip_overrides(args, shards, work, precision)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "FLIP_ROOT": str(work)}
     done = subprocess.run(
         [sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True, text=True
     )
     if done.returncode != 0:
-        raise RuntimeError(f"train.py failed:\n{done.stderr[-3000:]}")
-    return json.loads(times.read_text())["step_seconds"]
+        raise RuntimeError(f"train.py at {precision} failed:\n{done.stderr[-3000:]}")
+    return json.loads((work / "flip_times.json").read_text())["step_seconds"]
 
 
-def run_open_clip(args, shards: list[str], arch_json: Path, work: Path, threads: int) -> list[float]:
-    """Per-step times from open_clip's log: `Batch (t)` is the mean over the steps since the last line."""
+def open_clip_argv(args, shards: list[str], work: Path, precision: str) -> list[str]:
+    """open_clip's defaults but for what both sides must share; its checkpoint at the epoch's end stays on."""
     first, last = Path(shards[0]).stem, Path(shards[-1]).stem
-    argv = [
+    return [
         "--model", ARCH_NAME, "--train-data", str(Path(shards[0]).parent / f"{{{first}..{last}}}.tar"),
         "--dataset-type", "webdataset", "--dataset-resampled",
         "--train-num-samples", str(args.steps * args.batch),
         "--batch-size", str(args.batch), "--epochs", "1", "--workers", "0", "--device", "cpu",
-        "--precision", "fp32", "--lr", "1e-3", "--wd", "0.1", "--warmup", "5", "--seed", "42",
-        "--log-every-n-steps", str(LOG_EVERY), "--save-frequency", "0", "--report-to", "",
-        "--logs", str(work / "open_clip_logs"), "--name", f"bench-{time.time_ns()}",
+        "--precision", PRECISIONS[precision][1], "--lr", "1e-3", "--wd", "0.1", "--warmup", "5",
+        "--seed", "42", "--log-every-n-steps", str(LOG_EVERY), "--report-to", "",
+        "--logs", str(work / "open_clip_logs"), "--name", f"bench-{precision}-{time.time_ns()}",
     ]  # fmt: skip
+
+
+def run_open_clip(
+    args, shards: list[str], arch_json: Path, work: Path, threads: int, precision: str
+) -> list[float]:
+    """Per-step times from open_clip's log: `Batch (t)` is the mean over the steps since the last line."""
+    argv = open_clip_argv(args, shards, work, precision)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(
         [sys.executable, "-c", OPEN_CLIP_LAUNCHER, str(arch_json), *argv],
         cwd=work, env=env, capture_output=True, text=True,
     )  # fmt: skip
     if done.returncode != 0:
-        raise RuntimeError(f"open_clip_train failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"open_clip_train at {precision} failed:\n{done.stderr[-3000:]}")
     steps, previous = [], 0
     for samples, mean in BATCH_TIME.findall(done.stdout + done.stderr):
         count = int(samples) // args.batch
@@ -152,17 +175,42 @@ def step_flops(arch: dict, batch: int) -> int:
     return counter.get_total_flops()
 
 
-def matmul_gflops(threads: int, n: int = 1536, repeats: int = 8) -> float:
+def matmul_shapes(arch: dict, batch: int) -> dict[str, tuple[int, int, int]]:
+    """(m, k, n) of the model's largest matmul and of a large square one.
+
+    The vision MLP's up-projection over all tokens of the batch is the step's largest matmul;
+    its k (the width) is small, which caps what any kernel gets out of it.
+    """
+    vision = arch["vision_cfg"]
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    width = vision["width"]
+    return {"model": (batch * tokens, width, int(width * vision["mlp_ratio"])), "large": (2048, 2048, 2048)}
+
+
+def matmul_gflops(threads: int, shape: tuple[int, int, int], dtype: torch.dtype, repeats: int = 10) -> float:
+    """Best of `repeats` plain `a @ b` in `dtype`: what autocast hands the CPU kernels at that precision."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
+    m, k, n = shape
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its native bf16 flags: bf16 kernels differ by more than clock speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"^model name\s*:\s*(.+)$", info, flags=re.M)
+    flags = sorted({f for f in ("avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", info)})
+    return f"{name.group(1) if name else platform.machine()} ({', '.join(flags) or 'no native bf16'})"
 
 
 def main() -> None:
@@ -187,55 +235,83 @@ def main() -> None:
     shards = write_shards(work / "shards", args.samples, 256, size=112)
 
     load_before = os.getloadavg()[0]
-    runs: dict[str, list[float]] = {"flip": [], "open_clip": []}
-    order = ["flip", "open_clip"]
+    runs = {p: {"flip": [], "open_clip": []} for p in PRECISIONS}
+    sides, precisions = ["flip", "open_clip"], list(PRECISIONS)
     for round_ in range(args.rounds):
-        for name in order if round_ % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            if name == "flip":
-                steps = run_flip(args, work / "shards", work, args.threads)
-            else:
-                steps = run_open_clip(args, shards, arch_json, work, args.threads)
-            rate = samples_per_second(steps, args.batch, args.warmup)
-            runs[name].append(rate)
-            print(
-                f"round {round_ + 1} {name:9s} {rate:7.1f} samples/s ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+        for precision in precisions if round_ % 2 == 0 else precisions[::-1]:
+            for name in sides if round_ % 2 == 0 else sides[::-1]:
+                start = time.perf_counter()
+                if name == "flip":
+                    steps = run_flip(args, work / "shards", work, args.threads, precision)
+                else:
+                    steps = run_open_clip(args, shards, arch_json, work, args.threads, precision)
+                rate = samples_per_second(steps, args.batch, args.warmup)
+                runs[precision][name].append(rate)
+                print(
+                    f"round {round_ + 1} {precision} {name:9s} {rate:7.1f} samples/s "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
 
-    flip_rate, open_clip_rate = statistics.median(runs["flip"]), statistics.median(runs["open_clip"])
     flops = step_flops(arch, args.batch)
-    step_seconds = args.batch / flip_rate
-    result = {
-        "flip_samples_per_s": round(flip_rate, 2),
-        "open_clip_samples_per_s": round(open_clip_rate, 2),
-        "ratio": round(flip_rate / open_clip_rate, 3),
-        "step_gflops": round(flops / step_seconds / 1e9, 2),
-        "matmul_gflops": round(matmul_gflops(args.threads), 2),
-        "step_gflop": round(flops / 1e9, 2),
-        "runs_samples_per_s": {k: [round(v, 2) for v in rates] for k, rates in runs.items()},
-        "config": {
-            "arch": "conf/model/tiny.yaml (ViT 64px/8, width 96, 3 layers; text width 96, 2 layers; 128-d)",
-            "loss": "clip",
-            "batch": args.batch,
-            "steps": args.steps,
-            "warmup_steps": args.warmup,
-            "rounds": args.rounds,
-            "precision": "fp32",
-            "threads": args.threads,
-            "loader_workers": 0,
-            "log_every_n_steps": LOG_EVERY,
-            "image_px_in_shards": 112,
+    shapes = matmul_shapes(arch, args.batch)
+    result: dict = {"step_gflop": round(flops / 1e9, 2)}
+    by_precision = {}
+    for precision, (_, _, dtype) in PRECISIONS.items():
+        flip_rate = statistics.median(runs[precision]["flip"])
+        open_clip_rate = statistics.median(runs[precision]["open_clip"])
+        step_gflops = flops / (args.batch / flip_rate) / 1e9
+        matmul = {k: matmul_gflops(args.threads, shape, dtype) for k, shape in shapes.items()}
+        result[f"ratio_{precision}"] = round(flip_rate / open_clip_rate, 3)
+        by_precision[precision] = {
+            "flip_samples_per_s": round(flip_rate, 2),
+            "open_clip_samples_per_s": round(open_clip_rate, 2),
+            "ratio": round(flip_rate / open_clip_rate, 3),
+            "step_gflops": round(step_gflops, 2),
+            "matmul_gflops": {k: round(v, 2) for k, v in matmul.items()},
+            "step_vs_matmul": {k: round(step_gflops / v, 3) for k, v in matmul.items()},
+            "runs_samples_per_s": {k: [round(v, 2) for v in rates] for k, rates in runs[precision].items()},
+        }
+    result["step_vs_matmul"] = {p: r["step_vs_matmul"] for p, r in by_precision.items()}
+    result["precisions"] = by_precision
+    placeholder = {str(work): "<work>", str(ROOT): "<repo>"}
+
+    def shown(argv: list[str]) -> list[str]:
+        for path, name in placeholder.items():
+            argv = [a.replace(path, name) for a in argv]
+        return [re.sub(r"-\d{15,}$", "-<ns>", a) for a in argv]  # each run's own folder
+
+    result["settings"] = {
+        "flip": {
+            "command": "OMP_NUM_THREADS=<threads> python train.py <overrides>",
+            "overrides": {p: shown(flip_overrides(args, work / "shards", work, p)) for p in PRECISIONS},
         },
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "open_clip": {
+            "command": "OMP_NUM_THREADS=<threads> python -c <OPEN_CLIP_LAUNCHER> <arch json> <argv>",
+            "argv": {p: shown(open_clip_argv(args, shards, work, p)) for p in PRECISIONS},
         },
+    }  # fmt: skip
+    result["config"] = {
+        "arch": "conf/model/tiny.yaml (ViT 64px/8, width 96, 3 layers; text width 96, 2 layers; 128-d)",
+        "loss": "clip (the demo recipe, conf/experiment/demo.yaml, trains clip_filip)",
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "rounds": args.rounds,
+        "precisions": {p: {"flip": f, "open_clip": o} for p, (f, o, _) in PRECISIONS.items()},
+        "threads": args.threads,
+        "loader_workers": 0,
+        "log_every_n_steps": LOG_EVERY,
+        "image_px_in_shards": 112,
+        "matmul_shapes_mkn": shapes,
     }
-    result["step_vs_matmul"] = round(result["step_gflops"] / result["matmul_gflops"], 3)
+    result["machine"] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "train_throughput.md").write_text(markdown(result))
@@ -244,18 +320,35 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     c = r["config"]
+    model, large = (c["matmul_shapes_mkn"][k] for k in ("model", "large"))
+    rows = "".join(
+        f"| {p} | {c['batch']} | {c['steps']} ({c['steps'] - c['warmup_steps']}) | {c['threads']} | "
+        f"{x['flip_samples_per_s']} samples/s | {x['open_clip_samples_per_s']} samples/s | {x['ratio']} | "
+        f"{r['step_gflop']} | {x['step_gflops']} | {x['matmul_gflops']['model']} / "
+        f"{x['matmul_gflops']['large']} | {x['step_vs_matmul']['model']} / {x['step_vs_matmul']['large']} |\n"
+        for p, x in r["precisions"].items()
+    )
+    medians = "; ".join(
+        f"{p}: FLIP {x['runs_samples_per_s']['flip']}, open_clip {x['runs_samples_per_s']['open_clip']}"
+        for p, x in r["precisions"].items()
+    )
+    modes = ", ".join(
+        f"{p}: FLIP `{s['flip']}`, open_clip `{s['open_clip']}`" for p, s in c["precisions"].items()
+    )
     return (
-        "| batch | steps (timed) | threads | FLIP train.py | open_clip_train | ratio | step GFLOP | "
-        "step GFLOP/s | matmul GFLOP/s | step / matmul |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
-        f"| {c['batch']} | {c['steps']} ({c['steps'] - c['warmup_steps']}) | {c['threads']} | "
-        f"{r['flip_samples_per_s']} samples/s | {r['open_clip_samples_per_s']} samples/s | {r['ratio']} | "
-        f"{r['step_gflop']} | {r['step_gflops']} | {r['matmul_gflops']} | {r['step_vs_matmul']} |\n\n"
-        f"Medians of {c['rounds']} alternating runs each: FLIP {r['runs_samples_per_s']['flip']}, "
-        f"open_clip {r['runs_samples_per_s']['open_clip']} samples/s. {c['arch']}, CLIP loss, fp32, "
-        f"no loader workers, both logging every {c['log_every_n_steps']} steps; torch "
-        f"{r['machine']['torch']}, {r['machine']['cores']} cores, 1-min load average before/after "
-        f"{r['machine']['load_average_1min_before_after']} (other processes share the cores).\n"
+        "| precision | batch | steps (timed) | threads | FLIP train.py | open_clip_train | ratio | "
+        "step GFLOP | step GFLOP/s | matmul GFLOP/s (model / large) | step / matmul (model / large) |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"{rows}\n"
+        f"Medians of {c['rounds']} alternating runs each ({medians} samples/s). {c['arch']}; "
+        f"CLIP loss only (the demo recipe trains CLIP + FILIP); modes {modes}; no loader workers, both "
+        f"logging every {c['log_every_n_steps']} steps and saving a checkpoint after the last step. "
+        f"Matmul at the step's precision: the model's largest ({model[0]}x{model[1]} @ "
+        f"{model[1]}x{model[2]}) and a large one ({large[0]}x{large[1]} @ {large[1]}x{large[2]}); "
+        "step FLOPs counted once "
+        f"(the same at both precisions). {r['machine']['cpu']}, torch {r['machine']['torch']}, "
+        f"{r['machine']['cores']} cores, 1-min load average before/after "
+        f"{r['machine']['load_average_1min_before_after']}.\n"
     )
 
 
