@@ -11,20 +11,14 @@ any open_clip architecture with a pretrained tag or local weights
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
 
-from flip.config import (
-    CONFIG_PATH,
-    EVAL_SCRIPT_MOVED_KEYS,
-    check_moved_keys,
-    moved_keys_in,
-    override_key,
-)
+from flip.cli import refuse_moved_overrides
+from flip.config import CONFIG_PATH, EVAL_SCRIPT_MOVED_KEYS, check_moved_keys, moved_keys_in
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded, not for `--help`
     from flip.models import FlipModel
@@ -75,10 +69,7 @@ def _main(config_name: str) -> Callable[[], None]:
         run(cfg)
 
     def main() -> None:
-        try:
-            check_moved_keys((override_key(arg) for arg in sys.argv[1:]), EVAL_SCRIPT_MOVED_KEYS)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
+        refuse_moved_overrides(EVAL_SCRIPT_MOVED_KEYS)
         composed()
 
     return main

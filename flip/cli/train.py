@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from flip.config import CONFIG_PATH, check_moved_keys, override_key
+from flip.cli import refuse_moved_overrides
+from flip.config import CONFIG_PATH
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
@@ -19,8 +18,5 @@ def _compose_and_train(cfg: DictConfig) -> None:
 
 def train() -> None:
     """The entry point: an old config key on the command line fails with the new key's name."""
-    try:
-        check_moved_keys(override_key(arg) for arg in sys.argv[1:])
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    refuse_moved_overrides()
     _compose_and_train()
