@@ -121,10 +121,8 @@ class SampleTransform:
     def collate(self, prepared: Sequence[tuple]) -> list[torch.Tensor]:
         """[images, token ids] of a batch of `prepare` outputs (a list, as webdataset's default collation)."""
         images, texts = zip(*prepared, strict=True)
-        if self.normalize is None:  # the whole transform ran per sample
-            batch = torch.stack(list(images))
-        else:
-            batch = self.normalize(_to_float(images))
+        # without a split-off Normalize the whole transform ran per sample
+        batch = torch.stack(list(images)) if self.normalize is None else self.normalize(_to_float(images))
         return [batch, self.tokenizer(list(texts))]
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
