@@ -17,9 +17,9 @@ __all__ = [
     "MOVED_KEYS",
     "__version__",
     "check_moved_keys",
+    "check_moved_keys_in",
     "cpu_precision",
     "log_rank_suffix",
-    "moved_keys_in",
     "num_nodes",
     "override_key",
     "plain",
@@ -83,9 +83,12 @@ def check_moved_keys(keys: Iterable[str], moved: Mapping[str, str] = MOVED_KEYS)
         raise ValueError(f"moved config key(s): {'; '.join(found)}; set the new key(s) instead")
 
 
-def moved_keys_in(cfg: DictConfig, moved: Mapping[str, str] = MOVED_KEYS) -> list[str]:
-    """The keys of `moved` that a composed config holds (set in a config file, e.g. an experiment)."""
-    return [key for key in moved if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT]
+def check_moved_keys_in(cfg: DictConfig, moved: Mapping[str, str] = MOVED_KEYS) -> None:
+    """`check_moved_keys` on the keys of `moved` that a composed config holds (set in a config
+    file, e.g. an experiment, where the command-line check cannot see them)."""
+    check_moved_keys(
+        [key for key in moved if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT], moved
+    )
 
 
 def override_key(override: str) -> str:

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from flip.cli import refuse_moved_overrides
-from flip.config import CONFIG_PATH, EVAL_SCRIPT_MOVED_KEYS, check_moved_keys, moved_keys_in
+from flip.config import CONFIG_PATH, EVAL_SCRIPT_MOVED_KEYS, check_moved_keys_in
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded, not for `--help`
     from flip.models import FlipModel
@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     from flip.evaluation.features import FeatureCache
     from flip.evaluation.run import evaluate_config
 
-    check_moved_keys(moved_keys_in(cfg, EVAL_SCRIPT_MOVED_KEYS), EVAL_SCRIPT_MOVED_KEYS)
+    check_moved_keys_in(cfg, EVAL_SCRIPT_MOVED_KEYS)
     model, model_id, name = load_eval_model(cfg)
     cache = FeatureCache(cfg.feature_cache_dir) if cfg.get("feature_cache_dir") else None
     return evaluate_config(model, cfg, cfg.output_dir, checkpoint=name, model_id=model_id, cache=cache)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flip.checkpoint import weights_loaded_after
-from flip.config import check_moved_keys, moved_keys_in, register_resolvers
+from flip.config import check_moved_keys_in, register_resolvers
 from flip.data.datamodule import ShardDataModule
 from flip.evaluation.benchmark import Benchmark
 from flip.evaluation.run import evaluate_config
@@ -91,7 +91,7 @@ def validate(cfg: DictConfig) -> None:
     if warmup < 0 or cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 and optim.warmup_steps={warmup} >= 0")
     check_compile_strategy(cfg.get("compile"), zero_stage(cfg.trainer))
-    check_moved_keys(moved_keys_in(cfg))  # the command line was checked before composing
+    check_moved_keys_in(cfg)  # the command line was checked before composing
     _check_eval_data(cfg)
 
 
