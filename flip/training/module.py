@@ -21,6 +21,7 @@ from flip.models import EncoderOutput, FlipModel, build_model
 from flip.models.factory import absolute_model_name
 from flip.models.flip_model import MAX_LOGIT_SCALE
 from flip.models.pretrained import INIT_KEYS, load_tower, lock_towers, weightless
+from flip.training.attention import AttentionKernels, check_attention_kernels
 from flip.training.nonfinite import NonFiniteGuard
 from flip.training.optim import build_optimizer, warmup_cosine
 from flip.training.resume import gather_rng_states, own_rng_state, restore_rng_state, warn_if_optim_changed
@@ -37,6 +38,7 @@ def module_options(cfg: DictConfig) -> dict[str, Any]:
         "compile": plain(cfg.get("compile", False)),
         "max_nonfinite_steps": cfg.get("max_nonfinite_steps", 5),
         "float32_matmul_precision": cfg.get("float32_matmul_precision", "high"),
+        "attention_kernels": plain(cfg.get("attention_kernels")),
     }
 
 
@@ -117,7 +119,8 @@ class FlipLitModule(L.LightningModule):
     `grad_checkpointing` recomputes each tower's transformer blocks in backward (open_clip's
     switch, both towers); `compile` runs the towers through `torch.compile` (True, or a dict
     of its arguments); `float32_matmul_precision` is torch's, set for 32-bit runs on CUDA
-    (see `use_tf32_where_chosen`); a non-finite loss skips its step on every rank, and
+    (see `use_tf32_where_chosen`); `attention_kernels` restricts the attention kernels of the
+    fit per precision (see `flip.training.attention`); a non-finite loss skips its step on every rank, and
     `max_nonfinite_steps` of them in a row stop the run.
     """
 
@@ -131,6 +134,7 @@ class FlipLitModule(L.LightningModule):
         compile: bool | Mapping[str, Any] = False,
         max_nonfinite_steps: int = 5,
         float32_matmul_precision: str | None = "high",
+        attention_kernels: Mapping[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         model, loss, optim = plain(model), plain(loss), plain(optim)
@@ -143,6 +147,7 @@ class FlipLitModule(L.LightningModule):
         check_matmul_precision(float32_matmul_precision)
         self.float32_matmul_precision = float32_matmul_precision
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.attention_kernels = check_attention_kernels(attention_kernels)
         # the checkpoint keeps the weight-free recipe (flip.load never fetches weights) and,
         # apart, where the initial weights came from
         self.save_hyperparameters(
@@ -181,6 +186,9 @@ class FlipLitModule(L.LightningModule):
             options = self.compile_options if isinstance(self.compile_options, Mapping) else {}
             self.model.compile(**options)  # in place: parameter names (and checkpoints) stay the same
             self._compiled = True
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [AttentionKernels(self.attention_kernels)] if self.attention_kernels else []
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> EncoderOutput:
         tokens = self.criterion.requires_tokens
