@@ -32,3 +32,14 @@ def test_warmup_then_cosine_to_the_floor():
     assert rates[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert rates[110] == pytest.approx(0.1) and rates[119] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_is_fused_when_the_config_says_so_and_steps_as_the_unfused_one(tiny_model, fused):
+    from flip.training.optim import build_optimizer
+
+    optim = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "fused": fused}
+    optimizer = build_optimizer(tiny_model, optim)
+    assert all(bool(group["fused"]) is fused for group in optimizer.param_groups)
+    reference = build_optimizer(tiny_model, {**optim, "fused": False})
+    assert optimizer.param_groups[0]["weight_decay"] == reference.param_groups[0]["weight_decay"] == 0.1

@@ -86,6 +86,8 @@ def build_optimizer(
     kwargs = {"lr": optim["lr"], "betas": tuple(optim["betas"]), "eps": optim["eps"]}
     if cls is not torch.optim.AdamW:
         kwargs["adamw_mode"] = True
+    elif optim.get("fused"):
+        kwargs["fused"] = True
     return cls(groups, **kwargs)
 
 
