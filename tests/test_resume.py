@@ -60,6 +60,8 @@ def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_pa
     shards = Path(write_caption_shards(tmp_path / "shards", count=120, per_shard=20)[0]).parent
     # patch dropout draws from the global generator at every step: the RNG state must be restored too
     overrides = [*_shard_overrides(shards, workers), "+model.arch.vision_cfg.patch_dropout=0.25"]
+    # with the in-memory cache, as the demo trains: the resumed process starts with an empty one
+    overrides.append("data.cache_in_memory=true")
     train(compose_train_config(tmp_path / "whole", overrides, SHARDS_BASE))
     whole = csv_losses(tmp_path / "whole" / "run")
     assert sorted(whole) == [0, 1, 2, 3, 4, 5]
@@ -85,16 +87,16 @@ def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_pa
         )
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(("workers", "cache"), [(0, False), (2, False), (0, True), (2, True)])
 def test_the_training_stream_continues_after_the_batches_already_consumed(
-    caption_shards, tiny_model, workers
+    caption_shards, tiny_model, workers, cache
 ):
     def loader():
-        transform = SampleTransform(tiny_model.preprocess_train, tiny_model.tokenizer)
+        transform = SampleTransform(tiny_model.preprocess_train, tiny_model.tokenizer, cache_tokens=cache)
         epoch_seed = EpochSeed()
         pipeline, batches = train_pipeline(
             caption_shards, transform, batch_size=4, samples_per_epoch=400, world_size=1,
-            num_workers=workers, shuffle_buffer=8, seed=7, epoch_seed=epoch_seed,
+            num_workers=workers, shuffle_buffer=8, seed=7, epoch_seed=epoch_seed, cache_in_memory=cache,
         )  # fmt: skip
         return make_loader(pipeline, workers, batches, epoch_seed=epoch_seed)
 

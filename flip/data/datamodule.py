@@ -104,6 +104,7 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 2000,
         seed: int = 0,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        cache_in_memory: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or samples_per_epoch < 1 or num_workers < 0 or shuffle_buffer < 1:
@@ -116,6 +117,7 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.max_consecutive_skips = max_consecutive_skips
+        self.cache_in_memory = cache_in_memory
         self.epoch_seed = EpochSeed()
         self.model: FlipModel | None = None
 
@@ -126,7 +128,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.model is None:
             raise RuntimeError("call datamodule.use_model(model) before building loaders")
         preprocess = self.model.preprocess_train if train else self.model.preprocess
-        return SampleTransform(preprocess, self.model.tokenizer)
+        return SampleTransform(preprocess, self.model.tokenizer, cache_tokens=train and self.cache_in_memory)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch_seed.set_epoch(epoch)
@@ -145,6 +147,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             epoch_seed=self.epoch_seed,
             max_consecutive_skips=self.max_consecutive_skips,
+            cache_in_memory=self.cache_in_memory,
         )
         return make_loader(pipeline, self.num_workers, num_batches, epoch_seed=self.epoch_seed)
 

@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
+from flip.data.cache import SampleCache
 from flip.data.shards import ShardError, decode_sample, iter_tar_samples
 from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS, NoUsableSamples, SkipCounter, skip_reason
 from flip.data.transform import SampleTransform, seeded_augmentation
@@ -48,23 +49,32 @@ class ReadShards(wds.PipelineStage):
 
     Replaces webdataset's `tarfile_to_samples`, so no member beyond images, captions and `.json`
     is even read, and a damaged shard is counted under its own reason (`not_a_tar`,
-    `truncated_tar`) by `skips`, which also learns of every complete read of a shard.
+    `truncated_tar`) by `skips`, which also learns of every complete read of a shard. With a
+    `cache`, a shard read through once is served from memory after.
     """
 
-    def __init__(self, skips: SkipCounter) -> None:
-        self.skips = skips
+    def __init__(self, skips: SkipCounter, cache: SampleCache | None = None) -> None:
+        self.skips, self.cache = skips, cache
 
     def run(self, src):
         for source in src:
             url = source["url"] if isinstance(source, dict) else str(source)
-            read = 0
+            cached = None if self.cache is None else self.cache.shard(url)
+            if cached is not None:
+                yield from (dict(sample) for sample in cached)
+                self.skips.shard_read(url, len(cached))
+                continue
+            samples = []
             try:
                 for key, fields in iter_tar_samples(url):
-                    read += 1
-                    yield {"__key__": key, "__url__": url, **fields}
+                    samples.append({"__key__": key, "__url__": url, **fields})
+                    yield dict(samples[-1])
             except ShardError as exc:
                 self.skips(exc)
-            self.skips.shard_read(url, read)
+            else:
+                if self.cache is not None:
+                    self.cache.keep_shard(url, samples)
+            self.skips.shard_read(url, len(samples))
 
 
 PAD = "__pad__"
@@ -76,7 +86,8 @@ class DecodeSamples(wds.PipelineStage):
     This is the one decoding step of every pipeline: images by PIL, captions as UTF-8, `.json`
     by `json.loads` (with `with_json`), nothing else. A sample that fails is counted by `skips`
     and dropped, or, with `pad_failures`, replaced by a blank one (see `EqualShare`). With
-    `at_least` (the transform's `decode_size`), large JPEGs decode at reduced scale.
+    `at_least` (the transform's `decode_size`), large JPEGs decode at reduced scale. With a
+    `cache`, each sample is decoded once and its decoded form reused.
     """
 
     def __init__(
@@ -86,8 +97,9 @@ class DecodeSamples(wds.PipelineStage):
         with_json: bool = False,
         pad_failures: bool = False,
         at_least: tuple[int, int] | None = None,
+        cache: SampleCache | None = None,
     ) -> None:
-        self.transform, self.skips = transform, skips
+        self.transform, self.skips, self.cache = transform, skips, cache
         self.with_json, self.pad_failures, self.at_least = with_json, pad_failures, at_least
         self._blank = None
 
@@ -105,7 +117,7 @@ class DecodeSamples(wds.PipelineStage):
                 yield self.blank()
                 continue
             try:
-                sample = decode_sample(raw, with_json=self.with_json, at_least=self.at_least)
+                sample = self._decode(raw, key, url)
                 sample.update(__key__=key, __url__=url, __seed__=raw.get("__seed__"))
                 output = self.transform(sample)
             except Exception as exc:
@@ -115,6 +127,14 @@ class DecodeSamples(wds.PipelineStage):
                 continue
             self.skips.usable(url)
             yield output
+
+    def _decode(self, raw: dict, key: str, url: str) -> dict:
+        sample = None if self.cache is None else self.cache.decoded(url, key)
+        if sample is None:
+            sample = decode_sample(raw, with_json=self.with_json, at_least=self.at_least)
+            if self.cache is not None:
+                self.cache.keep_decoded(url, key, sample)
+        return sample
 
 
 class EqualShare(wds.PipelineStage):
@@ -263,22 +283,25 @@ def train_pipeline(
     seed: int,
     epoch_seed: EpochSeed,
     max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    cache_in_memory: bool = False,
 ) -> tuple[wds.DataPipeline, int]:
     """An endless resampled stream cut into epochs of `samples_per_epoch` (global) samples.
 
     Returns the pipeline and the number of batches each rank sees per epoch. A stream with no
     usable sample stops with `NoUsableSamples` (see `SkipCounter`) instead of resampling forever.
+    `cache_in_memory` keeps read shards and decoded images in memory (`SampleCache`).
     """
     skips = SkipCounter(urls, max_consecutive_skips)
+    cache = SampleCache() if cache_in_memory else None
     batches_per_rank = max(1, math.ceil(samples_per_epoch / (batch_size * world_size)))
     batches_per_worker = math.ceil(batches_per_rank / max(1, num_workers))
     pipeline = wds.DataPipeline(
         EpochResampledShards(list(urls), seed=seed, worker_seed=epoch_seed, deterministic=True),
-        ReadShards(skips),
+        ReadShards(skips, cache),
         SeededShuffle(shuffle_buffer, min(shuffle_buffer, 4 * batch_size), seed, epoch_seed),
         SkipConsumed(batch_size, seed, epoch_seed),
         # per sample the PIL work, per batch the float conversion and the tokenizer (`SampleTransform`)
-        DecodeSamples(transform.prepare, skips, at_least=transform.decode_size),
+        DecodeSamples(transform.prepare, skips, at_least=transform.decode_size, cache=cache),
         wds.batched(batch_size, partial=False, collation_fn=transform.collate),
     ).with_epoch(batches_per_worker)
     return pipeline, batches_per_rank

@@ -84,9 +84,14 @@ class SampleTransform:
 
     preprocess: Callable
     tokenizer: Callable
+    # keep each caption's token ids after its first batch (`cache_in_memory` of the data config):
+    # a caption's ids do not depend on the rest of its batch, and a dataset trained for many
+    # epochs tokenizes the same captions again on every pass
+    cache_tokens: bool = False
     per_sample: Callable = field(init=False, repr=False)
     normalize: Normalize | None = field(init=False, repr=False)
     decode_size: tuple[int, int] | None = field(init=False, repr=False)
+    _token_ids: dict[str, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.per_sample, self.normalize = split_preprocess(self.preprocess)
@@ -123,7 +128,15 @@ class SampleTransform:
         images, texts = zip(*prepared, strict=True)
         # without a split-off Normalize the whole transform ran per sample
         batch = torch.stack(list(images)) if self.normalize is None else self.normalize(_to_float(images))
-        return [batch, self.tokenizer(list(texts))]
+        return [batch, self._tokenize(list(texts))]
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        if not self.cache_tokens:
+            return self.tokenizer(texts)
+        new = [text for text in dict.fromkeys(texts) if text not in self._token_ids]
+        if new:
+            self._token_ids.update(zip(new, self.tokenizer(new).unbind(0), strict=True))
+        return torch.stack([self._token_ids[text] for text in texts])
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images, tokens = self.collate([self.prepare(sample)])
