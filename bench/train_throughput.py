@@ -17,7 +17,12 @@ The step's achieved GFLOP/s (FLOPs of one forward + backward, counted by
 `torch.utils.flop_counter`, over FLIP's median step time at that precision) is set against this
 machine's measured matmul GFLOP/s at the same precision and threads, for two shapes: the
 model's largest matmul (the vision MLP's up-projection over the whole batch of tokens), a bound
-the step could reach, and a large square one, the machine's peak.
+the step could reach, and a large square one, the machine's peak. The same is measured for a
+ViT-B/16 + BERT-base-sized step of FLIP's module at a small batch (`large_model_step`), where
+the matrices are large enough for the matmul rate to be within reach.
+
+FLIP's side runs the demo recipe's step, as `conf/experiment/demo.yaml` sets it for this model:
+fused AdamW and, in bf16, the math attention kernel (`DEMO_ATTENTION_KERNELS`).
 
     .venv/bin/python bench/train_throughput.py
     .venv/bin/python bench/train_throughput.py --steps 20 --rounds 1   # quick check
@@ -61,6 +66,16 @@ PRECISIONS = {
     "fp32": ("32-true", "fp32", torch.float32),
     "bf16": ("bf16-mixed", "amp_bf16", torch.bfloat16),
 }
+# the demo recipe's kernel choice for this model (conf/experiment/demo.yaml), which ~experiment drops
+DEMO_ATTENTION_KERNELS = "{bf16-mixed: [math]}"
+# ViT-B/16 image tower + a BERT-base-sized text transformer (12 x 768, 12 heads, 77 tokens), as
+# an open_clip architecture: the size of FLIP's published model, without a tokenizer download
+LARGE_ARCH_NAME = "flip-bench-vit-b16-bert-base"
+LARGE_ARCH = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
+}
 BATCH_TIME = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/.*?Batch \(t\): ([0-9.]+)")
 
 
@@ -92,6 +107,7 @@ def flip_overrides(args, shards: Path, work: Path, precision: str) -> list[str]:
         "data.shuffle_buffer=1000", "data.samples_per_epoch=10000000", f"trainer.max_steps={args.steps}",
         f"trainer.precision={PRECISIONS[precision][0]}", f"trainer.log_every_n_steps={LOG_EVERY}",
         "optim.lr=1e-3", "optim.warmup_steps=5", f"hydra.run.dir={work}/flip-{precision}-{time.time_ns()}",
+        f"attention_kernels={DEMO_ATTENTION_KERNELS}",
         f"paths.root_dir={work}",
         f"+callbacks.step_times={{_target_: flip.training.throughput.StepTimes, path: {times}}}",
     ]  # fmt: skip
@@ -175,6 +191,74 @@ def step_flops(arch: dict, batch: int) -> int:
     return counter.get_total_flops()
 
 
+def large_model_step(precision: str, batch: int, steps: int, threads: int) -> dict:
+    """Median seconds and FLOPs of FLIP's training step at ViT-B/16 + BERT-base size, at one precision.
+
+    The step the Lightning module runs (forward, CLIP loss, backward, the recipe's fused AdamW
+    step), driven directly: at this size a step takes seconds on a CPU, so a few steps measure
+    it, and data loading (a 224 px JPEG decode per sample) is a small, separate cost. bf16 is
+    autocast with float32 weights, as `trainer.precision=bf16-mixed`; attention kernels are
+    torch's own choice, the faster one at this sequence length (docs/training.md).
+    """
+    from contextlib import nullcontext
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT))
+    from flip.training.module import FlipLitModule
+    from flip.training.optim import build_optimizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    optim = yaml.safe_load((ROOT / "conf" / "optim" / "adamw.yaml").read_text())
+    loss = yaml.safe_load((ROOT / "conf" / "loss" / "clip.yaml").read_text())
+    module = FlipLitModule({"name": LARGE_ARCH_NAME, "pretrained": None, "arch": LARGE_ARCH}, loss, optim)
+    optimizer = build_optimizer(module.model, optim)
+    images = torch.randn(batch, 3, 224, 224)
+    text = module.model.tokenize(["a smiling woman with long dark hair, earrings and red lipstick"] * batch)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step() -> None:
+        with autocast:
+            losses = module.criterion(module(images, text))
+        losses["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "flops": counter.get_total_flops(), "step_seconds": times}
+
+
+def large_model(args) -> dict:
+    """The ViT-B/16 + BERT-base-sized step at both precisions, each against matmul at its precision."""
+    vision = LARGE_ARCH["vision_cfg"]
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    shape = (args.large_batch * tokens, vision["width"], int(vision["width"] * vision["mlp_ratio"]))
+    out = {"arch": LARGE_ARCH, "batch": args.large_batch, "matmul_shape_mkn": shape, "precisions": {}}
+    for precision, (_, _, dtype) in PRECISIONS.items():
+        step = large_model_step(precision, args.large_batch, args.large_steps, args.threads)
+        step_gflops = step["flops"] / step["seconds"] / 1e9
+        matmul = matmul_gflops(args.threads, shape, dtype)
+        out["step_gflop"] = round(step["flops"] / 1e9, 1)
+        out["precisions"][precision] = {
+            "step_seconds": round(step["seconds"], 3),
+            "step_seconds_each": [round(t, 3) for t in step["step_seconds"]],
+            "samples_per_s": round(args.large_batch / step["seconds"], 2),
+            "step_gflops": round(step_gflops, 1),
+            "matmul_gflops": round(matmul, 1),
+            "step_vs_matmul": round(step_gflops / matmul, 3),
+        }
+        print(f"ViT-B/16 + BERT-base {precision}: {out['precisions'][precision]}", flush=True)
+    return out
+
+
 def matmul_shapes(arch: dict, batch: int) -> dict[str, tuple[int, int, int]]:
     """(m, k, n) of the model's largest matmul and of a large square one.
 
@@ -221,6 +305,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--samples", type=int, default=2048, help="samples in the generated shards")
+    parser.add_argument("--large-batch", type=int, default=16, help="batch of the ViT-B/16 + BERT-base step")
+    parser.add_argument("--large-steps", type=int, default=4, help="timed steps of it, after one counted")
     args = parser.parse_args()
     if args.warmup % LOG_EVERY or args.steps % LOG_EVERY:
         parser.error(
@@ -274,6 +360,11 @@ def main() -> None:
         }
     result["step_vs_matmul"] = {p: r["step_vs_matmul"] for p, r in by_precision.items()}
     result["precisions"] = by_precision
+    result["large_model"] = large_model(args)
+    result["step_vs_matmul_by_model"] = {
+        "tiny": {p: r["step_vs_matmul"]["model"] for p, r in by_precision.items()},
+        "vit_b16_bert_base": {p: r["step_vs_matmul"] for p, r in result["large_model"]["precisions"].items()},
+    }
     placeholder = {str(work): "<work>", str(ROOT): "<repo>"}
 
     def shown(argv: list[str]) -> list[str]:
@@ -349,6 +440,24 @@ def markdown(r: dict) -> str:
         f"(the same at both precisions). {r['machine']['cpu']}, torch {r['machine']['torch']}, "
         f"{r['machine']['cores']} cores, 1-min load average before/after "
         f"{r['machine']['load_average_1min_before_after']}.\n"
+        f"{large_markdown(r['large_model'])}"
+    )
+
+
+def large_markdown(large: dict) -> str:
+    rows = "".join(
+        f"| {p} | {large['batch']} | {x['step_seconds']} s | {large['step_gflop']} | {x['step_gflops']} | "
+        f"{x['matmul_gflops']} | {x['step_vs_matmul']} |\n"
+        for p, x in large["precisions"].items()
+    )
+    m, k, n = large["matmul_shape_mkn"]
+    return (
+        "\nViT-B/16 + BERT-base-sized step (FLIP's module: forward, CLIP loss, backward, fused AdamW; "
+        f"random 224 px images, 77-token captions; median of the timed steps), against the matmul of "
+        f"its vision MLP ({m}x{k} @ {k}x{n}) at the same precision:\n\n"
+        "| precision | batch | step | step GFLOP | step GFLOP/s | matmul GFLOP/s | step / matmul |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+        f"{rows}"
     )
 
 
