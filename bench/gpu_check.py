@@ -110,9 +110,12 @@ def check_filip(batch: int = 64, n_img: int = 197, n_txt: int = 32, dim: int = 2
 
 
 def train_py(overrides: list[str], run_dir: Path, data_dir: Path, timeout: int) -> tuple[float, str]:
-    """`python train.py OVERRIDES` in its own process; (seconds, run folder) or an error with stderr."""
+    """`python train.py OVERRIDES` in its own process; (seconds, run folder) or an error with stderr.
+
+    The demo's `attention_kernels` is its CPU choice (math in bf16); on the GPU torch's own is used.
+    """
     command = [
-        sys.executable, "train.py", *overrides,
+        sys.executable, "train.py", *overrides, "attention_kernels=null",
         f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     start = time.perf_counter()

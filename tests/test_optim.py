@@ -43,3 +43,18 @@ def test_adamw_is_fused_when_the_config_says_so_and_steps_as_the_unfused_one(tin
     assert all(bool(group["fused"]) is fused for group in optimizer.param_groups)
     reference = build_optimizer(tiny_model, {**optim, "fused": False})
     assert optimizer.param_groups[0]["weight_decay"] == reference.param_groups[0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize(
+    ("precision", "clip", "fused"),
+    [("bf16-mixed", None, True), ("bf16-mixed", 1.0, False), ("32-true", 1.0, True)],
+)
+def test_fused_adamw_gives_way_only_where_lightning_cannot_clip_it(precision, clip, fused):
+    from flip.training.module import FlipLitModule
+
+    from .helpers import MODEL, OPTIM, fit_briefly, loss_file
+
+    module = FlipLitModule(MODEL, loss_file("clip")[0], {**OPTIM, "fused": True})
+    trainer = fit_briefly(module, steps=2, precision=precision, gradient_clip_val=clip)
+    assert bool(trainer.optimizers[0].param_groups[0]["fused"]) is fused
+    assert trainer.global_step == 2

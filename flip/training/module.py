@@ -6,6 +6,7 @@ and a model can be rebuilt from its checkpoint alone (`flip.load`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
@@ -25,6 +26,8 @@ from flip.training.attention import AttentionKernels, check_attention_kernels
 from flip.training.nonfinite import NonFiniteGuard
 from flip.training.optim import build_optimizer, warmup_cosine
 from flip.training.resume import gather_rng_states, own_rng_state, restore_rng_state, warn_if_optim_changed
+
+log = logging.getLogger(__name__)
 
 RNG_KEY = "flip_rng_state"
 ZERO3_SCALARS_KEY = "flip_zero3_scalar_parameters"
@@ -98,6 +101,18 @@ def zero_stage(trainer_cfg: Mapping[str, Any]) -> int | None:
         return None
     stage = (strategy.get("config") or {}).get("zero_optimization", {}).get("stage")
     return strategy.get("stage", 2) if stage is None else stage
+
+
+def clipping_refuses_fused(trainer: Any) -> bool:
+    """Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer.
+
+    It assumes that an optimizer which unscales its own gradients (torch's fused AdamW declares
+    so) is unscaled after clipping, which would clip loss-scaled values; it refuses even in
+    bf16, where nothing is scaled. DeepSpeed clips inside its engine and is not affected.
+    """
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return bool(trainer.gradient_clip_val) and isinstance(trainer.precision_plugin, MixedPrecision)
 
 
 def _is_deepspeed(strategy: Any) -> bool:
@@ -319,6 +334,14 @@ class FlipLitModule(L.LightningModule):
 
     def configure_optimizers(self):
         optim = self.hparams.optim
+        if optim.get("fused") and clipping_refuses_fused(self.trainer):
+            log.info(
+                "optim.fused: using the unfused AdamW, as Lightning clips gradients under mixed "
+                "precision (trainer.gradient_clip_val with %s) only with an optimizer that does not "
+                "unscale them itself",
+                self.trainer.precision,
+            )
+            optim = {**optim, "fused": False}
         optimizer = build_optimizer(self.model, optim, self.trainer.strategy)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = optim["warmup_steps"]
