@@ -3,7 +3,7 @@
 torch picks an SDPA kernel by shape and dtype, not by speed on the machine at hand, and on the
 CPU its choice can be far off: the flash kernel's backward in bfloat16 costs several times the
 plain (math) kernel's for short sequences, yet it is the faster one in float32 and for long
-sequences (the measurements are in docs/training.md, "The demo recipe"). So the choice is a
+sequences (`bench/attention_kernels.py` measures both per shape). So the choice is a
 config, keyed by `trainer.precision`, and it holds for the whole fit: backward and any
 activation recomputation (micro-batches, gradient checkpointing) run outside `forward` and
 must use the kernel the forward used. `AttentionKernels` holds the choice from the start of the
