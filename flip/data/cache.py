@@ -37,8 +37,5 @@ class SampleCache:
     def keep_decoded(self, url: str, key: str, sample: dict[str, Any]) -> None:
         self._decoded[(url, key)] = {**sample, "image": sample["image"].copy()}
 
-    def __len__(self) -> int:
-        return len(self._decoded)
-
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._decoded)

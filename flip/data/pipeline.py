@@ -64,17 +64,20 @@ class ReadShards(wds.PipelineStage):
                 yield from (dict(sample) for sample in cached)
                 self.skips.shard_read(url, len(cached))
                 continue
-            samples = []
+            read, kept = 0, [] if self.cache is not None else None
             try:
                 for key, fields in iter_tar_samples(url):
-                    samples.append({"__key__": key, "__url__": url, **fields})
-                    yield dict(samples[-1])
+                    read += 1
+                    sample = {"__key__": key, "__url__": url, **fields}
+                    if kept is not None:  # a copy: later stages may change the dict they get
+                        kept.append(dict(sample))
+                    yield sample
             except ShardError as exc:
                 self.skips(exc)
             else:
-                if self.cache is not None:
-                    self.cache.keep_shard(url, samples)
-            self.skips.shard_read(url, len(samples))
+                if kept is not None:
+                    self.cache.keep_shard(url, kept)
+            self.skips.shard_read(url, read)
 
 
 PAD = "__pad__"

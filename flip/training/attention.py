@@ -14,7 +14,7 @@ fit to its end, or to the exception that ends it, and the module adds it to the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 
 import lightning as L
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -46,14 +46,6 @@ def check_attention_kernels(choice: Mapping[str, Sequence[str]] | None) -> dict[
     return kernels
 
 
-def attention_kernels_for(
-    kernels: Mapping[str, list[SDPBackend]], precision: str
-) -> AbstractContextManager[None]:
-    """The context that restricts SDPA to the kernels chosen for `precision` (none chosen: torch's)."""
-    chosen = kernels.get(str(precision))
-    return nullcontext() if chosen is None else sdpa_kernel(chosen)
-
-
 class AttentionKernels(L.Callback):
     """Restricts SDPA to the kernels chosen for the trainer's precision, for the fit only."""
 
@@ -62,7 +54,9 @@ class AttentionKernels(L.Callback):
         self._held = ExitStack()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._held.enter_context(attention_kernels_for(self.kernels, trainer.precision))
+        chosen = self.kernels.get(str(trainer.precision))  # none chosen: torch's own choice
+        if chosen is not None:
+            self._held.enter_context(sdpa_kernel(chosen))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._held.close()
