@@ -12,14 +12,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
 from flip.data.shards import decode_image
 
-TASKS = ("attributes", "classification")
+TASKS = ("attributes", "classification", "multitask", "verification")
 OUTSIDE_ROOT = "path_outside_root"  # skip reason: a listed image name leads outside its folder
 
 
@@ -140,25 +140,65 @@ class EncodedImages:
         return _digest("encoded", *self.blobs, self.names)
 
 
+@dataclass(frozen=True)
+class Pairs:
+    """Verification pairs over a split's images: `index` [P, 2] image indices, `same` [P] bool
+    (one person), `fold` [P] int (the published 10-fold protocol's folds, in file order)."""
+
+    index: np.ndarray
+    same: np.ndarray
+    fold: np.ndarray
+
+    def __post_init__(self) -> None:
+        p = len(self.index)
+        if self.index.shape != (p, 2) or self.same.shape != (p,) or self.fold.shape != (p,):
+            raise ValueError(
+                f"pairs disagree: index {self.index.shape}, same {self.same.shape}, fold {self.fold.shape}; "
+                "expected [P, 2], [P] and [P]"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def restricted_to(self, images: np.ndarray) -> Pairs:
+        """The pairs whose two images are both among `images` (old indices), renumbered to their
+        positions in `images`: what is left when a split loses images (unreadable, subsampled)."""
+        position = np.full(int(max(self.index.max(initial=-1), images.max(initial=-1))) + 1, -1, np.int64)
+        position[images] = np.arange(len(images))
+        mapped = position[self.index]
+        keep = (mapped >= 0).all(axis=1)
+        return Pairs(mapped[keep], self.same[keep], self.fold[keep])
+
+
 @dataclass
 class LabelledSplit:
     """Images and labels of one split.
 
-    `targets` is [N, A] int8 for attributes (1 present, 0 absent, -1 unlabelled) or [N] int64
-    class indices into `label_names` for classification. `questions` holds further
-    multi-class labels some datasets carry beside their attributes (FaceShapes hair colour and
-    expression): name -> (classes, [N] indices, -1 unlabelled). `captions` enables retrieval.
+    `task` says where the labels are:
+    - "attributes": `targets` is [N, A] int8 (1 present, 0 absent, -1 unlabelled), A = `label_names`;
+    - "classification": `targets` is [N] int64 class indices into `label_names`;
+    - "multitask": no primary label (`targets` [N, 0], `label_names` []); the labels are the
+      `questions` and `values` (UTKFace, FairFace: age, gender, race);
+    - "verification": no per-image label (`targets` [N, 0]); `pairs` says which images show one person.
+    `questions` holds multi-class labels, beside the attributes or as the multitask's labels:
+    name -> (classes, [N] indices, -1 unlabelled). `values` holds regression targets: name -> [N]
+    float, NaN unlabelled (UTKFace age). `captions` enables retrieval: one caption per image, or a
+    list of captions per image (MM-CelebA-HQ has ten). `info` records how the reader built the
+    split (a seeded split's seed and fractions, the layout it read) and lands in metrics.json.
     """
 
     benchmark: str
     split: str
-    task: Literal["attributes", "classification"]
+    task: Literal["attributes", "classification", "multitask", "verification"]
     label_names: list[str]
     targets: np.ndarray
     images: ImageSource
     keys: list[str]
-    captions: list[str] | None = None
+    captions: list[str] | list[list[str]] | None = None
     questions: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    pairs: Pairs | None = None
+    info: dict[str, Any] = field(default_factory=dict)
     skipped: int = 0  # records a reader dropped; `skipped_by_reason` says why
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -171,7 +211,7 @@ class LabelledSplit:
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {TASKS}")
         n = len(self.keys)
-        expected = (n, len(self.label_names)) if self.task == "attributes" else (n,)
+        expected = {"attributes": (n, len(self.label_names)), "classification": (n,)}.get(self.task, (n, 0))
         if self.targets.shape != expected or len(self.images) != n:
             raise ValueError(
                 f"{self.benchmark}/{self.split}: targets {self.targets.shape}, {len(self.images)} images and "
@@ -179,12 +219,22 @@ class LabelledSplit:
             )
         if self.captions is not None and len(self.captions) != n:
             raise ValueError(f"{self.benchmark}/{self.split}: {len(self.captions)} captions for {n} images")
+        for name, labels in [*((q, y) for q, (_, y) in self.questions.items()), *self.values.items()]:
+            if labels.shape != (n,):
+                raise ValueError(
+                    f"{self.benchmark}/{self.split}: label {name!r} has shape {labels.shape}, not ({n},)"
+                )
+        if (self.task == "verification") != (self.pairs is not None):
+            raise ValueError(
+                f"{self.benchmark}/{self.split}: pairs are given exactly when the task is verification"
+            )
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> LabelledSplit:
-        """The same split restricted to `indices` (in that order)."""
+        """The same split restricted to `indices` (in that order); verification pairs lose the
+        pairs whose images are gone."""
         idx = np.asarray(indices, dtype=np.int64)
         return replace(
             self,
@@ -193,6 +243,8 @@ class LabelledSplit:
             keys=[self.keys[i] for i in idx],
             captions=None if self.captions is None else [self.captions[i] for i in idx],
             questions={k: (c, y[idx]) for k, (c, y) in self.questions.items()},
+            values={k: v[idx] for k, v in self.values.items()},
+            pairs=None if self.pairs is None else self.pairs.restricted_to(idx),
         )
 
     def sample(self, count: int | None, seed: int = 0) -> LabelledSplit:
@@ -203,10 +255,22 @@ class LabelledSplit:
         return self.subset(np.sort(rng.choice(len(self), size=count, replace=False)))
 
     def counts(self) -> dict[str, int]:
-        """Positives per attribute or samples per class: what tests and reports check first."""
+        """Positives per attribute, samples per class, or per class of each question (multitask),
+        or same/different pairs: what tests and reports check first."""
         if self.task == "attributes":
             return {name: int((self.targets[:, a] == 1).sum()) for a, name in enumerate(self.label_names)}
-        return {name: int((self.targets == c).sum()) for c, name in enumerate(self.label_names)}
+        if self.task == "classification":
+            return {name: int((self.targets == c).sum()) for c, name in enumerate(self.label_names)}
+        if self.task == "verification":
+            same = int(self.pairs.same.sum())
+            return {"same": same, "different": len(self.pairs) - same}
+        counts = {
+            f"{q}/{name}": int((y == c).sum())
+            for q, (classes, y) in self.questions.items()
+            for c, name in enumerate(classes)
+        }
+        counts.update({f"{name} labelled": int(np.isfinite(v).sum()) for name, v in self.values.items()})
+        return counts
 
 
 def find_first(root: Path, candidates: Sequence[str], what: str) -> Path:

@@ -27,7 +27,9 @@ PROMPT_KEYS = ("templates", "binary", "multiclass", "classes")
 @dataclass
 class Benchmark:
     """`reader(split=name)` returns a LabelledSplit; `prompts` holds the zero-shot prompts
-    (templates, binary, multiclass, classes: see flip.evaluation.zeroshot)."""
+    (templates, binary, multiclass, classes: see flip.evaluation.zeroshot). `subgroups` names
+    the split's demographic questions (gender, race, age group): protocols report every metric
+    per group of each, and the gap between the best and worst group."""
 
     name: str
     reader: Callable[..., LabelledSplit]
@@ -35,6 +37,7 @@ class Benchmark:
     train_split: str | None = "train"
     val_split: str | None = None
     test_split: str = "test"
+    subgroups: list[str] = field(default_factory=list)
     _loaded: dict[tuple[str, int | None, int], LabelledSplit] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -67,6 +70,7 @@ class Benchmark:
             train_split=cfg.get("train_split"),
             val_split=cfg.get("val_split"),
             test_split=cfg.get("test_split") or "test",
+            subgroups=list(cfg.get("subgroups") or []),
         )
 
     def load(self, split: str, max_samples: int | None = None, seed: int = 0) -> LabelledSplit:

@@ -91,6 +91,9 @@ def evaluate(
             features.requested.clear()
             metrics = protocol(model, features, checkpoint)
             metrics["skipped"] = skipped_images(*features.requested)
+            info = {f.split.split: f.split.info for f in features.requested if f.split.info}
+            if info:  # how a reader built its splits (e.g. a seeded split of UTKFace), for reproducing them
+                metrics["split_info"] = info
             if output_dir is not None:
                 where = Path(output_dir) if index == 0 else Path(output_dir) / name
                 write_report(metrics, where)
