@@ -381,6 +381,11 @@ class LinearProbe:
     def __call__(
         self, model: FlipModel, features: BenchmarkFeatures, checkpoint: str | None = None
     ) -> dict[str, Any]:
+        if not self.train_split:  # else features(None) is the evaluated split: a probe trained on test
+            raise ValueError(
+                f"{features.benchmark.name} has no train split, so there is nothing to fit a linear "
+                "probe on (a retrieval-only benchmark such as celeba_caption): use eval/retrieval.py"
+            )
         train = features(self.train_split, self.max_train, self.seed)
         val = features(self.val_split, self.max_val, self.seed) if self.val_split else None
         return self.metrics(train, features(), val, checkpoint, model_device(model))
