@@ -158,7 +158,8 @@ def test_the_demo_checkpoint_through_eval_retrieval_on_celeba_caption(tmp_path, 
     """eval/retrieval.py's run() on the layout above; the recalls equal a ranking by hand."""
     import flip
 
-    root = make_celeba_caption(tmp_path / "mm", test=[str(i) for i in range(27000, 27009)] + ["27100"])
+    root = make_celeba_caption(tmp_path / "mm", ids=range(27000, 27010))
+    (root / "CelebA-HQ-img" / "27009.jpg").unlink()  # listed and captioned, but not on disk
     cfg = compose_eval(
         "eval_retrieval", tmp_path, *eval_overrides(tmp_path, trained_demo.ckpt, "celeba_caption", root)
     )
