@@ -146,7 +146,7 @@ def test_a_malformed_file_fails_naming_the_file_and_line(tmp_path, breaks, where
 
 def test_missing_folders_say_what_was_looked_for(tmp_path):
     root = make_celeba_caption(tmp_path / "mm", image_dir="faces")
-    with pytest.raises(FileNotFoundError, match="image folder: none of .*CelebA-HQ-img"):
+    with pytest.raises(FileNotFoundError, match=r"image folder: none of .*CelebA-HQ-img"):
         read_celeba_caption(root, "test")
     (root / "test" / "filenames.txt").unlink()
     (root / "faces").rename(root / "images")
