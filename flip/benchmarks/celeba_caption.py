@@ -48,7 +48,7 @@ PICKLE_TO_TEXT = pickle_to_text("test/filenames.pickle", "test/filenames.txt")
 
 
 def _list_candidates(split: str) -> tuple[str, ...]:
-    return (f"{split}/filenames.txt", f"{split}.txt", f"{split}_ids.txt")
+    return (f"{split}/filenames.txt", f"{split}.txt")
 
 
 def _find_dir(root: Path, candidates: tuple[str, ...], what: str) -> Path:

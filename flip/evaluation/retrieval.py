@@ -14,7 +14,7 @@ from flip.models import FlipModel
 
 RECALL_AT = (1, 5, 10)
 # similarities computed at once up to this many entries (float32: 256 MiB), else in row blocks:
-# MM-CelebA-HQ's test set, 6,000 images x 60,000 captions, would need 1.4 GB at once
+# with ten captions per image (MM-CelebA-HQ), thousands of test images make a matrix of gigabytes
 MAX_SIMILARITY_ELEMENTS = 1 << 26
 
 
@@ -38,7 +38,7 @@ def flatten_captions(
 def _ranks(sim: torch.Tensor, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per query row of `sim`, how many candidates score strictly above its best true candidate
     (true pairs: (query[p], target[p])); 0 means a true candidate is ranked first."""
-    best = torch.full((sim.shape[0],), -math.inf, dtype=sim.dtype)
+    best = torch.full((sim.shape[0],), -math.inf, dtype=sim.dtype, device=sim.device)
     best.scatter_reduce_(0, query, sim[query, target], reduce="amax")
     return (sim > best[:, None]).sum(dim=1)
 
