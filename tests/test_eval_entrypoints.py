@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_method
+from hydra.utils import get_method, instantiate
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
 
@@ -69,6 +70,11 @@ def test_every_benchmark_config_composes_with_a_reader(tmp_path, benchmark):
     assert cfg.split == cfg.benchmark.test_split
     probe = compose_eval("eval_linear_probe", tmp_path, f"benchmark={benchmark}", "benchmark.root=/data/x")
     settings = probe.protocols.linear_probe
+    if probe.benchmark.train_split is None:  # no labels to fit (celeba_caption: captions only)
+        assert settings.train_split is None
+        with pytest.raises(ValueError, match="has no train split, so there is nothing to fit"):
+            instantiate(settings, _convert_="all")(None, SimpleNamespace(benchmark=cfg.benchmark))
+        return
     assert list(settings.fractions) == [0.01, 0.1, 1.0] and settings.train_split == "train"
     assert settings.val_split == probe.benchmark.val_split
 

@@ -10,6 +10,7 @@ from flip.benchmarks.celeba import (
     read_celeba,
 )
 from flip.benchmarks.celeba_attributes import read_celeba_split, read_lfwa
+from flip.benchmarks.celeba_caption import read_celeba_caption
 from flip.benchmarks.csv_labels import read_csv_labels
 from flip.benchmarks.fer2013 import read_fer2013
 from flip.benchmarks.folder import read_folder
@@ -25,6 +26,7 @@ __all__ = [
     "MalformedFileError",
     "read_affectnet",
     "read_celeba",
+    "read_celeba_caption",
     "read_celeba_split",
     "read_csv_labels",
     "read_faceshapes",

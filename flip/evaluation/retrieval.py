@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,20 +13,96 @@ from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, extract_t
 from flip.models import FlipModel
 
 RECALL_AT = (1, 5, 10)
+# similarities computed at once up to this many entries (float32: 256 MiB), else in row blocks:
+# with ten captions per image (MM-CelebA-HQ), thousands of test images make a matrix of gigabytes
+MAX_SIMILARITY_ELEMENTS = 1 << 26
+
+
+def flatten_captions(
+    captions: Sequence[str] | Sequence[Sequence[str]],
+) -> tuple[list[str], torch.Tensor | None]:
+    """The texts to encode and, when an image has a list of captions, the image of each text.
+
+    One caption per image gives (captions, None): text i belongs to image i.
+    """
+    if all(isinstance(c, str) for c in captions):
+        return list(captions), None
+    texts, owner = [], []
+    for image, caps in enumerate(captions):
+        caps = [caps] if isinstance(caps, str) else list(caps)
+        texts += caps
+        owner += [image] * len(caps)
+    return texts, torch.as_tensor(owner, dtype=torch.int64)
+
+
+def _ranks(sim: torch.Tensor, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per query row of `sim`, how many candidates score strictly above its best true candidate
+    (true pairs: (query[p], target[p])); 0 means a true candidate is ranked first."""
+    best = torch.full((sim.shape[0],), -math.inf, dtype=sim.dtype, device=sim.device)
+    best.scatter_reduce_(0, query, sim[query, target], reduce="amax")
+    return (sim > best[:, None]).sum(dim=1)
+
+
+def _blocked_ranks(
+    queries: torch.Tensor, candidates: torch.Tensor, query: torch.Tensor, target: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """`_ranks` of queries @ candidates.T, computed `rows` queries at a time."""
+    out = []
+    for start in range(0, len(queries), rows):
+        stop = min(start + rows, len(queries))
+        inside = (query >= start) & (query < stop)
+        sim = queries[start:stop] @ candidates.T
+        out.append(_ranks(sim, query[inside] - start, target[inside]))
+    return torch.cat(out)
 
 
 def retrieval_recalls(
-    image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int] = RECALL_AT
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    ks: Sequence[int] = RECALL_AT,
+    text_image: torch.Tensor | None = None,
+    max_elements: int = MAX_SIMILARITY_ELEMENTS,
 ) -> dict[str, float]:
-    """Recall@k of the paired caption (image->text) and image (text->image); pair i is (image i, text i).
+    """Recall@k of image->text (`i2t_R@k`) and text->image (`t2i_R@k`) retrieval.
 
-    A tie with the true pair counts in its favour (only strictly better candidates rank ahead).
+    `text_image[t]` is the image text t describes (an image may have several texts, as
+    MM-CelebA-HQ's ten captions); None means text i describes image i. A text is found when
+    its image ranks within k; an image is found when ANY of its texts ranks within k, so
+    i2t is averaged over images and t2i over texts. A tie with a true pair counts in its
+    favour (only strictly better candidates rank ahead).
     """
-    similarity = image_features @ text_features.T
-    truth = torch.arange(len(similarity))
+    n_images, n_texts = len(image_features), len(text_features)
+    if text_image is None:
+        if n_images != n_texts:
+            raise ValueError(
+                f"{n_images} images and {n_texts} texts: give text_image (the image of each text) "
+                "when an image has several texts"
+            )
+        text_image = torch.arange(n_texts)
+    text_image = torch.as_tensor(text_image, dtype=torch.int64)
+    if text_image.shape != (n_texts,) or (
+        n_texts and not 0 <= int(text_image.min()) <= int(text_image.max()) < n_images
+    ):
+        raise ValueError(
+            f"text_image must give each of the {n_texts} texts an image index in [0, {n_images})"
+        )
+    uncaptioned = (torch.bincount(text_image, minlength=n_images) == 0).nonzero().flatten()
+    if len(uncaptioned):
+        raise ValueError(f"{len(uncaptioned)} image(s) have no text, e.g. image {int(uncaptioned[0])}")
+    texts = torch.arange(n_texts)
+    if n_images * n_texts <= max_elements:  # one matrix, read in both directions
+        similarity = image_features @ text_features.T
+        i2t = _ranks(similarity, text_image, texts)
+        t2i = _ranks(similarity.T, texts, text_image)
+    else:
+        i2t = _blocked_ranks(
+            image_features, text_features, text_image, texts, max(1, max_elements // n_texts)
+        )
+        t2i = _blocked_ranks(
+            text_features, image_features, texts, text_image, max(1, max_elements // n_images)
+        )
     out = {}
-    for direction, sim in (("i2t", similarity), ("t2i", similarity.T)):
-        rank = (sim > sim[truth, truth][:, None]).sum(dim=1)  # how many beat the true pair
+    for direction, rank in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
             out[f"{direction}_R@{k}"] = float((rank < k).float().mean())
     return out
@@ -41,7 +118,8 @@ def evaluate_retrieval(
             f"{split.benchmark}/{split.split} has no captions; retrieval needs a captioned split "
             "(faceshapes, labelled shards, or a csv benchmark with a 'caption' column)"
         )
-    text_features = extract_text_features(model, split.captions, batch_size)
+    texts, text_image = flatten_captions(split.captions)
+    text_features = extract_text_features(model, texts, batch_size)
     return {
         "benchmark": split.benchmark,
         "protocol": "retrieval",
@@ -50,8 +128,9 @@ def evaluate_retrieval(
         "split": split.split,
         "n_train": 0,
         "n_test": len(split),
+        "n_texts": len(texts),
         "labels": [],
-        "summary": retrieval_recalls(features.features, text_features),
+        "summary": retrieval_recalls(features.features, text_features, text_image=text_image),
         "per_label": {},
     }
 

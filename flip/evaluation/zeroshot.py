@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, extract_text_features
 from flip.evaluation.metrics import attribute_scores, classification_scores, multiclass_metrics
 from flip.evaluation.prompts import DEFAULT_TEMPLATES, resolve_binary, resolve_choices
-from flip.evaluation.retrieval import retrieval_recalls
+from flip.evaluation.retrieval import flatten_captions, retrieval_recalls
 from flip.models import FlipModel
 
 
@@ -162,8 +162,9 @@ def evaluate_zeroshot(
     if fallback:
         metrics["default_prompts_for"] = fallback
     if split.captions is not None:
-        text_features = extract_text_features(model, split.captions)
-        metrics["retrieval"] = retrieval_recalls(image_features, text_features)
+        texts, text_image = flatten_captions(split.captions)
+        text_features = extract_text_features(model, texts)
+        metrics["retrieval"] = retrieval_recalls(image_features, text_features, text_image=text_image)
     return metrics
 
 
