@@ -224,7 +224,7 @@ def split_features(
             num_workers,
             f"{split.benchmark}/{split.split} features",
             progress,
-            flip,
+            **({"flip": True} if flip else {}),  # the plain call unchanged for callers that wrap it
         )
         if key is not None:
             description = {
