@@ -313,6 +313,10 @@ def test_the_threshold_search_at_its_edges():
     assert best_threshold(separable, np.array([False, False, True, True])) == (pytest.approx(0.4), 1.0)
     with pytest.raises(ValueError, match="all same"):
         verification_metrics(separable, np.ones(4, bool), np.arange(4))
+    with pytest.raises(
+        ValueError, match="needs pairs in at least two folds; these 4 pairs are all in fold 3"
+    ):
+        verification_metrics(separable, np.array([False, False, True, True]), np.full(4, 2))
 
 
 @torch.no_grad()

@@ -114,6 +114,11 @@ def verification_metrics(
             f"verification needs same- and different-person pairs; these {len(same)} pairs are all "
             f"{'same' if same.all() else 'different'}"
         )
+    if len(np.unique(fold)) < 2:
+        raise ValueError(
+            f"the 10-fold protocol needs pairs in at least two folds; these {len(same)} pairs are all in "
+            f"fold {int(fold[0]) + 1} (a small max_samples leaves few pairs whole)"
+        )
     folds = kfold_accuracies(scores, same, fold)
     accuracies = np.array([f["accuracy"] for f in folds])
     far, tar, _ = roc_curve(scores, same)
