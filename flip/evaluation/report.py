@@ -120,7 +120,7 @@ def plot_roc(far: Sequence[float], tar: Sequence[float], path: Path, title: str,
 
 
 def write_plots(metrics: Mapping[str, Any], output_dir: Path) -> list[Path]:
-    """per_label.png (bars), confusion_matrix.png and confusion_<question>.png where they apply."""
+    """per_label.png (bars), confusion_matrix.png, confusion_<question>.png and roc.png where they apply."""
     title = f"{metrics['protocol']} · {metrics['benchmark']} · {metrics['split']}"
     task, paths = metrics["task"], []
     key, chance = ("balanced_accuracy", 0.5) if task == "attributes" else ("recall", None)
@@ -214,7 +214,9 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         lines += [f"Per fold, the threshold is {metrics['threshold_rule']}:", ""]
         rows = [[f["fold"], f["threshold"], f["accuracy"], f["n_pairs"]] for f in metrics["folds"]]
         lines += _md_table(["fold", "threshold", "accuracy", "pairs"], rows)
-        lines += [""] + [f"- {note}" for note in metrics.get("notes", [])] + [""] * bool(metrics.get("notes"))
+        lines.append("")
+        if metrics.get("notes"):
+            lines += [f"- {note}" for note in metrics["notes"]] + [""]
         skipped_pairs = ", ".join(f"{k} {v}" for k, v in metrics.get("pairs_skipped", {}).items())
         lines.append(
             f"{metrics['n_pairs']} of {metrics['pairs_listed']} listed pairs scored"
