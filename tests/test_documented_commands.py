@@ -315,11 +315,12 @@ RUN_BY = {
     "flip-query": ("tests/test_query.py", "flip.cli.query", "main"),
     "flip-export": ("tests/test_export.py", "flip.cli.export", "main"),
     "flip-zero-to-fp32": ("tests/test_checkpoint_safety.py", "flip.training.deepspeed", "main"),
-    # the three scripts run flip.cli.evaluate.run on conf/eval_<name>.yaml; test_eval_entrypoints.py
+    # the four scripts run flip.cli.evaluate.run on conf/eval_<name>.yaml; test_eval_entrypoints.py
     # calls it through tests/helpers/evaluation.py
     "eval/zeroshot.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/linear_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/retrieval.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
+    "eval/verification.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "python -m flip.data.faceshapes.generate": (
         "tests/test_faceshapes.py",
         "flip.data.faceshapes.generate",

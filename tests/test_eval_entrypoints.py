@@ -32,6 +32,7 @@ from .helpers import (
 )
 
 BENCHMARKS = tuple(sorted(path.stem for path in (CONF / "benchmark").glob("*.yaml")))  # a new one included
+VERIFICATION = ("calfw", "cplfw", "lfw")  # pairs only: nothing to train a probe on
 SCHEMA = {
     "benchmark",
     "protocol",
@@ -68,6 +69,15 @@ def test_every_benchmark_config_composes_with_a_reader(tmp_path, benchmark):
     if benchmark != "faceshapes":
         assert cfg.benchmark.reader.root == "/data/x"
     assert cfg.split == cfg.benchmark.test_split
+    if benchmark in VERIFICATION:  # no probe split: checked as what it is, the verification entry point's
+        assert cfg.benchmark.train_split is None and cfg.benchmark.val_split is None and cfg.split == "test"
+        verification = compose_eval(
+            "eval_verification", tmp_path, f"benchmark={benchmark}", "benchmark.root=/x"
+        )
+        assert (
+            verification.protocols.verification.flip_test is True and verification.benchmark.name == benchmark
+        )
+        return
     probe = compose_eval("eval_linear_probe", tmp_path, f"benchmark={benchmark}", "benchmark.root=/data/x")
     settings = probe.protocols.linear_probe
     if probe.benchmark.train_split is None:  # no labels to fit (celeba_caption: captions only)

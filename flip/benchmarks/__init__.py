@@ -16,6 +16,7 @@ from flip.benchmarks.fer2013 import read_fer2013
 from flip.benchmarks.folder import read_folder
 from flip.benchmarks.rafdb import read_rafdb
 from flip.benchmarks.shards import read_faceshapes, read_labelled_shards
+from flip.benchmarks.verification import read_calfw, read_cplfw, read_lfw
 
 __all__ = [
     "CELEBA_ATTRIBUTES",
@@ -25,14 +26,17 @@ __all__ = [
     "LabelledSplit",
     "MalformedFileError",
     "read_affectnet",
+    "read_calfw",
     "read_celeba",
     "read_celeba_caption",
     "read_celeba_split",
+    "read_cplfw",
     "read_csv_labels",
     "read_faceshapes",
     "read_fer2013",
     "read_folder",
     "read_labelled_shards",
+    "read_lfw",
     "read_lfwa",
     "read_rafdb",
 ]

@@ -96,10 +96,14 @@ def extract_image_features(
     num_workers: int = 0,
     description: str = "image features",
     progress: bool = True,
+    flip: bool = False,
 ) -> tuple[torch.Tensor, list[int]]:
     """Normalised features [M, D] (float32, CPU) of the readable images, and their indices.
 
     `progress=False` when another live display is active (e.g. inside a training loop).
+    `flip=True` gives each image the sum of its own and its horizontal mirror's embedding,
+    normalised after summing (insightface's verification eval; the mirror is taken of the
+    preprocessed tensor, so one decode serves both).
     """
     device, dtype = model_device(model), model_dtype(model)
     loader = DataLoader(
@@ -117,7 +121,12 @@ def extract_image_features(
         for batch, indices in batches:
             if batch is None:
                 continue
-            features.append(model.encode_image(batch.to(device, dtype), normalize=True).float().cpu())
+            batch = batch.to(device, dtype)
+            if flip:
+                summed = model.encode_image(batch) + model.encode_image(batch.flip(-1))
+                features.append(torch.nn.functional.normalize(summed.float(), dim=-1).cpu())
+            else:
+                features.append(model.encode_image(batch, normalize=True).float().cpu())
             kept.extend(indices)
     finally:
         model.train(was_training)
@@ -162,8 +171,9 @@ class FeatureCache:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
 
-    def key(self, model_id: str, split: LabelledSplit) -> str:
+    def key(self, model_id: str, split: LabelledSplit, flip: bool = False) -> str:
         parts = [CACHE_VERSION, model_id, split.benchmark, split.split, split.images.fingerprint()]
+        parts += ["flip"] if flip else []  # flip-summed features are other features
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
     def path(self, key: str) -> Path:
@@ -197,9 +207,11 @@ def split_features(
     batch_size: int = 256,
     num_workers: int = 0,
     progress: bool = True,
+    flip: bool = False,
 ) -> SplitFeatures:
-    """Features of a split, from the cache when (model_id, split) was extracted before."""
-    key = cache.key(model_id, split) if cache is not None and model_id is not None else None
+    """Features of a split, from the cache when (model_id, split) was extracted before;
+    `flip`: each image's and its mirror's embedding summed (see extract_image_features)."""
+    key = cache.key(model_id, split, flip) if cache is not None and model_id is not None else None
     found = cache.load(key) if key is not None else None
     if found is not None:
         features, index = found
@@ -212,6 +224,7 @@ def split_features(
             num_workers,
             f"{split.benchmark}/{split.split} features",
             progress,
+            **({"flip": True} if flip else {}),  # the plain call unchanged for callers that wrap it
         )
         if key is not None:
             description = {
@@ -219,6 +232,7 @@ def split_features(
                 "split": split.split,
                 "n": len(index),
                 "model": model_id,
+                "flip": flip,
             }
             cache.save(key, features, index, description)
     skipped = len(split) - len(index)
@@ -253,15 +267,16 @@ class BenchmarkFeatures:
         self.model_id, self.cache = model_id, cache
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.requested: list[SplitFeatures] = []
-        self._extracted: dict[tuple[str, int | None, int], SplitFeatures] = {}
+        self._extracted: dict[tuple[str, int | None, int, bool], SplitFeatures] = {}
 
     def __call__(
-        self, split: str | None = None, max_samples: int | None = None, seed: int = 0
+        self, split: str | None = None, max_samples: int | None = None, seed: int = 0, flip: bool = False
     ) -> SplitFeatures:
-        """Features of `split` (a seeded subsample of `max_samples`), or of the evaluated split."""
-        key = self.evaluated if split is None else (split, max_samples, seed)
+        """Features of `split` (a seeded subsample of `max_samples`), or of the evaluated split;
+        `flip`: flip-summed features (verification's flip test)."""
+        key = (*(self.evaluated if split is None else (split, max_samples, seed)), flip)
         if key not in self._extracted:
-            labelled = self.benchmark.load(*key)
+            labelled = self.benchmark.load(*key[:3])
             self._extracted[key] = split_features(
                 self.model,
                 labelled,
@@ -270,6 +285,7 @@ class BenchmarkFeatures:
                 self.batch_size,
                 self.num_workers,
                 self.progress,
+                flip,
             )
         found = self._extracted[key]
         if all(found is not seen for seen in self.requested):

@@ -100,12 +100,35 @@ def plot_confusion(
     return path
 
 
+def plot_roc(far: Sequence[float], tar: Sequence[float], path: Path, title: str, floor: float) -> Path:
+    """ROC of a verification run: TAR against FAR, the FAR axis logarithmic as face papers draw it;
+    FAR 0 is drawn at `floor` (the left edge: half of one false accept), chance dashed."""
+    far, tar = np.maximum(np.asarray(far, dtype=float), floor), np.asarray(tar, dtype=float)
+    fig = _figure(5.5, 4.5)
+    ax = fig.subplots()
+    ax.plot(far, tar, marker=".", markersize=3)
+    ax.plot([floor, 1], [floor, 1], color="gray", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false accept rate (different people called the same)")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", linewidth=0.3)
+    fig.savefig(path)
+    return path
+
+
 def write_plots(metrics: Mapping[str, Any], output_dir: Path) -> list[Path]:
-    """per_label.png (bars), confusion_matrix.png and confusion_<question>.png where they apply."""
+    """per_label.png (bars), confusion_matrix.png, confusion_<question>.png and roc.png where they apply."""
     title = f"{metrics['protocol']} · {metrics['benchmark']} · {metrics['split']}"
     task, paths = metrics["task"], []
     key, chance = ("balanced_accuracy", 0.5) if task == "attributes" else ("recall", None)
-    if task == "retrieval":
+    if task == "verification":
+        floor = 0.5 / max(metrics["n_pairs"] - metrics["n_same"], 1)
+        roc = metrics["roc"]
+        paths.append(plot_roc(roc["far"], roc["tar"], output_dir / "roc.png", title, floor))
+    elif task == "retrieval":
         summary = metrics["summary"]
         series = {"recall": {k: v for k, v in summary.items()}}
         paths.append(plot_label_bars(series, output_dir / "recalls.png", "recall", title, None))
@@ -208,6 +231,19 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         lines += _md_table(
             ["", *metrics["labels"]],
             [[c, *row] for c, row in zip(metrics["labels"], metrics["confusion_matrix"], strict=True)],
+        )
+    if metrics.get("folds"):  # verification: each fold's threshold, chosen on the other folds
+        lines += [f"Per fold, the threshold is {metrics['threshold_rule']}:", ""]
+        rows = [[f["fold"], f["threshold"], f["accuracy"], f["n_pairs"]] for f in metrics["folds"]]
+        lines += _md_table(["fold", "threshold", "accuracy", "pairs"], rows)
+        lines.append("")
+        if metrics.get("notes"):
+            lines += [f"- {note}" for note in metrics["notes"]] + [""]
+        skipped_pairs = ", ".join(f"{k} {v}" for k, v in metrics.get("pairs_skipped", {}).items())
+        lines.append(
+            f"{metrics['n_pairs']} of {metrics['pairs_listed']} listed pairs scored"
+            + (f" (left out: {skipped_pairs})" if skipped_pairs else "")
+            + f"; flip test {'on' if metrics.get('flip_test') else 'off'}"
         )
     if "retrieval" in metrics:
         recalls = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics["retrieval"].items())

@@ -17,7 +17,7 @@ from .configs import (
     eval_overrides,
     loss_file,
 )
-from .evaluation import run_linear_probe, run_retrieval, run_zeroshot
+from .evaluation import run_linear_probe, run_retrieval, run_verification, run_zeroshot
 from .images import COLOURS, jpeg_bytes, write_image, write_square
 from .paths import CONF, ROOT
 from .processes import (
@@ -61,6 +61,7 @@ __all__ = [
     "run_linear_probe",
     "run_retrieval",
     "run_train_py",
+    "run_verification",
     "run_zeroshot",
     "save_checkpoint",
     "write_caption_shards",
