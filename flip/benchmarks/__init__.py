@@ -11,10 +11,12 @@ from flip.benchmarks.celeba import (
 )
 from flip.benchmarks.celeba_attributes import read_celeba_split, read_lfwa
 from flip.benchmarks.csv_labels import read_csv_labels
+from flip.benchmarks.fairface import read_fairface
 from flip.benchmarks.fer2013 import read_fer2013
 from flip.benchmarks.folder import read_folder
 from flip.benchmarks.rafdb import read_rafdb
 from flip.benchmarks.shards import read_faceshapes, read_labelled_shards
+from flip.benchmarks.utkface import read_utkface
 
 __all__ = [
     "CELEBA_ATTRIBUTES",
@@ -28,9 +30,11 @@ __all__ = [
     "read_celeba_split",
     "read_csv_labels",
     "read_faceshapes",
+    "read_fairface",
     "read_fer2013",
     "read_folder",
     "read_labelled_shards",
     "read_lfwa",
     "read_rafdb",
+    "read_utkface",
 ]
