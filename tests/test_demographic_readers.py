@@ -12,6 +12,7 @@ from flip.benchmarks import MalformedFileError, read_fairface, read_utkface
 from flip.benchmarks.fairface import AGE_GROUPS, FAIRFACE_RACES, age_group_of
 from flip.benchmarks.utkface import UTKFACE_RACES, parse_utkface_name
 
+from .helpers import write_image
 from .helpers.demographics import UTK_MALFORMED, UTK_WELL_FORMED, utk_name, write_fairface, write_utkface
 
 
@@ -155,3 +156,21 @@ def test_a_fairface_csv_with_another_header_is_refused(tmp_path):
         MalformedFileError, match=r"line 1: header is .*expected 'file,age,gender,race,service_test'"
     ):
         read_fairface(tmp_path, "train")
+
+
+def test_a_utkface_symlink_out_of_the_folder_is_never_read(tmp_path):
+    folder = write_utkface(tmp_path / "UTKFace")
+    secret = write_image(tmp_path / "elsewhere" / "secret.jpg")
+    (folder / "40_1_0_20170116174525999.jpg.chip.jpg").symlink_to(secret)
+    splits = [read_utkface(tmp_path, s) for s in ("train", "val", "test")]
+    assert all(s.skipped_by_reason["path_outside_root"] == 1 for s in splits)
+    assert sum(len(s) for s in splits) == len(UTK_WELL_FORMED)
+
+
+def test_a_fairface_csv_saved_with_a_byte_order_mark_reads_the_same(tmp_path):
+    write_fairface(tmp_path, paddings=("025",))
+    path = tmp_path / "fairface_label_val.csv"
+    plain = read_fairface(tmp_path, "val")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    marked = read_fairface(tmp_path, "val")
+    assert marked.keys == plain.keys and marked.counts() == plain.counts()

@@ -81,7 +81,7 @@ def parse_fairface_labels(path: str | os.PathLike) -> list[tuple[str, int, int, 
     """(file, age group, gender, race, line number) per row of a fairface_label_*.csv."""
     path = Path(path)
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is not part of the header
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:4]] != HEADER:

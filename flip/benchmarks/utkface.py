@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flip.benchmarks.base import ImageFiles, LabelledSplit, check_split
+from flip.benchmarks.base import OUTSIDE_ROOT, ImageFiles, LabelledSplit, check_split, inside
 from flip.benchmarks.fairface import AGE_GROUPS, GENDERS, age_group_of
 
 UTKFACE_RACES = ["White", "Black", "Asian", "Indian", "Others"]
@@ -103,7 +103,9 @@ def read_utkface(
         if not entry.is_file() or not entry.name.lower().endswith(".jpg"):
             continue  # not an image of the dataset (a README, .DS_Store)
         parsed = parse_utkface_name(entry.name)
-        if isinstance(parsed, str):
+        if inside(folder, entry.name) is None:  # a symlink out of the folder: never opened
+            skipped[OUTSIDE_ROOT] += 1
+        elif isinstance(parsed, str):
             skipped[parsed] += 1
         else:
             labels[entry.name] = parsed
