@@ -23,7 +23,7 @@ from flip.evaluation.metrics import regression_metrics
 from flip.evaluation.multitask import MultitaskPredictions, QuestionPredictions, ValuePredictions
 from flip.evaluation.multitask_probe import multitask_probe_metrics
 from flip.evaluation.ridge import fit_ridge, select_ridge
-from flip.evaluation.subgroups import subgroup_metrics
+from flip.evaluation.subgroups import subgroup_labels, subgroup_metrics
 from flip.evaluation.zeroshot import expected_ages
 
 from .helpers import compose_eval, eval_overrides, run_linear_probe, run_zeroshot
@@ -313,3 +313,14 @@ def test_demo_checkpoint_linear_probe_on_utkface_and_fairface(tmp_path, trained_
     )
     assert written["val_split"] is None and written["train_split"] == "train" and "regression" not in written
     assert written["multiclass"]["race"]["l2_selected_on"] == "held-out 20% of train"
+
+
+def test_a_subgroup_the_split_does_not_label_is_named_with_the_questions_it_has():
+    split = _features_split("test", 10, np.random.default_rng(3)).split
+    with pytest.raises(
+        ValueError,
+        match=r"subgroups \['skin_tone'\] are not questions of the split; "
+        r"it has \['gender', 'race', 'age_group'\]",
+    ):
+        subgroup_labels(split, ["gender", "skin_tone"])
+    assert list(subgroup_labels(split, ["race"])) == ["race"]

@@ -142,7 +142,7 @@ def plot_subgroups(subgroups: Mapping[str, Mapping[str, Any]], path: Path, title
             ax.invert_yaxis()
             if limit:
                 ax.set_xlim(*limit)
-            ax.set_title(f"per {question} · {title}" if col == 0 else f"per {question}: error")
+            ax.set_title(f"per {question} · {title}" if col == 0 else f"per {question}: mean absolute error")
             if row == 0:  # the same series in every row
                 ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.savefig(path)
