@@ -12,10 +12,12 @@ from flip.benchmarks.celeba import (
 from flip.benchmarks.celeba_attributes import read_celeba_split, read_lfwa
 from flip.benchmarks.celeba_caption import read_celeba_caption
 from flip.benchmarks.csv_labels import read_csv_labels
+from flip.benchmarks.fairface import read_fairface
 from flip.benchmarks.fer2013 import read_fer2013
 from flip.benchmarks.folder import read_folder
 from flip.benchmarks.rafdb import read_rafdb
 from flip.benchmarks.shards import read_faceshapes, read_labelled_shards
+from flip.benchmarks.utkface import read_utkface
 from flip.benchmarks.verification import read_calfw, read_cplfw, read_lfw
 
 __all__ = [
@@ -33,10 +35,12 @@ __all__ = [
     "read_cplfw",
     "read_csv_labels",
     "read_faceshapes",
+    "read_fairface",
     "read_fer2013",
     "read_folder",
     "read_labelled_shards",
     "read_lfw",
     "read_lfwa",
     "read_rafdb",
+    "read_utkface",
 ]

@@ -21,13 +21,13 @@ from flip.config import plain
 
 log = logging.getLogger(__name__)
 
-PROMPT_KEYS = ("templates", "binary", "multiclass", "classes")
+PROMPT_KEYS = ("templates", "binary", "multiclass", "classes", "age")
 
 
 @dataclass
 class Benchmark:
     """`reader(split=name)` returns a LabelledSplit; `prompts` holds the zero-shot prompts
-    (templates, binary, multiclass, classes: see flip.evaluation.zeroshot). `subgroups` names
+    (templates, binary, multiclass, classes, age: see flip.evaluation.zeroshot). `subgroups` names
     the split's demographic questions (gender, race, age group): protocols report every metric
     per group of each, and the gap between the best and worst group."""
 

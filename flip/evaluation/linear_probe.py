@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, model_device
 from flip.evaluation.lbfgs import columnwise_lbfgs
 from flip.evaluation.metrics import attribute_scores, classification_scores
+from flip.evaluation.ridge import DEFAULT_ALPHA_GRID
 from flip.models import FlipModel
 
 DEFAULT_L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -392,6 +393,8 @@ class LinearProbe:
     The subsamples are drawn with the probe's `seed`, as are the few-shot fractions.
     `selection="test_as_published"` also reports, as `as_published`, the probe of the largest
     fraction with its l2 chosen on the test split, as the papers' code chose; `summary` stays honest.
+    On a multitask split (UTKFace, FairFace) each question gets a softmax probe and each value
+    a ridge regression (flip.evaluation.multitask_probe).
     """
 
     train_split: str
@@ -403,6 +406,8 @@ class LinearProbe:
     seed: int = 0
     holdout: float = 0.2
     max_iter: int = 300
+    # ridge strengths for regression values (UTKFace's age), chosen by MAE like l2
+    alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID
     selection: str = "honest"
 
     def __post_init__(self) -> None:
@@ -421,6 +426,13 @@ class LinearProbe:
             )
         train = features(self.train_split, self.max_train, self.seed)
         val = features(self.val_split, self.max_val, self.seed) if self.val_split else None
+        if train.split.task == "multitask":  # questions and values: flip.evaluation.multitask_probe
+            from flip.evaluation.multitask_probe import multitask_probe_metrics  # it builds on this module
+
+            subgroups = features.benchmark.subgroups
+            return multitask_probe_metrics(
+                self, train, features(), val, checkpoint, model_device(model), subgroups
+            )
         return self.metrics(train, features(), val, checkpoint, model_device(model))
 
     def metrics(

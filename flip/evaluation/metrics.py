@@ -1,4 +1,4 @@
-"""Classification metrics, computed from label/prediction arrays with no framework magic."""
+"""Classification and regression metrics, computed from label/prediction arrays with no framework magic."""
 
 from __future__ import annotations
 
@@ -80,3 +80,16 @@ def classification_scores(
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | int]:
+    """Mean absolute error and CS@5 (the share of predictions at most 5 off, years for age) over
+    the samples with a finite label: the two figures the age-estimation papers report."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    labelled = np.isfinite(y_true)
+    error = np.abs(y_pred[labelled] - y_true[labelled])
+    return {
+        "mae": float(error.mean()) if error.size else float("nan"),
+        "cs5": float((error <= 5.0).mean()) if error.size else float("nan"),
+        "n": int(error.size),
+    }

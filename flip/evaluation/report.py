@@ -119,6 +119,55 @@ def plot_roc(far: Sequence[float], tar: Sequence[float], path: Path, title: str,
     return path
 
 
+def plot_scatter(
+    true: Sequence[float], predicted: Sequence[float], path: Path, name: str, title: str
+) -> Path:
+    """Predicted against true values, with the diagonal and the band within 5 (CS@5's)."""
+    fig = _figure(5.0, 5.0)
+    ax = fig.subplots()
+    low = min(min(true, default=0), min(predicted, default=0))
+    high = max(max(true, default=1), max(predicted, default=1))
+    band = {"color": "gray", "alpha": 0.2, "lw": 0, "label": "within 5 (CS@5)"}
+    ax.fill_between([low, high], [low - 5, high - 5], [low + 5, high + 5], **band)
+    ax.plot([low, high], [low, high], color="gray", linestyle="--", linewidth=1)
+    ax.scatter(true, predicted, s=6, alpha=0.5)
+    ax.set_xlabel(f"true {name}")
+    ax.set_ylabel(f"predicted {name}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title)
+    fig.savefig(path)
+    return path
+
+
+def plot_subgroups(subgroups: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Per subgroup question, bars per group: each accuracy and CS@5 (left), each MAE (right)."""
+    rows = list(subgroups.items())
+    first = next(iter(rows[0][1]["groups"].values()))
+    scores = [k for k in first if k.endswith(("_accuracy", "_cs5"))]
+    errors = [k for k in first if k.endswith("_mae")]
+    columns = 1 + bool(errors)
+    height = sum(1.0 + 0.2 * len(block["groups"]) * max(1, len(scores) * 0.5) for _, block in rows)
+    fig = _figure(6.0 * columns, height)
+    axes = np.atleast_2d(np.asarray(fig.subplots(len(rows), columns, squeeze=False)))
+    for row, (question, block) in enumerate(rows):
+        groups = [f"{g} ({m['support']})" for g, m in block["groups"].items()]
+        for col, (names, limit) in enumerate([(scores, (0, 1)), (errors, None)][:columns]):
+            ax, y = axes[row, col], np.arange(len(groups))
+            height_each = 0.8 / max(1, len(names))
+            for i, name in enumerate(names):
+                values = [m[name] for m in block["groups"].values()]
+                ax.barh(y + i * height_each, values, height_each, label=name.replace("_", " "))
+            ax.set_yticks(y + height_each * (len(names) - 1) / 2, groups)
+            ax.invert_yaxis()
+            if limit:
+                ax.set_xlim(*limit)
+            ax.set_title(f"per {question} · {title}" if col == 0 else f"per {question}: mean absolute error")
+            if row == 0:  # the same series in every row
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    fig.savefig(path)
+    return path
+
+
 def write_plots(metrics: Mapping[str, Any], output_dir: Path) -> list[Path]:
     """per_label.png (bars), confusion_matrix.png, confusion_<question>.png and roc.png where they apply."""
     title = f"{metrics['protocol']} · {metrics['benchmark']} · {metrics['split']}"
@@ -132,7 +181,7 @@ def write_plots(metrics: Mapping[str, Any], output_dir: Path) -> list[Path]:
         summary = metrics["summary"]
         series = {"recall": {k: v for k, v in summary.items()}}
         paths.append(plot_label_bars(series, output_dir / "recalls.png", "recall", title, None))
-    elif metrics.get("fractions"):
+    elif metrics.get("fractions") and metrics["per_label"]:
         series = {
             f"{float(f):.0%} labels": {n: m[key] for n, m in block["per_label"].items()}
             for f, block in metrics["fractions"].items()
@@ -157,6 +206,12 @@ def write_plots(metrics: Mapping[str, Any], output_dir: Path) -> list[Path]:
             paths.append(
                 plot_confusion(m["confusion_matrix"], list(m["per_class"]), path, f"{question} · {title}")
             )
+    for name, block in metrics.get("regression", {}).items():
+        if block.get("true"):
+            path = output_dir / f"{name}_scatter.png"
+            paths.append(plot_scatter(block["true"], block["predicted"], path, name, title))
+    if metrics.get("subgroups"):
+        paths.append(plot_subgroups(metrics["subgroups"], output_dir / "subgroups.png", title))
     return paths
 
 
@@ -192,7 +247,9 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         "",
     ]
     summary = metrics["summary"]
-    if metrics.get("fractions"):
+    if metrics["task"] == "multitask":
+        lines += _multitask_lines(metrics)
+    elif metrics.get("fractions"):
         names = list(summary)
         rows = [
             [
@@ -245,6 +302,10 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
             + (f" (left out: {skipped_pairs})" if skipped_pairs else "")
             + f"; flip test {'on' if metrics.get('flip_test') else 'off'}"
         )
+    for name, block in metrics.get("regression", {}).items():
+        lines += ["", _regression_line(name, block)]
+    for question, block in (metrics.get("subgroups") or {}).items():
+        lines += ["", *_subgroup_lines(question, block)]
     if "retrieval" in metrics:
         recalls = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics["retrieval"].items())
         lines += ["", f"retrieval on the paired captions: {recalls}"]
@@ -259,6 +320,53 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         lines += ["", f"built-in prompts used for: {', '.join(metrics['default_prompts_for'])}"]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _multitask_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The summary of a multitask split (UTKFace, FairFace): per training fraction for probes,
+    with what chose each probe's l2 / alpha."""
+    summary, lines = metrics["summary"], []
+    if not metrics.get("fractions"):
+        return [*_md_table(["metric", "value"], [[k.replace("_", " "), v] for k, v in summary.items()]), ""]
+    names = list(summary)
+    rows = [
+        [f"{block['fraction']:.0%} ({block['n_train']})", *[block["summary"][n] for n in names]]
+        for block in metrics["fractions"].values()
+    ]
+    lines += _md_table(["train labels", *[n.replace("_", " ") for n in names]], rows)
+    chosen = next(reversed(metrics["fractions"].values()))["selection"]
+    text = ", ".join(
+        f"{name} {'l2' if 'l2' in c else 'alpha'} {c.get('l2', c.get('alpha')):g}"
+        for name, c in chosen.items()
+    )
+    where = {c.get("l2_selected_on", c.get("alpha_selected_on")) for c in chosen.values()}
+    return [*lines, "", f"chosen on {', '.join(sorted(where))}: {text}", ""]
+
+
+def _regression_line(name: str, block: Mapping[str, Any]) -> str:
+    parts = []
+    if "mae" in block:
+        parts.append(f"MAE {_fmt(block['mae'])}, CS@5 {_fmt(block['cs5'])} (n={block['n']})")
+    if "bucket_accuracy" in block:
+        parts.append(
+            f"accuracy of the predicted {name}'s bucket {_fmt(block['bucket_accuracy'])} "
+            f"(n={block['bucket_support']})"
+        )
+    return f"**{name}**: " + "; ".join(parts)
+
+
+def _subgroup_lines(question: str, block: Mapping[str, Any]) -> list[str]:
+    """Per group of one subgroup question: support and every metric, then the best-worst gap."""
+    groups = block["groups"]
+    names = [k for k in next(iter(groups.values())) if k != "support"]
+    rows = [[group, m["support"], *[m[n] for n in names]] for group, m in groups.items()]
+    gaps = block["gap"]
+    rows.append(["**gap**", "", *[gaps[n]["gap"] if n in gaps else "" for n in names]])
+    lines = [f"Per {question} (gap: best minus worst group with samples):", ""]
+    lines += _md_table([question, "support", *[n.replace("_", " ") for n in names]], rows)
+    if block.get("unlabelled"):
+        lines += ["", f"{block['unlabelled']} sample(s) without a {question} label are in no group."]
+    return lines
 
 
 def _console_table(metrics: Mapping[str, Any]) -> Table:

@@ -12,13 +12,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flip.benchmarks.fairface import AGE_GROUPS, age_group_of
 from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, extract_text_features
 from flip.evaluation.metrics import attribute_scores, classification_scores, multiclass_metrics
+from flip.evaluation.multitask import MultitaskPredictions, QuestionPredictions, ValuePredictions
 from flip.evaluation.prompts import DEFAULT_TEMPLATES, resolve_binary, resolve_choices
 from flip.evaluation.retrieval import flatten_captions, retrieval_recalls
+from flip.evaluation.subgroups import subgroup_labels, subgroup_metrics
 from flip.models import FlipModel
 
 
@@ -102,6 +106,63 @@ class ZeroShotClassifier:
         return out
 
 
+@torch.no_grad()
+def expected_ages(
+    model: FlipModel,
+    image_features: torch.Tensor,
+    templates: Sequence[str],
+    min_age: int = 1,
+    max_age: int = 100,
+) -> np.ndarray:
+    """Each image's expected age under the softmax over one prompt ensemble per age (every
+    template filled with the number): a continuous estimate that a regression metric can
+    score, where the argmax would snap to whichever number the text tower likes best."""
+    if not 0 <= min_age < max_age:
+        raise ValueError(f"age prompts need 0 <= min_age < max_age, got {min_age} and {max_age}")
+    ages = torch.arange(min_age, max_age + 1, dtype=torch.float32)
+    prompts = [prompt for age in ages.int().tolist() for prompt in expand(templates, [str(age)])]
+    text = extract_text_features(model, prompts).view(len(ages), len(templates), -1)
+    embeddings = F.normalize(text.mean(dim=1), dim=-1)  # the ensemble of each age, as ensemble_embedding
+    logits = float(model.logit_scale.detach().exp()) * F.normalize(image_features, dim=-1) @ embeddings.T
+    return (logits.softmax(dim=-1) @ ages).numpy().astype(np.float64)
+
+
+def _multitask_predictions(
+    model: FlipModel, features: SplitFeatures, prompts: Mapping[str, Any], templates: Sequence[str]
+) -> tuple[MultitaskPredictions, list[str]]:
+    """A multitask split's questions by class prompt ensembles, and its age (a value, or
+    FairFace's buckets) by the expected age over age prompts; also the classes that fell back
+    to built-in prompts."""
+    split, image_features = features.split, features.features
+    given, choices, fallback = prompts.get("multiclass") or {}, {}, []
+    for question, (classes, _) in split.questions.items():
+        choices[question], more = resolve_choices(classes, given.get(question))
+        fallback += [f"{question}/{c}" for c in more]
+    probs = ZeroShotClassifier.from_prompts(model, templates, None, choices).predict(image_features)
+    predictions = MultitaskPredictions()
+    for question, (classes, y) in split.questions.items():
+        predictions.questions[question] = QuestionPredictions(
+            classes, y, probs[question].argmax(dim=-1).numpy()
+        )
+    age = prompts.get("age")
+    buckets = split.questions.get("age_group")
+    bucketed = buckets is not None and list(buckets[0]) == AGE_GROUPS
+    if age and ("age" in split.values or bucketed):
+        ages = expected_ages(
+            model,
+            image_features,
+            list(age["templates"]),
+            int(age.get("min_age", 1)),
+            int(age.get("max_age", 100)),
+        )
+        predictions.values["age"] = ValuePredictions(
+            split.values.get("age"),
+            ages,
+            (list(AGE_GROUPS), buckets[1], age_group_of(ages)) if bucketed else None,
+        )
+    return predictions, fallback
+
+
 # -- benchmark protocol ------------------------------------------------------------------------
 
 
@@ -110,13 +171,16 @@ def evaluate_zeroshot(
     features: SplitFeatures,
     prompts: Mapping[str, Any],
     checkpoint: str | None = None,
+    subgroups: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Zero-shot metrics of a split from its image features, in the metrics.json schema.
 
     `prompts` holds `templates` and, for attributes, `binary` (name -> {positive, negative})
     and `multiclass` (question -> {class: phrases}) or, for classification, `classes`
-    (class -> phrases). Labels without prompts get the built-in rule of flip.evaluation.prompts,
-    and the report lists them.
+    (class -> phrases); a multitask split (UTKFace, FairFace) takes `multiclass` for its
+    questions and `age` ({templates, min_age, max_age}) for the expected age. Labels without
+    prompts get the built-in rule of flip.evaluation.prompts, and the report lists them.
+    `subgroups` (multitask): the questions whose groups every metric is also reported for.
     """
     split = features.split
     templates = list(prompts.get("templates") or DEFAULT_TEMPLATES)
@@ -153,6 +217,14 @@ def evaluate_zeroshot(
         metrics.update(summary=summary, per_label=per_label)
         if multiclass:
             metrics["multiclass"] = multiclass
+    elif split.task == "multitask":
+        predictions, fallback = _multitask_predictions(model, features, prompts, templates)
+        metrics.update(summary=predictions.scores(), per_label={}, multiclass=predictions.multiclass())
+        if predictions.values:
+            metrics["regression"] = predictions.regression()
+        groups = subgroup_labels(split, subgroups)
+        if groups:
+            metrics["subgroups"] = subgroup_metrics(predictions, groups)
     else:
         choices, fallback = resolve_choices(split.label_names, prompts.get("classes"))
         classifier = ZeroShotClassifier.from_prompts(model, templates, None, {"class": choices})
@@ -176,4 +248,5 @@ class ZeroShot:
     def __call__(
         self, model: FlipModel, features: BenchmarkFeatures, checkpoint: str | None = None
     ) -> dict[str, Any]:
-        return evaluate_zeroshot(model, features(), features.benchmark.prompts, checkpoint)
+        benchmark = features.benchmark
+        return evaluate_zeroshot(model, features(), benchmark.prompts, checkpoint, benchmark.subgroups)
