@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flip.evaluation.features import SplitFeatures
-from flip.evaluation.linear_probe import LinearProbe, _fit_selected, fraction_indices
+from flip.evaluation.linear_probe import AS_PUBLISHED, LinearProbe, _fit_selected, fraction_indices
 from flip.evaluation.multitask import MultitaskPredictions, QuestionPredictions, ValuePredictions
 from flip.evaluation.ridge import fit_ridge, select_ridge
 from flip.evaluation.subgroups import subgroup_labels, subgroup_metrics
@@ -125,6 +125,7 @@ def multitask_probe_metrics(
     for fraction in sorted(float(f) for f in probe.fractions):
         chosen = fraction_indices(len(train.split), fraction, probe.seed)
         predictions, selection = _one_fraction(probe, train, test, val, chosen, device)
+        largest = chosen
         fractions[repr(fraction)] = {
             "fraction": fraction,
             "n_train": len(chosen),
@@ -156,4 +157,14 @@ def multitask_probe_metrics(
         metrics["regression"] = regression
     if groups:
         metrics["subgroups"] = subgroup_metrics(predictions, groups)
+    if probe.selection == "test_as_published":  # the test split as the "validation": beside, never instead
+        on_test, chosen_on_test = _one_fraction(probe, train, test, test, largest, device)
+        metrics["as_published"] = {
+            "label": AS_PUBLISHED,
+            "summary": on_test.scores(),
+            "selected": {
+                name: {k: v for k, v in block.items() if k in ("l2", "alpha")}
+                for name, block in chosen_on_test.items()
+            },
+        }
     return metrics

@@ -219,10 +219,19 @@ def write_plots(metrics: Mapping[str, Any], output_dir: Path) -> list[Path]:
 
 
 def _selected(published: Mapping[str, Any]) -> str:
-    """What was chosen on the test split: `l2 0.01`, `epoch 37`."""
-    return ", ".join(
-        f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in published["selected"].items()
-    )
+    """What was chosen on the test split: `l2 0.01`, `epoch 37`, per label on multitask splits
+    (`gender l2 0.001, age alpha 10`)."""
+
+    def choices(selected: Mapping[str, Any]) -> list[str]:
+        out = []
+        for k, v in selected.items():
+            if isinstance(v, Mapping):
+                out += [f"{k} {choice}" for choice in choices(v)]
+            else:
+                out.append(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}")
+        return out
+
+    return ", ".join(choices(published["selected"]))
 
 
 def _as_published_lines(metrics: Mapping[str, Any]) -> list[str]:
