@@ -1,0 +1,194 @@
+"""FLIP-Base, the FaceCaption-15M model (github.com/ddw2AIGROUP2CQUPT/FLIP), mapped onto FLIP's towers.
+
+Its released checkpoint is BLIP's layout: `{"model": state_dict, ...}` with a CLIP ViT image
+encoder in Hugging Face's naming (`visual_encoder.vision_model.*`, QuickGELU), a BERT text
+encoder without token-type embeddings (`text_encoder.*`, plus cross-attention layers), 256-d
+`vision_proj`/`text_proj` (linear layers with bias) and the temperature `temp`. Its contrastive
+(ITC) path is: image -> encoder -> post-LayerNorm -> `vision_proj` of the [CLS] token; text
+(BERT-uncased tokens, padded to 65, [CLS] first) -> BERT without cross-attention ->
+`text_proj` of [CLS]; both L2-normalised. Images are resized to 224x224 without cropping
+(bicubic) and normalised with OpenAI's mean and std.
+
+That path is an open_clip ViT-B/16 (QuickGELU) beside open_clip's Hugging Face BERT tower with
+[CLS] pooling and a linear projection, which FLIP trains itself (conf/model/vit_b16_bert.yaml),
+except for the projections' biases: open_clip's projections have none. A bias `b` after a
+projection `W` of a LayerNorm's output is the same as adding `d` with `W d = b` to that
+LayerNorm's bias, and `d` exists because `W` (256 x 768) has full row rank; the mapping solves
+for it and checks the result reproduces the bias. The BERT tower takes its config and tokenizer
+from `text_model` (`bert-base-uncased`, a hub id or a local copy): FLIP's two extra tokens
+([DEC], [ENC]; used by its decoder and ITM head, never produced for a caption) are dropped from
+the word embeddings. Everything used only by the ITM head, the cross-attention or the momentum
+encoders and queues is reported as ignored, by name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import torch
+
+from flip.models.baselines.openai_layout import build_unloaded
+from flip.models.baselines.weights import (
+    WeightsError,
+    check_keys,
+    read_weights,
+    report_ignored,
+    state_dict_of,
+)
+from flip.models.flip_model import FlipModel
+
+WHAT = "a FLIP-Base checkpoint (BLIP layout: visual_encoder.*, text_encoder.*, vision_proj, text_proj, temp)"
+VISION = "visual_encoder.vision_model."
+TEXT = "text_encoder."
+CONTEXT_LENGTH = 65  # FLIP's pretraining tokenizer call: padding="max_length", max_length=65
+HEAD_WIDTH = 64  # CLIP ViTs' attention head width (ViT-B/16: 768 = 12 x 64)
+# tensors of the checkpoint that the contrastive path never reads
+IGNORED = re.compile(
+    r"^(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m|itm_head)\.|"
+    r"^(image_queue|text_queue|idx_queue|ptr_queue)$|"
+    r"\.crossattention\.|position_ids$|^text_encoder\.pooler\."
+)
+VISION_RENAMES = (
+    ("embeddings.class_embedding", "class_embedding"),
+    ("embeddings.patch_embedding.weight", "conv1.weight"),
+    ("embeddings.position_embedding.weight", "positional_embedding"),
+    ("pre_layrnorm.", "ln_pre."),
+    ("post_layrnorm.", "ln_post."),
+)
+BLOCK_RENAMES = (
+    ("self_attn.out_proj.", "attn.out_proj."),
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+)
+FOLD_TOLERANCE = 1e-4
+
+
+def architecture(state: dict[str, torch.Tensor], text_model: str) -> dict[str, Any]:
+    """The open_clip architecture of the checkpoint's towers, read off its tensor shapes."""
+    try:
+        patch = state[f"{VISION}embeddings.patch_embedding.weight"]
+        positions = state[f"{VISION}embeddings.position_embedding.weight"].shape[0]
+        embed_dim = state["vision_proj.weight"].shape[0]
+        mlp = state[f"{VISION}encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as err:
+        raise WeightsError(f"the checkpoint lacks {err.args[0]!r}: it is not {WHAT}") from None
+    width, patch_size = patch.shape[0], patch.shape[-1]
+    layers = len({k.split(".")[4] for k in state if k.startswith(f"{VISION}encoder.layers.")})
+    return {
+        "embed_dim": int(embed_dim),
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": int(math.isqrt(positions - 1) * patch_size),
+            "layers": layers,
+            "width": int(width),
+            "head_width": HEAD_WIDTH,
+            "mlp_ratio": mlp / width,
+            "patch_size": int(patch_size),
+        },
+        "text_cfg": {
+            "hf_model_name": text_model,
+            "hf_tokenizer_name": text_model,
+            "hf_model_pretrained": False,
+            "hf_pooler_type": "cls",
+            "hf_proj_type": "linear",
+            "context_length": CONTEXT_LENGTH,
+        },
+    }
+
+
+def fold_bias(weight: torch.Tensor, bias: torch.Tensor, name: str) -> torch.Tensor:
+    """`d` with `weight @ d == bias`: a projection's bias moved into the LayerNorm before it."""
+    w, b = weight.double(), bias.double()
+    shift = torch.linalg.lstsq(w, b.unsqueeze(-1)).solution.squeeze(-1)
+    error = (w @ shift - b).abs().max().item()
+    if error > FOLD_TOLERANCE * max(1.0, b.abs().max().item()):
+        raise WeightsError(
+            f"{name}: its bias cannot be moved before the projection (the projection is rank-deficient, "
+            f"residual {error:.1e}); this checkpoint does not map onto open_clip's bias-free projections"
+        )
+    return shift
+
+
+def _vision_state(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for old, new in VISION_RENAMES:
+        for key, value in state.items():
+            if key.startswith(VISION + old):
+                out["visual." + new + key[len(VISION + old) :]] = value
+    for i in range(layers):
+        src, dst = f"{VISION}encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{part}"] = torch.cat(
+                [state[f"{src}self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")]
+            )
+        for old, new in BLOCK_RENAMES:
+            for part in ("weight", "bias"):
+                out[f"{dst}{new}{part}"] = state[f"{src}{old}{part}"]
+    weight, bias = state["vision_proj.weight"], state["vision_proj.bias"]
+    out["visual.proj"] = weight.t().contiguous()
+    shift = fold_bias(weight, bias, "vision_proj")
+    out["visual.ln_post.bias"] = (out["visual.ln_post.bias"].double() + shift).to(bias.dtype)
+    return out
+
+
+def _text_state(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Size], vocab_size: int
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    out, notes = {}, []
+    for key, value in state.items():
+        if key.startswith(TEXT) and not IGNORED.search(key):
+            out["text.transformer." + key[len(TEXT) :]] = value
+    words = "text.transformer.embeddings.word_embeddings.weight"
+    if words in out and out[words].shape[0] > vocab_size:
+        extra = out[words].shape[0] - vocab_size
+        notes.append(f"text_encoder.embeddings.word_embeddings.weight[{vocab_size}:] ({extra} added tokens)")
+        out[words] = out[words][:vocab_size]
+    token_types = "text.transformer.embeddings.token_type_embeddings.weight"
+    if token_types in expected and token_types not in out:  # FLIP's BERT has none: adding zeros is the same
+        out[token_types] = torch.zeros(expected[token_types])
+    layers = [
+        k
+        for k in expected
+        if re.fullmatch(r"text\.transformer\.encoder\.layer\.\d+\.output\.LayerNorm\.bias", k)
+    ]
+    weight, bias = state["text_proj.weight"], state["text_proj.bias"]
+    out["text.proj.weight"] = weight
+    if layers:
+        last = max(layers, key=lambda k: int(k.split(".")[4]))
+        if last in out:
+            out[last] = (out[last].double() + fold_bias(weight, bias, "text_proj")).to(bias.dtype)
+    return out, notes
+
+
+def load_flip_base(
+    path: str | os.PathLike, text_model: str = "bert-base-uncased"
+) -> tuple[FlipModel, list[str]]:
+    """FLIP-Base's contrastive path as a FlipModel; also the checkpoint's tensors it does not use."""
+    source = str(path)
+    state = state_dict_of(read_weights(path, WHAT))
+    for key in ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp"):
+        if key not in state:
+            raise WeightsError(f"{source!r} lacks {key!r}: it is not {WHAT}")
+    arch = architecture(state, text_model)
+    model = build_unloaded("flip-base", arch=arch, image_resize_mode="squash")
+    expected = {k: v.shape for k, v in model.clip.state_dict().items()}
+    vocab_size = int(model.clip.text.config.vocab_size)
+    mapped = _vision_state(state, arch["vision_cfg"]["layers"])
+    text, notes = _text_state(state, expected, vocab_size)
+    mapped.update(text)
+    temp = state["temp"].double().reshape(())
+    mapped["logit_scale"] = torch.log(1 / temp).to(torch.float32)
+    used = {k for k in state if k.startswith((VISION, TEXT)) and not IGNORED.search(k)}
+    used |= {"vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp"}
+    ignored = sorted(k for k in state if k not in used and IGNORED.search(k))
+    unknown = sorted(k for k in state if k not in used and not IGNORED.search(k))
+    check_keys(expected, mapped, source, f"{WHAT} with a {text_model!r} text tower", unexpected_ok=False)
+    if unknown:
+        raise WeightsError(f"{source!r} has tensors FLIP-Base does not: {unknown[:8]}; it is not {WHAT}")
+    model.clip.load_state_dict(mapped)
+    return model, report_ignored(source, ignored + notes)
