@@ -56,7 +56,8 @@ VISION_RENAMES = (
     ("embeddings.patch_embedding.weight", "conv1.weight"),
     ("embeddings.position_embedding.weight", "positional_embedding"),
     ("pre_layrnorm.", "ln_pre."),
-    ("post_layrnorm.", "ln_post."),
+    ("post_layrnorm.", "ln_post."),  # FLIP's spelling (models/mm.py)
+    ("post_layernorm.", "ln_post."),  # transformers' CLIPVisionTransformer's
 )
 BLOCK_RENAMES = (
     ("self_attn.out_proj.", "attn.out_proj."),
