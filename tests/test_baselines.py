@@ -246,15 +246,22 @@ def _bert_folder(folder):
     return config
 
 
+def _tiny_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    sizes = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 1}
+    config = CLIPVisionConfig(**sizes, image_size=32, patch_size=16, hidden_act="quick_gelu")
+    return CLIPVisionModel(config)
+
+
 def _flip_base_checkpoint(path, bert) -> dict[str, torch.Tensor]:
     """FLIP-Base's saved dict ({"model": ..., "optimizer": ..., "config": ..., "epoch": ...}) with
     its exact key names: HF CLIP vision encoder, BLIP's BERT (no token types, cross-attention),
     projections with bias, ITM head, momentum copies, queues and `temp`."""
-    from transformers import BertModel, CLIPVisionConfig, CLIPVisionModel
+    from transformers import BertModel
 
     torch.manual_seed(4)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                             num_attention_heads=1, image_size=32, patch_size=16, hidden_act="quick_gelu"))  # fmt: skip
+    vision = _tiny_vision()
     # FLIP's VisionModel nests the encoder as `vision_model` and spells its final norm `post_layrnorm`
     state = {f"visual_encoder.vision_model.{k.replace('post_layernorm', 'post_layrnorm')}": v
              for k, v in vision.state_dict().items()}  # fmt: skip
@@ -300,24 +307,26 @@ def _flip_base_checkpoint(path, bert) -> dict[str, torch.Tensor]:
 def _flip_itc_reference(state, bert, folder, images):
     """FLIP's ITC path re-implemented from its code (models/fflip_pretrain.py, models/mm.py)."""
     from torchvision import transforms
-    from transformers import BertTokenizerFast, CLIPVisionConfig, CLIPVisionModel
+    from transformers import BertTokenizerFast
 
     # image: Resize((224, 224), bicubic) (here the checkpoint's 32), ToTensor, OpenAI's normalisation
     transform = transforms.Compose([
-        transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BICUBIC), transforms.ToTensor(),
+        transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
         transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     ])  # fmt: skip
     pixels = torch.stack([transform(im.convert("RGB")) for im in images])
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                             num_attention_heads=1, image_size=32, patch_size=16, hidden_act="quick_gelu"))  # fmt: skip
+    vision = _tiny_vision()
     prefix = "visual_encoder.vision_model."
-    vision.load_state_dict({k[len(prefix):].replace("post_layrnorm", "post_layernorm"): v
-                            for k, v in state.items() if k.startswith(prefix) and "position_ids" not in k})  # fmt: skip
+    kept = {k: v for k, v in state.items() if k.startswith(prefix) and "position_ids" not in k}
+    vision.load_state_dict(
+        {k[len(prefix) :].replace("post_layrnorm", "post_layernorm"): v for k, v in kept.items()}
+    )
     s = state
     with torch.no_grad():
         cls = vision(pixel_values=pixels).pooler_output  # post_layrnorm(last_hidden_state)[:, 0]
         image = F.normalize(cls @ s["vision_proj.weight"].T + s["vision_proj.bias"], dim=-1)
-        # text: BertTokenizer(padding="max_length", truncation=True, max_length=65); BLIP's BERT in mode="text"
+        # text: BertTokenizer(padding="max_length", truncation=True, max_length=65); BLIP's BERT, mode="text"
         tok = BertTokenizerFast.from_pretrained(folder)(
             TEXTS, padding="max_length", truncation=True, max_length=65, return_tensors="pt"
         )
@@ -332,8 +341,8 @@ def _flip_itc_reference(state, bert, folder, images):
         )
         additive = (1.0 - mask[:, None, None, :].float()) * -10000.0
         for i in range(bert.num_hidden_layers):
-            q_, a = f"{p}encoder.layer.{i}.", 2
-            heads = lambda t: t.view(t.shape[0], t.shape[1], a, 16).transpose(1, 2)  # noqa: E731
+            q_ = f"{p}encoder.layer.{i}."
+            heads = lambda t: t.view(t.shape[0], t.shape[1], 2, 16).transpose(1, 2)  # noqa: E731
             q, k, v = (heads(lin(x, q_ + f"attention.self.{n}")) for n in ("query", "key", "value"))
             attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(16) + additive, dim=-1)
             context = (attention @ v).transpose(1, 2).reshape(x.shape)

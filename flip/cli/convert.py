@@ -1,7 +1,7 @@
-"""`flip-convert`: a published model (FaRL, OpenAI/open_clip, FLIP-Base) as a FLIP checkpoint or open_clip folder.
+"""`flip-convert`: a published model (FaRL, OpenAI/open_clip, FLIP-Base) as a FLIP or open_clip folder.
 
     flip-convert --format farl --path FaRL-Base-Patch16-LAIONFace20M-ep64.pth --to flip --out farl_ep64
-    flip-convert --format flip_base --path FLIP-Base.pth --text-model bert-base-uncased --to flip --out flip_base
+    flip-convert --format flip_base --path FLIP-Base.pth --text-model bert-base-uncased --to flip --out fb
 
 The model is given as everywhere else (flip.models.baselines: `--format`, `--name`, `--pretrained`,
 `--path`, `--text-model`) and written by flip-export's writers: `--to flip` is FLIP's safetensors
@@ -84,9 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"flip-convert: wrote {', '.join(report['files'])} to {args.out}")
     if report["ignored"]:
-        print(
-            f"flip-convert: ignored {len(report['ignored'])} tensor(s) of the file: {', '.join(report['ignored'])}"
-        )
+        ignored = report["ignored"]
+        print(f"flip-convert: ignored {len(ignored)} tensor(s) of the file: {', '.join(ignored)}")
     return 0
 
 

@@ -48,8 +48,8 @@ def load_eval_model(cfg: DictConfig) -> tuple[FlipModel, str, str]:
         return model, spec.identity(), spec.label()
     raise ValueError(
         "no model to evaluate: give ckpt=PATH (a FLIP .ckpt or exported folder) or a baseline: "
-        "baseline.name=ARCH baseline.pretrained=TAG_OR_PATH (open_clip), or baseline.format=farl|hf|flip_base "
-        "baseline.path=PATH (docs/models.md)"
+        "baseline.name=ARCH baseline.pretrained=TAG_OR_PATH (open_clip), or "
+        "baseline.format=farl|hf|flip_base baseline.path=PATH (docs/models.md)"
     )
 
 
