@@ -224,6 +224,34 @@ def test_hf_folder_gives_transformers_features_tokens_and_pixels(tmp_path, kind)
     assert (model.logit_bias is None) == (kind == "clip")
 
 
+def test_missing_hf_folder_or_bert_says_what_it_needs(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"neither a folder with a Hugging Face config.json nor a hub id"
+    ):
+        load_baseline({"format": "hf", "path": str(tmp_path / "nowhere")})
+    bert = _bert_folder(tmp_path / "bert")
+    _flip_base_checkpoint(tmp_path / "f.pth", bert)
+    with pytest.raises(FileNotFoundError, match=r"text_model='.*no-bert' is neither a local folder"):
+        load_baseline(
+            {"format": "flip_base", "path": str(tmp_path / "f.pth"), "text_model": str(tmp_path / "no-bert")}
+        )
+
+
+def test_open_clip_names_local_dir_and_files_keep_working(tmp_path, tiny_model):
+    from flip.export import export
+
+    export(tiny_model, tmp_path / "oc", "open_clip")
+    images = _images(32, n=2)
+    expected = _embeddings(tiny_model, images)
+    folder = load_baseline({"name": f"local-dir:{tmp_path / 'oc'}"}).model
+    weights = load_baseline(
+        {"name": "flip-test-tiny", "pretrained": str(tmp_path / "oc" / "open_clip_model.safetensors")}
+    )
+    for model in (folder, weights.model):
+        for ours, theirs in zip(_embeddings(model, images), expected, strict=True):
+            _close(ours, theirs)
+
+
 # ---- FLIP-Base (BLIP layout) -------------------------------------------------------------------
 
 FLIP_EMBED = 16
@@ -366,7 +394,7 @@ def test_flip_base_checkpoint_gives_its_itc_embeddings_and_names_what_it_ignores
     image, text = _embeddings(model, images)
     _close(image, image_ref)
     _close(text, text_ref)
-    assert math.isclose(float(model.logit_scale.exp()), 1 / 0.07, rel_tol=1e-6)
+    assert math.isclose(float(model.logit_scale.detach().exp()), 1 / 0.07, rel_tol=1e-6)
     ignored = set(loaded.ignored)
     assert "temp" not in ignored
     assert {"itm_head.weight", "image_queue", "ptr_queue", "vision_proj_m.bias",

@@ -32,6 +32,8 @@ FORMATS = {
     "flip_base": "FLIP-Base (FaceCaption-15M): path=FILE, text_model=its BERT's config + tokenizer "
     "(bert-base-uncased, a hub id or a local folder)",
 }
+# local weight files read here, with their keys checked; others (big_vision .npz, ...) go to open_clip
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 SPEC_KEYS = ("format", "name", "pretrained", "path", "text_model", "cache_dir")
 
 
@@ -107,7 +109,8 @@ def load_baseline(spec: BaselineSpec | Mapping[str, Any]) -> LoadedBaseline:
         from flip.models.factory import build_model
 
         name = _require(spec, "name")
-        if spec.pretrained and os.path.isfile(spec.pretrained):
+        local = spec.pretrained is not None and os.path.isfile(spec.pretrained)
+        if local and spec.pretrained.endswith(STATE_DICT_SUFFIXES):
             model, ignored = load_openai_layout(
                 spec.pretrained, name, "an OpenAI/open_clip-layout state dict"
             )

@@ -133,7 +133,7 @@ def _vision_state(state: dict[str, torch.Tensor], layers: int) -> dict[str, torc
     weight, bias = state["vision_proj.weight"], state["vision_proj.bias"]
     out["visual.proj"] = weight.t().contiguous()
     shift = fold_bias(weight, bias, "vision_proj")
-    out["visual.ln_post.bias"] = (out["visual.ln_post.bias"].double() + shift).to(bias.dtype)
+    out["visual.ln_post.bias"] = (out["visual.ln_post.bias"].double() + shift).float()
     return out
 
 
@@ -162,7 +162,7 @@ def _text_state(
     if layers:
         last = max(layers, key=lambda k: int(k.split(".")[4]))
         if last in out:
-            out[last] = (out[last].double() + fold_bias(weight, bias, "text_proj")).to(bias.dtype)
+            out[last] = (out[last].double() + fold_bias(weight, bias, "text_proj")).float()
     return out, notes
 
 
@@ -176,7 +176,13 @@ def load_flip_base(
         if key not in state:
             raise WeightsError(f"{source!r} lacks {key!r}: it is not {WHAT}")
     arch = architecture(state, text_model)
-    model = build_unloaded("flip-base", arch=arch, image_resize_mode="squash")
+    try:
+        model = build_unloaded("flip-base", arch=arch, image_resize_mode="squash")
+    except OSError as err:  # transformers could not find the BERT config or tokenizer
+        raise FileNotFoundError(
+            f"FLIP-Base's text tower needs its BERT config and tokenizer: text_model={text_model!r} is "
+            f"neither a local folder holding them nor a hub id that could be fetched ({str(err).splitlines()[0]})"
+        ) from None
     expected = {k: v.shape for k, v in model.clip.state_dict().items()}
     vocab_size = int(model.clip.text.config.vocab_size)
     mapped = _vision_state(state, arch["vision_cfg"]["layers"])

@@ -104,13 +104,20 @@ def load_hf(path: str | os.PathLike) -> HFFlipModel:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
     source = str(path)
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as err:  # not a folder with config.json, and the hub is unreachable or has no such id
+        raise FileNotFoundError(
+            f"baseline.path={source!r} is neither a folder with a Hugging Face config.json nor a hub id "
+            f"that could be fetched ({str(err).splitlines()[0]})"
+        ) from None
     if config.model_type not in MODEL_TYPES:
         raise ValueError(
             f"{source!r} is a Hugging Face {config.model_type!r} model; baseline.format=hf loads "
             f"{', '.join(MODEL_TYPES)} models (CLIPModel, SiglipModel)"
         )
-    model = AutoModel.from_pretrained(source).eval()
+    # float32 whatever the file's dtype: features are compared and cached in float32
+    model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     processor = AutoImageProcessor.from_pretrained(source)
     context_length = int(config.text_config.max_position_embeddings)
