@@ -181,7 +181,8 @@ def load_flip_base(
     except OSError as err:  # transformers could not find the BERT config or tokenizer
         raise FileNotFoundError(
             f"FLIP-Base's text tower needs its BERT config and tokenizer: text_model={text_model!r} is "
-            f"neither a local folder holding them nor a hub id that could be fetched ({str(err).splitlines()[0]})"
+            f"neither a local folder holding them nor a hub id that could be fetched "
+            f"({str(err).splitlines()[0]})"
         ) from None
     expected = {k: v.shape for k, v in model.clip.state_dict().items()}
     vocab_size = int(model.clip.text.config.vocab_size)
