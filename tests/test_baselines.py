@@ -144,6 +144,10 @@ def test_unknown_format_or_missing_field_names_the_accepted_ones():
         load_baseline({"format": "blip", "path": "x"})
     with pytest.raises(ValueError, match=r"baseline.format=farl needs baseline.path"):
         load_baseline({"format": "farl"})
+    with pytest.raises(
+        ValueError, match=r"baseline.format=hf does not read baseline.pretrained; it takes path"
+    ):
+        load_baseline({"format": "hf", "path": "x", "pretrained": "openai"})
     with pytest.raises(ValueError, match=r"unknown baseline key\(s\) \['weights'\]"):
         BaselineSpec.from_mapping({"format": "farl", "weights": "x"})
 

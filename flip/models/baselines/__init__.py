@@ -34,6 +34,13 @@ FORMATS = {
 }
 # local weight files read here, with their keys checked; others (big_vision .npz, ...) go to open_clip
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# the fields each format reads; another one given is a mistake (a path given to open_clip, say)
+USES = {
+    "open_clip": ("name", "pretrained", "cache_dir"),
+    "farl": ("path", "name"),
+    "hf": ("path",),
+    "flip_base": ("path", "text_model"),
+}
 SPEC_KEYS = ("format", "name", "pretrained", "path", "text_model", "cache_dir")
 
 
@@ -103,6 +110,12 @@ def load_baseline(spec: BaselineSpec | Mapping[str, Any]) -> LoadedBaseline:
     if spec.format not in FORMATS:
         known = "; ".join(f"{name}: {text}" for name, text in FORMATS.items())
         raise ValueError(f"unknown baseline.format={spec.format!r}; known formats: {known}")
+    unused = [k for k in SPEC_KEYS[1:] if getattr(spec, k) is not None and k not in USES[spec.format]]
+    if unused:
+        raise ValueError(
+            f"baseline.format={spec.format} does not read baseline.{', baseline.'.join(unused)}; "
+            f"it takes {', '.join(USES[spec.format])}: {FORMATS[spec.format]}"
+        )
     ignored: list[str] = []
     if spec.format == "open_clip":
         from flip.models.baselines.openai_layout import load_openai_layout
