@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import open_clip
@@ -420,17 +421,25 @@ def test_flip_base_checkpoint_gives_its_itc_embeddings_and_names_what_it_ignores
 def test_truncated_flip_base_checkpoint_fails_naming_the_missing_keys(tmp_path):
     bert = _bert_folder(tmp_path / "bert")
     path = tmp_path / "FLIP-Base.pth"
-    state = _flip_base_checkpoint(path, bert)
-    del state["text_encoder.encoder.layer.1.output.dense.weight"]
-    torch.save({"model": state}, path)
+    full = _flip_base_checkpoint(path, bert)
+    spec = {"format": "flip_base", "path": str(path), "text_model": str(tmp_path / "bert")}
+    vision = "visual_encoder.vision_model."
+    cases = {  # the tensor cut from the file -> how the error names it
+        "text_encoder.encoder.layer.1.output.dense.weight": "1 missing key(s): {}",
+        f"{vision}encoder.layers.1.mlp.fc2.bias": "1 missing key(s): {}",
+        f"{vision}post_layrnorm.weight": "1 missing key(s): {}",
+        f"{vision}encoder.layers.0.self_attn.k_proj.weight": "lacks ['{}']",
+        "text_proj.bias": "lacks '{}'",
+    }
+    for cut, message in cases.items():
+        torch.save({"model": {k: v for k, v in full.items() if k != cut}}, path)
+        with pytest.raises(WeightsError, match=re.escape(message.format(cut))):
+            load_baseline(spec)
+    torch.save({"model": {**full, f"{vision}adapter.weight": torch.zeros(1)}}, path)
     with pytest.raises(
-        WeightsError, match=r"missing key\(s\): text\.transformer\.encoder\.layer\.1\.output\.dense\.weight"
+        WeightsError, match=r"tensors FLIP-Base does not: \['visual_encoder\.vision_model\.adapter\.weight'\]"
     ):
-        load_baseline({"format": "flip_base", "path": str(path), "text_model": str(tmp_path / "bert")})
-    del state["text_proj.bias"]
-    torch.save({"model": state}, path)
-    with pytest.raises(WeightsError, match=r"lacks 'text_proj.bias'"):
-        load_baseline({"format": "flip_base", "path": str(path), "text_model": str(tmp_path / "bert")})
+        load_baseline(spec)
 
 
 # ---- one syntax: flip-convert, the eval scripts, flip-query -----------------------------------

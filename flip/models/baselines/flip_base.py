@@ -115,26 +115,66 @@ def fold_bias(weight: torch.Tensor, bias: torch.Tensor, name: str) -> torch.Tens
     return shift
 
 
-def _vision_state(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for old, new in VISION_RENAMES:
-        for key, value in state.items():
-            if key.startswith(VISION + old):
-                out["visual." + new + key[len(VISION + old) :]] = value
-    for i in range(layers):
-        src, dst = f"{VISION}encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
-        for part in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{part}"] = torch.cat(
-                [state[f"{src}self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")]
-            )
-        for old, new in BLOCK_RENAMES:
-            for part in ("weight", "bias"):
-                out[f"{dst}{new}{part}"] = state[f"{src}{old}{part}"]
+def _vision_state(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """open_clip's names for the image tower's tensors, and the file's tensors no rule maps."""
+    out, unmapped, qkv = {}, [], {}
+    for key, value in state.items():
+        if not key.startswith(VISION) or IGNORED.search(key):
+            continue
+        rest = key[len(VISION) :]
+        block = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", rest)
+        renames, prefix = (BLOCK_RENAMES, f"visual.transformer.resblocks.{block[1]}.") if block else (
+            VISION_RENAMES, "visual.")  # fmt: skip
+        rest = block[2] if block else rest
+        split = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest) if block else None
+        if split:  # q, k and v are one in_proj matrix in torch's MultiheadAttention
+            qkv.setdefault((block[1], split[2]), {})[split[1]] = value
+            continue
+        new = next((new + rest[len(old) :] for old, new in renames if rest.startswith(old)), None)
+        if new is None:
+            unmapped.append(key)
+        else:
+            out[prefix + new] = value
+    for (layer, part), parts in qkv.items():
+        absent = [
+            f"{VISION}encoder.layers.{layer}.self_attn.{p}_proj.{part}" for p in "qkv" if p not in parts
+        ]
+        if absent:
+            raise WeightsError(f"{source!r} lacks {absent}: it is not {WHAT}")
+        out[f"visual.transformer.resblocks.{layer}.attn.in_proj_{part}"] = torch.cat(
+            [parts[p] for p in "qkv"]
+        )
     weight, bias = state["vision_proj.weight"], state["vision_proj.bias"]
     out["visual.proj"] = weight.t().contiguous()
-    shift = fold_bias(weight, bias, "vision_proj")
-    out["visual.ln_post.bias"] = (out["visual.ln_post.bias"].double() + shift).float()
-    return out
+    if "visual.ln_post.bias" in out:
+        shift = fold_bias(weight, bias, "vision_proj")
+        out["visual.ln_post.bias"] = (out["visual.ln_post.bias"].double() + shift).float()
+    return out, unmapped
+
+
+def file_name(key: str) -> str:
+    """The checkpoint's name for one of the model's tensors: what an error about it should say."""
+    if key.startswith("text.transformer."):
+        return TEXT + key[len("text.transformer.") :]
+    fixed = {
+        "visual.proj": "vision_proj.weight",
+        "text.proj.weight": "text_proj.weight",
+        "logit_scale": "temp",
+    }
+    if key in fixed:
+        return fixed[key]
+    block = re.fullmatch(r"visual\.transformer\.resblocks\.(\d+)\.(.+)", key)
+    if block:
+        layer, rest = block.groups()
+        qkv = re.fullmatch(r"attn\.in_proj_(weight|bias)", rest)
+        if qkv:
+            return f"{VISION}encoder.layers.{layer}.self_attn.{{q,k,v}}_proj.{qkv[1]}"
+        old = next((old + rest[len(new) :] for old, new in BLOCK_RENAMES if rest.startswith(new)), rest)
+        return f"{VISION}encoder.layers.{layer}.{old}"
+    rest = key.removeprefix("visual.")
+    return VISION + next(
+        (old + rest[len(new) :] for old, new in VISION_RENAMES if rest.startswith(new)), rest
+    )
 
 
 def _text_state(
@@ -186,17 +226,25 @@ def load_flip_base(
         ) from None
     expected = {k: v.shape for k, v in model.clip.state_dict().items()}
     vocab_size = int(model.clip.text.config.vocab_size)
-    mapped = _vision_state(state, arch["vision_cfg"]["layers"])
+    mapped, unmapped = _vision_state(state, source)
     text, notes = _text_state(state, expected, vocab_size)
     mapped.update(text)
     temp = state["temp"].double().reshape(())
     mapped["logit_scale"] = torch.log(1 / temp).to(torch.float32)
-    used = {k for k in state if k.startswith((VISION, TEXT)) and not IGNORED.search(k)}
-    used |= {"vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp"}
-    ignored = sorted(k for k in state if k not in used and IGNORED.search(k))
-    unknown = sorted(k for k in state if k not in used and not IGNORED.search(k))
-    check_keys(expected, mapped, source, f"{WHAT} with a {text_model!r} text tower", unexpected_ok=False)
+    used = {"vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp"}
+    ignored = sorted(k for k in state if IGNORED.search(k))
+    unknown = unmapped + sorted(
+        k for k in state if not k.startswith((VISION, TEXT)) and k not in used and not IGNORED.search(k)
+    )
     if unknown:
         raise WeightsError(f"{source!r} has tensors FLIP-Base does not: {unknown[:8]}; it is not {WHAT}")
+    check_keys(
+        expected,
+        mapped,
+        source,
+        f"{WHAT} with a {text_model!r} text tower",
+        unexpected_ok=False,
+        name=file_name,
+    )
     model.clip.load_state_dict(mapped)
     return model, report_ignored(source, ignored + notes)

@@ -4,9 +4,10 @@ OpenAI's CLIP and open_clip's `CLIP` name their parameters the same way (`visual
 `transformer.resblocks.0.attn.in_proj_weight`, `text_projection`, `logit_scale`, ...), so such a
 file loads into the open_clip architecture that has the same shapes. FaRL
 (`FaRL-Base-Patch16-LAIONFace20M-ep16.pth`/`-ep64.pth`) is a ViT-B/16 CLIP with QuickGELU and
-OpenAI's tokenizer, saved under a `state_dict` key: open_clip's `ViT-B-16-quickgelu`. FaRL's own
-code loads it with `strict=False` into OpenAI's model; here every tensor of the model must be in
-the file, and the file's extra tensors (OpenAI's `input_resolution`/`context_length`/`vocab_size`
+OpenAI's tokenizer, saved under a `state_dict` key: open_clip's `ViT-B-16-quickgelu` (FaRL's
+larger models: give their open_clip architecture as `name`). FaRL's README loads it with
+`strict=False` into OpenAI's model, and its `load_farl` takes the `visual.*` tensors of
+`checkpoint["state_dict"]` for its image tower; here every tensor of the model must be in the file, and the file's extra tensors (OpenAI's `input_resolution`/`context_length`/`vocab_size`
 entries, training-only heads) are named as ignored.
 """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +85,20 @@ def check_keys(
     source: str,
     what: str,
     unexpected_ok: bool = True,
+    name: Callable[[str], str] = str,
 ) -> list[str]:
     """Fail naming missing, misshapen (and, unless `unexpected_ok`, unexpected) keys.
 
-    Returns the unexpected keys, which the caller reports as ignored.
+    `name` gives the file's name of a key when the loader renamed the file's tensors. Returns the
+    unexpected keys, which the caller reports as ignored.
     """
-    missing = [k for k in expected if k not in given]
+    missing = [name(k) for k in expected if k not in given]
     misshapen = [
-        f"{k} {tuple(given[k].shape)} (expected {tuple(expected[k])})"
+        f"{name(k)} {tuple(given[k].shape)} (expected {tuple(expected[k])})"
         for k in expected
         if k in given and tuple(given[k].shape) != tuple(expected[k])
     ]
-    unexpected = sorted(k for k in given if k not in expected)
+    unexpected = sorted(name(k) for k in given if k not in expected)
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
