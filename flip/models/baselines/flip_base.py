@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -215,6 +216,8 @@ def load_flip_base(
     for key in ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp"):
         if key not in state:
             raise WeightsError(f"{source!r} lacks {key!r}: it is not {WHAT}")
+    if os.path.isdir(text_model):  # absolute, so a converted checkpoint rebuilds it from anywhere
+        text_model = str(Path(text_model).resolve())
     arch = architecture(state, text_model)
     try:
         model = build_unloaded("flip-base", arch=arch, image_resize_mode="squash")

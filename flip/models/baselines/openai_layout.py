@@ -7,7 +7,8 @@ file loads into the open_clip architecture that has the same shapes. FaRL
 OpenAI's tokenizer, saved under a `state_dict` key: open_clip's `ViT-B-16-quickgelu` (FaRL's
 larger models: give their open_clip architecture as `name`). FaRL's README loads it with
 `strict=False` into OpenAI's model, and its `load_farl` takes the `visual.*` tensors of
-`checkpoint["state_dict"]` for its image tower; here every tensor of the model must be in the file, and the file's extra tensors (OpenAI's `input_resolution`/`context_length`/`vocab_size`
+`checkpoint["state_dict"]` for its image tower; here every tensor of the model must be in the
+file, and the file's extra tensors (OpenAI's `input_resolution`/`context_length`/`vocab_size`
 entries, training-only heads) are named as ignored.
 """
 
