@@ -282,7 +282,8 @@ def _bert_folder(folder):
 def _tiny_vision():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    sizes = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 1}
+    # two heads of 64, as every CLIP ViT splits its width (ViT-B/16: 12 x 64)
+    sizes = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = CLIPVisionConfig(**sizes, image_size=32, patch_size=16, hidden_act="quick_gelu")
     return CLIPVisionModel(config)
 
@@ -312,7 +313,7 @@ def _flip_base_checkpoint(path, bert) -> dict[str, torch.Tensor]:
     )  # [DEC], [ENC]
     text["embeddings.position_ids"] = torch.arange(72).expand(1, -1)
     state.update({f"text_encoder.{k}": v for k, v in text.items()})
-    for name, width in (("vision_proj", 64), ("text_proj", 32)):
+    for name, width in (("vision_proj", 128), ("text_proj", 32)):
         layer = torch.nn.Linear(width, FLIP_EMBED)
         torch.nn.init.normal_(layer.bias, std=0.5)
         state.update({f"{name}.weight": layer.weight.data, f"{name}.bias": layer.bias.data})
