@@ -531,3 +531,34 @@ def test_eval_scripts_and_flip_query_load_a_baseline_by_the_same_keys(tmp_path, 
     assert query([*args, "--workers", "0", "--choices", "red", "blue", "--", str(tmp_path / "face.png")]) == 0
     record = json.loads(capsys.readouterr().out.strip())
     assert record["answer"] in ("red", "blue") and set(record["probabilities"]) == {"red", "blue"}
+
+
+def test_eval_scripts_run_on_baselines_and_on_their_conversion_alike(tmp_path, folder_benchmark):
+    """The eval path takes a baseline as it takes a checkpoint: FLIP-Base through baseline.* and
+    through its flip-convert output gives the same zero-shot decisions; a SigLIP folder runs too."""
+    from flip.cli.convert import convert
+    from flip.cli.evaluate import run
+
+    from .helpers import compose_eval, eval_overrides
+
+    bert = _bert_folder(tmp_path / "bert")
+    _flip_base_checkpoint(tmp_path / "f.pth", bert)
+    _write_hf_folder(tmp_path / "siglip", "siglip")
+    spec = {"format": "flip_base", "path": str(tmp_path / "f.pth"), "text_model": str(tmp_path / "bert")}
+    convert(spec, "flip", str(tmp_path / "converted"))
+    runs = {
+        "baseline": ["ckpt=null", *(f"baseline.{k}={v}" for k, v in spec.items())],
+        "converted": [f"ckpt={tmp_path / 'converted'}"],
+        "siglip": ["ckpt=null", "baseline.format=hf", f"baseline.path={tmp_path / 'siglip'}"],
+    }
+    written = {}
+    for label, model in runs.items():
+        overrides = eval_overrides(tmp_path, "x", "folder", folder_benchmark, out=label)[1:]
+        run(compose_eval("eval_zeroshot", tmp_path, *overrides, *model))
+        written[label] = json.loads((tmp_path / label / "metrics.json").read_text())
+    assert written["baseline"]["checkpoint"] == f"flip_base:{tmp_path / 'f.pth'}"
+    assert (
+        written["siglip"]["checkpoint"] == f"hf:{tmp_path / 'siglip'}" and written["siglip"]["n_test"] == 12
+    )
+    for key in ("summary", "confusion_matrix", "per_label"):
+        assert written["baseline"][key] == written["converted"][key]
