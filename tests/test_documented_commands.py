@@ -314,6 +314,7 @@ RUN_BY = {
     "flip-data celeba": ("tests/test_prepare_celeba.py", "flip.cli.data", "main"),
     "flip-query": ("tests/test_query.py", "flip.cli.query", "main"),
     "flip-export": ("tests/test_export.py", "flip.cli.export", "main"),
+    "flip-convert": ("tests/test_baselines.py", "flip.cli.convert", "main"),
     "flip-zero-to-fp32": ("tests/test_checkpoint_safety.py", "flip.training.deepspeed", "main"),
     # the four scripts run flip.cli.evaluate.run on conf/eval_<name>.yaml; test_eval_entrypoints.py
     # calls it through tests/helpers/evaluation.py

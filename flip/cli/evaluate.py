@@ -5,8 +5,9 @@ Each composes conf/eval_<protocol>.yaml: the evaluation node of conf/eval/defaul
 `run` is what they do with the composed config, apart from the Hydra decorators so tests
 (and other programs) can call it with a config they composed themselves. The model is a FLIP
 checkpoint (`ckpt=`, a .ckpt or an exported folder) or, for baselines through the same code,
-any open_clip architecture with a pretrained tag or local weights
-(`baseline.name=ViT-B-16 baseline.pretrained=openai`).
+a published model (`baseline.*`, flip.models.baselines): any open_clip architecture with a
+pretrained tag or local weights (`baseline.name=ViT-B-16 baseline.pretrained=openai`), FaRL, a
+Hugging Face CLIP/SigLIP folder or FLIP-Base (`baseline.format=farl|hf|flip_base baseline.path=...`).
 """
 
 from __future__ import annotations
@@ -29,24 +30,26 @@ def load_eval_model(cfg: DictConfig) -> tuple[FlipModel, str, str]:
     from flip.evaluation.features import model_identity, resolve_device
 
     device = resolve_device(cfg.get("device"))
-    baseline = cfg.get("baseline") or {}
-    if cfg.get("ckpt") and baseline.get("name"):
-        raise ValueError(f"give either ckpt={cfg.ckpt!r} or baseline.name={baseline['name']!r}, not both")
+    from flip.models.baselines import BaselineSpec
+
+    spec = BaselineSpec.from_mapping(dict(cfg.get("baseline") or {}))
+    if cfg.get("ckpt") and spec.given:
+        raise ValueError(f"give either ckpt={cfg.ckpt!r} or a baseline ({spec.label()}), not both")
     if cfg.get("ckpt"):
         from flip.checkpoint import load
 
         return load(cfg.ckpt, device=device), model_identity(ckpt=cfg.ckpt), str(cfg.ckpt)
-    if baseline.get("name"):
-        from flip.models import build_model
+    if spec.given:
+        from flip.models.baselines import load_baseline
 
-        name, pretrained = baseline["name"], baseline.get("pretrained")
-        model = (
-            build_model(name, pretrained=pretrained, cache_dir=baseline.get("cache_dir")).to(device).eval()
-        )
-        return model, model_identity(name=name, pretrained=pretrained), f"open_clip:{name}:{pretrained}"
+        model = load_baseline(spec).model.to(device).eval()
+        if spec.format == "open_clip":  # the cache key it always had
+            return model, model_identity(name=spec.name, pretrained=spec.pretrained), spec.label()
+        return model, spec.identity(), spec.label()
     raise ValueError(
-        "no model to evaluate: give ckpt=PATH (a FLIP .ckpt or exported folder) or "
-        "baseline.name=ARCH baseline.pretrained=TAG_OR_PATH (an open_clip model)"
+        "no model to evaluate: give ckpt=PATH (a FLIP .ckpt or exported folder) or a baseline: "
+        "baseline.name=ARCH baseline.pretrained=TAG_OR_PATH (open_clip), or "
+        "baseline.format=farl|hf|flip_base baseline.path=PATH (docs/models.md)"
     )
 
 

@@ -2,6 +2,11 @@
 
     flip-query --ckpt CKPT --attributes eyeglasses smiling -- photos/ face.jpg
     flip-query --ckpt CKPT --choices happy sad angry -- photos/
+    flip-query --format farl --path FaRL-Base-Patch16-LAIONFace20M-ep64.pth --attributes smiling -- photos/
+
+The model is a FLIP checkpoint (--ckpt) or a baseline, named as in `baseline.*` of the eval
+scripts (--format, --path, --name, --pretrained, --text-model; --open-clip ARCH is --format open_clip
+--name ARCH).
 
 Prints one JSON line per input image on stdout, in input order (folders are searched
 recursively for images, sorted): `{"image": PATH, "probabilities": {name: p, ...}}`, plus
@@ -58,7 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="a FLIP checkpoint (.ckpt from train.py) or exported model folder")
     model.add_argument("--open-clip", metavar="ARCH", help="an open_clip architecture instead (a baseline)")
+    model.add_argument(
+        "--format",
+        help="a published model instead (farl, hf, flip_base, open_clip; with --path, docs/models.md)",
+    )
     parser.add_argument("--pretrained", help="with --open-clip: a pretrained tag or local weights file")
+    parser.add_argument("--path", help="with --format: the weights file or folder")
+    parser.add_argument("--name", help="with --format open_clip: the architecture")
+    parser.add_argument("--text-model", help="with --format flip_base: its BERT config + tokenizer")
     question = parser.add_mutually_exclusive_group(required=True)
     question.add_argument("--attributes", nargs="+", metavar="NAME", help="yes/no attributes: P(present)")
     question.add_argument("--choices", nargs="+", metavar="NAME", help="answers of one multi-class question")
@@ -79,9 +91,11 @@ def _load_model(args: argparse.Namespace, device: torch.device):
         import flip
 
         return flip.load(args.ckpt, device=device)
-    from flip.models import build_model
+    from flip.models.baselines import load_baseline
 
-    return build_model(args.open_clip, pretrained=args.pretrained).to(device).eval()
+    spec = {"format": args.format or "open_clip", "name": args.open_clip or args.name,
+            "pretrained": args.pretrained, "path": args.path, "text_model": args.text_model}  # fmt: skip
+    return load_baseline(spec).model.to(device).eval()
 
 
 def _prompts(path: str | None) -> tuple[dict | None, list[str] | None]:

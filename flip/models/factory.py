@@ -85,6 +85,7 @@ def build_model(
     init_logit_scale: float | None = None,
     init_logit_bias: float | None = None,
     cache_dir: str | None = None,
+    image_resize_mode: str | None = None,
 ) -> FlipModel:
     """Create towers, tokenizer and transforms for `name`.
 
@@ -93,7 +94,9 @@ def build_model(
     tag or a checkpoint path; random initialisation when None. `init_logit_scale` /
     `init_logit_bias` start the learnable temperature and logit bias (model.init_logit_* in the
     config); None keeps the architecture's own (open_clip's CLIP: log(1/0.07) and no bias), and
-    only a model built with a bias has that parameter.
+    only a model built with a bias has that parameter. `image_resize_mode` overrides open_clip's
+    evaluation resize (`squash`: the whole image to the square input, as FLIP-Base was evaluated);
+    None keeps the architecture's (resize the short side, centre crop).
     """
     if ":" in name and pretrained is not None:
         raise ValueError(
@@ -114,6 +117,8 @@ def build_model(
         model_kwargs["init_logit_scale"] = float(init_logit_scale)
     if init_logit_bias is not None:
         model_kwargs["init_logit_bias"] = float(init_logit_bias)
+    if image_resize_mode is not None:
+        model_kwargs["image_resize_mode"] = image_resize_mode
     clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, cache_dir=cache_dir, **tower_weight_flags(name), **model_kwargs
     )
@@ -125,4 +130,6 @@ def build_model(
         "init_logit_scale": init_logit_scale,
         "init_logit_bias": init_logit_bias,
     }
+    if image_resize_mode is not None:  # only then, so configs saved before the option stay equal
+        config["image_resize_mode"] = image_resize_mode
     return FlipModel(clip, tokenizer, preprocess_train, preprocess_val, config)
