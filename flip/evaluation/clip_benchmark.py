@@ -21,9 +21,10 @@ tasks our protocols also run, and this module writes only what means the same on
   `i2t_R@K`), as its zeroshot_retrieval.py computes them.
 
 Multi-label attributes (CelebA, LFWA, including their multi-class questions), multitask
-splits (UTKFace, FairFace) and face verification have no CLIP_benchmark task: they give no
-record (only the retrieval of a captioned split's zero-shot run, when it has captions) and
-keep our metrics.json only.
+splits (UTKFace, FairFace), face verification and any other protocol have no CLIP_benchmark
+task: they give no record and keep our metrics.json only. The retrieval a zero-shot run adds
+on a captioned split is left to the retrieval protocol's record (the same figures), so a
+table never holds two rows of one model's retrieval on one dataset.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def clip_benchmark_records(
     """(file name, record) pairs in CLIP_benchmark's result format for one metrics.json.
 
     `dataset`, `model` and `pretrained` are what CLIP_benchmark's table shows in its columns
-    of those names (its `--dataset`, `--model`, `--pretrained`). A zero-shot run on a captioned
-    classification split gives a classification and a retrieval record; results CLIP_benchmark
-    cannot express give [] (module docstring).
+    of those names (its `--dataset`, `--model`, `--pretrained`). One protocol gives at most one
+    record, of the one CLIP_benchmark task it matches; results CLIP_benchmark cannot express
+    give [] (module docstring).
     """
     for name, value in (("dataset", dataset), ("model", model), ("language", language)):
         if not isinstance(value, str) or not value:
@@ -63,46 +64,31 @@ def clip_benchmark_records(
     if not isinstance(pretrained, str):
         raise ValueError(f"pretrained must be a string ('' for none), got {pretrained!r}")
     protocol, task = metrics.get("protocol"), metrics.get("task")
-    found: list[tuple[str, dict[str, Any]]] = []
-    if task == "classification" and protocol == "zeroshot":
+    if protocol == "zeroshot" and task == "classification":
         summary = _summary(metrics, "accuracy", "mean_per_class_recall")
-        found.append(
-            (
-                ZEROSHOT_CLASSIFICATION,
-                {"acc1": summary["accuracy"], "mean_per_class_recall": summary["mean_per_class_recall"]},
-            )
-        )
-    elif task == "classification" and protocol == "linear_probe":
+        cb_task = ZEROSHOT_CLASSIFICATION
+        values = {"acc1": summary["accuracy"], "mean_per_class_recall": summary["mean_per_class_recall"]}
+    elif protocol == "linear_probe" and task == "classification":
         summary = _summary(metrics, "accuracy", "mean_per_class_recall")
-        found.append(
-            (
-                LINEAR_PROBE,
-                {
-                    "lp_acc1": summary["accuracy"],
-                    "lp_mean_per_class_recall": summary["mean_per_class_recall"],
-                    "normalized": True,  # flip.evaluation.features L2-normalises every image feature
-                },
-            )
-        )
-    recalls = metrics.get("summary") if protocol == "retrieval" else None
-    if protocol == "zeroshot":  # a captioned split's retrieval rides along with its zero-shot run
-        recalls = metrics.get("retrieval")
-    if recalls:
-        found.append((ZEROSHOT_RETRIEVAL, _retrieval(recalls)))
-    return [
-        (
-            clip_benchmark_file_name(dataset, model, pretrained, language, cb_task),
-            {
-                "dataset": dataset,
-                "model": model,
-                "pretrained": pretrained,
-                "task": cb_task,
-                "metrics": values,
-                "language": language,
-            },
-        )
-        for cb_task, values in found
-    ]
+        cb_task = LINEAR_PROBE
+        values = {
+            "lp_acc1": summary["accuracy"],
+            "lp_mean_per_class_recall": summary["mean_per_class_recall"],
+            "normalized": True,  # flip.evaluation.features L2-normalises every image feature
+        }
+    elif protocol == "retrieval":
+        cb_task, values = ZEROSHOT_RETRIEVAL, _retrieval(metrics.get("summary") or {})
+    else:
+        return []
+    record = {
+        "dataset": dataset,
+        "model": model,
+        "pretrained": pretrained,
+        "task": cb_task,
+        "metrics": values,
+        "language": language,
+    }
+    return [(clip_benchmark_file_name(dataset, model, pretrained, language, cb_task), record)]
 
 
 def clip_benchmark_file_name(dataset: str, model: str, pretrained: str, language: str, task: str) -> str:
@@ -142,6 +128,8 @@ def _summary(metrics: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
 
 def _retrieval(recalls: Mapping[str, Any]) -> dict[str, float]:
     """Our `i2t_R@K` / `t2i_R@K` under CLIP_benchmark's names, in order of name and K."""
+    if not recalls:
+        raise ValueError("retrieval metrics have no summary recalls (i2t_R@K, t2i_R@K) to write")
     out = {}
     for key, value in recalls.items():
         match = RETRIEVAL_KEY.match(key)
