@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import fnmatch
 import functools
 import json
+import re
+import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +47,8 @@ from flip.evaluation.run import evaluate
 from flip.evaluation.zeroshot import ZeroShot, ZeroShotClassifier
 from flip.export import export
 
+from .helpers import ROOT, TINY_ARCH
+
 # the class folders of Kaggle's FER2013 (msambare/fer2013), which CLIP_benchmark's builder reads
 FER_FOLDERS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 PER_CLASS = {"train": 4, "test": 3}
@@ -66,8 +72,6 @@ def _write_fer_folder(root):
 def exported(tmp_path_factory):
     """A random-weight FLIP model (the tiny test towers) as an open_clip folder, and FER data."""
     from flip.models import build_model
-
-    from .helpers import TINY_ARCH
 
     tmp = tmp_path_factory.mktemp("cb_interop")
     torch.manual_seed(MODEL_SEED)
@@ -164,11 +168,11 @@ def test_clip_benchmark_on_a_flip_export_equals_flip_and_its_build_merges_our_re
         json.dumps({"dataset": "fer2013", "model": "ViT-tiny", "pretrained": "",
                     "task": "zeroshot_classification", "metrics": mine, "language": "en"})
     )  # fmt: skip
+    (results_dir / "metrics.json").write_text(json.dumps(results["zeroshot"]))  # as in a suite cell
     table = exported / "benchmark.csv"
-    argv = ["clip_benchmark", "build", str(results_dir), "--output", str(table)]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", argv)
-        cli.main()
+    with pytest.raises(KeyError, match="metrics"):  # a folder: it reads metrics.json too (the docs say so)
+        _clip_benchmark(["build", str(results_dir), "--output", str(table)])
+    _clip_benchmark(["build", *map(str, sorted(results_dir.glob("*_en_*.json"))), "--output", str(table)])
     with table.open(newline="") as f:
         reader = csv.DictReader(f)
         columns, rows = set(reader.fieldnames), list(reader)
@@ -193,6 +197,37 @@ def test_clip_benchmark_on_a_flip_export_equals_flip_and_its_build_merges_our_re
     for metric in ("acc1", "mean_per_class_recall"):
         ours_row, their_row = (rows[(m, "zeroshot_classification")] for m in (model_name, "ViT-tiny"))
         assert float(ours_row[metric]) == pytest.approx(float(their_row[metric]), abs=1e-12)
+
+
+def _clip_benchmark(argv: list[str]) -> None:
+    """Its console script `clip_benchmark`, with these arguments."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["clip_benchmark", *argv])
+        cli.main()
+
+
+def _documented_commands() -> list[list[str]]:
+    """The `clip_benchmark` lines of docs/evaluation.md's shell blocks, continuations joined."""
+    text = (ROOT / "docs" / "evaluation.md").read_text().replace("\\\n", " ")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line for block in blocks for line in block.splitlines() if line.startswith("clip_benchmark ")]
+    return [shlex.split(line.replace("$PWD", "/work"))[1:] for line in lines]
+
+
+def test_the_documented_clip_benchmark_commands_are_the_ones_this_test_runs(monkeypatch):
+    commands = {argv[0]: argv for argv in _documented_commands()}
+    assert sorted(commands) == ["build", "eval"]
+    monkeypatch.setattr(sys, "argv", ["clip_benchmark", *commands["eval"]])
+    _, args = cli.get_parser_args()  # its own parser
+    assert (args.model_type, args.task, args.dataset, args.pretrained) == (
+        "open_clip", "zeroshot_classification", ["fer2013"], [""]
+    )  # fmt: skip
+    assert args.model[0].startswith("local-dir:/") and args.amp is False
+    assert "{model}" not in args.output  # its default name would hold the folder's slashes
+    monkeypatch.setattr(sys, "argv", ["clip_benchmark", *commands["build"]])
+    _, args = cli.get_parser_args()
+    assert args.which == "build"
+    assert not any(fnmatch.fnmatch("metrics.json", Path(pattern).name) for pattern in args.files)
 
 
 def _probe() -> LinearProbe:
