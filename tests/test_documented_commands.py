@@ -301,7 +301,7 @@ TRAIN_LAUNCH = re.compile(r"^(?:srun|torchrun|docker\s+run)\b|^(?:\S*/)?python3?
 OUTSIDE_TOOLS = {
     "pip": "installs; .ci/run installs through `make setup`, the Dockerfile through pip itself",
     "img2dataset": "its webdataset layout is what test_prepare_facecaption.py and the shard tests read",
-    "clip_benchmark": "it loads local-dir: folders with open_clip, as test_export.py does in a clean process",
+    "clip_benchmark": "test_clip_benchmark_interop.py runs the package as docs/evaluation.md's lines say",
     "docker": "`docker build`; `docker run` is a training launch, composed above",
     "sbatch": "submits the script whose srun line is composed above",
     ".": "shell: activates a virtual environment",
