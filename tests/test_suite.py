@@ -1,0 +1,330 @@
+"""eval/suite.py: many models x benchmarks x protocols through the one evaluation path, one
+leaderboard; features extracted once per (model, benchmark, split); resumable after a kill;
+a failing cell reported without stopping the others; two leaderboards compared."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from flip.cli import evaluate as evaluate_module
+from flip.cli import suite as suite_module
+from flip.cli.evaluate import run as run_eval_script
+from flip.cli.suite import run
+from flip.evaluation import features as features_module
+from flip.evaluation import run as run_module
+from flip.evaluation.leaderboard import CellResult, Leaderboard, headline_metrics
+from flip.export import export
+from flip.models import register_architecture
+
+from .helpers import ROOT, TINY_ARCH, compose_eval, flip_root_env
+from .helpers.paths import CONF
+
+QUICKGELU_TINY = "flip-test-tiny-quickgelu"
+SPLITS = ("train", "val", "test")
+
+
+def compose_suite(tmp_path: Path, models: list[dict], *overrides: str) -> DictConfig:
+    """conf/eval_suite.yaml with suite=demo, as eval/suite.py composes it, the models set, and
+    everything written under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="eval_suite", overrides=["suite=demo", "num_workers=0", "batch_size=32", *overrides]
+        )
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.suite.models = models
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def suite_models(trained_demo, tmp_path_factory) -> dict:
+    """The demo checkpoint, its open_clip export, and a random model saved in OpenAI's layout."""
+    folder = tmp_path_factory.mktemp("suite_models")
+    export(trained_demo.ckpt, folder / "open_clip", "open_clip")
+    register_architecture(QUICKGELU_TINY, {**copy.deepcopy(TINY_ARCH), "quick_gelu": True})
+    torch.manual_seed(3)
+    clip = open_clip.create_model(QUICKGELU_TINY)
+    torch.save({"state_dict": clip.state_dict()}, folder / "openai_layout.pth")
+    return {
+        "demo": {"name": "demo", "ckpt": str(trained_demo.ckpt)},
+        "export": {"name": "demo-open_clip", "baseline": {"name": f"local-dir:{folder / 'open_clip'}"}},
+        "random": {
+            "name": "random-openai",
+            "baseline": {"format": "farl", "name": QUICKGELU_TINY, "path": str(folder / "openai_layout.pth")},
+        },
+    }
+
+
+def _faceshapes(trained_demo) -> str:
+    return f"suite.data_root={trained_demo.faceshapes.parent}"
+
+
+def _hydra_model(model: dict) -> str:
+    """A model entry as a Hydra command-line value: {name:N,ckpt:'PATH'} or {name:N,baseline:{name:'X'}}."""
+    if "ckpt" in model:
+        return f"{{name:{model['name']},ckpt:'{model['ckpt']}'}}"
+    return f"{{name:{model['name']},baseline:{{name:'{model['baseline']['name']}'}}}}"
+
+
+def _done(out: Path) -> list[Path]:
+    """metrics.json of the finished cells (not of the hidden folders cells are computed in)."""
+    return [p for p in out.glob("cells/*/*/*/metrics.json") if not p.parent.name.startswith(".")]
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_three_models_give_one_leaderboard_each_split_extracted_once(
+    trained_demo, suite_models, tmp_path, monkeypatch
+):
+    extracted: list[tuple[int, str]] = []
+    extract = features_module.extract_image_features
+
+    def counting(model, images, *args, **kwargs):
+        extracted.append((id(model), args[2]))  # the description names benchmark/split
+        return extract(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(features_module, "extract_image_features", counting)
+    loads = []
+    load = evaluate_module.load_eval_model
+
+    def counting_load(cfg):
+        loads.append(cfg.ckpt or cfg.baseline.get("name"))
+        return load(cfg)
+
+    monkeypatch.setattr(evaluate_module, "load_eval_model", counting_load)
+    models = [suite_models[k] for k in ("demo", "export", "random")]
+    cfg = compose_suite(tmp_path, models, _faceshapes(trained_demo), f"output_dir={tmp_path / 'out'}")
+    board = run(cfg)
+
+    out = tmp_path / "out"
+    assert len(loads) == 3  # each model loaded once for its three cells
+    # one extraction per (model, split): zero-shot, probe and retrieval share them
+    assert sorted(d for _, d in extracted) == sorted(
+        f"faceshapes/{s} features" for s in SPLITS for _ in range(3)
+    )
+    assert len(set(extracted)) == len(extracted)
+
+    rows = _csv_rows(out / "leaderboard.csv")
+    header = rows[0]
+    assert header == [
+        "model",
+        "faceshapes/zeroshot/mean_accuracy",
+        "faceshapes/zeroshot/mean_balanced_accuracy",
+        "faceshapes/linear_probe/mean_accuracy",
+        "faceshapes/linear_probe/mean_balanced_accuracy",
+        *(f"faceshapes/retrieval/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5)),
+    ]
+    assert [r[0] for r in rows[1:]] == ["demo", "demo-open_clip", "random-openai"]
+    assert rows[1][1:] == rows[2][1:]  # the export is the model: the same row
+    assert rows[1][1:] != rows[3][1:]
+
+    # each value is the cell's metrics.json, and the cell is what eval/zeroshot.py computes
+    for model, row in zip(["demo", "demo-open_clip", "random-openai"], rows[1:], strict=True):
+        for column, text in zip(header[1:], row[1:], strict=True):
+            bench, protocol, metric = column.split("/")
+            cell = json.loads((out / "cells" / model / bench / protocol / "metrics.json").read_text())
+            assert float(text) == cell["summary"][metric]
+            assert board.values[model][column] == cell["summary"][metric]
+    alone = compose_eval(
+        "eval_zeroshot",
+        tmp_path,
+        f"ckpt={trained_demo.ckpt}",
+        f"benchmark.root={trained_demo.faceshapes}",
+        f"output_dir={tmp_path / 'alone'}",
+        "feature_cache_dir=null",
+        "num_workers=0",
+    )
+    expected = run_eval_script(alone)["zeroshot"]
+    cell = json.loads((out / "cells" / "demo" / "faceshapes" / "zeroshot" / "metrics.json").read_text())
+    assert cell["summary"] == expected["summary"] and cell["per_label"] == expected["per_label"]
+    assert (out / "cells" / "demo" / "faceshapes" / "zeroshot" / "report.md").is_file()
+
+    markdown = (out / "leaderboard.md").read_text()
+    best = max(float(r[1]) for r in rows[1:])
+    assert f"**{best:.4f}**" in markdown and "Failed cells" not in markdown
+    assert (out / "leaderboard.png").stat().st_size > 0
+
+
+def test_a_failing_cell_is_reported_and_the_others_complete(trained_demo, tmp_path, folder_benchmark):
+    missing = tmp_path / "not_there"
+    benchmarks = [
+        {"benchmark": "folder", "root": str(missing), "protocols": ["zeroshot"]},
+        {
+            "benchmark": "faceshapes",
+            "root": str(trained_demo.faceshapes),
+            "protocols": ["zeroshot", "verification"],
+        },
+        {"benchmark": "faceshapes", "name": "faceshapes_natural", "root": str(trained_demo.faceshapes)},
+    ]
+    cfg = compose_suite(
+        tmp_path, [{"name": "demo", "ckpt": str(trained_demo.ckpt)}], f"output_dir={tmp_path / 'out'}"
+    )
+    with open_dict(cfg):
+        cfg.suite.benchmarks = benchmarks
+        cfg.suite.benchmarks[2].overrides = ["protocols.linear_probe.l2_grid=[1.0]"]
+    board = run(cfg)
+    cells = tmp_path / "out" / "cells" / "demo"
+    assert sorted(
+        str(p.relative_to(cells).parent) for p in cells.rglob("*.json") if p.parent.name != "out"
+    ) == [
+        "faceshapes/verification",
+        "faceshapes/zeroshot",
+        "faceshapes_natural/linear_probe",  # the natural protocols of an attribute benchmark
+        "faceshapes_natural/zeroshot",
+        "folder/zeroshot",
+    ]
+    assert not (cells / "folder" / "zeroshot" / "metrics.json").exists()
+    error = json.loads((cells / "folder" / "zeroshot" / "error.json").read_text())["error"]
+    assert str(missing) in error
+    row = _csv_rows(tmp_path / "out" / "leaderboard.csv")[1]
+    values = dict(zip(_csv_rows(tmp_path / "out" / "leaderboard.csv")[0], row, strict=True))
+    assert values["folder/zeroshot"] == "error" and values["faceshapes/verification"] == "error"
+    assert (
+        float(values["faceshapes/zeroshot/mean_accuracy"])
+        == board.values["demo"]["faceshapes/zeroshot/mean_accuracy"]
+    )
+    assert float(values["faceshapes_natural/linear_probe/mean_accuracy"]) > 0
+    markdown = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert f"- demo / folder/zeroshot: {error}" in markdown
+    assert "- demo / faceshapes/verification: " in markdown
+
+    # the data arrives: a rerun computes the failed cell and leaves the done ones alone
+    done = {p: p.stat().st_mtime_ns for p in cells.rglob("metrics.json")}
+    shutil.copytree(folder_benchmark, missing)
+    run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    assert (cells / "folder" / "zeroshot" / "metrics.json").is_file()
+    assert not (cells / "folder" / "zeroshot" / "error.json").exists()
+
+
+def test_a_killed_suite_resumes_without_recomputing_and_gives_the_same_table(
+    trained_demo, suite_models, tmp_path, monkeypatch
+):
+    models = [suite_models["demo"], suite_models["export"]]
+    flat = ",".join(_hydra_model(m) for m in models)
+    killed = tmp_path / "killed"
+    args = [
+        "suite=demo",
+        f"suite.models=[{flat}]",
+        _faceshapes(trained_demo),
+        f"output_dir={killed}",
+        f"feature_cache_dir={tmp_path / 'cache_killed'}",
+        "num_workers=0",
+        "batch_size=32",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "eval/suite.py", *args],
+        cwd=ROOT,
+        env=flip_root_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 240
+    while not _done(killed):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no cell finished in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    done = {p: p.stat().st_mtime_ns for p in _done(killed)}
+    assert 0 < len(done) < 6, "the kill came too late to test resuming"
+    assert (killed / ".hydra" / "config.yaml").is_file()
+    assert not (killed / "leaderboard.csv").exists()
+    # nothing half-written looks finished: every cell folder is complete or absent
+    for cell in killed.glob("cells/*/*/*"):
+        assert cell.name.startswith(".") or (cell / "metrics.json").is_file(), cell
+
+    computed = []
+    evaluate_config = run_module.evaluate_config
+
+    def counting(model, cfg, output_dir=None, **kwargs):
+        computed.append(Path(output_dir).parent.name + "/" + Path(output_dir).name)
+        return evaluate_config(model, cfg, output_dir, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate_config", counting)
+    common = [_faceshapes(trained_demo), f"feature_cache_dir={tmp_path / 'cache_killed'}"]
+    run(compose_suite(tmp_path, models, *common, f"output_dir={killed}"))
+    assert len(computed) == 6 - len(done)
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    assert not list(killed.glob("cells/*/*/.*"))  # no partial folder left
+
+    monkeypatch.setattr(run_module, "evaluate_config", evaluate_config)
+    whole = tmp_path / "whole"
+    run(
+        compose_suite(
+            tmp_path,
+            models,
+            _faceshapes(trained_demo),
+            f"output_dir={whole}",
+            f"feature_cache_dir={tmp_path / 'c2'}",
+        )
+    )
+    for name in ("leaderboard.csv", "leaderboard.md"):
+        assert (killed / name).read_text() == (whole / name).read_text()
+
+
+def _board(values: dict[str, dict]) -> Leaderboard:
+    cells = [
+        CellResult(model, "utkface", "zeroshot", metrics={"task": "multitask", "summary": summary})
+        for model, summary in values.items()
+    ]
+    return Leaderboard.from_cells(cells, list(values))
+
+
+def test_headlines_best_per_column_and_compare(tmp_path, capsys, monkeypatch):
+    summary = {"gender_accuracy": 0.9, "gender_mean_per_class_recall": 0.8, "age_mae": 6.0, "age_cs5": 0.5}
+    assert headline_metrics({"task": "multitask", "summary": summary}) == {
+        "gender_accuracy": 0.9,
+        "age_mae": 6.0,
+    }
+    assert headline_metrics({"task": "verification", "summary": {"accuracy_mean": 0.7, "roc_auc": 0.8}}) == {
+        "accuracy_mean": 0.7
+    }
+    a = _board({"m1": summary, "m2": {**summary, "gender_accuracy": 0.95, "age_mae": 7.5}})
+    markdown = a.markdown()
+    assert "| m1 | 0.9000 | **6.0000** |" in markdown  # the lower MAE is the better
+    assert "| m2 | **0.9500** | 7.5000 |" in markdown
+    b = _board(
+        {"m1": {**summary, "age_mae": 5.5}, "m2": {**summary, "gender_accuracy": 0.95, "age_mae": 7.5}}
+    )
+    b.values["m3"] = {"utkface/zeroshot/age_mae": "error"}
+    b.models.append("m3")
+    a.write(tmp_path / "a")
+    b.write(tmp_path / "b")
+
+    argv = [
+        "eval/suite.py",
+        "--compare",
+        str(tmp_path / "a" / "leaderboard.csv"),
+        str(tmp_path / "b" / "leaderboard.csv"),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_code:
+        suite_module.main()
+    assert exit_code.value.code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("2 cell(s) differ")
+    assert printed[4:] == [
+        "| m1 | utkface/zeroshot/age_mae | 6.0 | 5.5 | -0.5000 |",
+        "| m3 | utkface/zeroshot/age_mae | - | error |  |",
+    ]
