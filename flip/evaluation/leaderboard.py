@@ -158,8 +158,9 @@ class Leaderboard:
         image = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
         for i, model in enumerate(self.models):
             for j, column in enumerate(self.columns):
-                value = self.values[model].get(column)
-                ax.text(j, i, _md_value(value), ha="center", va="center", fontsize=7, color="white")
+                light = _number(grid[i][j]) and grid[i][j] > 0.6  # viridis' yellow end: dark text
+                text = _md_value(self.values[model].get(column))
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if light else "white")
         ax.set_xticks(range(len(self.columns)), self.columns, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(self.models)), self.models, fontsize=8)
         fig.colorbar(image, ax=ax, label="worst -> best in each column")
