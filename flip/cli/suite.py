@@ -50,6 +50,8 @@ from flip.evaluation.leaderboard import (
 log = logging.getLogger(__name__)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a folder name on any filesystem
 PARTIAL = ".partial"
+CELL_CONFIG = "config.yaml"  # the cell's model entry and eval/<protocol>.py config
+IRRELEVANT = ("batch_size", "num_workers")  # settings that do not change a cell's metrics
 
 
 @dataclass
@@ -162,6 +164,28 @@ def plan(cfg: DictConfig) -> tuple[list[DictConfig], list[SuiteBenchmark]]:
     return models, benchmarks
 
 
+def cell_record(model: DictConfig, node: DictConfig) -> DictConfig:
+    """What a cell's results depend on: its model entry and its evaluation config."""
+    return OmegaConf.create({"model": OmegaConf.to_container(model), "eval": OmegaConf.to_container(node)})
+
+
+def is_done(folder: Path, model: DictConfig, node: DictConfig) -> bool:
+    """The cell is complete and was computed with this config (batch settings aside): a suite
+    edited between runs recomputes the cells it changed."""
+    if not (folder / "metrics.json").is_file() or not (folder / CELL_CONFIG).is_file():
+        return False
+    saved, now = (
+        OmegaConf.to_container(OmegaConf.load(folder / CELL_CONFIG)),
+        OmegaConf.to_container(cell_record(model, node)),
+    )
+    for record in (saved, now):
+        for key in IRRELEVANT:
+            record["eval"].pop(key, None)
+    if saved != now:
+        log.info("%s: its config changed since it was computed; computing it again", folder)
+    return saved == now
+
+
 def _model_config(cfg: DictConfig, model: DictConfig) -> DictConfig:
     return OmegaConf.create(
         {
@@ -210,7 +234,7 @@ def run_cell(
         metrics = evaluate_config(net, node, partial, checkpoint=label, model_id=model_id, cache=cache)[
             protocol
         ]
-        OmegaConf.save(node, partial / "config.yaml")  # eval/<protocol>.py's config of this cell
+        OmegaConf.save(cell_record(model, node), partial / CELL_CONFIG)
         if cfg.get("clip_benchmark_json"):
             _clip_benchmark_files(partial, metrics, benchmark, model)
     except Exception as err:
@@ -254,7 +278,7 @@ def run(cfg: DictConfig) -> Leaderboard:
                 results.append(CellResult(model.name, benchmark.name, "protocols", error=benchmark.error))
             for protocol, node in benchmark.cells.items():
                 folder = out / "cells" / model.name / benchmark.name / protocol
-                if (folder / "metrics.json").is_file():
+                if is_done(folder, model, node):
                     log.info("%s / %s / %s: done, skipped", model.name, benchmark.name, protocol)
                     results.append(read_cell(folder, model.name, benchmark.name, protocol))
                     continue
