@@ -185,9 +185,11 @@ def test_a_failing_cell_is_reported_and_the_others_complete(trained_demo, tmp_pa
         },
         {"benchmark": "faceshapes", "name": "faceshapes_natural", "root": str(trained_demo.faceshapes)},
     ]
-    cfg = compose_suite(
-        tmp_path, [{"name": "demo", "ckpt": str(trained_demo.ckpt)}], f"output_dir={tmp_path / 'out'}"
-    )
+    models = [
+        {"name": "demo", "ckpt": str(trained_demo.ckpt)},
+        {"name": "gone", "ckpt": str(tmp_path / "gone.ckpt")},
+    ]
+    cfg = compose_suite(tmp_path, models, f"output_dir={tmp_path / 'out'}")
     with open_dict(cfg):
         cfg.suite.benchmarks = benchmarks
         cfg.suite.benchmarks[2].overrides = ["protocols.linear_probe.l2_grid=[1.0]"]
@@ -216,6 +218,9 @@ def test_a_failing_cell_is_reported_and_the_others_complete(trained_demo, tmp_pa
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
     assert f"- demo / folder/zeroshot: {error}" in markdown
     assert "- demo / faceshapes/verification: " in markdown
+    # a model that does not load fails its own cells only
+    assert set(board.values["gone"].values()) == {"error"} and len(board.values["gone"]) == len(board.columns)
+    assert "- gone / faceshapes/zeroshot: the model did not load: " in markdown and "gone.ckpt" in markdown
 
     # the data arrives: a rerun computes the failed cell and leaves the done ones alone
     done = {p: p.stat().st_mtime_ns for p in cells.rglob("metrics.json")}

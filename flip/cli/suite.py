@@ -18,6 +18,7 @@ the others. `python eval/suite.py --compare A.csv B.csv` prints where two leader
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import re
@@ -25,7 +26,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,15 +204,23 @@ def _pretrained_tag(model: DictConfig) -> str:
     return Path(str(where)).stem if where else "unknown"
 
 
-def _clip_benchmark_files(folder: Path, metrics: dict, benchmark: str, model: DictConfig) -> None:
-    """Each record CLIP_benchmark can read of this cell, beside metrics.json (none for multi-label
-    attributes, which CLIP_benchmark cannot express)."""
+@functools.cache
+def _clip_benchmark_records() -> Callable | None:
     try:
         from flip.evaluation.clip_benchmark import clip_benchmark_records
     except ModuleNotFoundError as err:
         if err.name != "flip.evaluation.clip_benchmark":
             raise
         log.warning("CLIP_benchmark files not written: this FLIP has no flip.evaluation.clip_benchmark")
+        return None
+    return clip_benchmark_records
+
+
+def _clip_benchmark_files(folder: Path, metrics: dict, benchmark: str, model: DictConfig) -> None:
+    """Each record CLIP_benchmark can read of this cell, beside metrics.json (none for multi-label
+    attributes, which CLIP_benchmark cannot express)."""
+    clip_benchmark_records = _clip_benchmark_records()
+    if clip_benchmark_records is None:
         return
     for name, record in clip_benchmark_records(metrics, benchmark, model.name, _pretrained_tag(model)):
         if Path(name).name != name:
@@ -250,12 +259,10 @@ def run_cell(
     return CellResult(model.name, benchmark, protocol, metrics=metrics)
 
 
-def _free(loaded: tuple | None) -> None:
-    if loaded is None:
-        return
+def _release_memory() -> None:
+    """Give back what a model held once nothing refers to it, before the next one loads."""
     import torch
 
-    del loaded
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -285,16 +292,15 @@ def run(cfg: DictConfig) -> Leaderboard:
                 if loaded is None:
                     try:
                         loaded = load_eval_model(_model_config(cfg, model))
-                    except Exception as err:
-                        message = f"the model did not load: {type(err).__name__}: {err}"
-                        log.error("%s: %s", model.name, message)
-                        loaded = err
-                if isinstance(loaded, Exception):
-                    results.append(CellResult(model.name, benchmark.name, protocol, error=str(loaded)))
+                    except Exception as err:  # its cells fail, the other models still run
+                        loaded = f"the model did not load: {type(err).__name__}: {err}"
+                        log.error("%s: %s", model.name, loaded)
+                if isinstance(loaded, str):
+                    results.append(CellResult(model.name, benchmark.name, protocol, error=loaded))
                     continue
                 results.append(run_cell(cfg, loaded, model, benchmark.name, protocol, node, cache))
-        _free(loaded)
         loaded = None
+        _release_memory()
     board = Leaderboard.from_cells(results, [m.name for m in models])
     for path in board.write(out):
         log.info("wrote %s", path)
