@@ -358,8 +358,13 @@ def test_headlines_best_per_column_and_compare(tmp_path, capsys, monkeypatch):
         suite_module.main()
     assert exit_code.value.code == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("2 cell(s) differ")
+    assert printed[0] == f"2 cell(s) differ: A = {argv[2]}, B = {argv[3]}"
     assert printed[4:] == [
         "| m1 | utkface/zeroshot/age_mae | 6.0 | 5.5 | -0.5000 |",
         "| m3 | utkface/zeroshot/age_mae | - | error |  |",
     ]
+
+    monkeypatch.setattr(sys, "argv", [*argv[:3], str(tmp_path / "none.csv")])
+    with pytest.raises(SystemExit) as exit_code:
+        suite_module.main()
+    assert exit_code.value.code == 2 and "none.csv" in capsys.readouterr().err

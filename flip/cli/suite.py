@@ -222,7 +222,8 @@ def _clip_benchmark_files(folder: Path, metrics: dict, benchmark: str, model: Di
     clip_benchmark_records = _clip_benchmark_records()
     if clip_benchmark_records is None:
         return
-    for name, record in clip_benchmark_records(metrics, benchmark, model.name, _pretrained_tag(model)):
+    dataset = metrics.get("benchmark", benchmark)  # the benchmark's own name, not the suite's column
+    for name, record in clip_benchmark_records(metrics, dataset, model.name, _pretrained_tag(model)):
         if Path(name).name != name:
             raise ValueError(f"CLIP_benchmark file name {name!r} is not a plain file name")
         write_json_atomic(folder / name, record)
@@ -314,8 +315,13 @@ def compare(argv: Sequence[str]) -> int:
     parser.add_argument("--compare", nargs=2, metavar=("A.csv", "B.csv"), required=True)
     args = parser.parse_args(argv)
     a, b = args.compare
+    try:
+        tables = read_leaderboard_csv(a), read_leaderboard_csv(b)
+    except (OSError, ValueError) as err:
+        print(f"eval/suite.py --compare: {err}", file=sys.stderr)
+        return 2
     print(
-        comparison_markdown(compare_leaderboards(read_leaderboard_csv(a), read_leaderboard_csv(b)), a, b),
+        comparison_markdown(compare_leaderboards(*tables), a, b),
         end="",
     )
     return 0
