@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import colorsys
 import csv
-import fnmatch
 import functools
 import json
 import re
@@ -161,20 +160,25 @@ def test_clip_benchmark_on_a_flip_export_equals_flip_and_its_build_merges_our_re
         "normalized": True,
     }
 
-    # its `build` merges our files with one its own `eval` would have written (had accuracy() run)
-    # for the same export, under another model name
-    results_dir = exported / "results"
-    write_clip_benchmark_records(records, results_dir)
+    # its `build` merges our files (a suite's flat clip_benchmark/ folder) with one its own `eval`
+    # would have written (had accuracy() run) for the same export, under another model name
+    ours_dir, runs_dir = exported / "suite" / "clip_benchmark", exported / "clip_benchmark_runs"
+    write_clip_benchmark_records(records, ours_dir)
     cb_metrics = {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(mean_per_class_recall)}
-    (results_dir / f"fer2013__{CB_RUN}_en_zeroshot_classification.json").write_text(
+    runs_dir.mkdir()
+    (runs_dir / f"fer2013__{CB_RUN}_en_zeroshot_classification.json").write_text(
         json.dumps({"dataset": "fer2013", "model": CB_RUN, "pretrained": "",
                     "task": "zeroshot_classification", "metrics": cb_metrics, "language": "en"})
     )  # fmt: skip
-    (results_dir / "metrics.json").write_text(json.dumps(results["zeroshot"]))  # as in a suite cell
     table = exported / "benchmark.csv"
-    with pytest.raises(KeyError, match="metrics"):  # a folder: it reads metrics.json too (the docs say so)
-        _clip_benchmark(["build", str(results_dir), "--output", str(table)])
-    _clip_benchmark(["build", *map(str, sorted(results_dir.glob("*_en_*.json"))), "--output", str(table)])
+    cell = (
+        exported / "cell"
+    )  # a suite cell folder: its metrics.json stops build (why the suite writes a flat folder)
+    write_clip_benchmark_records(records, cell)
+    (cell / "metrics.json").write_text(json.dumps(results["zeroshot"]))
+    with pytest.raises(KeyError, match="metrics"):
+        _clip_benchmark(["build", str(cell), "--output", str(table)])
+    _clip_benchmark(["build", str(ours_dir), str(runs_dir), "--output", str(table)])
     with table.open(newline="") as f:
         reader = csv.DictReader(f)
         columns, rows = set(reader.fieldnames), list(reader)
@@ -229,7 +233,7 @@ def test_the_documented_clip_benchmark_commands_are_the_ones_this_test_runs(monk
     monkeypatch.setattr(sys, "argv", ["clip_benchmark", *commands["build"]])
     _, args = cli.get_parser_args()
     assert args.which == "build"
-    assert not any(fnmatch.fnmatch("metrics.json", Path(pattern).name) for pattern in args.files)
+    assert [Path(path).name for path in args.files] == ["clip_benchmark", "clip_benchmark_runs"]  # folders
 
 
 def _probe() -> LinearProbe:

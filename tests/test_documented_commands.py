@@ -322,6 +322,7 @@ RUN_BY = {
     "eval/linear_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/retrieval.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/verification.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
+    "eval/suite.py": ("tests/test_suite.py", "flip.cli.suite", "run"),
     "python -m flip.data.faceshapes.generate": (
         "tests/test_faceshapes.py",
         "flip.data.faceshapes.generate",
@@ -498,7 +499,12 @@ def test_a_documented_command_is_one_a_test_or_bench_runs(command, env, monkeypa
         script = argv[1]
         assert (ROOT / script).is_file(), f"{command}: {script} does not exist"
         _assert_run_by_a_test(script, command)
-        _compose_eval(f"eval_{Path(script).stem}", argv[2:], command)
+        if argv[2:3] == ["--compare"]:  # eval/suite.py's one mode outside Hydra
+            _parse_with(
+                importlib.import_module("flip.cli.suite").main, argv[1:], monkeypatch, capsys, command
+            )
+        else:
+            _compose_eval(f"eval_{Path(script).stem}", argv[2:], command)
     elif program in PYTHON and argv[1].startswith("bench/"):
         script = ROOT / argv[1]
         assert script.is_file(), f"{command}: {argv[1]} does not exist"
