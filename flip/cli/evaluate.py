@@ -1,4 +1,4 @@
-"""Hydra entry points of eval/zeroshot.py, eval/linear_probe.py and eval/retrieval.py.
+"""Hydra entry points of eval/zeroshot.py, eval/linear_probe.py, eval/retrieval.py and eval/token_probe.py.
 
 Each composes conf/eval_<protocol>.yaml: the evaluation node of conf/eval/default.yaml
 (benchmark, split, batch sizes) with one protocol of conf/protocol/, and the model to load.
@@ -78,3 +78,4 @@ def _main(config_name: str) -> Callable[[], None]:
 zeroshot = _main("eval_zeroshot")
 linear_probe = _main("eval_linear_probe")
 retrieval = _main("eval_retrieval")
+token_probe = _main("eval_token_probe")

@@ -140,6 +140,20 @@ def write_plots(metrics: Mapping[str, Any], output_dir: Path) -> list[Path]:
 # -- report ------------------------------------------------------------------------------------
 
 
+def _beside_as_published(metrics: Mapping[str, Any]) -> list[str]:
+    """The honest summary and, beside it under its label, the figure selected on the test set."""
+    published = metrics["as_published"]
+    selected = metrics.get("selected") or {}
+    honest = "honest" + (
+        f" (epoch {selected['epoch']}, chosen on {selected['on']})" if "epoch" in selected else ""
+    )
+    label = published["label"] + (
+        f" (epoch {published['selected']['epoch']})" if "epoch" in published.get("selected", {}) else ""
+    )
+    rows = [[k.replace("_", " "), v, published["summary"].get(k, "")] for k, v in metrics["summary"].items()]
+    return [*_md_table(["metric", honest, label], rows), ""]
+
+
 def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
     counts = f"n={metrics['n_test']}" + (f", n_train={metrics['n_train']}" if metrics.get("n_train") else "")
     lines = [
@@ -161,6 +175,8 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         ]
         lines += _md_table(["train labels", "l2", *[n.replace("_", " ") for n in names]], rows)
         lines += ["", f"l2 chosen on: {next(iter(metrics['fractions'].values()))['l2_selected_on']}", ""]
+    elif metrics.get("as_published"):
+        lines += _beside_as_published(metrics)
     else:
         lines += _md_table(["metric", "value"], [[k.replace("_", " "), v] for k, v in summary.items()])
         lines.append("")

@@ -20,3 +20,7 @@ def run_linear_probe(cfg: DictConfig) -> dict[str, Any]:
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     return run(cfg)["retrieval"]
+
+
+def run_token_probe(cfg: DictConfig) -> dict[str, Any]:
+    return run(cfg)["token_probe"]
