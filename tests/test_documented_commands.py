@@ -320,6 +320,7 @@ RUN_BY = {
     "eval/zeroshot.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/linear_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/retrieval.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
+    "eval/token_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "python -m flip.data.faceshapes.generate": (
         "tests/test_faceshapes.py",
         "flip.data.faceshapes.generate",

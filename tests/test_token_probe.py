@@ -23,6 +23,7 @@ from flip.evaluation.token_probe import (
     ProbeTargets,
     TokenHead,
     TokenProbe,
+    batch_gradients,
     fit_token_probe,
     normalize_vectors_,
     predict,
@@ -204,6 +205,42 @@ def test_heads_apply_their_published_layer_norms_and_weights():
             )
             expected = head.linear((head.weight.softmax(0)[None, :, None] * normed).sum(1))
         torch.testing.assert_close(head.eval()(normalize_vectors_(x.clone())), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flip", "facer"])
+@pytest.mark.parametrize("task", ["attributes", "classification", "multitask"])
+def test_written_out_gradients_equal_autograds(kind, task):
+    g = torch.Generator().manual_seed(0)
+    z = normalize_vectors_(torch.randn(10, 6, 8, generator=g))
+    if task == "classification":
+        labels = torch.randint(0, 3, (10,), generator=g).numpy()
+        names = ["x", "y", "z"]
+        images = PixelArrays(np.zeros((10, 2, 2), np.uint8), tuple(str(i) for i in range(10)))
+        split = LabelledSplit("s", "s", "classification", names, labels, images, [str(i) for i in range(10)])
+        targets = ProbeTargets.of(split)
+    elif task == "attributes":
+        targets = ProbeTargets.of(
+            _synthetic("s", z, y=(torch.rand(10, 3, generator=g) < 0.5).numpy().astype(np.int8)).split
+        )
+    else:
+        labels = {"questions": {"q": (["a", "b", "c"], np.array([0, 1, 2, -1, 0, 1, 2, 0, 1, 2]))}}
+        labels["values"] = {"age": np.array([20.0, 30, np.nan, 41, 52, 18, 60, 33, np.nan, 25])}
+        targets = ProbeTargets.of(_synthetic("m", z, task="multitask", **labels).split)
+    head = TokenHead(6, 8, targets.outputs, kind, dropout=0.3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    rows = torch.arange(10)
+    torch.manual_seed(5)
+    expected_loss = targets.loss(head(z), rows)
+    expected_loss.backward()
+    torch.manual_seed(5)  # the same dropout mask
+    keep = head.dropout_keep(10, z.device)
+    with torch.no_grad():
+        loss, grads = batch_gradients(head, z[rows], rows, targets, keep)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # -- losses by task ----------------------------------------------------------------------------

@@ -11,12 +11,14 @@ celeba_recognition.py does. Two released heads:
   softmax-normalised weights, dropout, Linear.
 
 Both LayerNorms start by normalising each vector over its width, a step with no parameters:
-it is done once, in place, on the cached vectors, so an epoch costs a gather, a weighted sum
-and one small matrix product per batch. Batches are index slices of one tensor, not a
-DataLoader. Loss by task: BCE-with-logits for attributes (-1 = unlabelled, masked out),
-cross-entropy for classes, and for multitask splits cross-entropy per question plus L1 per
-regression value (on the value standardised with the training rows' mean and std, reported
-back in its own units: MAE and CS@5, the fraction within 5).
+it is done once, in place, on the cached vectors. What is left is linear in the vectors, so a
+batch costs a gather, one pass for the weighted sum and one for its gradients (written out in
+`TokenHead.step_gradients`; autograd only from the loss to the logits). Batches are index
+slices of one tensor, not a DataLoader. Loss by task: BCE-with-logits for attributes
+(-1 = unlabelled, masked out), cross-entropy for classes, and for multitask splits
+cross-entropy per question plus L1 per regression value (on the value standardised with the
+training rows' mean and std, reported back in its own units: MAE and CS@5, the fraction
+within 5).
 
 Selection: `honest` picks the epoch on the validation split (or a seeded hold-out of train,
 not refit) and reports the test figure at that epoch; `test_as_published` adds the test
@@ -25,6 +27,7 @@ figure at the best epoch on the test set itself, what FLIP's and FaRL's code rep
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +44,10 @@ from flip.evaluation.token_features import benchmark_token_vectors, tower_depth
 from flip.models import FlipModel
 from flip.models.probe_tokens import resolve_probe_blocks
 
+log = logging.getLogger(__name__)
+
 HEADS = ("flip", "facer")
+COMPILE_FROM_STEPS = 20_000
 SELECTIONS = ("honest", "test_as_published")
 AS_PUBLISHED = "selected on test, as published"
 LAYER_NORM_EPS = 1e-5  # open_clip's and FLIP's LayerNorm
@@ -57,7 +63,13 @@ def normalize_vectors_(x: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
 
 
 class TokenHead(nn.Module):
-    """The head on normalised vectors [B, V, D]: LayerNorm affine, weighted sum over V, Linear."""
+    """The head on normalised vectors [B, V, D]: LayerNorm affine, weighted sum over V, Linear.
+
+    Both heads are h = sum_v scale_v * z_v + shift with scale_v = a_v gamma(_v) and shift =
+    sum_v a_v beta(_v) (a: the raw weights for flip, their softmax for facer), so one pass over
+    the vectors gives h and one more the gradients of every head parameter (`batch_gradients`):
+    the training loop needs no autograd graph over the [B, V, D] batch.
+    """
 
     def __init__(self, vectors: int, width: int, outputs: int, kind: str = "flip", dropout: float = 0.0):
         super().__init__()
@@ -79,15 +91,68 @@ class TokenHead(nn.Module):
         """The weights over the vectors as the head applies them."""
         return self.weight if self.kind == "flip" else self.weight.softmax(dim=0)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale [V, D] and shift [D] of h = sum_v scale_v * z_v + shift."""
         a = self.mixing()
-        if self.kind == "flip":  # sum_v a_v (gamma z_v + beta) = gamma (sum_v a_v z_v) + beta sum_v a_v
-            h = torch.matmul(a, z) * self.gamma + self.beta * a.sum()
-        else:
-            h = (z * (a[:, None] * self.gamma)).sum(dim=1) + (a[:, None] * self.beta).sum(dim=0)
-        if self.dropout and self.training:
-            h = F.dropout(h, self.dropout)
-        return self.linear(h)
+        if self.kind == "flip":
+            return a[:, None] * self.gamma, a.sum() * self.beta
+        return a[:, None] * self.gamma, (a[:, None] * self.beta).sum(dim=0)
+
+    @staticmethod
+    def combine(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """sum_v scale_v * z_v + shift, one fused multiply-add per vector (no [B, V, D] temporary)."""
+        h = z[:, 0] * scale[0]
+        for v in range(1, z.shape[1]):
+            h = h.addcmul(z[:, v], scale[v]) if torch.is_grad_enabled() else h.addcmul_(z[:, v], scale[v])
+        return h + shift
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.combine(z, *self.scale_shift())
+        keep = self.dropout_keep(len(z), z.device)
+        return self.linear(h if keep is None else h * keep)
+
+    def dropout_keep(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The dropout multiplier of a training batch (None without dropout or in eval mode)."""
+        if not (self.dropout and self.training):
+            return None
+        keep = torch.rand(rows, self.gamma.shape[-1], device=device) >= self.dropout
+        return keep.to(self.gamma.dtype) / (1.0 - self.dropout)
+
+
+def batch_gradients(
+    head: TokenHead, z: torch.Tensor, rows: torch.Tensor, targets: ProbeTargets, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a training batch (vectors z of the training `rows`) and the gradient of every
+    head parameter, by name.
+
+    Written out rather than left to autograd: the head is h = sum_v scale_v * z_v + shift, so
+    one pass over the batch's vectors gives h and one more d loss / d scale, from which every
+    parameter's gradient follows in a few [V, D]-sized products. Plain tensor code, so
+    torch.compile can fuse each pass into one kernel (`compile` in ProbeSettings). The batch is
+    gathered before: both passes then read it from cache, not the cached vectors twice.
+    """
+    a = head.mixing()
+    scale, shift = head.scale_shift()
+    h = (z * scale).sum(dim=1) + shift
+    used = h if keep is None else h * keep
+    weight, bias = head.linear.weight, head.linear.bias
+    value, grad_logits = targets.loss_gradient(torch.addmm(bias, used, weight.T), rows)
+    grads = {"linear.weight": grad_logits.T @ used, "linear.bias": grad_logits.sum(dim=0)}
+    grad_h = grad_logits @ weight
+    if keep is not None:
+        grad_h = grad_h * keep
+    grad_scale = (z * grad_h[:, None, :]).sum(dim=0)  # [V, D]
+    grad_shift = grad_h.sum(dim=0)  # [D]
+    if head.kind == "flip":
+        grads["gamma"] = a @ grad_scale
+        grads["beta"] = a.sum() * grad_shift
+        grads["weight"] = grad_scale @ head.gamma + head.beta @ grad_shift
+    else:
+        grads["gamma"] = a[:, None] * grad_scale
+        grads["beta"] = a[:, None] * grad_shift
+        grad_a = (grad_scale * head.gamma).sum(dim=1) + head.beta @ grad_shift
+        grads["weight"] = a * (grad_a - (a * grad_a).sum())  # through the softmax
+    return value, grads
 
 
 # -- targets and losses by task ----------------------------------------------------------------
@@ -184,6 +249,40 @@ class ProbeTargets:
             total = total + (l1.sum(dim=0) / mask.sum(dim=0).clamp(min=1)).sum()
         return total
 
+    def loss_gradient(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`loss` and its gradient wrt the logits, written out (the training step's autograd-free path)."""
+        if self.task == "attributes":
+            mask = self.mask[rows].to(logits.dtype)
+            count = mask.sum().clamp(min=1)
+            y = self.y[rows]
+            bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+            return (bce * mask).sum() / count, (torch.sigmoid(logits) - y) * mask / count
+        if self.task == "classification":
+            y = self.y[rows]
+            log_p = torch.log_softmax(logits, dim=1)
+            value = -log_p.gather(1, y[:, None]).mean()
+            return value, (log_p.exp() - F.one_hot(y, logits.shape[1]).to(logits.dtype)) / len(y)
+        y = self.y[rows]
+        value = logits.new_zeros(())
+        grad = torch.zeros_like(logits)
+        for q, (_, outputs) in enumerate(self.slices):
+            labels = y[:, q]
+            valid = (labels >= 0).to(logits.dtype)
+            count = valid.sum().clamp(min=1)
+            log_p = torch.log_softmax(logits[:, outputs], dim=1)
+            safe = labels.clamp(min=0)
+            value = value - (log_p.gather(1, safe[:, None]).squeeze(1) * valid).sum() / count
+            onehot = F.one_hot(safe, log_p.shape[1]).to(logits.dtype)
+            grad[:, outputs] = (log_p.exp() - onehot) * valid[:, None] / count
+        if self.value_names:
+            r = len(self.value_names)
+            mask = self.value_mask[rows].to(logits.dtype)
+            count = mask.sum(dim=0).clamp(min=1)
+            diff = logits[:, -r:] - self.values[rows]
+            value = value + ((diff.abs() * mask).sum(dim=0) / count).sum()
+            grad[:, -r:] = torch.sign(diff) * mask / count
+        return value, grad
+
 
 def regression_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | int]:
     """MAE and CS@5 (the fraction of predictions within 5 units) over the labelled (finite) values."""
@@ -248,6 +347,35 @@ class ProbeSettings:
     batch_size: int = 128
     weight_decay: float = 0.05
     seed: int = 0
+    # torch.compile the training step: True, False, or "auto" (runs of COMPILE_FROM_STEPS full
+    # batches or more, where the compilation is paid back)
+    compile: bool | str = "auto"
+
+
+def _compiled_step(settings: ProbeSettings, rows: int, device: torch.device) -> Callable | None:
+    """`batch_gradients` compiled, when `settings.compile` asks for it; None otherwise.
+
+    If compiling fails (no C++ compiler on a CPU machine, say), the step falls back to eager
+    with a warning: the result differs only by rounding.
+    """
+    if settings.compile not in (True, False, "auto"):
+        raise ValueError(f"compile={settings.compile!r}: expected true, false or auto")
+    steps = settings.epochs * (rows // settings.batch_size)
+    if settings.compile is False or (settings.compile == "auto" and steps < COMPILE_FROM_STEPS):
+        return None
+    compiled = torch.compile(batch_gradients, dynamic=False)
+    state = {"failed": False}
+
+    def step(*args: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not state["failed"]:
+            try:
+                return compiled(*args)
+            except Exception as exc:  # any compiler failure: run eager instead
+                state["failed"] = True
+                log.warning("token probe: torch.compile failed (%s); training eagerly", exc)
+        return batch_gradients(*args)
+
+    return step
 
 
 @torch.no_grad()
@@ -292,7 +420,9 @@ def fit_token_probe(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)
         head = TokenHead(x.shape[1], x.shape[2], targets.outputs, settings.head, settings.dropout).to(device)
-        optimizer = _adamw(list(head.parameters()), settings)
+        parameters = dict(head.named_parameters())
+        optimizer = _adamw(list(parameters.values()), settings)
+        compiled = _compiled_step(settings, len(rows), device)
         generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         for epoch in range(settings.epochs):
             lr = 0.5 * settings.lr * (1.0 + math.cos(math.pi * epoch / settings.epochs))
@@ -301,9 +431,16 @@ def fit_token_probe(
             head.train()
             order = rows[torch.randperm(len(rows), generator=generator).to(device)]
             for batch in order.split(settings.batch_size):
-                loss = targets.loss(head(x.index_select(0, batch)), batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                step = (
+                    compiled
+                    if compiled is not None and len(batch) == settings.batch_size
+                    else batch_gradients
+                )
+                keep = head.dropout_keep(len(batch), device)
+                with torch.no_grad():
+                    _, grads = step(head, x.index_select(0, batch), batch, targets, keep)
+                for name, param in parameters.items():
+                    param.grad = grads[name]
                 optimizer.step()
             if on_epoch is not None:
                 on_epoch(epoch + 1, head)
@@ -373,6 +510,7 @@ class TokenProbe:
     weight_decay: float = 0.05
     seed: int = 0
     holdout: float = 0.2
+    compile: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -389,7 +527,14 @@ class TokenProbe:
     @property
     def settings(self) -> ProbeSettings:
         return ProbeSettings(
-            self.head, self.dropout, self.epochs, self.lr, self.batch_size, self.weight_decay, self.seed
+            self.head,
+            self.dropout,
+            self.epochs,
+            self.lr,
+            self.batch_size,
+            self.weight_decay,
+            self.seed,
+            self.compile,
         )
 
     def __call__(
