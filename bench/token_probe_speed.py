@@ -9,7 +9,7 @@ shared LayerNorm, 12 raw weights, Linear(768, 40)) with BCE-with-logits, AdamW (
 FLIP's CelebA settings (lr 0.3, batch 64, 100 epochs, per-epoch cosine to 0) and are scored by
 mean test accuracy over the 40 attributes:
 
-- FLIP (`flip.evaluation.token_probe.fit_token_probe`): the LayerNorm's parameter-free
+- FLIP (`flip.evaluation.token_head.fit_token_probe`): the LayerNorm's parameter-free
   normalisation done once, in place; index-sliced batches from the tensor; the gradients
   written out (two passes over a batch's vectors), compiled by torch.compile for a run this
   long (compilation time included); the fused AdamW;
@@ -46,9 +46,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flip.evaluation.token_probe import (  # noqa: E402
+from flip.evaluation.probe_targets import ProbeTargets  # noqa: E402
+from flip.evaluation.token_head import (  # noqa: E402
     ProbeSettings,
-    ProbeTargets,
     fit_token_probe,
     normalize_vectors_,
     predict,

@@ -16,19 +16,17 @@ from sklearn.metrics import mean_absolute_error
 from flip.benchmarks.base import ImageFiles, LabelledSplit, PixelArrays
 from flip.evaluation.features import FeatureCache, SplitFeatures
 from flip.evaluation.linear_probe import LinearProbe
+from flip.evaluation.probe_targets import ProbeTargets, regression_scores
 from flip.evaluation.token_features import split_token_vectors
-from flip.evaluation.token_probe import (
-    AS_PUBLISHED,
+from flip.evaluation.token_head import (
     ProbeSettings,
-    ProbeTargets,
     TokenHead,
-    TokenProbe,
     batch_gradients,
     fit_token_probe,
     normalize_vectors_,
     predict,
-    regression_scores,
 )
+from flip.evaluation.token_probe import AS_PUBLISHED, TokenProbe
 from flip.models import FlipModel, build_model
 from flip.models.probe_tokens import default_probe_blocks, resolve_probe_blocks
 
