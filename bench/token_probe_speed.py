@@ -151,7 +151,10 @@ def worker(args: argparse.Namespace) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     pred = method(x, y, xt, args)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    from torch._dynamo.utils import counters
+
     report = {
+        "compiled_graphs": int(counters["stats"]["unique_graphs"]),  # 0: the step ran eagerly
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "accuracy": float((pred == yt.astype(bool)).mean()),
