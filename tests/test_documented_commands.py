@@ -323,6 +323,7 @@ RUN_BY = {
     "eval/retrieval.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/verification.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/suite.py": ("tests/test_suite.py", "flip.cli.suite", "run"),
+    "eval/token_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "python -m flip.data.faceshapes.generate": (
         "tests/test_faceshapes.py",
         "flip.data.faceshapes.generate",

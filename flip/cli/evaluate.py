@@ -1,4 +1,5 @@
-"""Hydra entry points of eval/zeroshot.py, eval/linear_probe.py, eval/retrieval.py and eval/verification.py.
+"""Hydra entry points of eval/zeroshot.py, eval/linear_probe.py, eval/token_probe.py,
+eval/retrieval.py and eval/verification.py.
 
 Each composes conf/eval_<protocol>.yaml: the evaluation node of conf/eval/default.yaml
 (benchmark, split, batch sizes) with one protocol of conf/protocol/, and the model to load.
@@ -82,3 +83,4 @@ zeroshot = _main("eval_zeroshot")
 linear_probe = _main("eval_linear_probe")
 retrieval = _main("eval_retrieval")
 verification = _main("eval_verification")
+token_probe = _main("eval_token_probe")

@@ -1,8 +1,8 @@
-"""Evaluation: benchmark protocols (zero-shot, linear probe, retrieval), reports and queries.
+"""Evaluation: benchmark protocols (zero-shot, linear probe, token probe, retrieval), reports and queries.
 
 `flip.evaluation.evaluate(model, benchmark, protocols, output_dir)` (run.py) is the one path
 every caller takes: benchmark (reader, splits, prompts) -> features (extracted once per split,
-optionally cached on disk) -> each protocol (zeroshot / linear_probe / retrieval) -> report
+optionally cached on disk) -> each protocol (zeroshot / linear_probe / token_probe / retrieval) -> report
 (metrics.json, report.md, plots). attribute_query answers questions about images.
 """
 

@@ -239,9 +239,13 @@ def _as_published_lines(metrics: Mapping[str, Any]) -> list[str]:
     published = metrics["as_published"]
     label, honest = published["label"], metrics["summary"]
     names = [n for n in honest if n in published["summary"]]
+    chosen = metrics.get("selected") or {}  # the token probe's honest epoch, and where it was chosen
+    honest_header = "honest" + (
+        f" (epoch {chosen['epoch']}, chosen on {chosen['on']})" if "epoch" in chosen else ""
+    )
     lines = [f"**{label}** ({_selected(published)}), beside the honest figure:", ""]
     lines += _md_table(
-        ["metric", "honest", label],
+        ["metric", honest_header, label],
         [[n.replace("_", " "), honest[n], published["summary"][n]] for n in names],
     )
     return [*lines, ""]
@@ -270,7 +274,7 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         ]
         lines += _md_table(["train labels", "l2", *[n.replace("_", " ") for n in names]], rows)
         lines += ["", f"l2 chosen on: {next(iter(metrics['fractions'].values()))['l2_selected_on']}", ""]
-    else:
+    elif not metrics.get("as_published"):  # with it, the honest figures stand in its table below
         lines += _md_table(["metric", "value"], [[k.replace("_", " "), v] for k, v in summary.items()])
         lines.append("")
     if metrics.get("as_published"):

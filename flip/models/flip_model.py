@@ -19,6 +19,7 @@ from torch import nn
 
 from flip.models.hf_text import hf_text_with_tokens
 from flip.models.outputs import EncoderOutput
+from flip.models.probe_tokens import FINAL, resolve_probe_blocks
 
 # CLIP caps the learned inverse temperature at 100. Training also clamps the parameter after each
 # step; clamping here too keeps the cap where the parameter cannot be written (DeepSpeed keeps
@@ -135,6 +136,48 @@ class FlipModel(nn.Module):
         if isinstance(self.clip, CLIP) and self.clip.attn_mask is not None:
             mask[:, 0] = False
         return mask
+
+    def token_probe_vectors(
+        self, images: torch.Tensor, blocks: Sequence[int | str] | None = None
+    ) -> torch.Tensor:
+        """[B, 3 * len(blocks), width]: per block the class token, the mean and the max of the patch tokens.
+
+        `blocks` are 1-based block numbers (that block's raw output) or "final" (the last block's
+        output after ln_post, over all tokens, as FLIP's probe reads it); None: FLIP's choice at
+        this tower's depth (flip.models.probe_tokens). The blocks after the last one needed do
+        not run.
+        """
+        visual = self.clip.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(
+                f"the token probe needs an open_clip VisionTransformer image tower (a ViT-* "
+                f"architecture, e.g. ViT-B-16 or conf/model/tiny.yaml), not {type(visual).__name__}, "
+                f"which exposes no tokens; use the linear_probe protocol (pooled features) for this model"
+            )
+        if visual.attn_pool is not None:
+            raise ValueError(
+                "the token probe reads the ViT's own tokens, and this tower pools them by attention "
+                "(CoCa-style, ln_post over the pooler's output); use a ViT without attentional_pool, "
+                "or the linear_probe protocol"
+            )
+        transformer = visual.transformer
+        blocks = resolve_probe_blocks(blocks, len(transformer.resblocks))
+        last = len(transformer.resblocks) if FINAL in blocks else max(int(b) for b in blocks)
+        x = visual._embeds(images)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        kept = {last, *(b for b in blocks if b != FINAL)}
+        outputs = {}
+        for number, block in enumerate(transformer.resblocks[:last], start=1):
+            x = block(x)
+            if number in kept:
+                outputs[number] = x if transformer.batch_first else x.transpose(0, 1)
+        vectors = []
+        for block in blocks:
+            h = visual.ln_post(outputs[last]) if block == FINAL else outputs[int(block)]
+            patches = h[:, 1:]
+            vectors += [h[:, 0], patches.mean(dim=1), patches.amax(dim=1)]
+        return torch.stack(vectors, dim=1)
 
     def _image_with_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.clip.visual

@@ -24,3 +24,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
 
 def run_verification(cfg: DictConfig) -> dict[str, Any]:
     return run(cfg)["verification"]
+
+
+def run_token_probe(cfg: DictConfig) -> dict[str, Any]:
+    return run(cfg)["token_probe"]

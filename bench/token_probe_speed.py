@@ -1,0 +1,310 @@
+"""Token-probe speed: FLIP's token probe vs a plain PyTorch loop on the same cached vectors.
+
+CelebA-sized synthetic cached vectors: 160,000 training and 20,000 test images x 12 vectors
+(4 blocks x class token, mean, max) x 768 (a ViT-B/16's width), float32, 40 binary attributes.
+Every attribute is planted in block 2's max vector (vector 5): attribute a is
+[3 * x[5, a] + logistic noise + b_a > 0], b_a set for 5-50% positives, so the head has to learn
+to weight that vector and test accuracy says whether it did. Both sides train FLIP's head (one
+shared LayerNorm, 12 raw weights, Linear(768, 40)) with BCE-with-logits, AdamW (wd 0.05) at
+FLIP's CelebA settings (lr 0.3, batch 64, 100 epochs, per-epoch cosine to 0) and are scored by
+mean test accuracy over the 40 attributes:
+
+- FLIP (`flip.evaluation.token_head.fit_token_probe`): the LayerNorm's parameter-free
+  normalisation done once, in place; index-sliced batches from the tensor; the gradients
+  written out (two passes over a batch's vectors), compiled by torch.compile for a run this
+  long (compilation time included); the fused AdamW;
+- baseline: a DataLoader over a TensorDataset (shuffled, seeded), an nn.Module head that
+  applies the LayerNorm to every batch, torch's default AdamW.
+
+Each side runs in a fresh process that builds the same vectors from the same seed. Peak memory
+is that process's peak resident set size (VmHWM) while it trains and tests, beside the size of
+the cached vectors it holds. The extraction part times `FlipModel.token_probe_vectors` on a
+randomly initialised ViT-B/16 at 224 px (no weights are downloaded) and compares what it
+caches per image with the four blocks' token maps it summarises.
+
+    .venv/bin/python bench/token_probe_speed.py                        # the table in bench/results
+    .venv/bin/python bench/token_probe_speed.py --images 8000 --test-images 2000 --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flip.evaluation.probe_targets import ProbeTargets  # noqa: E402
+from flip.evaluation.token_head import (  # noqa: E402
+    ProbeSettings,
+    fit_token_probe,
+    normalize_vectors_,
+    predict,
+)
+
+PLANTED = 5  # block 2's max vector
+
+
+def make_vectors(n: int, vectors: int, width: int, labels: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Gaussian vectors [n, V, D] and 0/1 attributes [n, A] planted in vector PLANTED."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, vectors, width)
+    for block in x.split(8192):
+        block.normal_(generator=generator)
+    rng = np.random.default_rng(seed)
+    scores = 3.0 * x[:, PLANTED, :labels].numpy() + rng.logistic(size=(n, labels))
+    prevalence = np.linspace(0.05, 0.5, labels)
+    return x, scores, prevalence
+
+
+def make_split(args: argparse.Namespace) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
+    x, scores, prevalence = make_vectors(args.images, args.vectors, args.width, args.labels, 0)
+    bias = -np.array([np.quantile(scores[:, a], 1 - prevalence[a]) for a in range(args.labels)])
+    xt, scores_t, _ = make_vectors(args.test_images, args.vectors, args.width, args.labels, 1)
+    return x, (scores + bias > 0).astype(np.int8), xt, (scores_t + bias > 0).astype(np.int8)
+
+
+class PlainHead(nn.Module):
+    """FLIP's Celeba_Recognition head as its script writes it: LayerNorm per batch, raw weights, Linear."""
+
+    def __init__(self, vectors: int, width: int, labels: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(width, eps=1e-5)
+        self.weights = nn.Parameter(torch.empty(1, vectors, 1))
+        self.proj = nn.Linear(width, labels)
+        nn.init.xavier_uniform_(self.weights)
+        nn.init.xavier_uniform_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj((self.weights * self.ln(x)).sum(dim=1))
+
+
+def plain_loop(x, y, xt, args) -> np.ndarray:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(args.seed)
+    head = PlainHead(x.shape[1], x.shape[2], y.shape[1])
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loader = DataLoader(
+        TensorDataset(x, torch.from_numpy(y).float()),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    loss_fn = nn.BCEWithLogitsLoss()
+    for epoch in range(args.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+        head.train()
+        for xb, yb in loader:
+            loss = loss_fn(head(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    head.eval()
+    with torch.no_grad():
+        return torch.cat([head(b) for b in xt.split(8192)]).numpy() > 0
+
+
+def flip_probe(x, y, xt, args) -> np.ndarray:
+    z, zt = normalize_vectors_(x), normalize_vectors_(xt)
+    labels = torch.from_numpy(y).float()
+    targets = ProbeTargets("attributes", y.shape[1], labels, mask=torch.ones(y.shape, dtype=torch.bool))
+    settings = ProbeSettings("flip", 0.0, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed)
+    head = fit_token_probe(z, targets, settings)
+    return predict(head, zt).numpy() > 0
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    x, y, xt, yt = make_split(args)
+    features_mb = (x.numel() + xt.numel()) * 4 / 2**20
+    ready_mb, reset = _status_kb("VmRSS") / 1024, _reset_peak()
+    method = flip_probe if args.worker == "flip" else plain_loop
+    start, cpu = time.perf_counter(), time.process_time()
+    pred = method(x, y, xt, args)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    from torch._dynamo.utils import counters
+
+    report = {
+        "compiled_graphs": int(counters["stats"]["unique_graphs"]),  # 0: the step ran eagerly
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "accuracy": float((pred == yt.astype(bool)).mean()),
+        "features_mb": features_mb,
+        "rss_with_features_mb": ready_mb,
+        "peak_rss_mb": _status_kb("VmHWM") / 1024,
+        "peak_reset": reset,
+    }
+    print(json.dumps(report))
+
+
+def run(method: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method]
+    for key in ("images", "test_images", "vectors", "width", "labels", "epochs", "lr", "batch_size"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for key in ("weight_decay", "seed", "threads", "compile"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    with tempfile.TemporaryDirectory() as cache:  # a cold compile cache: compilation is timed
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"{method}: {result['seconds']:.1f} s, accuracy {result['accuracy']:.4f}, "
+        f"peak {result['peak_rss_mb']:.0f} MB"
+    )
+    return result
+
+
+@torch.no_grad()
+def extraction(images: int, batch: int, threads: int) -> dict:
+    """Token-probe vectors of a random-weight ViT-B/16 at 224 px: images/s, and bytes cached per image."""
+    from flip.models import build_model
+    from flip.models.probe_tokens import default_probe_blocks
+
+    torch.set_num_threads(threads)
+    model = build_model("ViT-B-16").eval()
+    blocks = default_probe_blocks(len(model.clip.visual.transformer.resblocks))
+    pixels = torch.randn(batch, 3, 224, 224)
+    model.token_probe_vectors(pixels[:2], blocks)  # warm-up
+    start = time.perf_counter()
+    done = 0
+    while done < images:
+        vectors = model.token_probe_vectors(pixels, blocks)
+        done += batch
+    seconds = time.perf_counter() - start
+    tokens = (model.clip.visual.positional_embedding.shape[0]) * len(blocks)
+    return {
+        "images": done,
+        "images_per_s": done / seconds,
+        "blocks": blocks,
+        "cached_floats_per_image": vectors[0].numel(),
+        "token_map_floats_per_image": tokens * vectors.shape[-1],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=160_000, help="training images (cached vectors)")
+    parser.add_argument("--test-images", type=int, default=20_000)
+    parser.add_argument("--vectors", type=int, default=12)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--labels", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.3, help="FLIP's CelebA learning rate")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of both sides")
+    parser.add_argument(
+        "--compile", choices=("auto", "true", "false"), default="auto", help="FLIP's torch.compile setting"
+    )
+    parser.add_argument("--extract-images", type=int, default=64, help="ViT-B/16 images to time (0: skip)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "token_probe_speed.json")
+    parser.add_argument("--worker", choices=("flip", "plain"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    load = [round(v, 2) for v in os.getloadavg()]
+    results = {m: run(m, args) for m in ("flip", "plain")}
+    extract = extraction(args.extract_images, 32, args.threads) if args.extract_images else None
+    flip, plain = results["flip"], results["plain"]
+    report = {
+        "speedup": round(plain["seconds"] / flip["seconds"], 2),
+        "accuracy_diff_pt": round(100 * (flip["accuracy"] - plain["accuracy"]), 3),
+        "flip_s": round(flip["seconds"], 1),
+        "plain_s": round(plain["seconds"], 1),
+        "flip_accuracy": round(flip["accuracy"], 5),
+        "plain_accuracy": round(plain["accuracy"], 5),
+        "features_mb": round(flip["features_mb"], 1),
+        "flip_peak_rss_mb": round(flip["peak_rss_mb"], 1),
+        "plain_peak_rss_mb": round(plain["peak_rss_mb"], 1),
+        "flip_peak_over_features": round(flip["peak_rss_mb"] / flip["features_mb"], 3),
+        "plain_peak_over_features": round(plain["peak_rss_mb"] / plain["features_mb"], 3),
+        "runs": results,
+        "extraction": extract,
+        "shape": {
+            "n_train": args.images,
+            "n_test": args.test_images,
+            "vectors": args.vectors,
+            "width": args.width,
+            "labels": args.labels,
+        },
+        "settings": {
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "weight_decay": args.weight_decay,
+            "seed": args.seed,
+            "compile": args.compile,
+        },
+        "baseline": "DataLoader(TensorDataset, shuffle) + nn.Module head (LayerNorm per batch) + torch AdamW",
+        "time_method": "one run per side, each in a fresh process, training + test prediction; "
+        "peak = the process's VmHWM, cached vectors included",
+        "load_average_at_start": load,
+        "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "torch": torch.__version__,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    header = (
+        "| cached vectors | epochs | FLIP token probe | plain PyTorch loop | speedup | FLIP acc. "
+        "| plain acc. | peak RSS / cached vectors (FLIP, plain) |"
+    )
+    row = (
+        f"| {args.images:,} x {args.vectors} x {args.width} "
+        f"({report['features_mb'] / 1024:.2f} GiB with test) "
+        f"| {args.epochs} | {report['flip_s']} s | {report['plain_s']} s | {report['speedup']}x "
+        f"| {flip['accuracy']:.4f} | {plain['accuracy']:.4f} "
+        f"| {report['flip_peak_over_features']}, {report['plain_peak_over_features']} |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|", row, ""]
+    if extract:
+        lines.append(
+            f"Extraction (random-weight ViT-B/16, 224 px, blocks {extract['blocks']}): "
+            f"{extract['images_per_s']:.1f} images/s; {extract['cached_floats_per_image']:,} floats cached "
+            f"per image instead of {extract['token_map_floats_per_image']:,} for the token maps "
+            f"({extract['token_map_floats_per_image'] / extract['cached_floats_per_image']:.0f}x fewer)."
+        )
+        lines.append("")
+    lines.append(
+        f"{report['device']}, torch {torch.__version__}; {report['time_method']}; load average {load}."
+    )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

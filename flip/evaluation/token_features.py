@@ -1,0 +1,154 @@
+"""The token probe's vectors of a benchmark split, extracted once per image and cached on disk.
+
+A token probe trains for many epochs over the same images; what it reads of each image is a
+few vectors per block (flip.models.probe_tokens), never the whole token map: 12 x 768 floats
+of a ViT-B/16 image instead of 4 x 197 x 768. They are cached through the same FeatureCache as
+pooled features, under a model identity that also names the kind of features and the blocks,
+so a pooled-feature cache entry and a token-probe entry of another block choice never meet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from rich.progress import track
+from torch.utils.data import DataLoader
+
+from flip.benchmarks.base import ImageSource, LabelledSplit
+from flip.evaluation.features import (
+    BenchmarkFeatures,
+    FeatureCache,
+    SplitFeatures,
+    _collate,
+    _Images,
+    model_device,
+    model_dtype,
+)
+from flip.models import FlipModel
+from flip.models.probe_tokens import resolve_probe_blocks
+
+log = logging.getLogger(__name__)
+KIND = "token_probe_vectors"
+
+
+def tower_depth(model: FlipModel) -> int:
+    """Blocks of the image tower (0 when it has no open_clip transformer; the model method says why)."""
+    transformer = getattr(getattr(model.clip, "visual", None), "transformer", None)
+    return len(getattr(transformer, "resblocks", []))
+
+
+@torch.no_grad()
+def extract_token_vectors(
+    model: FlipModel,
+    images: ImageSource,
+    blocks: Sequence[int | str],
+    batch_size: int = 256,
+    num_workers: int = 0,
+    description: str = "token-probe vectors",
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[int]]:
+    """Vectors [M, 3 * len(blocks), width] (float32, CPU) of the readable images, and their indices."""
+    device, dtype = model_device(model), model_dtype(model)
+    loader = DataLoader(
+        _Images(images, model.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    vectors, kept = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        batches = track(loader, description=description, transient=True) if progress else loader
+        for batch, indices in batches:
+            if batch is None:
+                continue
+            vectors.append(model.token_probe_vectors(batch.to(device, dtype), blocks).float().cpu())
+            kept.extend(indices)
+    finally:
+        model.train(was_training)
+    if not kept:
+        raise ValueError(f"none of the {len(images)} images could be read, e.g. {images.describe(0)!r}")
+    return torch.cat(vectors), kept
+
+
+def token_vectors_identity(model_id: str, blocks: Sequence[int | str]) -> str:
+    """The cache identity of token-probe vectors: the model, this kind of features, the blocks."""
+    return json.dumps({"model": model_id, "kind": KIND, "blocks": list(blocks)})
+
+
+def split_token_vectors(
+    model: FlipModel,
+    split: LabelledSplit,
+    blocks: Sequence[int | str],
+    model_id: str | None = None,
+    cache: FeatureCache | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> SplitFeatures:
+    """Token-probe vectors of a split (SplitFeatures with [N, V, width] features), cached when
+    `model_id` names the model."""
+    identity = None if model_id is None else token_vectors_identity(model_id, blocks)
+    key = cache.key(identity, split) if cache is not None and identity is not None else None
+    found = cache.load(key) if key is not None else None
+    if found is not None:
+        vectors, index = found
+        log.info("token vectors of %s/%s from cache %s", split.benchmark, split.split, cache.path(key))
+    else:
+        vectors, index = extract_token_vectors(
+            model,
+            split.images,
+            blocks,
+            batch_size,
+            num_workers,
+            f"{split.benchmark}/{split.split} token vectors",
+            progress,
+        )
+        if key is not None:
+            description = {
+                "benchmark": split.benchmark,
+                "split": split.split,
+                "n": len(index),
+                "model": model_id,
+                "kind": KIND,
+                "blocks": list(blocks),
+                "shape": list(vectors.shape),
+            }
+            cache.save(key, vectors, index, description)
+    skipped = len(split) - len(index)
+    kept = split if skipped == 0 else split.subset(np.asarray(index))
+    return SplitFeatures(vectors, kept, skipped)
+
+
+def benchmark_token_vectors(
+    features: BenchmarkFeatures,
+    split: str | None,
+    blocks: Sequence[int | str] | None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> SplitFeatures:
+    """The vectors of `split` (None: the evaluated split) of the benchmark `features` serves, with
+    its model, cache and loader settings; recorded in `features.requested`, so the evaluation
+    reports the split's skipped images as for pooled features."""
+    key = features.evaluated if split is None else (split, max_samples, seed)
+    resolved = (
+        resolve_probe_blocks(blocks, tower_depth(features.model)) if tower_depth(features.model) else blocks
+    )
+    found = split_token_vectors(
+        features.model,
+        features.benchmark.load(*key),
+        resolved,
+        features.model_id,
+        features.cache,
+        features.batch_size,
+        features.num_workers,
+        features.progress,
+    )
+    features.requested.append(found)
+    return found

@@ -1,0 +1,382 @@
+"""The token probe: its vectors against open_clip's own modules, its cache, its heads, losses and
+epoch selection against independent computations, and eval/token_probe.py end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import mean_absolute_error
+
+from flip.benchmarks.base import ImageFiles, LabelledSplit, PixelArrays
+from flip.evaluation.features import FeatureCache, SplitFeatures
+from flip.evaluation.linear_probe import LinearProbe
+from flip.evaluation.probe_targets import ProbeTargets, regression_scores
+from flip.evaluation.token_features import split_token_vectors
+from flip.evaluation.token_head import (
+    ProbeSettings,
+    TokenHead,
+    batch_gradients,
+    fit_token_probe,
+    normalize_vectors_,
+    predict,
+)
+from flip.evaluation.token_probe import AS_PUBLISHED, TokenProbe
+from flip.models import FlipModel, build_model
+from flip.models.probe_tokens import default_probe_blocks, resolve_probe_blocks
+
+from .helpers import compose_eval, eval_overrides
+from .helpers.evaluation import run_token_probe
+
+# -- the vectors -------------------------------------------------------------------------------
+
+
+def test_default_blocks_are_flips_at_the_same_relative_depth():
+    assert default_probe_blocks(12) == [4, 6, 8, "final"]
+    assert default_probe_blocks(24) == [8, 12, 16, "final"]
+    assert default_probe_blocks(3) == [1, 2, "final"]  # 1.5 and 2 both land on block 2: read once
+    with pytest.raises(ValueError, match=r"1-based block numbers 1\.\.12"):
+        resolve_probe_blocks([0, 4], 12)
+    with pytest.raises(ValueError, match="listed twice"):
+        resolve_probe_blocks([4, 4], 12)
+
+
+@pytest.fixture(scope="module")
+def vit3() -> FlipModel:
+    """A 3-block ViT that pools by averaging its normed patch tokens (as conf/model/tiny.yaml)."""
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "width": 32,
+        "layers": 3,
+        "head_width": 16,
+        "pool_type": "avg",
+    }
+    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    return build_model(
+        "flip-test-token-vit", {"embed_dim": 32, "vision_cfg": vision, "text_cfg": text}
+    ).eval()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_vectors_equal_open_clips_own_intermediates(vit3, batch_first, monkeypatch):
+    visual = vit3.clip.visual
+    monkeypatch.setattr(visual.transformer, "batch_first", batch_first)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = vit3.token_probe_vectors(images, [1, 2, "final"])
+        # open_clip's own path: its forward_intermediates over the same embeddings, its ln_post
+        _, hidden = visual.transformer.forward_intermediates(visual._embeds(images), indices=[0, 1, 2])
+        expected = []
+        for h in (hidden[0], hidden[1], visual.ln_post(hidden[2])):
+            expected += [h[:, 0], h[:, 1:].mean(1), h[:, 1:].max(1).values]
+        pooled = vit3.encode_image(images)
+    assert ours.shape == (3, 9, visual.transformer.width)
+    torch.testing.assert_close(ours, torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
+    # the tower pools by averaging the normed patch tokens: the final mean is its embedding
+    torch.testing.assert_close(ours[:, 7] @ visual.proj, pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_a_tower_without_tokens_fails_naming_what_works():
+    arch = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    resnet = build_model("flip-test-resnet", arch=arch)
+    with pytest.raises(ValueError, match=r"VisionTransformer image tower .*ModifiedResNet.*linear_probe"):
+        resnet.token_probe_vectors(torch.zeros(1, 3, 64, 64))
+
+
+def _image_split(tmp_path, n: int = 5) -> LabelledSplit:
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(path)
+        paths.append(str(path))
+    targets = (np.arange(n)[:, None] % 2).astype(np.int8)
+    return LabelledSplit("tiny", "test", "attributes", ["a"], targets, ImageFiles(tuple(paths)), paths)
+
+
+def test_vectors_are_cached_and_reused_without_the_tower(tiny_model, tmp_path, monkeypatch):
+    split, cache = _image_split(tmp_path), FeatureCache(tmp_path / "cache")
+    first = split_token_vectors(
+        tiny_model, split, [1, "final"], "model-a", cache, batch_size=2, progress=False
+    )
+    assert first.features.shape == (5, 6, 32)  # 3 vectors per block, never the token map
+    files = sorted((tmp_path / "cache").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["blocks"] == [1, "final"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tower ran although the vectors are cached")
+
+    monkeypatch.setattr(FlipModel, "token_probe_vectors", refuse)
+    again = split_token_vectors(
+        tiny_model, split, [1, "final"], "model-a", cache, batch_size=2, progress=False
+    )
+    torch.testing.assert_close(again.features, first.features, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="tower ran"):  # other blocks: another cache entry
+        split_token_vectors(tiny_model, split, ["final"], "model-a", cache, progress=False)
+    with pytest.raises(AssertionError, match="tower ran"):  # another model: another entry
+        split_token_vectors(tiny_model, split, [1, "final"], "model-b", cache, progress=False)
+
+
+# -- planted signals at the feature level -------------------------------------------------------
+
+
+def _synthetic(name: str, x: torch.Tensor, task: str = "attributes", **labels) -> SplitFeatures:
+    n = len(x)
+    images = PixelArrays(np.zeros((n, 2, 2), np.uint8), tuple(str(i) for i in range(n)))
+    keys = [f"{name}{i}" for i in range(n)]
+    if task == "attributes":
+        y = labels.pop("y")
+        split = LabelledSplit("synthetic", name, task, [f"a{i}" for i in range(y.shape[1])], y, images, keys)
+    else:
+        split = LabelledSplit("synthetic", name, task, [], np.zeros((n, 0)), images, keys, **labels)
+    return SplitFeatures(x, split)
+
+
+def _planted(n: int, seed: int, flip_rate: float = 0.0):
+    """Vectors of 4 blocks x (cls, mean, max), width 64; the attribute is the sign of one
+    coordinate of block 2's max vector (index 5), labels flipped at `flip_rate`. The pooled
+    embedding (the final block's mean, index 10) is independent of it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, 64, generator=g)
+    y = (x[:, 5, 3] > 0).numpy().astype(np.int8)
+    flipped = (torch.rand(n, generator=g) < flip_rate).numpy()
+    y[flipped] = 1 - y[flipped]
+    return x, y[:, None]
+
+
+def test_token_probe_finds_a_signal_the_pooled_embedding_and_its_probe_miss():
+    splits = {
+        name: _planted(n, seed) for name, n, seed in (("train", 1500, 0), ("val", 300, 1), ("test", 600, 2))
+    }
+    tokens = {k: _synthetic(k, x.clone(), y=y) for k, (x, y) in splits.items()}
+    pooled = {k: _synthetic(k, x[:, 10].clone(), y=y) for k, (x, y) in splits.items()}
+    probe = TokenProbe("train", "val", epochs=15, lr=0.03, batch_size=64)
+    found = probe.metrics(tokens["train"], tokens["test"], tokens["val"], None)
+    missed = LinearProbe("train", "val", fractions=[1.0]).metrics(
+        pooled["train"], pooled["test"], pooled["val"], None
+    )
+    assert found["summary"]["mean_accuracy"] > 0.93
+    assert abs(missed["summary"]["mean_accuracy"] - 0.5) < 0.07
+    assert found["selected"]["on"] == "val" and 1 <= found["selected"]["epoch"] <= 15
+
+
+@pytest.mark.parametrize("head", ["flip", "facer"])
+def test_both_heads_learn_and_are_deterministic(head):
+    (x, y), (xt, yt) = _planted(1200, 0), _planted(400, 1)
+    probe = TokenProbe(
+        "train", None, head=head, dropout=0.1 if head == "facer" else 0.0, epochs=15, lr=0.03, batch_size=64
+    )
+    runs = [
+        probe.metrics(_synthetic("train", x.clone(), y=y), _synthetic("test", xt.clone(), y=yt), None, None)
+    ]
+    runs.append(
+        probe.metrics(_synthetic("train", x.clone(), y=y), _synthetic("test", xt.clone(), y=yt), None, None)
+    )
+    assert runs[0]["summary"]["mean_accuracy"] > 0.9
+    assert runs[0] == runs[1]
+    assert runs[0]["selected"]["on"] == "held-out 20% of train (not refit)" and runs[0]["n_train"] == 960
+
+
+def test_heads_apply_their_published_layer_norms_and_weights():
+    for kind in ("flip", "facer"):
+        head = TokenHead(6, 8, 3, kind)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.copy_(torch.randn_like(p))
+        x = torch.randn(5, 6, 8)
+        if kind == "flip":  # one LayerNorm over every vector, raw weights, Linear
+            ln = torch.nn.LayerNorm(8)
+            ln.weight.data, ln.bias.data = head.gamma.data, head.beta.data
+            expected = head.linear((head.weight[None, :, None] * ln(x)).sum(1))
+        else:  # a LayerNorm per vector, softmax weights, Linear
+            normed = torch.stack(
+                [F.layer_norm(x[:, v], (8,), head.gamma[v], head.beta[v], 1e-5) for v in range(6)], 1
+            )
+            expected = head.linear((head.weight.softmax(0)[None, :, None] * normed).sum(1))
+        torch.testing.assert_close(head.eval()(normalize_vectors_(x.clone())), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flip", "facer"])
+@pytest.mark.parametrize("task", ["attributes", "classification", "multitask"])
+def test_written_out_gradients_equal_autograds(kind, task):
+    g = torch.Generator().manual_seed(0)
+    z = normalize_vectors_(torch.randn(10, 6, 8, generator=g))
+    if task == "classification":
+        labels = torch.randint(0, 3, (10,), generator=g).numpy()
+        names = ["x", "y", "z"]
+        images = PixelArrays(np.zeros((10, 2, 2), np.uint8), tuple(str(i) for i in range(10)))
+        split = LabelledSplit("s", "s", "classification", names, labels, images, [str(i) for i in range(10)])
+        targets = ProbeTargets.of(split)
+    elif task == "attributes":
+        targets = ProbeTargets.of(
+            _synthetic("s", z, y=(torch.rand(10, 3, generator=g) < 0.5).numpy().astype(np.int8)).split
+        )
+    else:
+        labels = {"questions": {"q": (["a", "b", "c"], np.array([0, 1, 2, -1, 0, 1, 2, 0, 1, 2]))}}
+        labels["values"] = {"age": np.array([20.0, 30, np.nan, 41, 52, 18, 60, 33, np.nan, 25])}
+        targets = ProbeTargets.of(_synthetic("m", z, task="multitask", **labels).split)
+    head = TokenHead(6, 8, targets.outputs, kind, dropout=0.3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    rows = torch.arange(10)
+    torch.manual_seed(5)
+    expected_loss = targets.loss(head(z), rows)
+    expected_loss.backward()
+    torch.manual_seed(5)  # the same dropout mask
+    keep = head.dropout_keep(10, z.device)
+    with torch.no_grad():
+        loss, grads = batch_gradients(head, z[rows], rows, targets, keep)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- losses by task ----------------------------------------------------------------------------
+
+
+def test_losses_by_task_equal_a_computation_by_hand():
+    rng = np.random.default_rng(0)
+    n = 6
+    logits = torch.from_numpy(rng.normal(size=(n, 7)).astype(np.float32))
+    # attributes: BCE over the labelled entries only
+    y = rng.integers(-1, 2, size=(n, 7)).astype(np.int8)
+    split = _synthetic("s", torch.zeros(n, 1, 1), y=y).split
+    p = 1 / (1 + np.exp(-logits.numpy()))
+    bce = np.where(y == 1, -np.log(p), -np.log(1 - p))
+    got = ProbeTargets.of(split).loss(logits, slice(None))
+    assert math.isclose(float(got), bce[y >= 0].mean(), rel_tol=1e-5)
+    # multitask: cross-entropy per question (-1 unlabelled) + L1 on the standardised value (NaN unlabelled)
+    q1, q2 = np.array([0, 2, 1, -1, 0, 2]), np.array([1, 0, -1, -1, 1, 0])
+    age = np.array([20.0, np.nan, 35.0, 50.0, 41.0, np.nan])
+    split = _synthetic(
+        "m",
+        torch.zeros(n, 1, 1),
+        task="multitask",
+        questions={"race": (["a", "b", "c"], q1), "gender": (["f", "m"], q2)},
+        values={"age": age},
+    ).split
+    targets = ProbeTargets.of(split)
+    assert targets.outputs == 6
+    logits = logits[:, :6]
+    lp1, lp2 = (torch.log_softmax(logits[:, s].double(), 1).numpy() for s in (slice(0, 3), slice(3, 5)))
+    ce1 = -np.mean([lp1[i, q1[i]] for i in range(n) if q1[i] >= 0])
+    ce2 = -np.mean([lp2[i, q2[i]] for i in range(n) if q2[i] >= 0])
+    known = np.isfinite(age)
+    mean, std = age[known].mean(), age[known].std()
+    l1 = np.abs(logits[:, 5].numpy()[known] - (age[known] - mean) / std).mean()
+    assert math.isclose(float(targets.loss(logits, slice(None))), ce1 + ce2 + l1, rel_tol=1e-5)
+
+
+def test_regression_scores_are_mae_and_cs5():
+    y = np.array([20.0, 30.0, np.nan, 60.0, 44.0])
+    pred = np.array([26.0, 29.0, 3.0, 55.0, 44.5])
+    got = regression_scores(y, pred)
+    known = np.isfinite(y)
+    assert math.isclose(got["mae"], mean_absolute_error(y[known], pred[known]))
+    assert got["cs5"] == 3 / 4 and got["support"] == 4  # |error| 6, 1, 5, 0.5: 5 counts as within
+
+
+def test_multitask_probe_learns_questions_and_age_with_l1():
+    def make(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 6, 32, generator=g)
+        gender = (x[:, 2, 1] > 0).long().numpy()  # one block carries both: the head mixes blocks
+        age = 40 + 12 * x[:, 2, 0].numpy().astype(float)
+        age[::7] = np.nan
+        labels = {"questions": {"gender": (["f", "m"], gender)}, "values": {"age": age}}
+        return _synthetic(f"s{seed}", x, task="multitask", **labels)
+
+    train, test = make(1500, 0), make(400, 1)
+    metrics = TokenProbe("train", None, epochs=10, lr=0.01, batch_size=64).metrics(train, test, None, None)
+    assert metrics["summary"]["gender_accuracy"] > 0.88
+    # chance: the mean absolute deviation of N(40, 12), 9.6 years
+    assert metrics["summary"]["age_mae"] < 3.5 and metrics["summary"]["age_cs5"] > 0.85
+    assert metrics["regression"]["age"]["support"] == int(np.isfinite(test.split.values["age"]).sum())
+    assert "multiclass" in metrics and metrics["per_label"] == {}
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+
+def test_honest_selection_and_test_as_published_against_an_independent_rerun():
+    (x, y), (xv, yv), (xt, yt) = _planted(600, 0, 0.2), _planted(150, 1, 0.2), _planted(150, 2, 0.2)
+    settings = dict(epochs=12, lr=0.02, batch_size=32, seed=3)
+    honest = TokenProbe("train", "val", **settings).metrics(
+        _synthetic("train", x.clone(), y=y),
+        _synthetic("test", xt.clone(), y=yt),
+        _synthetic("val", xv.clone(), y=yv),
+        None,
+    )
+    published = TokenProbe("train", "val", selection="test_as_published", **settings).metrics(
+        _synthetic("train", x.clone(), y=y),
+        _synthetic("test", xt.clone(), y=yt),
+        _synthetic("val", xv.clone(), y=yv),
+        None,
+    )
+    # the same training and the same honest figure, whatever the selection option
+    assert published["summary"] == honest["summary"] and published["selected"] == honest["selected"]
+    # an independent rerun: test and val accuracy after every epoch
+    z, zv, zt = (normalize_vectors_(v.clone()) for v in (x, xv, xt))
+    train_targets = ProbeTargets.of(_synthetic("train", x, y=y).split)
+    per_epoch = {"val": [], "test": []}
+
+    def record(epoch, head):
+        for name, (features, labels) in {"val": (zv, yv), "test": (zt, yt)}.items():
+            per_epoch[name].append(float(((predict(head, features) > 0).numpy() == labels).mean()))
+
+    fit_token_probe(z, train_targets, ProbeSettings(**settings), on_epoch=record)
+    val_best, test_best = int(np.argmax(per_epoch["val"])), int(np.argmax(per_epoch["test"]))
+    assert honest["selected"]["epoch"] == val_best + 1
+    assert honest["summary"]["mean_accuracy"] == pytest.approx(per_epoch["test"][val_best])
+    block = published["as_published"]
+    assert block["label"] == AS_PUBLISHED == "selected on test, as published"
+    assert block["selected"]["epoch"] == test_best + 1
+    assert block["summary"]["mean_accuracy"] == pytest.approx(per_epoch["test"][test_best])
+    assert block["summary"]["mean_accuracy"] >= honest["summary"]["mean_accuracy"]
+    assert "as_published" not in honest
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match=r"head='farl'.*\('flip', 'facer'\)"):
+        TokenProbe("train", head="farl")
+    with pytest.raises(ValueError, match=r"selection='test'.*honest"):
+        TokenProbe("train", selection="test")
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+def test_eval_token_probe_on_the_demo_checkpoint(trained_demo, tmp_path):
+    cfg = compose_eval(
+        "eval_token_probe",
+        tmp_path,
+        *eval_overrides(tmp_path, trained_demo.ckpt, "faceshapes", trained_demo.faceshapes),
+        "protocols.token_probe.epochs=4",
+        "protocols.token_probe.selection=test_as_published",
+    )
+    metrics = run_token_probe(cfg)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    assert written["protocol"] == "token_probe" and written["blocks"] == [1, "final"]
+    assert written["vectors"] == 6 and written["selected"]["on"] == "val"
+    assert 1 <= written["selected"]["epoch"] <= 4 and len(written["selected"]["scores"]) == 4
+    per_label = written["per_label"]
+    assert written["summary"]["mean_accuracy"] == pytest.approx(
+        np.mean([m["accuracy"] for m in per_label.values()])
+    )
+    assert max(written["as_published"]["selected"]["scores"]) == pytest.approx(
+        written["as_published"]["summary"]["mean_accuracy"]
+    )
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "selected on test, as published" in report and "honest (epoch" in report
+    assert set(written["skipped"]) == {"train", "val", "test"}
