@@ -49,7 +49,9 @@ class MomentumItcLoss(nn.Module):
     `queue_size` entries per modality (a multiple of the global batch, so every enqueue is one
     contiguous block); `momentum` the EMA factor (p_m <- m p_m + (1 - m) p after each optimizer
     step); `alpha` the weight of the momentum model's softmax in the targets (0: plain one-hot
-    InfoNCE against batch + queue). The temperature is the model's learnable one, clamped to
+    InfoNCE against batch + queue), reached linearly over the first `alpha_warmup_steps`
+    optimizer steps (ALBEF and BLIP ramp it over the first epoch: a young momentum model's
+    softmax says little). The temperature is the model's learnable one, clamped to
     [`min_temperature`, `max_temperature`] as FLIP clamps it ([0.001, 0.5]); the same clamped
     value scores online and momentum similarities.
 
@@ -69,6 +71,7 @@ class MomentumItcLoss(nn.Module):
         queue_size: int = 4096,
         momentum: float = 0.995,
         alpha: float = 0.4,
+        alpha_warmup_steps: int = 0,
         min_temperature: float = 0.001,
         max_temperature: float = 0.5,
         rank: int = 0,
@@ -86,7 +89,14 @@ class MomentumItcLoss(nn.Module):
             raise ValueError(
                 f"need 0 < min_temperature <= max_temperature, got {min_temperature!r}, {max_temperature!r}"
             )
+        if (
+            isinstance(alpha_warmup_steps, bool)
+            or not isinstance(alpha_warmup_steps, int)
+            or alpha_warmup_steps < 0
+        ):
+            raise ValueError(f"alpha_warmup_steps must be an integer >= 0, got {alpha_warmup_steps!r}")
         self.queue_size, self.momentum, self.alpha = queue_size, float(momentum), float(alpha)
+        self.alpha_warmup_steps = alpha_warmup_steps
         self.min_temperature, self.max_temperature = float(min_temperature), float(max_temperature)
         self.rank, self.world_size = rank, world_size
         self.momentum_model: nn.Module | None = None
@@ -95,6 +105,7 @@ class MomentumItcLoss(nn.Module):
         self.register_buffer("text_queue", torch.zeros(queue_size, 0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # optimizer steps so far
 
     # ------------------------------------------------------------------ the momentum copy
 
@@ -121,6 +132,12 @@ class MomentumItcLoss(nn.Module):
         online = dict(model.named_parameters())
         for name, param in self._bound().named_parameters():
             param.lerp_(online[name].detach().to(param.dtype), 1.0 - self.momentum)
+        self.updates += 1
+
+    def current_alpha(self) -> float:
+        if not self.alpha_warmup_steps:
+            return self.alpha
+        return self.alpha * min(1.0, int(self.updates) / self.alpha_warmup_steps)
 
     def _bound(self) -> nn.Module:
         if self.momentum_model is None:
@@ -139,7 +156,8 @@ class MomentumItcLoss(nn.Module):
         if self.image_queue.shape[1] == dim:
             return
         if int(self.queue_filled):
-            raise ValueError(f"features of dimension {dim} for queues of dimension {self.image_queue.shape[1]}")
+            width = self.image_queue.shape[1]
+            raise ValueError(f"momentum features of dimension {dim} for queues of dimension {width}")
         for name in QUEUE_BUFFERS:
             setattr(self, name, torch.zeros(self.queue_size, dim, device=device))
 
@@ -161,6 +179,7 @@ class MomentumItcLoss(nn.Module):
                 dist.all_gather(parts, features.contiguous())
                 gathered.append(torch.cat(parts))
             image_features, text_features = gathered
+        self._queues_for(image_features.shape[1], image_features.device)
         n, ptr = image_features.shape[0], int(self.queue_ptr)
         if self.queue_size % n or ptr % n:
             raise ValueError(
@@ -191,9 +210,10 @@ class MomentumItcLoss(nn.Module):
         filled = int(self.queue_filled)
         all_image = torch.cat([momentum_image, self.image_queue[:filled].to(momentum_image.dtype)])
         all_text = torch.cat([momentum_text, self.text_queue[:filled].to(momentum_text.dtype)])
+        alpha = self.current_alpha()
         with torch.no_grad():
-            i2t_targets = distilled_targets(scale.detach() * momentum_image @ all_text.T, self.alpha)
-            t2i_targets = distilled_targets(scale.detach() * momentum_text @ all_image.T, self.alpha)
+            i2t_targets = distilled_targets(scale.detach() * momentum_image @ all_text.T, alpha)
+            t2i_targets = distilled_targets(scale.detach() * momentum_text @ all_image.T, alpha)
         i2t = scale * image_features @ all_text.T
         t2i = scale * text_features @ all_image.T
         loss = (soft_cross_entropy(i2t, i2t_targets) + soft_cross_entropy(t2i, t2i_targets)) / 2
