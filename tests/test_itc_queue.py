@@ -23,10 +23,12 @@ from .helpers import (
     MODEL,
     OPTIM,
     SHARDS_BASE,
+    TINY_OVERRIDES,
     compose_train_config,
     csv_losses,
     fit_briefly,
     loss_file,
+    run_train_py,
     write_caption_shards,
 )
 from .test_itc_queue_distributed import D_IN, D, Towers
@@ -267,3 +269,33 @@ def test_deepspeed_zero2_trains_with_it(train_config, deepspeed_on_cpu):
     online = dict(module.model.named_parameters())
     name = "clip.visual.conv1.weight"
     assert not torch.equal(momentum[name], start[name]) and not torch.equal(momentum[name], online[name])
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_through_train_py_fills_the_queue_with_the_global_batches(tmp_path):
+    shards = write_caption_shards(tmp_path / "shards", count=128, per_shard=64)
+    overrides = [o for o in TINY_OVERRIDES if o.startswith(("model.", "trainer.enable", "optim."))] + [
+        "~experiment", "trainer=ddp", "trainer.devices=2", "trainer.max_steps=3", "loss=itc_queue",
+        "loss.terms.itc.loss.queue_size=64", "data=shards", f"data.train_shards={Path(shards[0]).parent}",
+        "data.batch_size=16", "data.num_workers=0", "data.shuffle_buffer=64", "evaluate=false",
+        "callbacks.model_checkpoint.every_n_train_steps=3", "~callbacks.progress_bar",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    done = run_train_py(*overrides, flip_root=tmp_path, threads=1)
+    assert "MEMBER: 2/2" in done.stdout + done.stderr
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    term = "criterion.terms.itc."
+    # 3 global batches of 2 x 16: the queue of 64 wrapped once, the pointer after the third batch
+    assert (
+        int(saved[term + "queue_filled"]),
+        int(saved[term + "queue_ptr"]),
+        int(saved[term + "updates"]),
+    ) == (
+        64,
+        32,
+        3,
+    )
+    norms = saved[term + "image_queue"].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(64))  # every row written with a unit feature
+    weight = "clip.visual.conv1.weight"
+    assert not torch.equal(saved[term + "momentum_model." + weight], saved["model." + weight])
