@@ -286,15 +286,8 @@ def test_ddp_on_two_cpu_processes_through_train_py_fills_the_queue_with_the_glob
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     term = "criterion.terms.itc."
     # 3 global batches of 2 x 16: the queue of 64 wrapped once, the pointer after the third batch
-    assert (
-        int(saved[term + "queue_filled"]),
-        int(saved[term + "queue_ptr"]),
-        int(saved[term + "updates"]),
-    ) == (
-        64,
-        32,
-        3,
-    )
+    counters = [int(saved[term + name]) for name in ("queue_filled", "queue_ptr", "updates")]
+    assert counters == [64, 32, 3]
     norms = saved[term + "image_queue"].norm(dim=1)
     torch.testing.assert_close(norms, torch.ones(64))  # every row written with a unit feature
     weight = "clip.visual.conv1.weight"
