@@ -12,10 +12,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
 from flip.losses import MomentumItcLoss, build_loss
 from flip.losses.itc_queue import distilled_targets
+from flip.training.deepspeed import consolidate
 from flip.training.module import FlipLitModule
 from flip.training.run import train, validate
 
@@ -250,25 +250,29 @@ def test_zero3_is_refused_before_any_work_and_zero2_validates(train_config):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_trains_with_it(train_config, deepspeed_on_cpu):
-    cfg = train_config(
-        "trainer=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=1",
-        "trainer.precision=32-true", "loss=itc_queue", "loss.terms.itc.loss.queue_size=32",
-        "trainer.max_steps=3", "evaluate=false",
-    )  # fmt: skip
-    validate(cfg)
-    module = FlipLitModule(cfg.model, cfg.loss, cfg.optim)
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[])
-    start = {k: v.clone() for k, v in module.model.named_parameters()}
-    datamodule = instantiate(cfg.data)
-    datamodule.use_model(module.model)
-    trainer.fit(module, datamodule=datamodule)
-    term = module.criterion.terms["itc"]
-    assert (int(term.queue_filled), int(term.queue_ptr), int(term.updates)) == (32, 48 % 32, 3)
-    momentum = dict(term.momentum_model.named_parameters())
-    online = dict(module.model.named_parameters())
-    name = "clip.visual.conv1.weight"
-    assert not torch.equal(momentum[name], start[name]) and not torch.equal(momentum[name], online[name])
+def test_deepspeed_zero2_trains_checkpoints_and_resumes_with_it(train_config, tmp_path, deepspeed_on_cpu):
+    def run(steps: int, *more: str) -> dict:
+        train(train_config(
+            "trainer=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=1",
+            "trainer.precision=32-true", "loss=itc_queue", "loss.terms.itc.loss.queue_size=48",
+            "evaluate=false", "callbacks.model_checkpoint.every_n_train_steps=1",
+            f"trainer.max_steps={steps}", *more,
+        ))  # fmt: skip
+        return consolidate(last, tmp_path / f"step{steps}.ckpt")["state_dict"]
+
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    first = run(2)
+    second = run(4, f"ckpt_path={last}")
+    term = "criterion.terms.itc."
+    counters = [[int(s[term + n]) for n in ("queue_filled", "queue_ptr", "updates")] for s in (first, second)]
+    assert counters == [[32, 32, 2], [48, 64 % 48, 4]]  # batches of 16; resumed where it stopped
+    # the rows written before the checkpoint survived the resume; the wrapped-around ones changed
+    assert torch.equal(first[term + "image_queue"][16:32], second[term + "image_queue"][16:32])
+    assert not torch.equal(first[term + "image_queue"][:16], second[term + "image_queue"][:16])
+    weight = "clip.visual.conv1.weight"
+    momentum, online = second[term + "momentum_model." + weight], second["model." + weight]
+    assert not torch.equal(momentum, first[term + "momentum_model." + weight])
+    assert not torch.equal(momentum, online)
 
 
 @pytest.mark.slow
