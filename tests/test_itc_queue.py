@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import flip
 from flip.losses import MomentumItcLoss, build_loss
 from flip.losses.itc_queue import distilled_targets
 from flip.training.deepspeed import consolidate
@@ -235,6 +236,9 @@ def test_a_resumed_run_has_the_same_queues_momentum_copy_and_losses_as_an_uninte
     for key, value in whole["state_dict"].items():  # queues, pointer, momentum copy, online model
         assert torch.equal(value, split["state_dict"][key]), key
     assert any(k.startswith(term + "momentum_model.") for k in whole["state_dict"])
+    model = flip.load(tmp_path / "whole" / "run" / "checkpoints" / "last.ckpt")  # the online model only
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, whole["state_dict"]["model." + key]), key
     before, after = csv_losses(tmp_path / "split" / "run", 0), csv_losses(tmp_path / "split" / "run", 1)
     assert sorted(before) == [0, 1, 2] and sorted(after) == [3, 4, 5]
     assert {**before, **after} == csv_losses(tmp_path / "whole" / "run")
