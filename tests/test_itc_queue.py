@@ -129,6 +129,16 @@ def test_alpha_warms_up_over_the_first_optimizer_steps():
 # ---------------------------------------------------------------- gradients, the EMA, the queue's rules
 
 
+def test_the_config_builds_the_term_for_its_rank():
+    loss = build_loss(loss_file("itc_queue")[0], rank=1, world_size=4)
+    term = loss.terms["itc"]
+    assert isinstance(term, MomentumItcLoss) and loss.weights == {"itc": 1.0}
+    settings = (term.rank, term.world_size, term.queue_size, term.momentum, term.alpha)
+    assert settings == (1, 4, 4096, 0.995, 0.4)
+    assert loss.requires_inputs and not loss.requires_tokens
+    assert term.queue_size % 128 == 0  # the demo's batch
+
+
 def test_no_gradient_reaches_the_queue_or_the_momentum_copy():
     model, criterion = Towers(), build_loss(loss_file("itc_queue")[0])
     criterion.bind(model)

@@ -7,7 +7,8 @@ whether the model must return token features, and never needs to know which loss
 A term that needs the batch itself (a momentum encoder's features: `MomentumItcLoss`) sets
 `requires_inputs = True` and has `bind(model)` (called once the online model exists),
 `encode_inputs(images, text)` (its result goes to `loss_from_outputs(outputs, encoded)`) and
-`after_optimizer_step(model)` (called by the training module after each optimizer step).
+`after_optimizer_step(model)` (called by the training module after each optimizer step); one
+whose state cannot live under ZeRO-3's partitioned weights sets `supports_zero3 = False`.
 """
 
 from __future__ import annotations
