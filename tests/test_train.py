@@ -66,7 +66,8 @@ def test_resume_continues_at_the_saved_step(train_config, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("loss", "terms"), [("siglip", {"siglip"}), ("filip", {"filip"}), ("clip_filip", {"clip", "filip"})]
+    ("loss", "terms"),
+    [("siglip", {"siglip"}), ("filip", {"filip"}), ("clip_filip", {"clip", "filip"}), ("itc_queue", {"itc"})],
 )
 @pytest.mark.slow
 def test_every_loss_config_trains_through_train_py(train_config, tmp_path, loss, terms):

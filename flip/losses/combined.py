@@ -3,6 +3,12 @@
 Every term is a module with a class attribute `requires_tokens` and a method
 `loss_from_outputs(EncoderOutput) -> Tensor`, so the training module asks only this object
 whether the model must return token features, and never needs to know which losses exist.
+
+A term that needs the batch itself (a momentum encoder's features: `MomentumItcLoss`) sets
+`requires_inputs = True` and has `bind(model)` (called once the online model exists),
+`encode_inputs(images, text)` (its result goes to `loss_from_outputs(outputs, encoded)`) and
+`after_optimizer_step(model)` (called by the training module after each optimizer step); one
+whose state cannot live under ZeRO-3's partitioned weights sets `supports_zero3 = False`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,12 @@ from flip.models.outputs import EncoderOutput
 
 CONFIG_KEYS = ("terms",)
 TERM_KEYS = ("weight", "loss")
-BUILT_IN = ("flip.losses.ClipLoss", "flip.losses.SigLipLoss", "flip.losses.FilipLoss")
+BUILT_IN = (
+    "flip.losses.ClipLoss",
+    "flip.losses.SigLipLoss",
+    "flip.losses.FilipLoss",
+    "flip.losses.MomentumItcLoss",
+)
 _FROM_TRAINER = ("rank", "world_size")
 
 
@@ -47,13 +58,40 @@ class CombinedLoss(nn.Module):
     def requires_tokens(self) -> bool:
         return any(term.requires_tokens for term in self.terms.values())
 
-    def forward(self, outputs: EncoderOutput) -> dict[str, torch.Tensor]:
+    @property
+    def requires_inputs(self) -> bool:
+        return any(getattr(term, "requires_inputs", False) for term in self.terms.values())
+
+    def bind(self, model: nn.Module) -> None:
+        for term in self.terms.values():
+            if getattr(term, "requires_inputs", False):
+                term.bind(model)
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        for term in self.terms.values():
+            if hasattr(term, "after_optimizer_step"):
+                term.after_optimizer_step(model)
+
+    def forward(
+        self, outputs: EncoderOutput, images: torch.Tensor | None = None, text: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        # before the float32 block: a momentum encoder runs in the precision the online one ran in
+        encoded = {
+            name: term.encode_inputs(images, text)
+            for name, term in self.terms.items()
+            if getattr(term, "requires_inputs", False) and images is not None
+        }
         # Losses run in float32 even under bf16/fp16 autocast: logits are dot products of unit
         # vectors scaled by up to 100, and an 8-bit mantissa rounds away the small differences
         # between a positive and its hard negatives that late training lives on.
         with torch.autocast(outputs.image_features.device.type, enabled=False):
             outputs = outputs.float()
-            values = {name: term.loss_from_outputs(outputs) for name, term in self.terms.items()}
+            values = {
+                name: term.loss_from_outputs(outputs, encoded[name].float())
+                if name in encoded
+                else term.loss_from_outputs(outputs)
+                for name, term in self.terms.items()
+            }
         total = sum(self.weights[name] * value for name, value in values.items())
         return {**values, "loss": total}
 

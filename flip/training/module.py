@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch.utils.checkpoint import checkpoint
 
@@ -89,6 +90,25 @@ def check_compile_strategy(compile: Any, zero_stage: int | None) -> None:
             "torch.compile traces the towers over ZeRO-3's partitioned weights. Set compile=false "
             "with ZeRO-3, or compile under trainer=deepspeed_zero2, ddp, multinode or gpu"
         )
+
+
+def check_loss_strategy(loss: Mapping[str, Any], zero_stage: int | None) -> None:
+    """A loss term that keeps a momentum copy of the model is refused under ZeRO-3, before any work.
+
+    ZeRO-3 partitions every parameter of the engine's module, the copy's too, and gathers them only
+    inside their module's forward hooks; the EMA update reads and writes whole weights outside them.
+    """
+    if zero_stage != 3:
+        return
+    for name, term in (loss.get("terms") or {}).items():
+        target = (term.get("loss") or {}).get("_target_") if isinstance(term, Mapping) else None
+        if target and not getattr(get_class(target), "supports_zero3", True):
+            raise ValueError(
+                f"loss.terms.{name} ({target}) keeps a momentum copy of the model, which DeepSpeed ZeRO-3 "
+                "(trainer.strategy.config.zero_optimization.stage=3, as in trainer=deepspeed_zero3 and "
+                "deepspeed_zero3_offload) would partition; train it under trainer=deepspeed_zero2, ddp, "
+                "multinode or gpu"
+            )
 
 
 def zero_stage(trainer_cfg: Mapping[str, Any]) -> int | None:
@@ -184,6 +204,7 @@ class FlipLitModule(L.LightningModule):
             self.model.clip.set_grad_checkpointing(True)
         # rank and world size are known only once the trainer has set up the processes
         self.criterion = build_loss(loss)
+        self.criterion.bind(self.model)  # a momentum copy (loss=itc_queue) exists before a checkpoint loads
         self._rng_to_restore: dict[str, Any] | None = None
         self._zero3_scalars: list[str] = []
         self._skip_update = False  # set by a non-finite step, for its optimizer step
@@ -192,8 +213,10 @@ class FlipLitModule(L.LightningModule):
         self.criterion = build_loss(
             self.hparams.loss, rank=self.global_rank, world_size=self.trainer.world_size
         )
-        use_tf32_where_chosen(self.trainer, self.float32_matmul_precision)
         strategy = self.trainer.strategy
+        check_loss_strategy(self.hparams.loss, 3 if getattr(strategy, "zero_stage_3", False) else None)
+        self.criterion.bind(self.model)
+        use_tf32_where_chosen(self.trainer, self.float32_matmul_precision)
         if _is_deepspeed(strategy) and strategy.zero_stage_3 and not self._zero3_scalars:
             self._zero3_scalars = self.model.prepare_for_zero3(owner=self)
         check_compile_strategy(self.compile_options, 3 if getattr(strategy, "zero_stage_3", False) else None)
@@ -236,10 +259,15 @@ class FlipLitModule(L.LightningModule):
                 batch_size=batch_size, sync_dist=not on_step,
             )  # fmt: skip
 
+    def _losses(self, features: EncoderOutput, images: torch.Tensor, text: torch.Tensor) -> dict:
+        if getattr(self.criterion, "requires_inputs", False):  # a momentum encoder encodes the batch too
+            return self.criterion(features, images, text)
+        return self.criterion(features)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
         features = self(images, text)
-        losses = self.criterion(features)
+        losses = self._losses(features, images, text)
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
         finite = self.nonfinite.check(losses, self.global_step, strategy)  # the same answer on every rank
         # every step logs its own values: Lightning would otherwise log a skipped step with the
@@ -272,7 +300,7 @@ class FlipLitModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
-        losses = self.criterion(self(images, text))
+        losses = self._losses(self(images, text), images, text)
         self._log_losses(losses, "val", images.shape[0])
         return losses["loss"]
 
@@ -302,6 +330,11 @@ class FlipLitModule(L.LightningModule):
             return
         for param in self.parameters():
             param.grad = None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if hasattr(self.criterion, "after_optimizer_step"):  # loss=itc_queue: the momentum copy's EMA
+            self.criterion.after_optimizer_step(self.model)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if _is_deepspeed(self.trainer.strategy):

@@ -25,7 +25,13 @@ from flip.evaluation.run import evaluate_config
 from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.checkpoint_io import AtomicCheckpointIO
 from flip.training.deepspeed import model_for_evaluation
-from flip.training.module import FlipLitModule, check_compile_strategy, module_options, zero_stage
+from flip.training.module import (
+    FlipLitModule,
+    check_compile_strategy,
+    check_loss_strategy,
+    module_options,
+    zero_stage,
+)
 from flip.training.preemption import Preemption
 from flip.training.resume import AUTO, PerRankSeed, resolve_ckpt_path
 from flip.training.sweeps import check_sweep_launch
@@ -91,6 +97,7 @@ def validate(cfg: DictConfig) -> None:
     if warmup < 0 or cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 and optim.warmup_steps={warmup} >= 0")
     check_compile_strategy(cfg.get("compile"), zero_stage(cfg.trainer))
+    check_loss_strategy(cfg.loss, zero_stage(cfg.trainer))
     check_moved_keys_in(cfg)  # the command line was checked before composing
     _check_eval_data(cfg)
 
