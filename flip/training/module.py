@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import lightning as L
@@ -236,9 +236,27 @@ class FlipLitModule(L.LightningModule):
                 batch_size=batch_size, sync_dist=not on_step,
             )  # fmt: skip
 
+    def with_foils(self, features: EncoderOutput, foils: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
+        """`features` with the batch's foil captions [B, F, L] encoded (`data.hard_negatives`), in
+        `micro_batches` parts as the batch is (`forward`)."""
+        tokens = self.criterion.requires_tokens
+        if self.micro_batches == 1 or not torch.is_grad_enabled():
+            encoded = self.model.encode_foils(foils, tokens)
+        else:
+            parts = [
+                checkpoint(self.model.encode_foils, part, tokens, use_reentrant=False)
+                for part in foils.chunk(self.micro_batches)
+            ]
+            encoded = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        return replace(features, foil_mask=mask, **encoded)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
         features = self(images, text)
+        if len(batch) > 2:  # foil token ids and mask (data.hard_negatives)
+            features = self.with_foils(features, batch[2], batch[3])
+            has_foil = batch[3].any(dim=1).float().mean()
+            self.log("train/foil_fraction", has_foil, on_step=True, batch_size=len(images))
         losses = self.criterion(features)
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
         finite = self.nonfinite.check(losses, self.global_step, strategy)  # the same answer on every rank
