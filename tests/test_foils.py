@@ -167,6 +167,7 @@ def test_a_batch_carries_foil_tokens_and_the_mask_of_captions_that_got_one(tiny_
     texts = ["a man with glasses", "a red square", "a bald head"]
     prepared = [transform.prepare({"image": image, "text": t, "__seed__": i}) for i, t in enumerate(texts)]
     images, tokens, foil_tokens, mask = transform.collate(prepared)
+    assert images.shape[0] == 3
     assert tokens.shape == (3, tokens.shape[1]) and foil_tokens.shape == (3, 2, tokens.shape[1])
     assert mask.tolist() == [[True, True], [False, False], [True, False]]
     assert torch.equal(tokens, tiny_model.tokenizer(texts))
