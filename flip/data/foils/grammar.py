@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from flip.data.captions import CaptionGrammar
-from flip.data.foils.phrases import Match, find_phrases, replace_span
+from flip.data.foils.phrases import Match, PhraseIndex, replace_span
 
 __all__ = ["Candidate", "GrammarFoils"]
 
@@ -72,7 +72,8 @@ class GrammarFoils:
         for form in _forms(grammar):
             self.forms.setdefault(form.text.lower(), []).append(form)
             self.by_value.setdefault((form.attribute, form.value, form.slot), []).append(form)
-        self.nouns = sorted({noun.text.lower() for noun in grammar.nouns}, key=len, reverse=True)
+        self.index = PhraseIndex(self.forms)
+        self.nouns = PhraseIndex(noun.text for noun in grammar.nouns)
 
     def knows(self, attributes: Sequence[str]) -> int:
         """How many of `attributes` this grammar has phrases for."""
@@ -93,8 +94,7 @@ class GrammarFoils:
             if end.start() >= match.start:
                 break
             start = end.end()
-        nouns = find_phrases(text[start : match.start], self.nouns)
-        return not nouns
+        return not self.nouns.find(text[start : match.start])
 
     def _slot_forms(self, text: str, match: Match) -> list[_Form]:
         forms = self.forms[match.phrase]
@@ -121,7 +121,7 @@ class GrammarFoils:
         values = self._record(record)
         claimed = None if mentions is None else {(str(m[0]), m[1]) for m in mentions if len(m) == 2}
         out: list[Candidate] = []
-        for match in find_phrases(text, self.forms):
+        for match in self.index.find(text):
             forms = self._slot_forms(text, match)
             if claimed is not None:
                 forms = [form for form in forms if (form.attribute, form.value) in claimed]

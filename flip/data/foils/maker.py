@@ -28,7 +28,7 @@ from flip.data.captions import CaptionGrammar
 from flip.data.foils.grammar import Candidate, GrammarFoils
 from flip.data.foils.table import FoilTable, load_table
 
-__all__ = ["DEFAULT_TABLE", "SOURCES", "FoilMaker", "hard_negatives"]
+__all__ = ["DEFAULT_TABLE", "SOURCES", "FoilMaker", "hard_negatives", "stable_seed"]
 
 SOURCES = ("auto", "grammar", "table")
 DEFAULT_TABLE = Path(CONFIG_PATH) / "data" / "foils" / "default.yaml"
@@ -42,7 +42,7 @@ def _grammar_specs() -> dict[str, Mapping[str, Any]]:
     return {"faceshapes": FACESHAPES_GRAMMAR, "celeba": CELEBA_GRAMMAR}
 
 
-def _stable_seed(*parts: object) -> int:
+def stable_seed(*parts: object) -> int:
     """A seed from strings, the same in every process (Python's `hash` of a str is not)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little")
@@ -136,8 +136,8 @@ class FoilMaker:
     def rng_for(self, sample: Mapping[str, Any]) -> random.Random:
         seed = sample.get("__seed__")
         if seed is None:
-            return random.Random(_stable_seed("foils", self.seed, sample.get("__key__", ""), sample["text"]))
-        return random.Random(_stable_seed("foils", self.seed, seed))
+            return random.Random(stable_seed("foils", self.seed, sample.get("__key__", ""), sample["text"]))
+        return random.Random(stable_seed("foils", self.seed, seed))
 
     def __call__(self, sample: Mapping[str, Any]) -> list[Candidate]:
         """The foils of one decoded sample ({"text", "json"?, "__seed__"?})."""

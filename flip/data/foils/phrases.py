@@ -3,7 +3,8 @@
 Both foil sources (the caption grammars and the editable table) work on the caption's text
 the same way: a phrase matches only as whole words (a hyphen counts as part of a word, so
 "bald" does not match inside "bald-headed"), case-insensitively; longer phrases are matched
-first and matches never overlap ("who is not bald" is one match, not a "bald" inside it).
+first at each place and matches never overlap ("who is not bald" is one match, not a "bald"
+inside it).
 A replacement keeps the case of what it replaces ("Glasses" -> "No glasses", "GLASSES" ->
 "NO GLASSES") and the indefinite article in front of it agrees with it ("an angry person" ->
 "a happy person").
@@ -15,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Match", "find_phrases", "replace_span"]
+__all__ = ["Match", "PhraseIndex", "find_phrases", "replace_span"]
 
 _VOWELS = "aeiou"
 _ARTICLE = re.compile(r"(?<![\w-])(an?)(\s+)$", re.IGNORECASE)
@@ -30,27 +31,36 @@ class Match:
     end: int
 
 
-def _pattern(phrase: str) -> re.Pattern[str]:
-    words = r"\s+".join(re.escape(word) for word in phrase.split())
-    return re.compile(rf"(?<![\w-]){words}(?![\w-])", re.IGNORECASE)
+def _words(phrase: str) -> str:
+    return r"\s+".join(re.escape(word) for word in phrase.split())
 
 
-_PATTERNS: dict[str, re.Pattern[str]] = {}
+class PhraseIndex:
+    """Finds a fixed set of phrases: one pattern, longest phrase first at each place."""
+
+    def __init__(self, phrases: Iterable[str]) -> None:
+        phrases = sorted(
+            {" ".join(p.lower().split()) for p in phrases if p.strip()}, key=lambda p: (-len(p), p)
+        )
+        alternatives = "|".join(_words(p) for p in phrases)
+        self.pattern = (
+            re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE) if phrases else None
+        )
+
+    def find(self, text: str) -> list[Match]:
+        """Non-overlapping whole-word occurrences in `text`, in text order."""
+        if self.pattern is None:
+            return []
+        return [
+            Match(" ".join(m.group(0).lower().split()), m.start(), m.end())
+            for m in self.pattern.finditer(text)
+        ]
 
 
 def find_phrases(text: str, phrases: Iterable[str]) -> list[Match]:
-    """Non-overlapping whole-word occurrences of `phrases` in `text`, longest phrases first, in text order."""
-    found: list[Match] = []
-    taken: list[tuple[int, int]] = []
-    for phrase in sorted({p.lower() for p in phrases if p.strip()}, key=lambda p: (-len(p), p)):
-        pattern = _PATTERNS.get(phrase)
-        if pattern is None:
-            pattern = _PATTERNS[phrase] = _pattern(phrase)
-        for m in pattern.finditer(text):
-            if all(m.end() <= s or m.start() >= e for s, e in taken):
-                taken.append((m.start(), m.end()))
-                found.append(Match(phrase, m.start(), m.end()))
-    return sorted(found, key=lambda m: m.start)
+    """Non-overlapping whole-word occurrences of `phrases` in `text`, in text order: scanning
+    from the left, the longest phrase that matches at a place is taken."""
+    return PhraseIndex(phrases).find(text)
 
 
 def _same_case(original: str, replacement: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from flip.data.foils.grammar import Candidate
-from flip.data.foils.phrases import find_phrases, replace_span
+from flip.data.foils.phrases import PhraseIndex, replace_span
 
 __all__ = ["FoilTable", "load_table"]
 
@@ -53,11 +53,12 @@ class FoilTable:
                         f"a phrase may stand for one attribute only"
                     )
                 self.phrases[key] = (str(attribute), tuple(f.strip() for f in foils))
+        self.index = PhraseIndex(self.phrases)
 
     def candidates(self, text: str) -> list[Candidate]:
         """Every foil of `text` that replaces one listed phrase by one of its foils."""
         out = []
-        for match in find_phrases(text, self.phrases):
+        for match in self.index.find(text):
             attribute, foils = self.phrases[match.phrase]
             for foil in foils:
                 out.append(
