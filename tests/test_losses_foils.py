@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from flip.losses import ClipLoss, FilipLoss, SigLipLoss
+from flip.models import build_model
 from flip.models.outputs import EncoderOutput
+from flip.training.module import FlipLitModule
 
-from .helpers import free_port
+from .helpers import MODEL, OPTIM, TINY_ARCH, free_port, loss_file
 
 B, NF, NI, NT, IN, D = 4, 2, 5, 6, 12, 8
 
@@ -210,3 +212,38 @@ def test_two_ranks_with_foils_equal_one_process_on_the_global_batch(tmp_path):
         assert got[name]["loss"].item() == pytest.approx(loss.item(), abs=1e-5), name
         for key, grad in grads.items():
             torch.testing.assert_close(got[name]["grads"][key], grad, atol=1e-4, rtol=0, msg=f"{name}: {key}")
+
+
+# -- the training module: foils encoded as captions are, in micro-batches too ----------------------
+
+
+def _module_loss_and_grads(loss_name: str, micro_batches: int, images, text, foils, mask):
+    torch.manual_seed(0)
+    loss_cfg, model_settings = loss_file(loss_name)
+    module = FlipLitModule({**MODEL, **model_settings}, loss_cfg, OPTIM, micro_batches=micro_batches)
+    features = module.with_foils(module(images, text), foils, mask)
+    assert features.foil_text_features.shape[:2] == mask.shape
+    assert (features.foil_text_tokens is not None) == module.criterion.requires_tokens
+    losses = module.criterion(features)
+    losses["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return losses["loss"].detach(), grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_name", ["siglip", "clip_filip"])
+def test_micro_batched_foils_equal_one_batch(loss_name):
+    words = ["a hat", "glasses", "a beard", "bangs"]
+    captions = [f"a person with {words[i % 4]}" for i in range(8)]
+    foils = [[c.replace("with", "without"), c.replace("person", "child")] for c in captions]
+    tokenizer = build_model("flip-test-tiny", TINY_ARCH)
+    text = tokenizer.tokenize(captions)
+    foil_tokens = tokenizer.tokenize([f for pair in foils for f in pair]).view(8, 2, -1)
+    mask = torch.tensor([[True, i % 3 > 0] for i in range(8)])
+    torch.manual_seed(1)
+    images = torch.randn(8, 3, 32, 32)
+    whole, whole_grads = _module_loss_and_grads(loss_name, 1, images, text, foil_tokens, mask)
+    parts, grads = _module_loss_and_grads(loss_name, 4, images, text, foil_tokens, mask)
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=0)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
