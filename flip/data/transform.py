@@ -101,7 +101,8 @@ class SampleTransform:
         self.decode_size = reduced_decode_size(self.preprocess) if self.normalize is not None else None
 
     def prepare(self, sample: dict) -> tuple:
-        """(pixels, caption) of one sample; its random augmentation seeded by `__seed__` when it has one."""
+        """(pixels, caption) of one sample, and its foil captions with `foils`; its random augmentation
+        seeded by `__seed__` when it has one."""
         seed = sample.get("__seed__")
         if seed is None:
             prepared = self._augment(sample), sample["text"]
@@ -131,7 +132,8 @@ class SampleTransform:
         return _pixels(image)
 
     def collate(self, prepared: Sequence[tuple]) -> list[torch.Tensor]:
-        """[images, token ids] of a batch of `prepare` outputs (a list, as webdataset's default collation)."""
+        """[images, token ids] of a batch of `prepare` outputs (a list, as webdataset's default collation);
+        with `foils`, also the foils' token ids [B, F, L] and mask [B, F]."""
         images, texts, *foils = zip(*prepared, strict=True)
         # without a split-off Normalize the whole transform ran per sample
         batch = torch.stack(list(images)) if self.normalize is None else self.normalize(_to_float(images))
