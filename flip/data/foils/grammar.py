@@ -65,8 +65,11 @@ def _forms(grammar: CaptionGrammar) -> list[_Form]:
 class GrammarFoils:
     """The single-attribute foils of captions a `CaptionGrammar` wrote (see the module docstring)."""
 
-    def __init__(self, grammar: CaptionGrammar) -> None:
+    def __init__(self, grammar: CaptionGrammar, exclusive: Mapping[str, Sequence[str]] | None = None) -> None:
         self.grammar = grammar
+        # name -> binary attributes of which a face has at most one (CelebA's hair colours): a
+        # stated one can be swapped for another the record says is absent
+        self.exclusive = {name: tuple(group) for name, group in (exclusive or {}).items()}
         self.forms: dict[str, list[_Form]] = {}  # by the words of the form
         self.by_value: dict[tuple[str, object, str], list[_Form]] = {}  # by (attribute, value, slot)
         for form in _forms(grammar):
@@ -139,4 +142,28 @@ class GrammarFoils:
                         seen.add(other.text)
                         foil = replace_span(text, match.start, match.end, other.text)
                         out.append(Candidate(foil, form.attribute, form.value, new))
+                out += self._swaps(text, match, form, values)
+        return out
+
+    def _swaps(
+        self, text: str, match: Match, form: _Form, values: Mapping[str, object] | None
+    ) -> list[Candidate]:
+        """Foils that state another member of an exclusive group instead ("with black hair" ->
+        "with blond hair"): only with a record that says the new member is absent."""
+        if form.value is not True or values is None:
+            return []
+        out = []
+        for name, group in self.exclusive.items():
+            if form.attribute not in group:
+                continue
+            for member in group:
+                if member == form.attribute or values.get(member) is not False:
+                    continue
+                changed = {**values, form.attribute: False, member: True}
+                seen = set()
+                for other in self.by_value.get((member, True, form.slot), []):
+                    if other.text not in seen and self._applies(other.when, changed):
+                        seen.add(other.text)
+                        foil = replace_span(text, match.start, match.end, other.text)
+                        out.append(Candidate(foil, name, form.attribute, member))
         return out

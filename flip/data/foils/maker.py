@@ -35,11 +35,19 @@ DEFAULT_TABLE = Path(CONFIG_PATH) / "data" / "foils" / "default.yaml"
 _KEYS = ("source", "per_caption", "table")
 
 
-def _grammar_specs() -> dict[str, Mapping[str, Any]]:
+# CelebA labels each hair colour as an attribute of its own, with no phrase for its absence:
+# its hair colour foils swap one stated colour for another the labels say is absent
+CELEBA_EXCLUSIVE = {"hair_color": ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")}
+
+
+def _grammars() -> dict[str, GrammarFoils]:
     from flip.data.celeba_grammar import CELEBA_GRAMMAR
     from flip.data.faceshapes.grammar import FACESHAPES_GRAMMAR
 
-    return {"faceshapes": FACESHAPES_GRAMMAR, "celeba": CELEBA_GRAMMAR}
+    return {
+        "faceshapes": GrammarFoils(CaptionGrammar(FACESHAPES_GRAMMAR)),
+        "celeba": GrammarFoils(CaptionGrammar(CELEBA_GRAMMAR), exclusive=CELEBA_EXCLUSIVE),
+    }
 
 
 def stable_seed(*parts: object) -> int:
@@ -84,7 +92,7 @@ class FoilMaker:
 
     @cached_property
     def grammars(self) -> dict[str, GrammarFoils]:
-        return {name: GrammarFoils(CaptionGrammar(spec)) for name, spec in _grammar_specs().items()}
+        return _grammars()
 
     @cached_property
     def phrase_table(self) -> FoilTable:
