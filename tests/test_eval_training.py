@@ -69,6 +69,7 @@ def test_training_logs_zero_shot_results_during_the_run(train_config, tmp_path):
         rows = [r for r in csv.DictReader(f) if r.get("zeroshot/mean_balanced_accuracy")]
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert all(0 <= float(r["zeroshot/mean_balanced_accuracy"]) <= 1 for r in rows)
+    assert all(0 <= float(r["zeroshot/binding_accuracy"]) <= 1 for r in rows)  # FaceShapes has captions
 
 
 @pytest.mark.slow

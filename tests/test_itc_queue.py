@@ -263,6 +263,15 @@ def test_zero3_is_refused_before_any_work_and_zero2_validates(train_config):
     validate(train_config("loss=itc_queue", "trainer=deepspeed_zero2"))
 
 
+def test_hard_negatives_with_no_term_that_reads_foils_are_refused_before_any_work(train_config):
+    with pytest.raises(
+        ValueError, match=r"data.hard_negatives='auto', but no term of this loss .*itc.*loss=clip_filip"
+    ):
+        validate(train_config("loss=itc_queue", "data.hard_negatives=auto"))
+    validate(train_config("loss=clip_filip", "data.hard_negatives=auto"))
+    validate(train_config("loss=siglip", "data.hard_negatives=auto"))
+
+
 @pytest.mark.slow
 def test_deepspeed_zero2_trains_checkpoints_and_resumes_with_it(train_config, tmp_path, deepspeed_on_cpu):
     def run(steps: int, *more: str) -> dict:

@@ -20,8 +20,8 @@ from flip.benchmarks.celeba import (
 )
 from flip.cli.data import main
 from flip.data.captions import CaptionGrammar
+from flip.data.celeba_grammar import CELEBA_GRAMMAR
 from flip.prepare.sources.celeba import CelebASource
-from flip.prepare.sources.celeba_grammar import CELEBA_GRAMMAR
 
 SPLIT_CODES = [0, 0, 0, 0, 0, 1, 1, 2, 2, 2]  # 5 train, 2 val, 3 test
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from flip.data.foils import FoilMaker
 from flip.data.pipeline import EpochSeed, SampleTransform, make_loader, train_pipeline
 from flip.training.checkpoint_io import atomic_torch_save
 from flip.training.resume import capture_rng_state, restore_rng_state
@@ -56,15 +57,22 @@ def _shard_overrides(shards: Path, workers: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_path, workers=0):
+@pytest.mark.parametrize("foils", [False, True])
+def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_path, foils, workers=0):
     shards = Path(write_caption_shards(tmp_path / "shards", count=120, per_shard=20)[0]).parent
     # patch dropout draws from the global generator at every step: the RNG state must be restored too
     overrides = [*_shard_overrides(shards, workers), "+model.arch.vision_cfg.patch_dropout=0.25"]
+    if foils:  # data.hard_negatives: the foils, too, are those of the uninterrupted run
+        table = tmp_path / "foils.yaml"
+        table.write_text("colour: {red: [blue, green], blue: [red], green: [red], yellow: [blue]}\n")
+        overrides.append(f"data.hard_negatives={{source:table,per_caption:2,table:{table}}}")
     # with the in-memory cache, as the demo trains: the resumed process starts with an empty one
     overrides.append("data.cache_in_memory=true")
     train(compose_train_config(tmp_path / "whole", overrides, SHARDS_BASE))
     whole = csv_losses(tmp_path / "whole" / "run")
     assert sorted(whole) == [0, 1, 2, 3, 4, 5]
+    logged = (tmp_path / "whole" / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert ("train/foil_fraction" in logged) == foils
 
     crash = "+callbacks.crash={_target_: tests.test_resume.InterruptAt, step: 3}"
     with pytest.raises(Interrupted):
@@ -87,16 +95,35 @@ def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_pa
         )
 
 
-@pytest.mark.parametrize(("workers", "cache"), [(0, False), (2, False), (0, True), (2, True)])
+@pytest.mark.parametrize(
+    ("workers", "cache", "foils"),
+    [
+        (0, False, False),
+        (2, False, False),
+        (0, True, False),
+        (2, True, False),
+        (0, False, True),
+        (2, True, True),
+    ],
+)
 def test_the_training_stream_continues_after_the_batches_already_consumed(
-    caption_shards, tiny_model, workers, cache
+    caption_shards, tiny_model, workers, cache, foils, tmp_path
 ):
+    maker = None
+    if foils:  # data.hard_negatives: each sample's foils are drawn anew per place in the stream
+        table = tmp_path / "foils.yaml"
+        table.write_text("colour: {red: [blue, green], blue: [red, yellow], green: [red], yellow: [blue]}\n")
+        maker = FoilMaker(source="auto", per_caption=2, table=str(table), seed=7)
+
     def loader():
-        transform = SampleTransform(tiny_model.preprocess_train, tiny_model.tokenizer, cache_tokens=cache)
+        transform = SampleTransform(
+            tiny_model.preprocess_train, tiny_model.tokenizer, cache_tokens=cache, foils=maker
+        )
         epoch_seed = EpochSeed()
         pipeline, batches = train_pipeline(
             caption_shards, transform, batch_size=4, samples_per_epoch=400, world_size=1,
             num_workers=workers, shuffle_buffer=8, seed=7, epoch_seed=epoch_seed, cache_in_memory=cache,
+            with_json=foils,
         )  # fmt: skip
         return make_loader(pipeline, workers, batches, epoch_seed=epoch_seed)
 
@@ -114,7 +141,17 @@ def test_the_training_stream_continues_after_the_batches_already_consumed(
     for expected, got in zip(whole[5:], rest, strict=True):
         torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)  # images: same samples, same crops
         assert torch.equal(got[1], expected[1])
+        assert len(got) == len(expected) == (4 if foils else 2)
+        for mine, theirs in zip(got[2:], expected[2:], strict=True):  # the same foils
+            assert torch.equal(mine, theirs)
     assert not torch.equal(rest[0][0], whole[0][0])  # not the first shards again
+    if foils:  # captions with two colours' foils, and different ones at different places
+        assert all(batch[3][:, 0].all() for batch in whole)
+        drawn: dict[tuple, set] = {}
+        for batch in whole:
+            for caption, foil in zip(batch[1].tolist(), batch[2][:, 0].tolist(), strict=True):
+                drawn.setdefault(tuple(caption), set()).add(tuple(foil))
+        assert max(map(len, drawn.values())) > 1
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):

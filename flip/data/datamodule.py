@@ -9,13 +9,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from webdataset.shardlists import expand_urls
 
+from flip.data.foils import hard_negatives as make_foils
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
 from flip.data.shards import MARKER, REPORT_NAME, STATS_SUFFIX
 from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS
@@ -105,6 +106,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
         cache_in_memory: bool = False,
+        hard_negatives: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or samples_per_epoch < 1 or num_workers < 0 or shuffle_buffer < 1:
@@ -118,6 +120,8 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.max_consecutive_skips = max_consecutive_skips
         self.cache_in_memory = cache_in_memory
+        # training captions' foils (`flip.data.foils`); None: off
+        self.foils = make_foils(hard_negatives, seed)
         self.epoch_seed = EpochSeed()
         self.model: FlipModel | None = None
 
@@ -128,7 +132,12 @@ class ShardDataModule(L.LightningDataModule):
         if self.model is None:
             raise RuntimeError("call datamodule.use_model(model) before building loaders")
         preprocess = self.model.preprocess_train if train else self.model.preprocess
-        return SampleTransform(preprocess, self.model.tokenizer, cache_tokens=train and self.cache_in_memory)
+        return SampleTransform(
+            preprocess,
+            self.model.tokenizer,
+            cache_tokens=train and self.cache_in_memory,
+            foils=self.foils if train else None,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch_seed.set_epoch(epoch)
@@ -148,6 +157,7 @@ class ShardDataModule(L.LightningDataModule):
             epoch_seed=self.epoch_seed,
             max_consecutive_skips=self.max_consecutive_skips,
             cache_in_memory=self.cache_in_memory,
+            with_json=self.foils is not None and self.foils.needs_json,
         )
         return make_loader(pipeline, self.num_workers, num_batches, epoch_seed=self.epoch_seed)
 

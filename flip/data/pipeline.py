@@ -287,12 +287,14 @@ def train_pipeline(
     epoch_seed: EpochSeed,
     max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     cache_in_memory: bool = False,
+    with_json: bool = False,
 ) -> tuple[wds.DataPipeline, int]:
     """An endless resampled stream cut into epochs of `samples_per_epoch` (global) samples.
 
     Returns the pipeline and the number of batches each rank sees per epoch. A stream with no
     usable sample stops with `NoUsableSamples` (see `SkipCounter`) instead of resampling forever.
-    `cache_in_memory` keeps read shards and decoded images in memory (`SampleCache`).
+    `cache_in_memory` keeps read shards and decoded images in memory (`SampleCache`);
+    `with_json` decodes each sample's `.json` too (the caption grammar's record, for foils).
     """
     skips = SkipCounter(urls, max_consecutive_skips)
     cache = SampleCache() if cache_in_memory else None
@@ -304,7 +306,9 @@ def train_pipeline(
         SeededShuffle(shuffle_buffer, min(shuffle_buffer, 4 * batch_size), seed, epoch_seed),
         SkipConsumed(batch_size, seed, epoch_seed),
         # per sample the PIL work, per batch the float conversion and the tokenizer (`SampleTransform`)
-        DecodeSamples(transform.prepare, skips, at_least=transform.decode_size, cache=cache),
+        DecodeSamples(
+            transform.prepare, skips, with_json=with_json, at_least=transform.decode_size, cache=cache
+        ),
         wds.batched(batch_size, partial=False, collation_fn=transform.collate),
     ).with_epoch(batches_per_worker)
     return pipeline, batches_per_rank

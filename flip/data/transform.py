@@ -88,6 +88,9 @@ class SampleTransform:
     # a caption's ids do not depend on the rest of its batch, and a dataset trained for many
     # epochs tokenizes the same captions again on every pass
     cache_tokens: bool = False
+    # `data.hard_negatives` (`flip.data.foils.FoilMaker`): each sample also gets its foils, and
+    # a batch two more tensors, the foils' token ids [B, F, L] and which of them exist [B, F]
+    foils: Callable | None = None
     per_sample: Callable = field(init=False, repr=False)
     normalize: Normalize | None = field(init=False, repr=False)
     decode_size: tuple[int, int] | None = field(init=False, repr=False)
@@ -98,12 +101,17 @@ class SampleTransform:
         self.decode_size = reduced_decode_size(self.preprocess) if self.normalize is not None else None
 
     def prepare(self, sample: dict) -> tuple:
-        """(pixels, caption) of one sample; its random augmentation seeded by `__seed__` when it has one."""
+        """(pixels, caption) of one sample, and its foil captions with `foils`; its random augmentation
+        seeded by `__seed__` when it has one."""
         seed = sample.get("__seed__")
         if seed is None:
-            return self._augment(sample), sample["text"]
-        with seeded_augmentation(seed):
-            return self._augment(sample), sample["text"]
+            prepared = self._augment(sample), sample["text"]
+        else:
+            with seeded_augmentation(seed):
+                prepared = self._augment(sample), sample["text"]
+        if self.foils is None:
+            return prepared
+        return (*prepared, [foil.text for foil in self.foils(sample)])
 
     def _augment(self, sample: dict):
         image, full_size = sample["image"], sample.get("full_size")
@@ -124,11 +132,25 @@ class SampleTransform:
         return _pixels(image)
 
     def collate(self, prepared: Sequence[tuple]) -> list[torch.Tensor]:
-        """[images, token ids] of a batch of `prepare` outputs (a list, as webdataset's default collation)."""
-        images, texts = zip(*prepared, strict=True)
+        """[images, token ids] of a batch of `prepare` outputs (a list, as webdataset's default collation);
+        with `foils`, also the foils' token ids [B, F, L] and mask [B, F]."""
+        images, texts, *foils = zip(*prepared, strict=True)
         # without a split-off Normalize the whole transform ran per sample
         batch = torch.stack(list(images)) if self.normalize is None else self.normalize(_to_float(images))
-        return [batch, self._tokenize(list(texts))]
+        if not foils:
+            return [batch, self._tokenize(list(texts))]
+        return [batch, *self._tokenize_with_foils(list(texts), foils[0])]
+
+    def _tokenize_with_foils(
+        self, texts: list[str], foils: Sequence[list[str]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids of the captions and of their foils [B, F, L] (F: this maker's `per_caption`,
+        missing foils as empty captions), and the mask of the foils that exist [B, F]."""
+        width = self.foils.per_caption
+        mask = torch.tensor([[i < len(f) for i in range(width)] for f in foils], dtype=torch.bool)
+        padded = [f[i] if i < len(f) else "" for f in foils for i in range(width)]
+        tokens = self._tokenize(texts + padded)
+        return tokens[: len(texts)], tokens[len(texts) :].view(len(texts), width, -1), mask
 
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
         if not self.cache_tokens:

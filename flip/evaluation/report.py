@@ -322,6 +322,8 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
     if "retrieval" in metrics:
         recalls = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics["retrieval"].items())
         lines += ["", f"retrieval on the paired captions: {recalls}"]
+    if metrics.get("binding"):
+        lines += ["", *_binding_lines(metrics["binding"])]
     skipped = {split: counts for split, counts in (metrics.get("skipped") or {}).items() if counts}
     if skipped:
         text = "; ".join(
@@ -333,6 +335,20 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         lines += ["", f"built-in prompts used for: {', '.join(metrics['default_prompts_for'])}"]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _binding_lines(binding: Mapping[str, Any]) -> list[str]:
+    """The binding metric: how often an image's caption beats it with one attribute changed."""
+    if not binding["n_foils"]:
+        return ["binding: no caption of this split could be foiled (no attribute phrase found)"]
+    lines = [
+        f"binding (each caption against itself with one attribute changed): {_fmt(binding['accuracy'])} "
+        f"of {binding['n_foils']} foils on {binding['n_images']} images, mean per attribute "
+        f"{_fmt(binding['mean_per_attribute'])}",
+        "",
+    ]
+    rows = [[name, m["accuracy"], m["n"]] for name, m in binding["per_attribute"].items()]
+    return lines + _md_table(["changed attribute", "foil accuracy", "foils"], rows)
 
 
 def _multitask_lines(metrics: Mapping[str, Any]) -> list[str]:

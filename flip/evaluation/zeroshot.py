@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from flip.benchmarks.fairface import AGE_GROUPS, age_group_of
+from flip.evaluation.binding import binding_metrics
 from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, extract_text_features
 from flip.evaluation.metrics import attribute_scores, classification_scores, multiclass_metrics
 from flip.evaluation.multitask import MultitaskPredictions, QuestionPredictions, ValuePredictions
@@ -237,6 +238,8 @@ def evaluate_zeroshot(
         texts, text_image = flatten_captions(split.captions)
         text_features = extract_text_features(model, texts)
         metrics["retrieval"] = retrieval_recalls(image_features, text_features, text_image=text_image)
+        # each caption against itself with one attribute changed (flip.evaluation.binding)
+        metrics["binding"] = binding_metrics(model, split, image_features)
     return metrics
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flip.losses.distributed import gather_features
+from flip.losses.foils import append_foil_logits, foil_rows, pooled_foil_logits
 from flip.models.outputs import EncoderOutput
 
 
@@ -46,6 +47,7 @@ class ClipLoss(nn.Module):
     """
 
     requires_tokens: ClassVar[bool] = False
+    uses_foils: ClassVar[bool] = True  # data.hard_negatives: foils are extra negatives here
 
     def __init__(
         self,
@@ -110,12 +112,36 @@ class ClipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         output_dict: bool = False,
+        foil_features: torch.Tensor | None = None,
+        foil_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """`foil_features` [B, F, D] (masked by `foil_mask` [B, F]): attribute foils of each caption,
+        extra negatives in their own image's row only (`flip.losses.foils`)."""
         per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        if foil_features is not None:
+            rows, foils, mask = foil_rows(
+                image_features,
+                foil_features,
+                foil_mask,
+                local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+            per_image = append_foil_logits(
+                per_image, pooled_foil_logits(rows, foils, mask, logit_scale, logit_bias)
+            )
         loss = symmetric_cross_entropy(
             per_image, per_text, self.get_ground_truth(per_image.device, per_image.shape[0])
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
     def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:
-        return self(outputs.image_features, outputs.text_features, outputs.logit_scale, outputs.logit_bias)
+        return self(
+            outputs.image_features,
+            outputs.text_features,
+            outputs.logit_scale,
+            outputs.logit_bias,
+            foil_features=outputs.foil_text_features,
+            foil_mask=outputs.foil_mask,
+        )

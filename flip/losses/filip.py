@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from flip.losses.clip import check_rank, contrastive_labels, symmetric_cross_entropy
 from flip.losses.distributed import gather_features, gather_mask
+from flip.losses.foils import append_foil_logits, foil_rows, foil_token_similarity
 from flip.models.outputs import EncoderOutput
 
 _NEG_INF = float("-inf")
@@ -281,6 +282,7 @@ class FilipLoss(nn.Module):
     """
 
     requires_tokens: ClassVar[bool] = True
+    uses_foils: ClassVar[bool] = True  # data.hard_negatives: foils are extra negatives here
 
     def __init__(
         self,
@@ -334,7 +336,13 @@ class FilipLoss(nn.Module):
         text_token_mask: torch.Tensor | None = None,
         image_token_mask: torch.Tensor | None = None,
         output_dict: bool = False,
+        foil_tokens: torch.Tensor | None = None,
+        foil_token_mask: torch.Tensor | None = None,
+        foil_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """`foil_tokens` [B, F, Nt, D] (`foil_token_mask` [B, F, Nt], `foil_mask` [B, F]): attribute
+        foils of each caption, token-level extra negatives in their own image's row only
+        (`flip.losses.foils`), scored with the image tokens the batch's pairs are scored with."""
         text_mask, image_mask = self.text_mask(text_tokens, text_token_mask), image_token_mask
         if image_mask is not None:
             image_mask = image_mask.bool()
@@ -364,11 +372,41 @@ class FilipLoss(nn.Module):
         per_image, per_text = logit_scale * i2t, logit_scale * t2i.T
         if logit_bias is not None:
             per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        if foil_tokens is not None:
+            per_image = append_foil_logits(
+                per_image,
+                self._foil_logits(
+                    image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, logit_scale, logit_bias
+                ),
+            )
         labels = contrastive_labels(
             per_image.shape[0], per_image.device, self.rank, self.world_size, self.local_loss
         )
         loss = symmetric_cross_entropy(per_image, per_text, labels)
         return {"filip_loss": loss} if output_dict else loss
+
+    def _foil_logits(self, image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, scale, bias):
+        b, f, n = foil_tokens.shape[:3]
+        token_mask = self.text_mask(
+            foil_tokens.reshape(b * f, n, -1), foil_token_mask.reshape(b * f, n)
+        ).view(b, f, n)
+        if image_mask is None:  # gathered below as a mask, like the others
+            image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
+        rows, foils, mask, image_mask, token_mask = foil_rows(
+            image_tokens,
+            foil_tokens,
+            foil_mask,
+            image_mask,
+            token_mask,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        logits = scale * foil_token_similarity(rows, image_mask, foils, token_mask)
+        if bias is not None:
+            logits = logits + bias
+        return logits.masked_fill(~mask.bool(), float("-inf"))
 
     def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:
         if outputs.image_tokens is None or outputs.text_tokens is None:
@@ -383,4 +421,7 @@ class FilipLoss(nn.Module):
             outputs.logit_bias,
             text_token_mask=outputs.text_token_mask,
             image_token_mask=outputs.image_token_mask,
+            foil_tokens=outputs.foil_text_tokens,
+            foil_token_mask=outputs.foil_text_token_mask,
+            foil_mask=outputs.foil_mask,
         )

@@ -21,6 +21,7 @@ from flip.losses.distributed import (
     neighbour_exchange,
     neighbour_exchange_bidir,
 )
+from flip.losses.foils import siglip_foil_loss
 from flip.models.outputs import EncoderOutput
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -37,6 +38,7 @@ class SigLipLoss(nn.Module):
     """
 
     requires_tokens: ClassVar[bool] = False
+    uses_foils: ClassVar[bool] = True  # data.hard_negatives: foils are extra negatives here
 
     def __init__(
         self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str = "bidir"
@@ -87,11 +89,17 @@ class SigLipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         output_dict: bool = False,
+        foil_features: torch.Tensor | None = None,
+        foil_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """`foil_features` [B, F, D] (masked by `foil_mask` [B, F]): attribute foils of each caption,
+        one more negative pair each with its own image (`flip.losses.foils`)."""
         loss = self._loss(image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
             for term in self._negatives(image_features, text_features, logit_scale, logit_bias):
                 loss = loss + term  # open_clip's summation order, for bitwise-close values
+        if foil_features is not None:
+            loss = loss + siglip_foil_loss(image_features, foil_features, foil_mask, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _negatives(self, image_features, text_features, logit_scale, logit_bias) -> list[torch.Tensor]:
@@ -129,4 +137,11 @@ class SigLipLoss(nn.Module):
         return terms
 
     def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:
-        return self(outputs.image_features, outputs.text_features, outputs.logit_scale, outputs.logit_bias)
+        return self(
+            outputs.image_features,
+            outputs.text_features,
+            outputs.logit_scale,
+            outputs.logit_bias,
+            foil_features=outputs.foil_text_features,
+            foil_mask=outputs.foil_mask,
+        )

@@ -123,6 +123,21 @@ class FlipModel(nn.Module):
             **extra,
         )
 
+    def encode_foils(self, foils: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor]:
+        """The `EncoderOutput` foil fields of foil token ids [B, F, L] (`data.hard_negatives`):
+        encoded as captions are, so a foil and its caption differ only by their words."""
+        batch, count, length = foils.shape
+        text = foils.reshape(batch * count, length)
+        if not return_tokens:
+            features = F.normalize(self.encode_text(text), dim=-1)
+            return {"foil_text_features": features.view(batch, count, -1)}
+        features, tokens = self._text_with_tokens(text)
+        return {
+            "foil_text_features": F.normalize(features, dim=-1).view(batch, count, -1),
+            "foil_text_tokens": F.normalize(tokens, dim=-1).view(batch, count, tokens.shape[1], -1),
+            "foil_text_token_mask": self.informative_text_tokens(text).view(batch, count, -1),
+        }
+
     def informative_text_tokens(self, text: torch.Tensor) -> torch.Tensor:
         """True for the text tokens whose features can say something about the caption.
 

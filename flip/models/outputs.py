@@ -22,6 +22,11 @@ class EncoderOutput:
     that can carry caption information (words and end-of-text; a bidirectional tower's [CLS])
     and False for padding and a causal tower's constant start token. `image_token_mask` is None when every
     image token is real.
+
+    With attribute hard negatives (`data.hard_negatives`), `foil_text_features` [B, F, D] are
+    the F foils of each caption (pooled, projected, L2-normalised), `foil_mask` [B, F] True for
+    the foils that exist, and, when the loss asks for tokens, `foil_text_tokens` [B, F, Nt, D]
+    with `foil_text_token_mask` [B, F, Nt]; all None when off.
     """
 
     image_features: torch.Tensor
@@ -32,6 +37,10 @@ class EncoderOutput:
     text_tokens: torch.Tensor | None = None
     text_token_mask: torch.Tensor | None = None
     image_token_mask: torch.Tensor | None = None
+    foil_text_features: torch.Tensor | None = None
+    foil_mask: torch.Tensor | None = None
+    foil_text_tokens: torch.Tensor | None = None
+    foil_text_token_mask: torch.Tensor | None = None
 
     def float(self) -> EncoderOutput:
         """The same output with every floating-point tensor in float32 (masks stay boolean)."""

@@ -69,6 +69,9 @@ class ZeroShotBenchmark(L.Callback):
         summary = {k: float(v) for k, v in metrics["summary"].items()}
         for k, v in metrics.get("retrieval", {}).items():
             summary[k] = float(v)
+        binding = metrics.get("binding") or {}
+        if binding.get("accuracy") is not None:  # captions against their one-attribute foils
+            summary["binding_accuracy"] = float(binding["accuracy"])
         return summary
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

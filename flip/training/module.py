@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import lightning as L
@@ -109,6 +109,23 @@ def check_loss_strategy(loss: Mapping[str, Any], zero_stage: int | None) -> None
                 "deepspeed_zero3_offload) would partition; train it under trainer=deepspeed_zero2, ddp, "
                 "multinode or gpu"
             )
+
+
+def check_foils_used(loss: Mapping[str, Any], hard_negatives: Any) -> None:
+    """`data.hard_negatives` encodes foil captions every step; a loss with no term that reads them
+    (loss=itc_queue alone) would pay for them and learn nothing from them, so it is refused."""
+    if not hard_negatives:
+        return
+    terms = {
+        name: (term.get("loss") or {}).get("_target_")
+        for name, term in (loss.get("terms") or {}).items()
+        if isinstance(term, Mapping)
+    }
+    if not any(target and getattr(get_class(target), "uses_foils", False) for target in terms.values()):
+        raise ValueError(
+            f"data.hard_negatives={hard_negatives!r}, but no term of this loss ({terms}) uses foil captions; "
+            "the clip, siglip and filip terms do (e.g. loss=clip_filip), or set data.hard_negatives=null"
+        )
 
 
 def zero_stage(trainer_cfg: Mapping[str, Any]) -> int | None:
@@ -264,9 +281,27 @@ class FlipLitModule(L.LightningModule):
             return self.criterion(features, images, text)
         return self.criterion(features)
 
+    def with_foils(self, features: EncoderOutput, foils: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
+        """`features` with the batch's foil captions [B, F, L] encoded (`data.hard_negatives`), in
+        `micro_batches` parts as the batch is (`forward`)."""
+        tokens = self.criterion.requires_tokens
+        if self.micro_batches == 1 or not torch.is_grad_enabled():
+            encoded = self.model.encode_foils(foils, tokens)
+        else:
+            parts = [
+                checkpoint(self.model.encode_foils, part, tokens, use_reentrant=False)
+                for part in foils.chunk(self.micro_batches)
+            ]
+            encoded = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        return replace(features, foil_mask=mask, **encoded)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
         features = self(images, text)
+        if len(batch) > 2:  # foil token ids and mask (data.hard_negatives)
+            features = self.with_foils(features, batch[2], batch[3])
+            has_foil = batch[3].any(dim=1).float().mean()
+            self.log("train/foil_fraction", has_foil, on_step=True, batch_size=len(images))
         losses = self._losses(features, images, text)
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
         finite = self.nonfinite.check(losses, self.global_step, strategy)  # the same answer on every rank

@@ -28,6 +28,7 @@ from flip.training.deepspeed import model_for_evaluation
 from flip.training.module import (
     FlipLitModule,
     check_compile_strategy,
+    check_foils_used,
     check_loss_strategy,
     module_options,
     zero_stage,
@@ -98,6 +99,7 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 and optim.warmup_steps={warmup} >= 0")
     check_compile_strategy(cfg.get("compile"), zero_stage(cfg.trainer))
     check_loss_strategy(cfg.loss, zero_stage(cfg.trainer))
+    check_foils_used(cfg.loss, cfg.data.get("hard_negatives"))
     check_moved_keys_in(cfg)  # the command line was checked before composing
     _check_eval_data(cfg)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from flip.benchmarks.celeba import CELEBA_SPLITS, read_celeba
 from flip.data.captions import CaptionGrammar
+from flip.data.celeba_grammar import CELEBA_GRAMMAR
 from flip.prepare.report import SkipLog
-from flip.prepare.sources.celeba_grammar import CELEBA_GRAMMAR
 from flip.prepare.writer import ImageRef, Item
 
 __all__ = ["CelebASource"]

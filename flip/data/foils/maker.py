@@ -1,0 +1,177 @@
+"""`data.hard_negatives`: which foils each training caption gets, seeded per sample.
+
+A foil is the caption with exactly one attribute changed; the loss scores it as an extra
+negative for its own image (`flip.losses.foils`), which tells the text tower that "with a
+mustache" and "without a mustache" are not the same caption. Foils come from the caption
+grammar that wrote the caption when the sample's `.json` says which (FaceShapes, CelebA
+prepared by flip-data: attributes and `mentions`), and from the editable phrase table
+otherwise (`source: auto`); `grammar` or `table` uses one only. A caption none of them can
+change gets no foil and is masked out of the loss; the trainer logs the fraction that got one.
+
+Each sample's foils are drawn from a generator seeded by the sample's `__seed__` (its place
+in the training stream, `SkipConsumed`), so a resumed run makes the same foils as the run it
+continues; without one (evaluation) by its key and caption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from flip.config import CONFIG_PATH
+from flip.data.captions import CaptionGrammar
+from flip.data.foils.grammar import Candidate, GrammarFoils
+from flip.data.foils.table import FoilTable, load_table
+
+__all__ = ["DEFAULT_TABLE", "SOURCES", "FoilMaker", "hard_negatives", "stable_seed"]
+
+SOURCES = ("auto", "grammar", "table")
+DEFAULT_TABLE = Path(CONFIG_PATH) / "data" / "foils" / "default.yaml"
+_KEYS = ("source", "per_caption", "table")
+
+
+# CelebA labels each hair colour as an attribute of its own, with no phrase for its absence:
+# its hair colour foils swap one stated colour for another the labels say is absent
+CELEBA_EXCLUSIVE = {"hair_color": ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")}
+
+
+def _grammars() -> dict[str, GrammarFoils]:
+    from flip.data.celeba_grammar import CELEBA_GRAMMAR
+    from flip.data.faceshapes.grammar import FACESHAPES_GRAMMAR
+
+    return {
+        "faceshapes": GrammarFoils(CaptionGrammar(FACESHAPES_GRAMMAR)),
+        "celeba": GrammarFoils(CaptionGrammar(CELEBA_GRAMMAR), exclusive=CELEBA_EXCLUSIVE),
+    }
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed from strings, the same in every process (Python's `hash` of a str is not)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass
+class FoilMaker:
+    """Picks up to `per_caption` foils per caption, changing different attributes where it can.
+
+    Picklable (loader workers get a copy); grammars and the table are built on first use.
+    """
+
+    source: str = "auto"
+    per_caption: int = 1
+    table: str | None = None  # None: conf/data/foils/default.yaml
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(
+                f"data.hard_negatives.source={self.source!r}; accepted: {', '.join(SOURCES)} (grammar: "
+                f"the caption grammar of FaceShapes or CelebA samples; table: the phrase table; auto: "
+                f"the grammar where a sample's .json allows, else the table)"
+            )
+        if (
+            isinstance(self.per_caption, bool)
+            or not isinstance(self.per_caption, int)
+            or self.per_caption < 1
+        ):
+            raise ValueError(
+                f"data.hard_negatives.per_caption={self.per_caption!r}; accepted: an integer >= 1"
+            )
+        if self.source != "grammar":
+            _ = self.phrase_table  # a bad table fails at start-up, not in a loader worker
+
+    @property
+    def needs_json(self) -> bool:
+        return self.source != "table"
+
+    @cached_property
+    def grammars(self) -> dict[str, GrammarFoils]:
+        return _grammars()
+
+    @cached_property
+    def phrase_table(self) -> FoilTable:
+        return load_table(self.table or DEFAULT_TABLE)
+
+    def _grammar_for(self, record: Mapping[str, Any]) -> GrammarFoils | None:
+        """The grammar that wrote a record's caption: the one knowing every attribute it mentions
+        (or, without `mentions`, the most of its keys)."""
+        mentions = record.get("mentions")
+        if isinstance(mentions, list) and mentions:
+            names = [m[0] for m in mentions if isinstance(m, list | tuple) and m]
+            for foils in self.grammars.values():
+                if foils.knows(names) == len(names):
+                    return foils
+            return None
+        best = max(self.grammars.values(), key=lambda g: g.knows(list(record)))
+        return best if best.knows(list(record)) else None
+
+    def candidates(self, text: str, record: Mapping[str, Any] | None = None) -> list[Candidate]:
+        """Every single-attribute foil of `text`, by this maker's source."""
+        if self.source != "table" and isinstance(record, Mapping):
+            grammar = self._grammar_for(record)
+            if grammar is not None:
+                mentions = record.get("mentions")
+                found = grammar.candidates(text, record, mentions if isinstance(mentions, list) else None)
+                if found or self.source == "grammar":
+                    return found
+        if self.source == "grammar":
+            return []
+        return self.phrase_table.candidates(text)
+
+    def pick(self, candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
+        """Up to `per_caption` distinct foils, one changed attribute after another in random order."""
+        by_attribute: dict[str, list[Candidate]] = {}
+        for candidate in candidates:
+            if candidate.text not in {c.text for c in by_attribute.get(candidate.attribute, [])}:
+                by_attribute.setdefault(candidate.attribute, []).append(candidate)
+        attributes = sorted(by_attribute)
+        rng.shuffle(attributes)
+        for name in attributes:
+            rng.shuffle(by_attribute[name])
+        picked: list[Candidate] = []
+        while len(picked) < self.per_caption and any(by_attribute.values()):
+            for name in attributes:
+                if by_attribute[name] and len(picked) < self.per_caption:
+                    picked.append(by_attribute[name].pop())
+        return picked
+
+    def rng_for(self, sample: Mapping[str, Any]) -> random.Random:
+        seed = sample.get("__seed__")
+        if seed is None:
+            return random.Random(stable_seed("foils", self.seed, sample.get("__key__", ""), sample["text"]))
+        return random.Random(stable_seed("foils", self.seed, seed))
+
+    def __call__(self, sample: Mapping[str, Any]) -> list[Candidate]:
+        """The foils of one decoded sample ({"text", "json"?, "__seed__"?})."""
+        candidates = self.candidates(sample["text"], sample.get("json"))
+        return self.pick(candidates, self.rng_for(sample)) if candidates else []
+
+
+def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> FoilMaker | None:
+    """The FoilMaker of a `data.hard_negatives` value: null (off), a source name, or a mapping
+    with `source`, `per_caption` and `table`."""
+    if config is None or config is False:
+        return None
+    if isinstance(config, str):
+        return FoilMaker(source=config, seed=seed)
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"data.hard_negatives={config!r}; accepted: null (off), one of {', '.join(SOURCES)}, or a "
+            f"mapping with keys {', '.join(_KEYS)}"
+        )
+    unknown = sorted(set(config) - set(_KEYS))
+    if unknown:
+        raise ValueError(f"data.hard_negatives has unknown key(s) {unknown}; accepted: {', '.join(_KEYS)}")
+    table = config.get("table")
+    return FoilMaker(
+        source=config.get("source", "auto"),
+        per_caption=config.get("per_caption", 1),
+        table=None if table is None else str(table),
+        seed=seed,
+    )

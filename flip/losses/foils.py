@@ -1,0 +1,136 @@
+"""Attribute foils as extra negatives: each scored against its own image only.
+
+A foil is a caption with one attribute changed (`flip.data.foils`); it is a hard negative
+for the image whose caption it came from, and for no other image: to any other image it is
+a near-copy of that image's caption, already a negative in the batch. So each image's row of
+image->text logits gains one column per foil of its own caption (NegCLIP appends its
+negatives as columns for every image; scoring them in their own row keeps what they are for,
+costs B x F dot products instead of B x (B x F) and needs no communication: a foil stays on the
+rank of its image). Foils are never anchors: the text->image direction is unchanged. A foil
+slot that a caption could not fill is masked out (-inf logit, or no SigLIP term).
+
+Under DDP, a loss whose every rank scores the whole global batch (`local_loss=False`) needs
+every image's foils, gathered in rank order as the images are; otherwise each rank scores
+its own rows with its own foils.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flip.losses.distributed import gather_features, gather_mask
+
+__all__ = [
+    "append_foil_logits",
+    "foil_rows",
+    "foil_token_similarity",
+    "pooled_foil_logits",
+    "siglip_foil_loss",
+]
+
+_NEG_INF = float("-inf")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    The gradient of the foils comes out of an einsum in whatever strides it chose; the gloo
+    backward of `torch.distributed.nn.all_gather` scatters into buffers made `empty_like` that
+    gradient, and a strided buffer receives the values out of place.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def foil_rows(
+    rows: torch.Tensor,
+    foils: torch.Tensor,
+    mask: torch.Tensor,
+    *extra: torch.Tensor | None,
+    local_loss: bool,
+    gather_with_grad: bool,
+    rank: int,
+    world_size: int,
+) -> tuple[torch.Tensor | None, ...]:
+    """The image rows a loss scores and the foils (and masks) that go with them.
+
+    On one process, or with `local_loss`, the local ones. Otherwise every rank's, in rank
+    order, gathered as the loss gathers its image features; masks ([B, F], or `extra` ones
+    such as token masks) are gathered as constants.
+    """
+    if world_size == 1 or local_loss:
+        return (rows, foils, mask, *extra)
+    rows, foils = gather_features(
+        rows, foils, local_loss=False, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
+    )
+    return (
+        rows,
+        _ContiguousGrad.apply(foils),
+        gather_mask(mask, world_size),
+        *(None if e is None else gather_mask(e, world_size) for e in extra),
+    )
+
+
+def pooled_foil_logits(
+    image_features: torch.Tensor,
+    foil_features: torch.Tensor,
+    foil_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[R, F] logits of each image against its own foils ([R, D] and [R, F, D]), -inf where no foil."""
+    logits = logit_scale * torch.einsum("rd,rfd->rf", image_features, foil_features)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    return logits.masked_fill(~foil_mask.bool(), _NEG_INF)
+
+
+def append_foil_logits(per_image: torch.Tensor, foil_logits: torch.Tensor) -> torch.Tensor:
+    """Image->text logits [R, C] with each row's foil columns after the batch's [R, C + F]: the
+    positives' columns (the labels) stay where they were."""
+    return torch.cat([per_image, foil_logits.to(per_image.dtype)], dim=1)
+
+
+def siglip_foil_loss(
+    image_features: torch.Tensor,
+    foil_features: torch.Tensor,
+    foil_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """SigLIP's negative-pair term for every (image, own foil) pair, divided by the local batch
+    size as its other terms are."""
+    logits = pooled_foil_logits(
+        image_features, foil_features, torch.ones_like(foil_mask), logit_scale, logit_bias
+    )
+    terms = -F.logsigmoid(-logits) * foil_mask.to(logits.dtype)
+    return terms.sum() / image_features.shape[0]
+
+
+def foil_token_similarity(
+    image_tokens: torch.Tensor,
+    image_mask: torch.Tensor | None,
+    foil_tokens: torch.Tensor,
+    foil_token_mask: torch.Tensor,
+) -> torch.Tensor:
+    """FILIP's image->text similarity s_I of each image with its own foils: [R, F].
+
+    Image tokens [R, Ni, D] (mask [R, Ni] or None), foil tokens [R, F, Nt, D] (mask [R, F, Nt]):
+    the mean over the image's valid tokens of each one's best similarity with the foil's
+    valid tokens, as `flip.losses.filip.filip_similarity` computes it for the batch's pairs.
+    """
+    sim = torch.einsum("rkd,rfnd->rfkn", image_tokens, foil_tokens)
+    sim = sim.masked_fill(~foil_token_mask.bool()[:, :, None, :], _NEG_INF)
+    best = sim.amax(dim=3)
+    best = best.masked_fill(best.isneginf(), 0.0)  # a foil with no valid token scores 0, not -inf
+    if image_mask is None:
+        return best.mean(dim=2)
+    valid = image_mask.bool()[:, None, :]
+    return (best * valid).sum(dim=2) / valid.sum(dim=2).clamp_min(1)

@@ -1,0 +1,182 @@
+"""Attribute foils (flip.data.foils): one attribute changed, by the grammars and by the table."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import re
+
+import pytest
+import torch
+import yaml
+
+from flip.data.captions import CaptionGrammar
+from flip.data.celeba_grammar import CELEBA_GRAMMAR
+from flip.data.faceshapes import FACESHAPES_GRAMMAR, sample_attributes
+from flip.data.foils import DEFAULT_TABLE, FoilMaker, FoilTable, hard_negatives, load_table
+from flip.data.transform import SampleTransform
+
+
+def claims(grammar: CaptionGrammar, text: str) -> set[tuple[str, object]]:
+    """What a caption states, read with the grammar's own surface forms (longest first, each
+    word read once): an independent check of what a foil changed."""
+    forms = []
+    for name, attr in grammar.attributes.items():
+        for value in attr.entries:
+            forms += [(form.lower(), name, value) for form in grammar.surface_forms(name, value)]
+    found, rest = set(), text.lower()
+    for form, name, value in sorted(forms, key=lambda f: -len(f[0])):
+        pattern = rf"(?<![\w-]){re.escape(form)}(?![\w-])"
+        if re.search(pattern, rest):
+            found.add((name, value))
+            rest = re.sub(pattern, "#", rest)
+    return found
+
+
+def faceshapes_record(index: int) -> tuple[dict, str]:
+    grammar = CaptionGrammar(FACESHAPES_GRAMMAR)
+    record = sample_attributes(random.Random(f"r{index}"))
+    caption = grammar.caption(record, random.Random(f"c{index}"))
+    return {**record, "mentions": [[n, v] for n, v in caption.mentions]}, caption.text
+
+
+def celeba_record(index: int) -> tuple[dict, str]:
+    grammar = CaptionGrammar(CELEBA_GRAMMAR)
+    rng = random.Random(f"a{index}")
+    record = {name: rng.random() < 0.4 for name in grammar.attributes}
+    caption = grammar.caption(record, random.Random(f"c{index}"))
+    return {**record, "mentions": [[n, v] for n, v in caption.mentions]}, caption.text
+
+
+@pytest.mark.parametrize(
+    ("spec", "make"), [(FACESHAPES_GRAMMAR, faceshapes_record), (CELEBA_GRAMMAR, celeba_record)]
+)
+def test_grammar_foils_change_exactly_one_attribute_against_the_record(spec, make):
+    grammar, maker = CaptionGrammar(spec), FoilMaker(source="grammar")
+    foiled = changed_attributes = swaps = 0
+    for index in range(60):
+        record, text = make(index)
+        stated = claims(grammar, text)
+        # CelebA says Male through the noun ("a man"), which no foil changes
+        mentioned = {(n, v) for n, v in record["mentions"] if n in grammar.attributes and n != "Male"}
+        assert mentioned <= stated  # the reader sees what the caption says
+        candidates = maker.candidates(text, record)
+        foiled += bool(candidates)
+        for foil in candidates:
+            assert foil.text != text and foil.old != foil.new
+            after = claims(grammar, foil.text)
+            if foil.attribute == "hair_color" and spec is CELEBA_GRAMMAR:  # one colour for another
+                assert after == (stated - {(foil.old, True)}) | {(foil.new, True)}, (text, foil)
+                assert record[foil.old] is True and record[foil.new] is False
+                swaps += 1
+                continue
+            # the changed statement, and nothing else
+            assert after == (stated - {(foil.attribute, foil.old)}) | {(foil.attribute, foil.new)}, (
+                text,
+                foil,
+            )
+            assert (foil.attribute, foil.old) in mentioned and record[foil.attribute] == foil.old
+            changed_attributes += 1
+    assert foiled >= 55 and changed_attributes > 200  # nearly every caption can be foiled
+    assert swaps > 0 or spec is FACESHAPES_GRAMMAR
+
+
+def test_grammar_foils_keep_the_sentence_around_the_changed_phrase():
+    maker = FoilMaker(source="grammar")
+    record = {
+        "expression": "angry",
+        "mustache": True,
+        "mentions": [["expression", "angry"], ["mustache", True]],
+    }
+    foils = {c.text for c in maker.candidates("An angry person with a mustache.", record)}
+    assert "A happy person with a mustache." in foils  # the article agrees with the new adjective
+    assert "An angry person without a mustache." in foils
+    assert "An angry person who looks sad with a mustache." not in foils  # an adjective stays an adjective
+    # "without glasses" would deny the sunglasses too: not offered when they are worn
+    worn = {"eyeglasses": True, "sunglasses": True, "mentions": [["eyeglasses", True]]}
+    texts = {c.text for c in maker.candidates("A person with eyeglasses.", worn)}
+    assert "A person without eyeglasses." in texts and "A person without glasses." not in texts
+
+
+def test_the_table_matches_whole_words_and_keeps_the_case(tmp_path):
+    table = FoilTable(
+        {
+            "eyeglasses": {"with glasses": ["without glasses"], "glasses": ["no glasses"]},
+            "bald": {"bald": ["curly"]},
+            "expression": {"angry": ["happy"]},
+        }
+    )
+    texts = {c.text for c in table.candidates("With glasses, sunglasses and a bald-headed look")}
+    assert texts == {"Without glasses, sunglasses and a bald-headed look"}  # not inside other words
+    assert [c.text for c in table.candidates("WITH GLASSES")] == ["WITHOUT GLASSES"]
+    assert [c.text for c in table.candidates("an angry, bald man")] == [
+        "a happy, bald man",
+        "an angry, curly man",
+    ]
+    assert [c.attribute for c in table.candidates("an angry, bald man")] == ["expression", "bald"]
+    assert table.candidates("a man in a hat") == []
+    # the table file: a phrase may stand for one attribute only; errors name the file and entry
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"a": {"x": ["y"]}, "b": {"X": ["z"]}}))
+    with pytest.raises(ValueError, match=r"t\.yaml.*listed twice"):
+        load_table(path)
+    path.write_text(yaml.safe_dump({"a": {"x": []}}))
+    with pytest.raises(ValueError, match="non-empty list"):
+        load_table(path)
+
+
+def test_the_default_table_loads_and_foils_free_form_captions():
+    table = load_table(DEFAULT_TABLE)
+    texts = {c.text for c in table.candidates("A smiling woman with black hair, wearing glasses.")}
+    assert "A frowning woman with black hair, wearing glasses." in texts
+    assert "A smiling man with black hair, wearing glasses." in texts
+    assert "A smiling woman with blond hair, wearing glasses." in texts
+    assert "A smiling woman with black hair, not wearing glasses." in texts
+
+
+def test_hard_negatives_config_and_its_errors():
+    assert hard_negatives(None) is None
+    maker = hard_negatives({"source": "table", "per_caption": 2}, seed=3)
+    assert (maker.source, maker.per_caption, maker.seed, maker.needs_json) == ("table", 2, 3, False)
+    assert hard_negatives("auto").needs_json
+    with pytest.raises(ValueError, match="accepted: auto, grammar, table"):
+        hard_negatives("grammer")
+    with pytest.raises(ValueError, match="unknown key"):
+        hard_negatives({"sources": "auto"})
+    with pytest.raises(ValueError, match="per_caption"):
+        hard_negatives({"per_caption": 0})
+    with pytest.raises(FileNotFoundError, match="no foil table"):
+        hard_negatives({"source": "table", "table": "/nonexistent.yaml"})
+
+
+def test_foils_are_seeded_per_sample_and_differ_by_attribute():
+    maker = FoilMaker(source="auto", per_caption=3)
+    record, text = faceshapes_record(3)
+    sample = {"text": text, "json": record, "__seed__": 12345, "__key__": "k"}
+    first = maker(sample)
+    assert len(first) == 3 and len({f.attribute for f in first}) == min(3, len(record["mentions"]))
+    assert pickle.loads(pickle.dumps(maker))(sample) == first  # the same in a loader worker
+    others = {tuple(f.text for f in maker({**sample, "__seed__": seed})) for seed in range(20)}
+    assert len(others) > 1  # another place in the stream draws other foils
+    # auto falls back to the table for a sample no grammar wrote
+    free = maker({"text": "a man with glasses", "json": {"colour": "red"}, "__seed__": 1})
+    assert {f.text for f in free} == {"a woman with glasses", "a man without glasses"}
+    assert FoilMaker(source="grammar")({"text": "a man with glasses", "__seed__": 1}) == []
+
+
+def test_a_batch_carries_foil_tokens_and_the_mask_of_captions_that_got_one(tiny_model):
+    maker = FoilMaker(source="table", per_caption=2)
+    transform = SampleTransform(tiny_model.preprocess_train, tiny_model.tokenizer, foils=maker)
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), "red")
+    texts = ["a man with glasses", "a red square", "a bald head"]
+    prepared = [transform.prepare({"image": image, "text": t, "__seed__": i}) for i, t in enumerate(texts)]
+    images, tokens, foil_tokens, mask = transform.collate(prepared)
+    assert images.shape[0] == 3
+    assert tokens.shape == (3, tokens.shape[1]) and foil_tokens.shape == (3, 2, tokens.shape[1])
+    assert mask.tolist() == [[True, True], [False, False], [True, False]]
+    assert torch.equal(tokens, tiny_model.tokenizer(texts))
+    expected = [f.text for f in maker({"text": texts[0], "__seed__": 0})]
+    assert torch.equal(foil_tokens[0], tiny_model.tokenizer(expected))
+    assert torch.equal(foil_tokens[1], tiny_model.tokenizer(["", ""]))

@@ -1,0 +1,249 @@
+"""Attribute foils as extra negatives (flip.losses.foils) in every loss: against straightforward
+references on random inputs, and on 2 gloo ranks against one process on the global batch."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from flip.losses import ClipLoss, FilipLoss, SigLipLoss
+from flip.models import build_model
+from flip.models.outputs import EncoderOutput
+from flip.training.module import FlipLitModule
+
+from .helpers import MODEL, OPTIM, TINY_ARCH, free_port, loss_file
+
+B, NF, NI, NT, IN, D = 4, 2, 5, 6, 12, 8
+
+
+class Towers(nn.Module):
+    """Linear towers with token outputs, and the foils' features made by the text tower."""
+
+    def __init__(self, siglip: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.image, self.text = nn.Linear(IN, D), nn.Linear(IN, D)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0) if siglip else math.log(1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
+
+    def _text(self, texts, mask):
+        tokens = F.normalize(self.text(texts), dim=-1)
+        m = mask[..., None].float()
+        return F.normalize((tokens * m).sum(-2) / m.sum(-2), dim=-1), tokens
+
+    def forward(self, images, texts, mask, foils, foil_token_mask, foil_mask) -> EncoderOutput:
+        image_tokens = F.normalize(self.image(images), dim=-1)
+        text, text_tokens = self._text(texts, mask)
+        foil, foil_tokens = self._text(foils, foil_token_mask)
+        return EncoderOutput(
+            F.normalize(image_tokens.mean(1), dim=-1), text, self.logit_scale.exp(), self.logit_bias,
+            image_tokens, text_tokens, mask,
+            foil_text_features=foil, foil_mask=foil_mask, foil_text_tokens=foil_tokens,
+            foil_text_token_mask=foil_token_mask,
+        )  # fmt: skip
+
+
+def batch(n: int, rows: slice = slice(None)):
+    g = torch.Generator().manual_seed(7)
+    images, texts = torch.randn(n, NI, IN, generator=g), torch.randn(n, NT, IN, generator=g)
+    mask = torch.arange(NT)[None] < torch.randint(2, NT + 1, (n,), generator=g)[:, None]
+    foils = torch.randn(n, NF, NT, IN, generator=g)
+    foil_token_mask = torch.arange(NT)[None, None] < torch.randint(2, NT + 1, (n, NF), generator=g)[..., None]
+    foil_mask = torch.rand(n, NF, generator=g) < 0.7
+    foil_mask[0] = False  # a caption without any foil
+    foil_mask[1] = True
+    return tuple(t[rows] for t in (images, texts, mask, foils, foil_token_mask, foil_mask))
+
+
+# -- references: loops over the pairs, as the method is written down ------------------------------
+
+
+def clip_reference(out: EncoderOutput) -> torch.Tensor:
+    n, s = out.image_features.shape[0], out.logit_scale
+    image_terms, text_terms = [], []
+    for i in range(n):
+        row = [s * out.image_features[i] @ out.text_features[j] for j in range(n)]
+        row += [
+            s * out.image_features[i] @ out.foil_text_features[i, f] for f in range(NF) if out.foil_mask[i, f]
+        ]
+        image_terms.append(-torch.log_softmax(torch.stack(row), 0)[i])
+        column = torch.stack([s * out.text_features[i] @ out.image_features[j] for j in range(n)])
+        text_terms.append(-torch.log_softmax(column, 0)[i])
+    return (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+
+
+def siglip_reference(out: EncoderOutput) -> torch.Tensor:
+    n, s, b = out.image_features.shape[0], out.logit_scale, out.logit_bias
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = s * out.image_features[i] @ out.text_features[j] + b
+            total = total - F.logsigmoid(z if i == j else -z)
+        for f in range(NF):
+            if out.foil_mask[i, f]:
+                total = total - F.logsigmoid(-(s * out.image_features[i] @ out.foil_text_features[i, f] + b))
+    return total / n
+
+
+def late(image_tokens, text_tokens, text_mask) -> torch.Tensor:
+    """FILIP's s_I: mean over image tokens of the best valid text token."""
+    sims = image_tokens @ text_tokens[text_mask].T
+    return sims.max(dim=1).values.mean()
+
+
+def late_t2i(image_tokens, text_tokens, text_mask) -> torch.Tensor:
+    return (text_tokens[text_mask] @ image_tokens.T).max(dim=1).values.mean()
+
+
+def filip_reference(out: EncoderOutput) -> torch.Tensor:
+    n, s = out.image_features.shape[0], out.logit_scale
+    it, tt, tm = out.image_tokens, out.text_tokens, out.text_token_mask
+    image_terms, text_terms = [], []
+    for i in range(n):
+        row = [s * late(it[i], tt[j], tm[j]) for j in range(n)]
+        row += [
+            s * late(it[i], out.foil_text_tokens[i, f], out.foil_text_token_mask[i, f])
+            for f in range(NF)
+            if out.foil_mask[i, f]
+        ]
+        image_terms.append(-torch.log_softmax(torch.stack(row), 0)[i])
+        column = torch.stack([s * late_t2i(it[j], tt[i], tm[i]) for j in range(n)])
+        text_terms.append(-torch.log_softmax(column, 0)[i])
+    return (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+
+
+REFERENCES = {
+    "clip": (lambda: ClipLoss(), clip_reference, False),
+    "siglip": (lambda: SigLipLoss(), siglip_reference, True),
+    "filip": (lambda: FilipLoss(chunk_size=3), filip_reference, False),
+}
+
+
+def loss_and_grads(loss_fn, siglip: bool, n: int, rows: slice = slice(None)):
+    model = Towers(siglip)
+    out = model(*batch(n, rows))
+    loss = loss_fn(out) if not hasattr(loss_fn, "loss_from_outputs") else loss_fn.loss_from_outputs(out)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_foils_are_extra_negatives_of_their_own_image_as_the_reference_computes(name):
+    make, reference, siglip = REFERENCES[name]
+    loss, grads = loss_and_grads(make(), siglip, 2 * B)
+    expected, expected_grads = loss_and_grads(reference, siglip, 2 * B)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad, atol=1e-5, rtol=1e-4, msg=key)
+    # and the foils count: without them the loss is another one
+    model = Towers(siglip)
+    out = model(*batch(2 * B))
+    without = EncoderOutput(*(getattr(out, f) for f in ("image_features", "text_features", "logit_scale",
+                            "logit_bias", "image_tokens", "text_tokens", "text_token_mask")))  # fmt: skip
+    # (SigLIP's negatives at its initial bias of -10 add about 5e-5 each)
+    assert abs(make().loss_from_outputs(without).item() - loss.item()) > 1e-5
+
+
+def test_captions_without_foils_leave_the_loss_as_it_was():
+    model = Towers()
+    out = model(*batch(2 * B))
+    none = EncoderOutput(**{**out.__dict__, "foil_mask": torch.zeros_like(out.foil_mask)})
+    plain = EncoderOutput(**{**out.__dict__, "foil_text_features": None, "foil_text_tokens": None})
+    for loss in (ClipLoss(), FilipLoss()):
+        assert loss.loss_from_outputs(none).item() == pytest.approx(
+            loss.loss_from_outputs(plain).item(), abs=1e-6
+        )
+
+
+# -- 2 gloo ranks ---------------------------------------------------------------------------------
+
+CASES = {
+    "clip-local-gradgather": (
+        lambda r, w: ClipLoss(local_loss=True, gather_with_grad=True, rank=r, world_size=w),
+        False,
+    ),
+    "clip-global-gradgather": (lambda r, w: ClipLoss(gather_with_grad=True, rank=r, world_size=w), False),
+    "siglip-bidir": (lambda r, w: SigLipLoss(rank=r, world_size=w), True),
+    "siglip-gather": (lambda r, w: SigLipLoss(rank=r, world_size=w, dist_impl="gather"), True),
+    "filip-local-gradgather": (
+        lambda r, w: FilipLoss(local_loss=True, gather_with_grad=True, rank=r, world_size=w, chunk_size=3),
+        False,
+    ),
+    "filip-global-gradgather": (lambda r, w: FilipLoss(gather_with_grad=True, rank=r, world_size=w), False),
+}
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    rows, results = slice(rank * B, (rank + 1) * B), {}
+    for name, (make, siglip) in CASES.items():
+        loss, grads = loss_and_grads(make(rank, world), siglip, world * B, rows)
+        for t in (loss, *grads.values()):  # what DDP does to gradients
+            dist.all_reduce(t)
+            t /= world
+        results[name] = {"loss": loss, "grads": grads}
+    if rank == 0:
+        torch.save(results, path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_foils_equal_one_process_on_the_global_batch(tmp_path):
+    path = str(Path(tmp_path) / "results.pt")
+    mp.spawn(_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    got = torch.load(path)
+    for name, (make, siglip) in CASES.items():
+        loss, grads = loss_and_grads(make(0, 1), siglip, 2 * B)
+        assert got[name]["loss"].item() == pytest.approx(loss.item(), abs=1e-5), name
+        for key, grad in grads.items():
+            torch.testing.assert_close(got[name]["grads"][key], grad, atol=1e-4, rtol=0, msg=f"{name}: {key}")
+
+
+# -- the training module: foils encoded as captions are, in micro-batches too ----------------------
+
+
+def _module_loss_and_grads(loss_name: str, micro_batches: int, images, text, foils, mask):
+    torch.manual_seed(0)
+    loss_cfg, model_settings = loss_file(loss_name)
+    module = FlipLitModule({**MODEL, **model_settings}, loss_cfg, OPTIM, micro_batches=micro_batches)
+    features = module.with_foils(module(images, text), foils, mask)
+    assert features.foil_text_features.shape[:2] == mask.shape
+    assert (features.foil_text_tokens is not None) == module.criterion.requires_tokens
+    losses = module.criterion(features)
+    losses["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return losses["loss"].detach(), grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_name", ["siglip", "clip_filip"])
+def test_micro_batched_foils_equal_one_batch(loss_name):
+    words = ["a hat", "glasses", "a beard", "bangs"]
+    captions = [f"a person with {words[i % 4]}" for i in range(8)]
+    foils = [[c.replace("with", "without"), c.replace("person", "child")] for c in captions]
+    tokenizer = build_model("flip-test-tiny", TINY_ARCH)
+    text = tokenizer.tokenize(captions)
+    foil_tokens = tokenizer.tokenize([f for pair in foils for f in pair]).view(8, 2, -1)
+    mask = torch.tensor([[True, i % 3 > 0] for i in range(8)])
+    torch.manual_seed(1)
+    images = torch.randn(8, 3, 32, 32)
+    whole, whole_grads = _module_loss_and_grads(loss_name, 1, images, text, foil_tokens, mask)
+    parts, grads = _module_loss_and_grads(loss_name, 4, images, text, foil_tokens, mask)
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=0)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
