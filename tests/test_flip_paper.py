@@ -84,3 +84,11 @@ def test_the_tiny_twin_composes_as_the_recipe_on_faceshapes(tmp_path):
     for key in ("weight_decay", "betas", "eps"):
         assert twin.optim[key] == paper.optim[key]
     assert twin.data.batch_size == paper.data.batch_size and twin.evaluate
+
+
+def test_the_documented_caption_mix_reaches_the_data_module(tmp_path):
+    mix = "data.captions={fields:{caption:0.7,laion_caption:0.3},sentences:one}"
+    module = instantiate(_compose(tmp_path, "experiment=flip_paper", SHARDS, mix).data)
+    assert module.captions.fields == {"caption": 0.7, "laion_caption": 0.3}
+    assert module.captions.sentences == "one" and module.captions.needs_json
+    assert instantiate(_compose(tmp_path, "experiment=flip_paper", SHARDS).data).captions is None
