@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 import webdataset as wds
+from hydra.utils import instantiate
 
 from flip.data.caption_fields import CaptionSampler, caption_sampler, split_sentences
 from flip.data.datamodule import ShardDataModule
@@ -18,7 +19,7 @@ from flip.data.pipeline import DecodeSamples, EpochSeed, SampleTransform, make_l
 from flip.data.shards import SampleError
 from flip.data.skips import SkipCounter
 
-from .helpers import jpeg_bytes
+from .helpers import SHARDS_BASE, compose_train_config, jpeg_bytes
 
 N = 4000
 
@@ -209,9 +210,12 @@ def test_the_default_leaves_the_stream_byte_for_byte_as_before(tmp_path, tiny_mo
     urls = _write_faces(tmp_path / "faces")
     # main's transform, built as before data.captions existed
     before = _batches(SampleTransform(tiny_model.preprocess_train, tiny_model.tokenizer), urls)
-    module = ShardDataModule(train_shards=urls, seed=3)  # data.captions: null, as conf/data/*.yaml
+    # the data module as train.py builds it from conf/data/shards.yaml (data.captions: null)
+    cfg = compose_train_config(tmp_path, [f"data.train_shards={tmp_path / 'faces'}"], SHARDS_BASE)
+    assert cfg.data.captions is None
+    module = instantiate(cfg.data)
+    assert isinstance(module, ShardDataModule) and module.captions is None
     module.use_model(tiny_model)
-    assert module.captions is None
     now = _batches(module._transform(train=True), urls)
     # and {txt: 1} on one-line captions draws the .txt itself
     only_txt = SampleTransform(
@@ -221,3 +225,26 @@ def test_the_default_leaves_the_stream_byte_for_byte_as_before(tmp_path, tiny_mo
         for mine, theirs in zip(batches, before, strict=True):
             assert len(mine) == len(theirs) == 2
             assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_trains_on_the_captions_of_the_run_it_continues(tmp_path):
+    from flip.training.run import train
+
+    from .helpers import csv_losses
+    from .test_resume import Interrupted, _shard_overrides
+
+    _write_faces(tmp_path / "faces", count=120, per_shard=20)
+    mix = "data.captions={fields:{caption:0.5,laion_caption:0.5},sentences:one}"
+    overrides = [*_shard_overrides(tmp_path / "faces", 0), mix]
+    train(compose_train_config(tmp_path / "whole", overrides, SHARDS_BASE))
+    whole = csv_losses(tmp_path / "whole" / "run")
+    crash = "+callbacks.crash={_target_: tests.test_resume.InterruptAt, step: 3}"
+    with pytest.raises(Interrupted):
+        train(compose_train_config(tmp_path / "split", [*overrides, crash], SHARDS_BASE))
+    last = tmp_path / "split" / "run" / "checkpoints" / "last.ckpt"
+    train(compose_train_config(tmp_path / "split", [*overrides, f"ckpt_path={last}"], SHARDS_BASE))
+    resumed = csv_losses(tmp_path / "split" / "run", 1)
+    assert sorted(resumed) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert resumed[step] == pytest.approx(whole[step], rel=0, abs=1e-6), (step, resumed, whole)
