@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 from webdataset.shardlists import expand_urls
 
+from flip.data.caption_fields import caption_sampler
 from flip.data.foils import hard_negatives as make_foils
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
 from flip.data.shards import MARKER, REPORT_NAME, STATS_SUFFIX
@@ -107,6 +108,7 @@ class ShardDataModule(L.LightningDataModule):
         max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
         cache_in_memory: bool = False,
         hard_negatives: str | Mapping[str, Any] | None = None,
+        captions: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or samples_per_epoch < 1 or num_workers < 0 or shuffle_buffer < 1:
@@ -122,6 +124,8 @@ class ShardDataModule(L.LightningDataModule):
         self.cache_in_memory = cache_in_memory
         # training captions' foils (`flip.data.foils`); None: off
         self.foils = make_foils(hard_negatives, seed)
+        # which of a sample's captions each training step uses (`flip.data.caption_fields`); None: the .txt
+        self.captions = caption_sampler(captions, seed)
         self.epoch_seed = EpochSeed()
         self.model: FlipModel | None = None
 
@@ -137,6 +141,7 @@ class ShardDataModule(L.LightningDataModule):
             self.model.tokenizer,
             cache_tokens=train and self.cache_in_memory,
             foils=self.foils if train else None,
+            captions=self.captions if train else None,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -157,7 +162,7 @@ class ShardDataModule(L.LightningDataModule):
             epoch_seed=self.epoch_seed,
             max_consecutive_skips=self.max_consecutive_skips,
             cache_in_memory=self.cache_in_memory,
-            with_json=self.foils is not None and self.foils.needs_json,
+            with_json=any(x is not None and x.needs_json for x in (self.foils, self.captions)),
         )
         return make_loader(pipeline, self.num_workers, num_batches, epoch_seed=self.epoch_seed)
 

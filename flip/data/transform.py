@@ -91,6 +91,9 @@ class SampleTransform:
     # `data.hard_negatives` (`flip.data.foils.FoilMaker`): each sample also gets its foils, and
     # a batch two more tensors, the foils' token ids [B, F, L] and which of them exist [B, F]
     foils: Callable | None = None
+    # `data.captions` (`flip.data.caption_fields.CaptionSampler`): the caption this step trains on,
+    # drawn from the sample's caption fields; None: the `.txt` as it is
+    captions: Callable | None = None
     per_sample: Callable = field(init=False, repr=False)
     normalize: Normalize | None = field(init=False, repr=False)
     decode_size: tuple[int, int] | None = field(init=False, repr=False)
@@ -102,7 +105,9 @@ class SampleTransform:
 
     def prepare(self, sample: dict) -> tuple:
         """(pixels, caption) of one sample, and its foil captions with `foils`; its random augmentation
-        seeded by `__seed__` when it has one."""
+        seeded by `__seed__` when it has one. With `captions`, the caption is the one it draws."""
+        if self.captions is not None:  # before the foils: they change the caption trained on
+            sample = {**sample, "text": self.captions(sample)}
         seed = sample.get("__seed__")
         if seed is None:
             prepared = self._augment(sample), sample["text"]
