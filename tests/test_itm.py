@@ -19,6 +19,7 @@ import flip
 from flip.evaluation.features import SplitFeatures
 from flip.evaluation.rerank import reranked_scores
 from flip.evaluation.retrieval import Retrieval, evaluate_retrieval, reranked_recalls, retrieval_recalls
+from flip.export.safetensors_format import write_safetensors_folder
 from flip.losses import ItmLoss, build_loss
 from flip.losses.itm import negative_distribution, positive_mask, sample_negatives
 from flip.models import build_model
@@ -293,12 +294,15 @@ def test_rerank_k_without_an_itm_head_fails_with_what_to_do(tiny_model):
 # ---------------------------------------------------------------- through train.py
 
 
+@pytest.mark.parametrize(
+    ("loss", "terms"), [("clip_itm", {"clip", "itm"}), ("itc_queue_itm", {"itc", "itm"})]
+)
 @pytest.mark.slow
-def test_clip_itm_trains_through_train_py_and_reloads_with_its_head(train_config, tmp_path):
-    cfg = train_config("loss=clip_itm", "evaluate=false", "trainer.max_steps=2", "model.fusion.layers=1")
+def test_itm_losses_train_through_train_py_and_reload_with_their_head(train_config, tmp_path, loss, terms):
+    cfg = train_config(f"loss={loss}", "evaluate=false", "trainer.max_steps=2", "model.fusion.layers=1")
     results = train(cfg)
     logged = {k.split("/")[1] for k in results["train"] if k.startswith("train/") and "logit" not in k}
-    assert logged == {"clip", "itm", "loss"}
+    assert logged == terms | {"loss"}
     assert all(torch.isfinite(torch.tensor(v)) for v in results["train"].values())
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     model = flip.load(ckpt)
@@ -306,6 +310,11 @@ def test_clip_itm_trains_through_train_py_and_reloads_with_its_head(train_config
     fusion = {k[len("model.fusion.") :]: v for k, v in saved.items() if k.startswith("model.fusion.")}
     assert fusion and len(model.fusion.blocks) == 1
     for name, value in model.fusion.state_dict().items():
+        torch.testing.assert_close(value, fusion[name])
+    (tmp_path / "export").mkdir()
+    write_safetensors_folder(model, tmp_path / "export")  # the export carries the head too
+    exported = flip.load(tmp_path / "export")
+    for name, value in exported.fusion.state_dict().items():
         torch.testing.assert_close(value, fusion[name])
     # the reloaded head re-ranks a split: every candidate re-scored equals brute force over all pairs
     split = _Split(["a face", "a face with glasses", "a face with a red hat", "a bald face"])
