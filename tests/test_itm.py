@@ -23,10 +23,11 @@ from flip.export.safetensors_format import write_safetensors_folder
 from flip.losses import ItmLoss, build_loss
 from flip.losses.itm import negative_distribution, positive_mask, sample_negatives
 from flip.models import build_model
-from flip.models.fusion import ItmFusion
+from flip.models.fusion import BertCrossFusion, ItmFusion
 from flip.training.run import train
 
 from .helpers import free_port, loss_file
+from .helpers.bert import bert_arch, write_tiny_bert
 from .helpers.configs import TINY_ARCH
 
 
@@ -363,4 +364,37 @@ def test_the_itm_loss_configs_give_the_model_a_fusion():
     for name, terms in (("clip_itm", {"clip", "itm"}), ("itc_queue_itm", {"itc", "itm"})):
         cfg, model_settings = loss_file(name)
         assert set(build_loss(cfg).terms) == terms
-        assert model_settings["fusion"]["layers"] >= 1
+        assert model_settings["fusion"]["layers"] >= 1 and model_settings["fusion"]["style"] == "auto"
+
+
+# ---------------------------------------------------------------- BLIP's fusion on a BERT tower
+
+
+def test_a_bert_tower_fuses_blip_style_on_its_own_weights_and_exports_with_them(tmp_path):
+    write_tiny_bert(tmp_path / "bert")
+    torch.manual_seed(0)
+    model = build_model("flip-test-bert-itm", bert_arch(tmp_path / "bert"), fusion={"layers": 2}).eval()
+    bert = model.clip.text.transformer
+    assert isinstance(model.fusion, BertCrossFusion) and len(model.fusion.cross) == len(bert.encoder.layer)
+    shared = {id(p) for p in bert.parameters()}
+    assert not any(id(p) in shared for p in model.fusion.parameters())  # BERT is saved once, as the tower
+    assert not [k for k in model.state_dict() if k.startswith("fusion.") and "embeddings" in k]
+    text = model.tokenize(["a person with a red hat", "a face"])
+    images = torch.randn(2, 3, 32, 32)
+    out = model(images, text, return_tokens=True)
+    logits = model.itm_logits(out.image_hidden, out.text_hidden, text)
+    assert logits.shape == (2, 2)
+    # padding changes nothing: the same captions with fewer pad positions score the same
+    length = int((text != model.pad_token_id).sum(dim=1).max())
+    short = model.fusion(out.image_hidden, text[:, :length], text[:, :length] == model.pad_token_id, bert)
+    torch.testing.assert_close(short, logits, atol=1e-5, rtol=1e-5)
+    # the matching loss trains BERT's own weights, as BLIP's shared text encoder
+    logits[:, 1].sum().backward()
+    assert bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    (tmp_path / "export").mkdir()
+    write_safetensors_folder(model, tmp_path / "export")
+    again = flip.load(tmp_path / "export").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.itm_logits(out.image_hidden, None, text), logits.detach())
+    with pytest.raises(ValueError, match=r"style=blip inserts cross-attention into a Hugging Face BERT"):
+        build_model("flip-test-tiny", TINY_ARCH, fusion={"style": "blip"})

@@ -17,7 +17,7 @@ from open_clip.model import CLIP
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
-from flip.models.fusion import ItmFusion, build_fusion
+from flip.models.fusion import BertCrossFusion, ItmFusion, build_fusion
 from flip.models.hf_text import hf_text_with_tokens
 from flip.models.outputs import EncoderOutput
 from flip.models.probe_tokens import FINAL, resolve_probe_blocks
@@ -54,9 +54,11 @@ class FlipModel(nn.Module):
         self.config = config
         self.pad_token_id = _pad_token_id(tokenizer)
         # image-text matching (model.fusion; flip.models.fusion): None for a contrastive-only model
-        self.fusion: ItmFusion | None = None
+        self.fusion: ItmFusion | BertCrossFusion | None = None
         if config.get("fusion") is not None:
-            self.fusion = build_fusion(config["fusion"], *self._hidden_widths())
+            text = getattr(clip, "text", None)
+            bert = text.config if isinstance(text, HFTextEncoder) else None
+            self.fusion = build_fusion(config["fusion"], *self._hidden_widths(), bert_config=bert)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -162,7 +164,10 @@ class FlipModel(nn.Module):
                 "this model has no image-text matching head (model.fusion is null): train it with "
                 "loss=clip_itm or loss=itc_queue_itm, or use contrastive scores only (rerank_k=0)"
             )
-        return self.fusion(image_hidden, text_hidden, text_ids == self.pad_token_id)
+        padding = text_ids == self.pad_token_id
+        if isinstance(self.fusion, BertCrossFusion):  # BLIP: the caption runs through BERT again
+            return self.fusion(image_hidden, text_ids, padding, self.clip.text.transformer)
+        return self.fusion(image_hidden, text_hidden, padding)
 
     def _hidden_widths(self) -> tuple[int, int]:
         """(text width, image width) of the unprojected token states."""

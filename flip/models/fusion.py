@@ -12,8 +12,13 @@ caption and the image).
 
 It is part of the model (`FlipModel.fusion`), so checkpoints and safetensors exports carry it and
 `flip.load` rebuilds it from the model config (`model.fusion`); the contrastive path never runs it.
-For Hugging Face BERT towers this is a separate stack on BERT's last hidden states, not BLIP's
-cross-attention inserted into BERT's own layers (docs/training.md, "Image-text matching").
+
+Two styles (`model.fusion.style`): `stack`, the blocks below on the text tower's token states (any
+text tower; `layers`, `heads`); `blip`, for Hugging Face BERT towers, BLIP's text encoder in its
+multimodal mode: the caption runs through BERT's own embeddings, self-attention and feed-forward
+weights (shared with the contrastive text tower) with a new cross-attention layer to the image
+after every self-attention, so the matching head starts from what BERT already knows (`auto`: blip
+for a BERT tower, stack otherwise).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-FUSION_KEYS = ("layers", "heads", "mlp_ratio")
+FUSION_KEYS = ("style", "layers", "heads", "mlp_ratio")
+STYLES = ("auto", "stack", "blip")
 
 
 class FusionBlock(nn.Module):
@@ -84,8 +90,46 @@ class ItmFusion(nn.Module):
         return self.itm_head(self.ln_final(x[:, 0]))
 
 
-def build_fusion(cfg: Mapping[str, Any] | None, text_width: int, image_width: int) -> ItmFusion | None:
-    """The model's ITM fusion from `model.fusion` ({layers, heads, mlp_ratio}), or None when null."""
+class BertCrossFusion(nn.Module):
+    """BLIP's multimodal text encoder on a Hugging Face BERT: one new cross-attention layer (BERT's
+    own kind, `BertAttention(is_cross_attention=True)`) per BERT layer, a projection of the image
+    states to BERT's width when they differ, and the ITM head on [CLS]. BERT itself is not held
+    (its weights are the text tower's, saved once): `forward` is given it."""
+
+    def __init__(self, bert_config: Any, image_width: int) -> None:
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertAttention
+
+        hidden = int(bert_config.hidden_size)
+        self.cross = nn.ModuleList(
+            BertAttention(bert_config, layer_idx=i, is_cross_attention=True)
+            for i in range(bert_config.num_hidden_layers)
+        )
+        self.image_proj = nn.Identity() if image_width == hidden else nn.Linear(image_width, hidden)
+        self.itm_head = nn.Linear(hidden, 2)
+
+    def forward(
+        self, image_hidden: torch.Tensor, text_ids: torch.Tensor, text_padding: torch.Tensor, bert: nn.Module
+    ) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        x = bert.embeddings(input_ids=text_ids)
+        mask = create_bidirectional_mask(
+            config=bert.config, inputs_embeds=x, attention_mask=(~text_padding).long()
+        )
+        image = self.image_proj(image_hidden)
+        for layer, cross in zip(bert.encoder.layer, self.cross, strict=True):
+            x = layer.attention(x, mask)[0]
+            x = cross(x, None, image, None)[0]
+            x = layer.feed_forward_chunk(x)
+        return self.itm_head(x[:, 0])
+
+
+def build_fusion(
+    cfg: Mapping[str, Any] | None, text_width: int, image_width: int, bert_config: Any = None
+) -> nn.Module | None:
+    """The model's ITM fusion from `model.fusion` ({style, layers, heads, mlp_ratio}), or None when
+    null; `bert_config` is the Hugging Face text tower's config, None for other towers."""
     if cfg is None:
         return None
     if not isinstance(cfg, Mapping):
@@ -93,4 +137,16 @@ def build_fusion(cfg: Mapping[str, Any] | None, text_width: int, image_width: in
     unknown = sorted(set(cfg) - set(FUSION_KEYS))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in model.fusion; accepted: {list(FUSION_KEYS)}")
-    return ItmFusion(text_width, image_width, **dict(cfg))
+    cfg = dict(cfg)
+    style = cfg.pop("style", "auto")
+    if style not in STYLES:
+        raise ValueError(f"model.fusion.style={style!r}; accepted: {list(STYLES)}")
+    is_bert = getattr(bert_config, "model_type", None) == "bert"
+    if style == "blip" and not is_bert:
+        raise ValueError(
+            "model.fusion.style=blip inserts cross-attention into a Hugging Face BERT text tower's "
+            "layers; this text tower is not BERT: use style=stack (or auto)"
+        )
+    if style == "blip" or (style == "auto" and is_bert):
+        return BertCrossFusion(bert_config, image_width)  # layers and heads are BERT's
+    return ItmFusion(text_width, image_width, **cfg)
