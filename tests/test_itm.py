@@ -16,9 +16,11 @@ from PIL import Image
 from torch import nn
 
 import flip
+from flip.evaluation.clip_benchmark import _retrieval as clip_benchmark_retrieval
 from flip.evaluation.features import SplitFeatures
 from flip.evaluation.rerank import reranked_scores
 from flip.evaluation.retrieval import Retrieval, evaluate_retrieval, reranked_recalls, retrieval_recalls
+from flip.evaluation.run import build_protocols
 from flip.export.safetensors_format import write_safetensors_folder
 from flip.losses import ItmLoss, build_loss
 from flip.losses.itm import negative_distribution, positive_mask, sample_negatives
@@ -26,7 +28,7 @@ from flip.models import build_model
 from flip.models.fusion import BertCrossFusion, ItmFusion
 from flip.training.run import train
 
-from .helpers import free_port, loss_file
+from .helpers import compose_eval, free_port, loss_file
 from .helpers.bert import bert_arch, write_tiny_bert
 from .helpers.configs import TINY_ARCH
 
@@ -284,6 +286,12 @@ def test_reranking_nothing_but_the_first_changes_no_recall():
     assert {k.replace("_rerank", ""): v for k, v in same.items()} == retrieval_recalls(image, text)
 
 
+def test_the_eval_config_sets_rerank_k(tmp_path):
+    cfg = compose_eval("eval_retrieval", tmp_path, "protocols.retrieval.rerank_k=16")
+    assert build_protocols(cfg.protocols)["retrieval"] == Retrieval(rerank_k=16)
+    assert build_protocols(compose_eval("eval_retrieval", tmp_path).protocols)["retrieval"].rerank_k == 0
+
+
 def test_rerank_k_without_an_itm_head_fails_with_what_to_do(tiny_model):
     with pytest.raises(ValueError, match=r"rerank_k > 0 needs a model with an image-text matching head"):
         evaluate_retrieval(tiny_model, SplitFeatures(torch.zeros(0, 32), split=None), rerank_k=5)
@@ -327,14 +335,19 @@ def test_itm_losses_train_through_train_py_and_reload_with_their_head(train_conf
         text_hidden, pair_ids = out.text_hidden.repeat(4, 1, 1), ids.repeat(4, 1)
         itm = model.itm_logits(image_hidden, text_hidden, pair_ids)[:, 1].view(4, 4)
     features = SplitFeatures(out.image_features, split)
-    metrics = evaluate_retrieval(model, features, rerank_k=4, batch_size=3)["summary"]
+    result = evaluate_retrieval(model, features, rerank_k=4, batch_size=3)
+    metrics = result["summary"]
     similarity = out.image_features @ out.text_features.T
     for at in (1, 5):
         i2t = _brute_force_ranks(similarity, itm, 4, None, lambda q, c: q == c)
         t2i = _brute_force_ranks(similarity.T, itm.T, 4, None, lambda q, c: q == c)
         assert metrics[f"i2t_rerank_R@{at}"] == pytest.approx(float((i2t < at).float().mean()))
         assert metrics[f"t2i_rerank_R@{at}"] == pytest.approx(float((t2i < at).float().mean()))
-    assert metrics["rerank_k"] == 4 and "i2t_R@1" in metrics
+    assert result["rerank_k"] == 4 and "i2t_R@1" in metrics
+    # CLIP_benchmark has no name for re-ranked recalls: its file keeps the contrastive ones
+    assert set(clip_benchmark_retrieval(metrics)) == set(
+        clip_benchmark_retrieval({k: v for k, v in metrics.items() if "rerank" not in k})
+    )
 
 
 class _Images:

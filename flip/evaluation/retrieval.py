@@ -171,6 +171,7 @@ def evaluate_retrieval(
         "labels": [],
         "summary": summary,
         "per_label": {},
+        **({"rerank_k": rerank_k} if rerank_k else {}),
     }
 
 
@@ -194,14 +195,11 @@ def _reranked(
 ) -> dict[str, float]:
     i2t_itm, t2i_itm = itm_pair_scorer(model, _image_batches(model, features, batch_size), texts, batch_size)
     similarity = features.features.float() @ text_features.T
-    return {
-        **reranked_recalls(
-            reranked_scores(similarity, k, i2t_itm),
-            reranked_scores(similarity.T.contiguous(), k, t2i_itm),
-            text_image=text_image,
-        ),
-        "rerank_k": float(k),
-    }
+    return reranked_recalls(
+        reranked_scores(similarity, k, i2t_itm),
+        reranked_scores(similarity.T.contiguous(), k, t2i_itm),
+        text_image=text_image,
+    )
 
 
 @dataclass
