@@ -308,7 +308,9 @@ def test_rerank_k_without_an_itm_head_fails_with_what_to_do(tiny_model):
 )
 @pytest.mark.slow
 def test_itm_losses_train_through_train_py_and_reload_with_their_head(train_config, tmp_path, loss, terms):
-    cfg = train_config(f"loss={loss}", "evaluate=false", "trainer.max_steps=2", "model.fusion.layers=1")
+    cfg = train_config(
+        f"loss={loss}", "evaluate=false", "trainer.max_steps=2", "model.fusion.layers=1", "micro_batches=2"
+    )
     results = train(cfg)
     logged = {k.split("/")[1] for k in results["train"] if k.startswith("train/") and "logit" not in k}
     assert logged == terms | {"loss"}
