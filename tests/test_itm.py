@@ -19,7 +19,13 @@ import flip
 from flip.evaluation.clip_benchmark import _retrieval as clip_benchmark_retrieval
 from flip.evaluation.features import SplitFeatures
 from flip.evaluation.rerank import reranked_scores
-from flip.evaluation.retrieval import Retrieval, evaluate_retrieval, reranked_recalls, retrieval_recalls
+from flip.evaluation.retrieval import (
+    Retrieval,
+    blocked_reranked_ranks,
+    evaluate_retrieval,
+    reranked_recalls,
+    retrieval_recalls,
+)
 from flip.evaluation.run import build_protocols
 from flip.export.safetensors_format import write_safetensors_folder
 from flip.losses import ItmLoss, build_loss
@@ -270,6 +276,29 @@ def test_reranked_recalls_equal_brute_force_with_the_same_scores(k):
     for at in (1, 2, 5):
         assert got[f"i2t_rerank_R@{at}"] == pytest.approx(float((i2t_rank < at).float().mean()))
         assert got[f"t2i_rerank_R@{at}"] == pytest.approx(float((t2i_rank < at).float().mean()))
+
+
+def test_reranking_in_row_blocks_gives_the_ranks_of_the_whole_matrix():
+    g = torch.Generator().manual_seed(9)
+    image, text = (
+        F.normalize(torch.randn(5, 4, generator=g), dim=-1),
+        F.normalize(torch.randn(8, 4, generator=g), dim=-1),
+    )
+    text_image = torch.tensor([0, 0, 1, 2, 2, 3, 4, 4])
+    itm = torch.randn(5, 8, generator=g)
+    whole = reranked_recalls(
+        reranked_scores(image @ text.T, 3, lambda q, c: itm[q, c]),
+        reranked_scores(text @ image.T, 3, lambda q, c: itm.T[q, c]),
+        ks=(1, 2, 5),
+        text_image=text_image,
+    )
+    texts = torch.arange(8)
+    for rows in (1, 2, 5):
+        i2t = blocked_reranked_ranks(image, text, text_image, texts, 3, lambda q, c: itm[q, c], rows)
+        t2i = blocked_reranked_ranks(text, image, texts, text_image, 3, lambda q, c: itm.T[q, c], rows)
+        for at in (1, 2, 5):
+            assert whole[f"i2t_rerank_R@{at}"] == float((i2t < at).float().mean())
+            assert whole[f"t2i_rerank_R@{at}"] == float((t2i < at).float().mean())
 
 
 def test_reranking_nothing_but_the_first_changes_no_recall():

@@ -183,6 +183,28 @@ def _image_batches(model: FlipModel, features: SplitFeatures, batch_size: int):
         yield torch.stack([model.preprocess(images.load(i)) for i in range(start, stop)])
 
 
+def blocked_reranked_ranks(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    query: torch.Tensor,
+    target: torch.Tensor,
+    k: int,
+    score_pairs,
+    rows: int,
+) -> torch.Tensor:
+    """`_ranks` of `reranked_scores(queries @ candidates.T, k, score_pairs)`, `rows` queries at a
+    time: ten captions per image make a matrix of gigabytes, and re-ranking copies it."""
+    out = []
+    for start in range(0, len(queries), rows):
+        stop = min(start + rows, len(queries))
+        inside = (query >= start) & (query < stop)
+        scores = reranked_scores(
+            queries[start:stop] @ candidates.T, k, lambda q, c, start=start: score_pairs(q + start, c)
+        )
+        out.append(_ranks(scores, query[inside] - start, target[inside]))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def _reranked(
     model: FlipModel,
@@ -192,14 +214,20 @@ def _reranked(
     text_image: torch.Tensor | None,
     k: int,
     batch_size: int,
+    max_elements: int = MAX_SIMILARITY_ELEMENTS,
 ) -> dict[str, float]:
     i2t_itm, t2i_itm = itm_pair_scorer(model, _image_batches(model, features, batch_size), texts, batch_size)
-    similarity = features.features.float() @ text_features.T
-    return reranked_recalls(
-        reranked_scores(similarity, k, i2t_itm),
-        reranked_scores(similarity.T.contiguous(), k, t2i_itm),
-        text_image=text_image,
+    images, n_texts = features.features.float(), len(text_features)
+    text_image = _text_image(len(images), n_texts, text_image)
+    texts_index = torch.arange(n_texts)
+    i2t = blocked_reranked_ranks(
+        images, text_features, text_image, texts_index, k, i2t_itm, max(1, max_elements // n_texts)
     )
+    t2i = blocked_reranked_ranks(
+        text_features, images, texts_index, text_image, k, t2i_itm, max(1, max_elements // len(images))
+    )
+    recalls = _recalls(i2t, t2i, RECALL_AT)
+    return {name.replace("_R@", "_rerank_R@"): value for name, value in recalls.items()}
 
 
 @dataclass
