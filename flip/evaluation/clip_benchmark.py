@@ -45,6 +45,7 @@ ZEROSHOT_RETRIEVAL = "zeroshot_retrieval"
 TASKS = (ZEROSHOT_CLASSIFICATION, LINEAR_PROBE, ZEROSHOT_RETRIEVAL)
 # our retrieval key -> CLIP_benchmark's: i2t is its text retrieval, t2i its image retrieval
 RETRIEVAL_KEY = re.compile(r"^(i2t|t2i)_R@(\d+)$")
+RERANKED = ("i2t_rerank_R@", "t2i_rerank_R@")
 RETRIEVAL_NAMES = {"i2t": "text_retrieval_recall@{}", "t2i": "image_retrieval_recall@{}"}
 
 
@@ -132,6 +133,8 @@ def _retrieval(recalls: Mapping[str, Any]) -> dict[str, float]:
         raise ValueError("retrieval metrics have no summary recalls (i2t_R@K, t2i_R@K) to write")
     out = {}
     for key, value in recalls.items():
+        if key.startswith(RERANKED):
+            continue  # ITM re-ranked recalls (rerank_k): CLIP_benchmark has no name for them
         match = RETRIEVAL_KEY.match(key)
         if match is None:
             raise ValueError(

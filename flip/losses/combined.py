@@ -8,7 +8,8 @@ A term that needs the batch itself (a momentum encoder's features: `MomentumItcL
 `requires_inputs = True` and has `bind(model)` (called once the online model exists),
 `encode_inputs(images, text)` (its result goes to `loss_from_outputs(outputs, encoded)`) and
 `after_optimizer_step(model)` (called by the training module after each optimizer step); one
-whose state cannot live under ZeRO-3's partitioned weights sets `supports_zero3 = False`.
+whose state cannot live under ZeRO-3's partitioned weights sets `supports_zero3 = False`. A term
+that scores with a part of the model (the ITM head: `ItmLoss`) has `bind(model)` alone.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ BUILT_IN = (
     "flip.losses.SigLipLoss",
     "flip.losses.FilipLoss",
     "flip.losses.MomentumItcLoss",
+    "flip.losses.ItmLoss",
 )
 _FROM_TRAINER = ("rank", "world_size")
 
@@ -64,7 +66,7 @@ class CombinedLoss(nn.Module):
 
     def bind(self, model: nn.Module) -> None:
         for term in self.terms.values():
-            if getattr(term, "requires_inputs", False):
+            if hasattr(term, "bind"):
                 term.bind(model)
 
     def after_optimizer_step(self, model: nn.Module) -> None:

@@ -86,6 +86,7 @@ def build_model(
     init_logit_bias: float | None = None,
     cache_dir: str | None = None,
     image_resize_mode: str | None = None,
+    fusion: Mapping[str, Any] | None = None,
 ) -> FlipModel:
     """Create towers, tokenizer and transforms for `name`.
 
@@ -96,7 +97,8 @@ def build_model(
     config); None keeps the architecture's own (open_clip's CLIP: log(1/0.07) and no bias), and
     only a model built with a bias has that parameter. `image_resize_mode` overrides open_clip's
     evaluation resize (`squash`: the whole image to the square input, as FLIP-Base was evaluated);
-    None keeps the architecture's (resize the short side, centre crop).
+    None keeps the architecture's (resize the short side, centre crop). `fusion` ({layers, heads,
+    mlp_ratio}) adds the image-text matching fusion and head (flip.models.fusion); None: none.
     """
     if ":" in name and pretrained is not None:
         raise ValueError(
@@ -132,4 +134,6 @@ def build_model(
     }
     if image_resize_mode is not None:  # only then, so configs saved before the option stay equal
         config["image_resize_mode"] = image_resize_mode
+    if fusion is not None:  # likewise
+        config["fusion"] = json.loads(json.dumps(dict(fusion)))
     return FlipModel(clip, tokenizer, preprocess_train, preprocess_val, config)

@@ -17,6 +17,7 @@ from open_clip.model import CLIP
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
+from flip.models.fusion import BertCrossFusion, ItmFusion, build_fusion
 from flip.models.hf_text import hf_text_with_tokens
 from flip.models.outputs import EncoderOutput
 from flip.models.probe_tokens import FINAL, resolve_probe_blocks
@@ -52,6 +53,12 @@ class FlipModel(nn.Module):
         self.preprocess = preprocess
         self.config = config
         self.pad_token_id = _pad_token_id(tokenizer)
+        # image-text matching (model.fusion; flip.models.fusion): None for a contrastive-only model
+        self.fusion: ItmFusion | BertCrossFusion | None = None
+        if config.get("fusion") is not None:
+            text = getattr(clip, "text", None)
+            bert = text.config if isinstance(text, HFTextEncoder) else None
+            self.fusion = build_fusion(config["fusion"], *self._hidden_widths(), bert_config=bert)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -105,13 +112,15 @@ class FlipModel(nn.Module):
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> EncoderOutput:
         if return_tokens:
-            image_features, image_tokens = self._image_with_tokens(images)
-            text_features, text_tokens = self._text_with_tokens(text)
+            image_features, image_tokens, image_hidden = self._image_with_tokens(images, hidden=True)
+            text_features, text_tokens, text_hidden = self._text_with_tokens(text, hidden=True)
             extra = {
                 "image_tokens": F.normalize(image_tokens, dim=-1),
                 "text_tokens": F.normalize(text_tokens, dim=-1),
                 "text_token_mask": self.informative_text_tokens(text),
             }
+            if self.fusion is not None:  # what the ITM loss fuses, from the same pass
+                extra.update(image_hidden=image_hidden, text_hidden=text_hidden, text_ids=text)
         else:
             image_features, text_features = self.encode_image(images), self.encode_text(text)
             extra = {}
@@ -137,6 +146,46 @@ class FlipModel(nn.Module):
             "foil_text_tokens": F.normalize(tokens, dim=-1).view(batch, count, tokens.shape[1], -1),
             "foil_text_token_mask": self.informative_text_tokens(text).view(batch, count, -1),
         }
+
+    def hidden_states(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None) -> tuple:
+        """The unprojected token states the ITM fusion reads: (image [B, Ni, Wi] or None, text
+        [B, Nt, Wt] or None), for evaluation (retrieval's rerank_k)."""
+        image = None if images is None else self._image_with_tokens(images, hidden=True)[2]
+        words = None if text is None else self._text_with_tokens(text, hidden=True)[2]
+        return image, words
+
+    def itm_logits(
+        self, image_hidden: torch.Tensor, text_hidden: torch.Tensor, text_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """ITM logits [B, 2] (column 1: "matches") of pairs of hidden states (`hidden_states`) and
+        the caption token ids (for the padding mask)."""
+        if self.fusion is None:
+            raise ValueError(
+                "this model has no image-text matching head (model.fusion is null): train it with "
+                "loss=clip_itm or loss=itc_queue_itm, or use contrastive scores only (rerank_k=0)"
+            )
+        padding = text_ids == self.pad_token_id
+        if isinstance(self.fusion, BertCrossFusion):  # BLIP: the caption runs through BERT again
+            return self.fusion(image_hidden, text_ids, padding, self.clip.text.transformer)
+        return self.fusion(image_hidden, text_hidden, padding)
+
+    def _hidden_widths(self) -> tuple[int, int]:
+        """(text width, image width) of the unprojected token states."""
+        visual = self.clip.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(
+                f"model.fusion (image-text matching) needs an open_clip VisionTransformer image tower, "
+                f"not {type(visual).__name__}; set model.fusion=null or use a ViT architecture"
+            )
+        text = getattr(self.clip, "text", None)
+        if isinstance(text, HFTextEncoder):
+            return int(text.config.hidden_size), int(visual.transformer.width)
+        if not isinstance(self.clip, CLIP):
+            raise ValueError(
+                f"model.fusion needs open_clip's text transformer or a Hugging Face text tower, not "
+                f"{type(self.clip).__name__}; set model.fusion=null"
+            )
+        return int(self.clip.transformer.width), int(visual.transformer.width)
 
     def informative_text_tokens(self, text: torch.Tensor) -> torch.Tensor:
         """True for the text tokens whose features can say something about the caption.
@@ -194,7 +243,8 @@ class FlipModel(nn.Module):
             vectors += [h[:, 0], patches.mean(dim=1), patches.amax(dim=1)]
         return torch.stack(vectors, dim=1)
 
-    def _image_with_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_with_tokens(self, images: torch.Tensor, hidden: bool = False) -> tuple[torch.Tensor, ...]:
+        """Pooled and token features, projected; with `hidden`, also the tokens before the projection."""
         visual = self.clip.visual
         if not isinstance(visual, VisionTransformer):
             raise ValueError(
@@ -202,15 +252,17 @@ class FlipModel(nn.Module):
                 f"{type(visual).__name__}; use a ViT architecture or a pooled-feature loss (clip, siglip)"
             )
         x = visual.transformer(visual._embeds(images))
-        pooled, tokens = visual._pool(x)
+        pooled, states = visual._pool(x)
+        tokens = states
         if visual.proj is not None:
-            pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
-        return pooled, tokens
+            pooled, tokens = pooled @ visual.proj, states @ visual.proj
+        return (pooled, tokens, states) if hidden else (pooled, tokens)
 
-    def _text_with_tokens(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_with_tokens(self, text: torch.Tensor, hidden: bool = False) -> tuple[torch.Tensor, ...]:
+        """Pooled and token features, projected; with `hidden`, also the tokens before the projection."""
         clip = self.clip
         if isinstance(getattr(clip, "text", None), HFTextEncoder):
-            return hf_text_with_tokens(clip.text, text)
+            return hf_text_with_tokens(clip.text, text, hidden=hidden)
         if not isinstance(clip, CLIP):
             raise ValueError(
                 f"token features need open_clip's built-in text transformer, not {type(clip).__name__}; "
@@ -222,7 +274,9 @@ class FlipModel(nn.Module):
         pooled = text_global_pool(x, text, clip.text_pool_type, eos_token_id=clip.text_eos_id)
         projection = clip.text_projection
         if isinstance(projection, nn.Linear):
-            return projection(pooled), projection(x)
-        if projection is not None:
-            return pooled @ projection, x @ projection
-        return pooled, x
+            out = projection(pooled), projection(x)
+        elif projection is not None:
+            out = pooled @ projection, x @ projection
+        else:
+            out = pooled, x
+        return (*out, x) if hidden else out

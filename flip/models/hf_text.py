@@ -46,8 +46,11 @@ def resolve_text_cfg(arch: Mapping[str, Any]) -> dict[str, Any]:
     return arch
 
 
-def hf_text_with_tokens(encoder: HFTextEncoder, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled and per-token features of one forward pass, both projected to the joint dimension.
+def hf_text_with_tokens(
+    encoder: HFTextEncoder, text: torch.Tensor, hidden: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Pooled and per-token features of one forward pass, both projected to the joint dimension;
+    with `hidden`, also the last hidden states before the projection (what ITM fusion reads).
 
     The same projection maps the pooled vector and every token, so token and pooled features
     live in one space, as the late-interaction loss requires.
@@ -55,4 +58,5 @@ def hf_text_with_tokens(encoder: HFTextEncoder, text: torch.Tensor) -> tuple[tor
     attention_mask = (text != encoder.config.pad_token_id).long()
     out = encoder.transformer(input_ids=text, attention_mask=attention_mask)
     pooled = encoder.pooler(out, attention_mask)
-    return encoder.proj(pooled), encoder.proj(out.last_hidden_state)
+    features = encoder.proj(pooled), encoder.proj(out.last_hidden_state)
+    return (*features, out.last_hidden_state) if hidden else features

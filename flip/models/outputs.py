@@ -27,6 +27,10 @@ class EncoderOutput:
     the F foils of each caption (pooled, projected, L2-normalised), `foil_mask` [B, F] True for
     the foils that exist, and, when the loss asks for tokens, `foil_text_tokens` [B, F, Nt, D]
     with `foil_text_token_mask` [B, F, Nt]; all None when off.
+
+    A model with an image-text matching fusion (`model.fusion`), asked for tokens, also returns
+    the unprojected token states the fusion reads, `image_hidden` [B, Ni, Wi] and `text_hidden`
+    [B, Nt, Wt], and the caption token ids `text_ids` [B, Nt] (padding, duplicate captions).
     """
 
     image_features: torch.Tensor
@@ -41,6 +45,9 @@ class EncoderOutput:
     foil_mask: torch.Tensor | None = None
     foil_text_tokens: torch.Tensor | None = None
     foil_text_token_mask: torch.Tensor | None = None
+    image_hidden: torch.Tensor | None = None
+    text_hidden: torch.Tensor | None = None
+    text_ids: torch.Tensor | None = None
 
     def float(self) -> EncoderOutput:
         """The same output with every floating-point tensor in float32 (masks stay boolean)."""
