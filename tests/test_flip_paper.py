@@ -30,7 +30,8 @@ def test_flip_paper_holds_flips_published_values_and_validates(tmp_path):
     OmegaConf.to_container(plain, resolve=True, throw_on_missing=True)  # every value given
     validate(cfg)
     itc = cfg.loss.terms.itc.loss
-    assert list(cfg.loss.terms) == ["itc"] and itc._target_ == "flip.losses.MomentumItcLoss"
+    assert list(cfg.loss.terms) == ["itc", "itm"] and itc._target_ == "flip.losses.MomentumItcLoss"
+    assert cfg.loss.terms.itm.loss._target_ == "flip.losses.ItmLoss" and cfg.model.fusion.style == "auto"
     assert (itc.queue_size, itc.momentum, itc.alpha) == (61440, 0.995, 0.4)
     assert (itc.min_temperature, itc.max_temperature) == (0.001, 0.5)
     assert cfg.data.batch_size == 80 and cfg.data.captions is None
@@ -50,7 +51,9 @@ def test_flip_paper_holds_flips_published_values_and_validates(tmp_path):
 def test_flip_paper_builds_on_flip_vit_b16_bert_and_changes_only_the_recipe(tmp_path):
     paper = _compose(tmp_path, "experiment=flip_paper", SHARDS)
     base = _compose(tmp_path, "experiment=flip_vit_b16_bert", SHARDS)
-    assert paper.model == base.model  # the same towers, said once (conf/model/vit_b16_bert.yaml)
+    # the same towers, said once (conf/model/vit_b16_bert.yaml), plus ITM's fusion encoder
+    towers = OmegaConf.masked_copy(paper.model, [k for k in paper.model if k != "fusion"])
+    assert towers == base.model and "fusion" not in base.model
     assert paper.callbacks.model_checkpoint == base.callbacks.model_checkpoint
     assert (paper.trainer.precision, paper.evaluate) == (base.trainer.precision, base.evaluate)
     assert base.loss.terms.keys() == {"clip"} and base.data.batch_size == 256
@@ -65,6 +68,7 @@ def test_the_tiny_twin_trains_a_few_steps_with_flips_loss(tmp_path):
     results = train(cfg)
     assert {k for k in results["train"] if k.startswith("train/") and "logit" not in k} >= {
         "train/itc",
+        "train/itm",
         "train/loss",
     }
     losses = csv_losses(tmp_path / "run")
@@ -77,7 +81,7 @@ def test_the_tiny_twin_composes_as_the_recipe_on_faceshapes(tmp_path):
     validate(twin)
     choices = twin.hydra.runtime.choices
     picked = (choices.model, choices.data, choices.loss, choices.trainer)
-    assert picked == ("tiny", "faceshapes", "itc_queue", "cpu")
+    assert picked == ("tiny", "faceshapes", "itc_queue_itm", "cpu")
     for key in ("momentum", "alpha", "min_temperature", "max_temperature"):
         assert twin.loss.terms.itc.loss[key] == paper.loss.terms.itc.loss[key]
     assert twin.loss.terms.itc.loss.queue_size == 16 * twin.data.batch_size
