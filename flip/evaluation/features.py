@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,6 +89,46 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
+def encode_images(
+    model: FlipModel,
+    images: ImageSource,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 256,
+    num_workers: int = 0,
+    description: str = "image features",
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[int]]:
+    """`encode(batch)` (as float32, on the CPU) of every readable image, and their indices: the one
+    loop over a benchmark's images (preprocessing, unreadable images skipped, eval mode, progress)
+    behind pooled features and the token probe's vectors alike.
+
+    `progress=False` when another live display is active (e.g. inside a training loop).
+    """
+    device, dtype = model_device(model), model_dtype(model)
+    loader = DataLoader(
+        _Images(images, model.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    encoded, kept = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        batches = track(loader, description=description, transient=True) if progress else loader
+        for batch, indices in batches:
+            if batch is None:
+                continue
+            encoded.append(encode(batch.to(device, dtype)).float().cpu())
+            kept.extend(indices)
+    finally:
+        model.train(was_training)
+    if not kept:
+        raise ValueError(f"none of the {len(images)} images could be read, e.g. {images.describe(0)!r}")
+    return torch.cat(encoded), kept
+
+
 def extract_image_features(
     model: FlipModel,
     images: ImageSource,
@@ -100,39 +140,18 @@ def extract_image_features(
 ) -> tuple[torch.Tensor, list[int]]:
     """Normalised features [M, D] (float32, CPU) of the readable images, and their indices.
 
-    `progress=False` when another live display is active (e.g. inside a training loop).
     `flip=True` gives each image the sum of its own and its horizontal mirror's embedding,
     normalised after summing (insightface's verification eval; the mirror is taken of the
     preprocessed tensor, so one decode serves both).
     """
-    device, dtype = model_device(model), model_dtype(model)
-    loader = DataLoader(
-        _Images(images, model.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    features, kept = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        batches = track(loader, description=description, transient=True) if progress else loader
-        for batch, indices in batches:
-            if batch is None:
-                continue
-            batch = batch.to(device, dtype)
-            if flip:
-                summed = model.encode_image(batch) + model.encode_image(batch.flip(-1))
-                features.append(torch.nn.functional.normalize(summed.float(), dim=-1).cpu())
-            else:
-                features.append(model.encode_image(batch, normalize=True).float().cpu())
-            kept.extend(indices)
-    finally:
-        model.train(was_training)
-    if not kept:
-        raise ValueError(f"none of the {len(images)} images could be read, e.g. {images.describe(0)!r}")
-    return torch.cat(features), kept
+
+    def encode(batch: torch.Tensor) -> torch.Tensor:
+        if flip:
+            summed = model.encode_image(batch) + model.encode_image(batch.flip(-1))
+            return torch.nn.functional.normalize(summed.float(), dim=-1)
+        return model.encode_image(batch, normalize=True)
+
+    return encode_images(model, images, encode, batch_size, num_workers, description, progress)
 
 
 @torch.no_grad()

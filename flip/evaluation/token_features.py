@@ -15,19 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from rich.progress import track
-from torch.utils.data import DataLoader
 
 from flip.benchmarks.base import ImageSource, LabelledSplit
-from flip.evaluation.features import (
-    BenchmarkFeatures,
-    FeatureCache,
-    SplitFeatures,
-    _collate,
-    _Images,
-    model_device,
-    model_dtype,
-)
+from flip.evaluation.features import BenchmarkFeatures, FeatureCache, SplitFeatures, encode_images
 from flip.models import FlipModel
 from flip.models.probe_tokens import resolve_probe_blocks
 
@@ -41,7 +31,6 @@ def tower_depth(model: FlipModel) -> int:
     return len(getattr(transformer, "resblocks", []))
 
 
-@torch.no_grad()
 def extract_token_vectors(
     model: FlipModel,
     images: ImageSource,
@@ -52,29 +41,11 @@ def extract_token_vectors(
     progress: bool = True,
 ) -> tuple[torch.Tensor, list[int]]:
     """Vectors [M, 3 * len(blocks), width] (float32, CPU) of the readable images, and their indices."""
-    device, dtype = model_device(model), model_dtype(model)
-    loader = DataLoader(
-        _Images(images, model.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    vectors, kept = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        batches = track(loader, description=description, transient=True) if progress else loader
-        for batch, indices in batches:
-            if batch is None:
-                continue
-            vectors.append(model.token_probe_vectors(batch.to(device, dtype), blocks).float().cpu())
-            kept.extend(indices)
-    finally:
-        model.train(was_training)
-    if not kept:
-        raise ValueError(f"none of the {len(images)} images could be read, e.g. {images.describe(0)!r}")
-    return torch.cat(vectors), kept
+
+    def encode(batch: torch.Tensor) -> torch.Tensor:
+        return model.token_probe_vectors(batch, blocks)
+
+    return encode_images(model, images, encode, batch_size, num_workers, description, progress)
 
 
 def token_vectors_identity(model_id: str, blocks: Sequence[int | str]) -> str:
