@@ -231,12 +231,9 @@ def split_features(
     """Features of a split, from the cache when (model_id, split) was extracted before;
     `flip`: each image's and its mirror's embedding summed (see extract_image_features)."""
     key = cache.key(model_id, split, flip) if cache is not None and model_id is not None else None
-    found = cache.load(key) if key is not None else None
-    if found is not None:
-        features, index = found
-        log.info("features of %s/%s from cache %s", split.benchmark, split.split, cache.path(key))
-    else:
-        features, index = extract_image_features(
+
+    def extract() -> tuple[torch.Tensor, list[int]]:
+        return extract_image_features(
             model,
             split.images,
             batch_size,
@@ -245,15 +242,30 @@ def split_features(
             progress,
             **({"flip": True} if flip else {}),  # the plain call unchanged for callers that wrap it
         )
-        if key is not None:
-            description = {
-                "benchmark": split.benchmark,
-                "split": split.split,
-                "n": len(index),
-                "model": model_id,
-                "flip": flip,
-            }
-            cache.save(key, features, index, description)
+
+    return cached_split(split, cache, key, extract, {"model": model_id, "flip": flip}, "features")
+
+
+def cached_split(
+    split: LabelledSplit,
+    cache: FeatureCache | None,
+    key: str | None,
+    extract: Callable[[], tuple[torch.Tensor, list[int]]],
+    description: dict,
+    what: str,
+) -> SplitFeatures:
+    """What `extract()` gives for a split, read from `cache` under `key` when it was saved
+    before, else extracted and saved there (with `description` beside it); the split restricted
+    to its readable images. Pooled features and the token probe's vectors both come through here."""
+    found = cache.load(key) if cache is not None and key is not None else None
+    if found is not None:
+        features, index = found
+        log.info("%s of %s/%s from cache %s", what, split.benchmark, split.split, cache.path(key))
+    else:
+        features, index = extract()
+        if cache is not None and key is not None:
+            about = {"benchmark": split.benchmark, "split": split.split, "n": len(index), **description}
+            cache.save(key, features, index, about)
     skipped = len(split) - len(index)
     kept = split if skipped == 0 else split.subset(np.asarray(index))
     return SplitFeatures(features, kept, skipped)

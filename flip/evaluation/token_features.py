@@ -13,11 +13,16 @@ import json
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from flip.benchmarks.base import ImageSource, LabelledSplit
-from flip.evaluation.features import BenchmarkFeatures, FeatureCache, SplitFeatures, encode_images
+from flip.evaluation.features import (
+    BenchmarkFeatures,
+    FeatureCache,
+    SplitFeatures,
+    cached_split,
+    encode_images,
+)
 from flip.models import FlipModel
 from flip.models.probe_tokens import resolve_probe_blocks
 
@@ -67,34 +72,15 @@ def split_token_vectors(
     `model_id` names the model."""
     identity = None if model_id is None else token_vectors_identity(model_id, blocks)
     key = cache.key(identity, split) if cache is not None and identity is not None else None
-    found = cache.load(key) if key is not None else None
-    if found is not None:
-        vectors, index = found
-        log.info("token vectors of %s/%s from cache %s", split.benchmark, split.split, cache.path(key))
-    else:
-        vectors, index = extract_token_vectors(
-            model,
-            split.images,
-            blocks,
-            batch_size,
-            num_workers,
-            f"{split.benchmark}/{split.split} token vectors",
-            progress,
+
+    def extract() -> tuple[torch.Tensor, list[int]]:
+        description = f"{split.benchmark}/{split.split} token vectors"
+        return extract_token_vectors(
+            model, split.images, blocks, batch_size, num_workers, description, progress
         )
-        if key is not None:
-            description = {
-                "benchmark": split.benchmark,
-                "split": split.split,
-                "n": len(index),
-                "model": model_id,
-                "kind": KIND,
-                "blocks": list(blocks),
-                "shape": list(vectors.shape),
-            }
-            cache.save(key, vectors, index, description)
-    skipped = len(split) - len(index)
-    kept = split if skipped == 0 else split.subset(np.asarray(index))
-    return SplitFeatures(vectors, kept, skipped)
+
+    about = {"model": model_id, "kind": KIND, "blocks": list(blocks)}
+    return cached_split(split, cache, key, extract, about, "token vectors")
 
 
 def benchmark_token_vectors(
