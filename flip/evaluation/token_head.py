@@ -232,6 +232,7 @@ def fit_token_probe(
     Each epoch: a seeded permutation, index-sliced batches, AdamW at the epoch's cosine learning
     rate (FLIP's per-epoch schedule from `lr` to 0); then `on_epoch(epoch, head)` (1-based).
     Seeded: the same inputs and settings give the same head, and the global RNG is untouched.
+    Denormals are flushed to zero while it trains (`flushing_denormals`).
     """
     device = x.device
     rows = torch.arange(len(x), device=device) if rows is None else rows.to(device)
