@@ -14,7 +14,9 @@ mean test accuracy over the 40 attributes:
   written out (two passes over a batch's vectors), compiled by torch.compile for a run this
   long (compilation time included); the fused AdamW;
 - baseline: a DataLoader over a TensorDataset (shuffled, seeded), an nn.Module head that
-  applies the LayerNorm to every batch, torch's default AdamW.
+  applies the LayerNorm to every batch, torch's default AdamW; denormals flushed to zero, as
+  FLIP's loop does (at lr 0.3 either head can collapse, and a collapsed head's gradients and
+  AdamW state go denormal, which costs the CPU several times more per step).
 
 Each side runs in a fresh process that builds the same vectors from the same seed. Peak memory
 is that process's peak resident set size (VmHWM) while it trains and tests, beside the size of
@@ -29,6 +31,7 @@ caches per image with the four blocks' token maps it summarises.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -91,9 +94,15 @@ class PlainHead(nn.Module):
         return self.proj((self.weights * self.ln(x)).sum(dim=1))
 
 
+EPOCH_ENDS: list[tuple[float, float]] = []  # (perf_counter, process_time) at each epoch's end
+
+
 def plain_loop(x, y, xt, args) -> np.ndarray:
     from torch.utils.data import DataLoader, TensorDataset
 
+    # denormals flushed as FLIP's loop does: a head that collapses at lr 0.3 would otherwise make
+    # this side slow for a reason that has nothing to do with how it is written
+    torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
     head = PlainHead(x.shape[1], x.shape[2], y.shape[1])
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -113,6 +122,7 @@ def plain_loop(x, y, xt, args) -> np.ndarray:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        EPOCH_ENDS.append((time.perf_counter(), time.process_time()))
     head.eval()
     with torch.no_grad():
         return torch.cat([head(b) for b in xt.split(8192)]).numpy() > 0
@@ -122,8 +132,16 @@ def flip_probe(x, y, xt, args) -> np.ndarray:
     z, zt = normalize_vectors_(x), normalize_vectors_(xt)
     labels = torch.from_numpy(y).float()
     targets = ProbeTargets("attributes", y.shape[1], labels, mask=torch.ones(y.shape, dtype=torch.bool))
-    settings = ProbeSettings("flip", 0.0, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed)
-    head = fit_token_probe(z, targets, settings)
+    compile_ = {"true": True, "false": False}.get(args.compile, args.compile)
+    settings = ProbeSettings(
+        "flip", 0.0, args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, compile_
+    )
+    head = fit_token_probe(
+        z,
+        targets,
+        settings,
+        on_epoch=lambda e, h: EPOCH_ENDS.append((time.perf_counter(), time.process_time())),
+    )
     return predict(head, zt).numpy() > 0
 
 
@@ -153,7 +171,10 @@ def worker(args: argparse.Namespace) -> None:
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     from torch._dynamo.utils import counters
 
+    ends = [(start, cpu), *EPOCH_ENDS]
     report = {
+        "epoch_seconds": [b[0] - a[0] for a, b in itertools.pairwise(ends)],
+        "epoch_cpu_seconds": [b[1] - a[1] for a, b in itertools.pairwise(ends)],
         "compiled_graphs": int(counters["stats"]["unique_graphs"]),  # 0: the step ran eagerly
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -241,8 +262,19 @@ def main() -> None:
     results = {m: run(m, args) for m in ("flip", "plain")}
     extract = extraction(args.extract_images, 32, args.threads) if args.extract_images else None
     flip, plain = results["flip"], results["plain"]
+    # steady state: the median epoch after the first (FLIP's first epoch includes compiling)
+    later = {m: float(np.median(r["epoch_seconds"][1:] or r["epoch_seconds"])) for m, r in results.items()}
+    later_cpu = {
+        m: float(np.median(r["epoch_cpu_seconds"][1:] or r["epoch_cpu_seconds"])) for m, r in results.items()
+    }
     report = {
         "speedup": round(plain["seconds"] / flip["seconds"], 2),
+        "speedup_per_epoch": round(later["plain"] / later["flip"], 2),
+        "flip_epoch_s": round(later["flip"], 2),
+        "plain_epoch_s": round(later["plain"], 2),
+        "speedup_per_epoch_cpu": round(later_cpu["plain"] / later_cpu["flip"], 2),
+        "flip_epoch_cpu_s": round(later_cpu["flip"], 2),
+        "plain_epoch_cpu_s": round(later_cpu["plain"], 2),
         "accuracy_diff_pt": round(100 * (flip["accuracy"] - plain["accuracy"]), 3),
         "flip_s": round(flip["seconds"], 1),
         "plain_s": round(plain["seconds"], 1),
@@ -270,8 +302,12 @@ def main() -> None:
             "seed": args.seed,
             "compile": args.compile,
         },
-        "baseline": "DataLoader(TensorDataset, shuffle) + nn.Module head (LayerNorm per batch) + torch AdamW",
-        "time_method": "one run per side, each in a fresh process, training + test prediction; "
+        "baseline": "DataLoader(TensorDataset, shuffle) + nn.Module head (LayerNorm per batch) "
+        "+ torch AdamW, "
+        "denormals flushed",
+        "time_method": "one run per side, each in a fresh process, training + test prediction "
+        "(epoch after the first: median of epochs 2.., as FLIP's first includes normalising and "
+        "compiling); "
         "peak = the process's VmHWM, cached vectors included",
         "load_average_at_start": load,
         "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
@@ -281,16 +317,19 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     header = (
         "| cached vectors | epochs | FLIP token probe | plain PyTorch loop | speedup | FLIP acc. "
-        "| plain acc. | peak RSS / cached vectors (FLIP, plain) |"
+        "| plain acc. | peak RSS / cached vectors (FLIP, plain) | epoch after the first (FLIP, plain) "
+        "| speedup per epoch |"
     )
     row = (
         f"| {args.images:,} x {args.vectors} x {args.width} "
         f"({report['features_mb'] / 1024:.2f} GiB with test) "
         f"| {args.epochs} | {report['flip_s']} s | {report['plain_s']} s | {report['speedup']}x "
         f"| {flip['accuracy']:.4f} | {plain['accuracy']:.4f} "
-        f"| {report['flip_peak_over_features']}, {report['plain_peak_over_features']} |"
+        f"| {report['flip_peak_over_features']}, {report['plain_peak_over_features']} "
+        f"| {report['flip_epoch_s']} s, {report['plain_epoch_s']} s | {report['speedup_per_epoch']}x "
+        f"(CPU time {report['speedup_per_epoch_cpu']}x) |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|", row, ""]
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", row, ""]
     if extract:
         lines.append(
             f"Extraction (random-weight ViT-B/16, 224 px, blocks {extract['blocks']}): "

@@ -241,6 +241,54 @@ def test_written_out_gradients_equal_autograds(kind, task):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_training_equals_autograd_and_torch_adamw_step_by_step():
+    """fit_token_probe against FLIP's head as its script writes it (LayerNorm on every raw batch,
+    raw weights [1, V, 1], Linear; xavier init after torch.manual_seed(seed)), trained by autograd
+    and torch.optim.AdamW on the same batches (the seeded per-epoch permutation) at the per-epoch
+    cosine rate: the same weights after every epoch."""
+    n, v, d, a, settings = 96, 4, 16, 3, ProbeSettings(epochs=4, lr=0.01, batch_size=20, compile=False)
+    g = torch.Generator().manual_seed(3)
+    x = 2.0 * torch.randn(n, v, d, generator=g) + 0.5
+    y = (torch.rand(n, a, generator=g) < 0.4).float()
+    targets = ProbeTargets("attributes", a, y, mask=torch.ones(n, a, dtype=torch.bool))
+    ours = []
+    fit_token_probe(
+        normalize_vectors_(x.clone()),
+        targets,
+        settings,
+        on_epoch=lambda e, h: ours.append({k: p.detach().clone() for k, p in h.named_parameters()}),
+    )
+
+    torch.manual_seed(settings.seed)
+    ln, weights, linear = (
+        torch.nn.LayerNorm(d),
+        torch.nn.Parameter(torch.empty(1, v, 1)),
+        torch.nn.Linear(d, a),
+    )
+    torch.nn.init.xavier_uniform_(weights)
+    torch.nn.init.xavier_uniform_(linear.weight)
+    params = {"gamma": ln.weight, "beta": ln.bias, "weight": weights, "linear.weight": linear.weight}
+    params["linear.bias"] = linear.bias
+    optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    order = torch.Generator().manual_seed(settings.seed)
+    for epoch in range(settings.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * settings.lr * (1 + math.cos(math.pi * epoch / settings.epochs))
+        for batch in torch.randperm(n, generator=order).split(settings.batch_size):
+            loss = F.binary_cross_entropy_with_logits(linear((weights * ln(x[batch])).sum(1)), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for name, p in params.items():
+            torch.testing.assert_close(
+                ours[epoch][name],
+                p.detach().reshape(-1) if name == "weight" else p.detach(),
+                rtol=0,
+                atol=1e-5,
+                msg=f"{name} after epoch {epoch + 1}",
+            )
+
+
 # -- losses by task ----------------------------------------------------------------------------
 
 

@@ -111,14 +111,20 @@ class ProbeTargets:
             total = total + (l1.sum(dim=0) / mask.sum(dim=0).clamp(min=1)).sum()
         return total
 
-    def loss_gradient(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`loss` and its gradient wrt the logits, written out (the training step's autograd-free path)."""
+    def loss_gradient(
+        self, logits: torch.Tensor, rows: torch.Tensor, with_loss: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`loss` (None unless `with_loss`: attributes then skip the BCE itself) and its gradient
+        wrt the logits, written out (the training step's autograd-free path)."""
         if self.task == "attributes":
             mask = self.mask[rows].to(logits.dtype)
             count = mask.sum().clamp(min=1)
             y = self.y[rows]
+            grad = (torch.sigmoid(logits) - y) * mask / count
+            if not with_loss:
+                return None, grad
             bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-            return (bce * mask).sum() / count, (torch.sigmoid(logits) - y) * mask / count
+            return (bce * mask).sum() / count, grad
         if self.task == "classification":
             y = self.y[rows]
             log_p = torch.log_softmax(logits, dim=1)

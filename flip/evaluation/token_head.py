@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -97,10 +98,15 @@ class TokenHead(nn.Module):
 
 
 def batch_gradients(
-    head: TokenHead, z: torch.Tensor, rows: torch.Tensor, targets: ProbeTargets, keep: torch.Tensor | None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of a training batch (vectors z of the training `rows`) and the gradient of every
-    head parameter, by name.
+    head: TokenHead,
+    z: torch.Tensor,
+    rows: torch.Tensor,
+    targets: ProbeTargets,
+    keep: torch.Tensor | None,
+    with_loss: bool = True,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The loss of a training batch (vectors z of the training `rows`; None unless `with_loss`:
+    training needs only the gradients) and the gradient of every head parameter, by name.
 
     Written out rather than left to autograd: the head is h = sum_v scale_v * z_v + shift, so
     one pass over the batch's vectors gives h and one more d loss / d scale, from which every
@@ -110,10 +116,10 @@ def batch_gradients(
     """
     a = head.mixing()
     scale, shift = head.scale_shift()
-    h = (z * scale).sum(dim=1) + shift
+    h = head.combine(z, scale, shift)
     used = h if keep is None else h * keep
     weight, bias = head.linear.weight, head.linear.bias
-    value, grad_logits = targets.loss_gradient(torch.addmm(bias, used, weight.T), rows)
+    value, grad_logits = targets.loss_gradient(torch.addmm(bias, used, weight.T), rows, with_loss)
     grads = {"linear.weight": grad_logits.T @ used, "linear.bias": grad_logits.sum(dim=0)}
     grad_h = grad_logits @ weight
     if keep is not None:
@@ -190,6 +196,22 @@ def predict(
     return torch.cat(out) if out else x.new_zeros(0, head.linear.out_features)
 
 
+@contextmanager
+def flushing_denormals() -> Iterator[None]:
+    """CPU arithmetic with denormal floats flushed to zero, restored on exit.
+
+    A head stuck at zero (say, a weight and its LayerNorm scale decayed together) keeps being
+    shrunk by weight decay into denormal magnitudes, where every CPU operation on them is many
+    times slower; flushing them changes nothing else.
+    """
+    was_on = bool((torch.tensor([1e-39]) * torch.tensor([1.0])).item() == 0.0)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
 def _adamw(params: Sequence[nn.Parameter], settings: ProbeSettings) -> torch.optim.Optimizer:
     """AdamW with weight decay on every parameter, as FLIP's script; the fused kernel where torch has one."""
     try:
@@ -210,10 +232,11 @@ def fit_token_probe(
     Each epoch: a seeded permutation, index-sliced batches, AdamW at the epoch's cosine learning
     rate (FLIP's per-epoch schedule from `lr` to 0); then `on_epoch(epoch, head)` (1-based).
     Seeded: the same inputs and settings give the same head, and the global RNG is untouched.
+    Denormals are flushed to zero while it trains (`flushing_denormals`).
     """
     device = x.device
     rows = torch.arange(len(x), device=device) if rows is None else rows.to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with flushing_denormals(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)
         head = TokenHead(x.shape[1], x.shape[2], targets.outputs, settings.head, settings.dropout).to(device)
         parameters = dict(head.named_parameters())
@@ -234,7 +257,7 @@ def fit_token_probe(
                 )
                 keep = head.dropout_keep(len(batch), device)
                 with torch.no_grad():
-                    _, grads = step(head, x.index_select(0, batch), batch, targets, keep)
+                    _, grads = step(head, x.index_select(0, batch), batch, targets, keep, False)
                 for name, param in parameters.items():
                     param.grad = grads[name]
                 optimizer.step()
