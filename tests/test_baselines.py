@@ -295,6 +295,26 @@ def test_flip_convert_writes_a_hf_clip_folder_as_open_clips_clip(tmp_path, hidde
         assert torch.equal(model.logit_scale.detach(), reference.logit_scale.detach().view(()))
 
 
+def test_a_clip_config_open_clip_cannot_express_is_refused_naming_it():
+    from transformers import CLIPConfig
+
+    from flip.models.baselines.hf_to_open_clip import HFConversionError, open_clip_arch
+
+    base = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    cases = [  # (text config, vision config, how the error names it)
+        ({"hidden_act": "gelu_new"}, {}, "hidden_act vision='quick_gelu' text='gelu_new'"),
+        ({}, {"layer_norm_eps": 1e-6}, "vision layer_norm_eps=1e-06, not open_clip's 1e-05"),
+        ({"eos_token_id": 7}, {}, "text vocab_size=49408, eos_token_id=7"),
+        ({}, {"image_size": 30, "patch_size": 8}, "image_size=30 is no multiple of patch=8"),
+    ]
+    for text, vision, message in cases:
+        config = CLIPConfig(text_config={**base, **text}, vision_config={**base, **vision})
+        with pytest.raises(HFConversionError, match=re.escape(message)):
+            open_clip_arch(config, "/models/x")
+    arch = open_clip_arch(CLIPConfig(text_config=base, vision_config=base, projection_dim=24), "/models/x")
+    assert arch["quick_gelu"] and arch["embed_dim"] == 24 and arch["vision_cfg"]["head_width"] == 16
+
+
 def test_missing_hf_folder_or_bert_says_what_it_needs(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"neither a folder with a Hugging Face config.json nor a hub id"
