@@ -229,6 +229,92 @@ def test_hf_folder_gives_transformers_features_tokens_and_pixels(tmp_path, kind)
     assert (model.logit_bias is None) == (kind == "clip")
 
 
+def _openai_vocab_clip_folder(folder, hidden_act: str = "quick_gelu") -> None:
+    """A tiny CLIPModel folder as Hugging Face saves OpenAI's: OpenAI's BPE vocabulary and merges
+    (written from open_clip's copy), its processor settings, random weights."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder.mkdir()
+    bpe = SimpleTokenizer()
+    spelled = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (folder / "vocab.json").write_text(json.dumps({spelled.get(t, t): i for t, i in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 20, "hidden_act": hidden_act}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8, "hidden_act": hidden_act}  # fmt: skip
+    torch.manual_seed(5)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
+    with torch.no_grad():  # biases and norms away from their 0/1 initialisation, so a mix-up shows
+        for name, value in model.named_parameters():
+            if name.endswith(("bias", "norm1.weight", "norm2.weight", "layernorm.weight", "layrnorm.weight")):
+                value.add_(0.1 * torch.randn_like(value))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_flip_convert_writes_a_hf_clip_folder_as_open_clips_clip(tmp_path, hidden_act):
+    """HF CLIPModel -> open_clip's OpenAI-layout CLIP: the same features on the same pixels and ids,
+    through flip.load and through open_clip's local-dir: loader."""
+    from transformers import AutoModel
+
+    import flip
+    from flip.cli.convert import main
+
+    folder = tmp_path / "clip"
+    _openai_vocab_clip_folder(folder, hidden_act)
+    reference = AutoModel.from_pretrained(folder).eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = open_clip.get_tokenizer("ViT-B-32")(TEXTS, context_length=20)  # pads with 0 after end-of-text
+    mask = (torch.arange(20) <= ids.argmax(-1, keepdim=True)).long()  # the tokens up to end-of-text
+    hf_ids = load_baseline({"format": "hf", "path": str(folder)}).model.tokenize(TEXTS)
+    assert torch.equal(hf_ids * mask, ids * mask)  # same BPE tokens; HF pads with end-of-text instead
+    with torch.no_grad():
+        image_ref = reference.get_image_features(pixel_values=pixels)
+        text_ref = reference.get_text_features(input_ids=ids, attention_mask=mask)
+    image_ref = image_ref if isinstance(image_ref, torch.Tensor) else image_ref.pooler_output
+    text_ref = text_ref if isinstance(text_ref, torch.Tensor) else text_ref.pooler_output
+    for to in ("flip", "open_clip"):
+        out = tmp_path / to
+        assert main(["--format", "hf", "--path", str(folder), "--to", to, "--out", str(out)]) == 0
+        if to == "flip":
+            model = flip.load(out)
+            assert torch.equal(model.tokenize(TEXTS), ids)
+        else:
+            model = open_clip.create_model(f"local-dir:{out}").eval()
+        with torch.no_grad():
+            _close(model.encode_image(pixels), image_ref)
+            _close(model.encode_text(ids), text_ref)
+            _close(model.encode_text(hf_ids), text_ref)  # HF's end-of-text padding changes nothing
+        assert torch.equal(model.logit_scale.detach(), reference.logit_scale.detach().view(()))
+
+
+def test_a_clip_config_open_clip_cannot_express_is_refused_naming_it():
+    from transformers import CLIPConfig
+
+    from flip.models.baselines.hf_to_open_clip import HFConversionError, open_clip_arch
+
+    base = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    cases = [  # (text config, vision config, how the error names it)
+        ({"hidden_act": "gelu_new"}, {}, "hidden_act vision='quick_gelu' text='gelu_new'"),
+        ({}, {"layer_norm_eps": 1e-6}, "vision layer_norm_eps=1e-06, not open_clip's 1e-05"),
+        ({"eos_token_id": 7}, {}, "text vocab_size=49408, eos_token_id=7"),
+        ({}, {"image_size": 30, "patch_size": 8}, "image_size=30 is no multiple of patch=8"),
+    ]
+    for text, vision, message in cases:
+        config = CLIPConfig(text_config={**base, **text}, vision_config={**base, **vision})
+        with pytest.raises(HFConversionError, match=re.escape(message)):
+            open_clip_arch(config, "/models/x")
+    arch = open_clip_arch(CLIPConfig(text_config=base, vision_config=base, projection_dim=24), "/models/x")
+    assert arch["quick_gelu"] and arch["embed_dim"] == 24 and arch["vision_cfg"]["head_width"] == 16
+
+
 def test_missing_hf_folder_or_bert_says_what_it_needs(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"neither a folder with a Hugging Face config.json nor a hub id"
@@ -483,19 +569,18 @@ def test_flip_convert_refuses_what_a_format_cannot_hold(tmp_path, capsys):
     from flip.cli.convert import main
 
     _write_hf_folder(tmp_path / "siglip", "siglip")
-    args = [
-        "--format",
-        "hf",
-        "--path",
-        str(tmp_path / "siglip"),
-        "--to",
-        "open_clip",
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    assert main(args) == 2
-    assert "Hugging Face siglip model: it cannot be written as a open_clip folder" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    _write_hf_folder(tmp_path / "letters", "clip")  # a CLIP whose vocabulary is not OpenAI's
+    refusals = {
+        "siglip": "it is a 'siglip' model; open_clip's SigLIP towers are timm/big_vision-based",
+        "letters": "text vocab_size=54, eos_token_id=1; the converted model uses open_clip's OpenAI",
+    }
+    for name, message in refusals.items():
+        out = tmp_path / "o"
+        args = ["--format", "hf", "--path", str(tmp_path / name), "--to", "open_clip", "--out", str(out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and f"baseline.format=hf baseline.path={tmp_path / name}" in err
+        assert not out.exists()
     bert = _bert_folder(tmp_path / "bert")
     _flip_base_checkpoint(tmp_path / "f.pth", bert)
     args = [

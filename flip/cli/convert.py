@@ -2,6 +2,7 @@
 
     flip-convert --format farl --path FaRL-Base-Patch16-LAIONFace20M-ep64.pth --to flip --out farl_ep64
     flip-convert --format flip_base --path FLIP-Base.pth --text-model bert-base-uncased --to flip --out fb
+    flip-convert --format hf --path clip-vit-base-patch16 --to open_clip --out clip_b16
 
 The model is given as everywhere else (flip.models.baselines: `--format`, `--name`, `--pretrained`,
 `--path`, `--text-model`) and written by flip-export's writers: `--to flip` is FLIP's safetensors
@@ -9,11 +10,12 @@ folder (flip.load), `--to open_clip` a folder open_clip loads as `local-dir:`, c
 back. A separate command rather than `flip-export --from`: flip-export's one input is a FLIP
 checkpoint, a baseline takes several fields and reports the tensors it ignored.
 
-What cannot be written: a Hugging Face CLIP/SigLIP folder (it is already a complete, code-free
-format that `baseline.format=hf` evaluates as it is; FLIP's and open_clip's formats would replace
-its image processor and tokenizer by open_clip's, changing its inputs), and FLIP-Base as an
-open_clip folder (its BERT tower is built from the Hugging Face hub, see flip.export.open_clip_format).
-Both fail with that message; exit status 2.
+A Hugging Face `CLIPModel` folder is rewritten as open_clip's OpenAI-layout CLIP
+(flip.models.baselines.hf_to_open_clip): same weights, but open_clip's tokenizer and transform
+instead of the HF tokenizer and processor. What cannot be written: a SigLIP folder (open_clip's
+SigLIP towers have another, timm-based layout; `baseline.format=hf` evaluates it as it is), a CLIP
+config the mapping cannot express, and FLIP-Base as an open_clip folder (its BERT tower is built
+from the Hugging Face hub, see flip.export.open_clip_format). Each fails naming why; exit status 2.
 """
 
 from __future__ import annotations
@@ -59,14 +61,15 @@ def convert(spec: dict, to: str, out: str, overwrite: bool = False) -> dict:
     if to not in TARGETS:
         raise ValueError(f"unknown --to {to!r}; choose one of {', '.join(TARGETS)}")
     loaded = load_baseline(spec)
-    if isinstance(loaded.model, HFFlipModel):
-        raise ValueError(
-            f"{loaded.spec.path!r} is a Hugging Face {loaded.model.config['model_type']} model: it cannot be "
-            f"written as a {to} folder without replacing its image processor and tokenizer by open_clip's, "
-            "which changes its inputs. Evaluate the folder as it is: baseline.format=hf "
-            f"baseline.path={loaded.spec.path}"
+    model = loaded.model
+    if isinstance(model, HFFlipModel):
+        from flip.models.baselines.hf_to_open_clip import hf_clip_to_open_clip
+
+        towers = model.clip.model
+        model = hf_clip_to_open_clip(
+            towers, model.tokenizer.tokenizer, model.preprocess.processor, str(loaded.spec.path)
         )
-    report = export(loaded.model, out, TARGETS[to], overwrite=overwrite)
+    report = export(model, out, TARGETS[to], overwrite=overwrite)
     return {**report, "ignored": loaded.ignored}
 
 

@@ -7,7 +7,8 @@ included. Texts are padded to the text tower's length (`padding="max_length"`, a
 trained and as its card asks); no attention mask is passed, as SigLIP expects, and CLIP's causal
 text tower pools its end-of-text token, which only attends to the tokens before it, so padding
 never reaches it. Such a model has no open_clip towers: it evaluates, but token features
-(FILIP) and the open_clip/FLIP checkpoint formats are not for it (flip-convert says so).
+(FILIP) are not for it; flip-convert rewrites a CLIPModel as open_clip's CLIP
+(flip.models.baselines.hf_to_open_clip), with open_clip's tokenizer and transform.
 """
 
 from __future__ import annotations
