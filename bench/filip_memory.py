@@ -29,6 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.process_memory import reset_peak, status_kb  # noqa: E402
 from flip.losses import FilipLoss  # noqa: E402
 from flip.losses.clip import symmetric_cross_entropy  # noqa: E402
 
@@ -58,27 +59,12 @@ def chunked_loss(chunk_size: int):
     return lambda image, text, mask, scale: loss(image, text, scale, text_token_mask=mask)
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     fn = naive_loss if args.worker == "naive" else chunked_loss(args.chunk_size)
     fn(*make_inputs(4, 9, 12, 16)).backward()  # load kernels and thread pools outside the measurement
     image, text, mask, scale = make_inputs(args.batch, args.n_img, args.n_txt, args.dim)
-    base_kb, reset = _status_kb("VmRSS"), _reset_peak()
+    base_kb, reset = status_kb("VmRSS"), reset_peak()
     times = []
     for _ in range(args.repeats):
         image.grad = text.grad = scale.grad = None
@@ -86,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
         loss = fn(image, text, mask, scale)
         loss.backward()
         times.append(time.perf_counter() - start)
-    peak_mb = (_status_kb("VmHWM") - base_kb) / 1024
+    peak_mb = (status_kb("VmHWM") - base_kb) / 1024
     torch.save(
         {"loss": loss.detach(), "image": image.grad, "text": text.grad, "scale": scale.grad}, args.save
     )

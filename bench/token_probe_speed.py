@@ -49,6 +49,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.process_memory import reset_peak, status_kb  # noqa: E402
 from flip.evaluation.probe_targets import ProbeTargets  # noqa: E402
 from flip.evaluation.token_head import (  # noqa: E402
     ProbeSettings,
@@ -145,26 +146,11 @@ def flip_probe(x, y, xt, args) -> np.ndarray:
     return predict(head, zt).numpy() > 0
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     x, y, xt, yt = make_split(args)
     features_mb = (x.numel() + xt.numel()) * 4 / 2**20
-    ready_mb, reset = _status_kb("VmRSS") / 1024, _reset_peak()
+    ready_mb, reset = status_kb("VmRSS") / 1024, reset_peak()
     method = flip_probe if args.worker == "flip" else plain_loop
     start, cpu = time.perf_counter(), time.process_time()
     pred = method(x, y, xt, args)
@@ -181,7 +167,7 @@ def worker(args: argparse.Namespace) -> None:
         "accuracy": float((pred == yt.astype(bool)).mean()),
         "features_mb": features_mb,
         "rss_with_features_mb": ready_mb,
-        "peak_rss_mb": _status_kb("VmHWM") / 1024,
+        "peak_rss_mb": status_kb("VmHWM") / 1024,
         "peak_reset": reset,
     }
     print(json.dumps(report))
