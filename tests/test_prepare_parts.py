@@ -185,6 +185,8 @@ def test_merge_report_refuses_until_every_part_has_finished_naming_each(tmp_path
             assert name in err, err
         return err
 
+    out.mkdir()  # part 2 started a moment earlier: a shard of it, no .flip-data marker yet
+    (out / "part-00002-of-00003-00000.tar").write_bytes(b"")
     assert part(0) == part(2) == 0
     refused("1 of 3 parts", "part 1 (never ran")
     assert part(1) == 0

@@ -40,6 +40,7 @@ from flip.data.shards import (
     IMAGE_MEMBER,
     MARKER,
     METADATA_MEMBER,
+    PART_FILE,
     PAX_MTIME,
     REPORT_NAME,
     fingerprint,
@@ -291,7 +292,8 @@ def _check_output(output: Path, part: Part) -> None:
     marker = output / MARKER
     try:
         if not marker.is_file():
-            foreign = sorted(p.name for p in output.glob("*.tar"))
+            # a part's shards are flip-data's even before the marker: parts may start together
+            foreign = sorted(p.name for p in output.glob("*.tar") if not PART_FILE.match(p.name))
             if foreign:
                 raise FileExistsError(
                     f"output folder {str(output)!r} holds .tar files that flip-data did not write "
