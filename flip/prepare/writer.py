@@ -503,7 +503,9 @@ def _log_summary(report: dict[str, Any], output: Path) -> None:
         report["command"],
         report["samples"]["written"],
         len(report["shards"]),
-        output,
+        output
+        if "part" not in report
+        else f"{output} (part {report['part']['index']} of {report['part']['count']})",
         report["samples"]["skipped"],
         ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none",
         report["shards_resumed"],
