@@ -276,7 +276,7 @@ def make_config(args: argparse.Namespace, part: Part = WHOLE) -> JobConfig:
         detector = HaarFaceDetector(cascade=args.cascade, min_neighbors=args.min_neighbors)
         detector.load()  # fail here, not in a worker, if OpenCV or its cascade is missing
     return JobConfig(
-        args.output, args.samples_per_shard, args.workers, hygiene, detector, not args.no_progress, part
+        args.output, args.samples_per_shard, args.workers, hygiene, detector, not args.no_progress, part=part
     )
 
 
