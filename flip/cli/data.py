@@ -3,16 +3,21 @@
     flip-data folder IMAGES --captions captions.csv --output shards/
     flip-data facecaption15m --parquet FaceCaption-v1.parquet --images laion-face/ --output shards/
     flip-data celeba CELEBA_ROOT --split train --output shards/
+    flip-data merge-report shards/    # after every part of a job run with --num-parts N --part K
 
 Every subcommand writes `NNNNN.tar` shards (`{key}.jpg`, `{key}.txt`, `{key}.json`) with a
 `NNNNN_stats.json` beside each and a `report.json` counting what was skipped and why. It
 runs on `--workers` processes, resumes where a killed run stopped, and writes the same bytes
-for the same inputs and `--seed`. Data preparation is a one-off batch job, so it takes plain
-flags rather than the Hydra configs of training and evaluation.
+for the same inputs and `--seed`. With `--num-parts N --part K` it writes only part K of the
+job (the records whose key hashes to K, `flip.prepare.parts`) beside the other parts' files
+in the same folder, and `merge-report` checks that every part finished and sums their
+reports. Data preparation is a one-off batch job, so it takes plain flags rather than the
+Hydra configs of training and evaluation.
 
 Inputs are checked before the output folder is touched. Exit codes: 0 done; 1 the run
-failed (a worker died: rerun to resume; nothing was written; a file could not be written);
-2 bad inputs or flags, or the output folder is busy or not writable.
+failed (a worker died: rerun to resume; nothing was written; a file could not be written;
+merge-report: a part has not finished); 2 bad inputs or flags, or the output folder is busy
+or not writable.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from flip.data.workers import WorkerDied
 from flip.locking import FolderBusyError
 from flip.prepare.detect import CASCADES, HaarFaceDetector
 from flip.prepare.hygiene import HygieneConfig
+from flip.prepare.merge import UnfinishedParts, merge_reports
+from flip.prepare.parts import WHOLE, Part
 from flip.prepare.writer import JobConfig, OutputFolderError, Source, run_job
 
 __all__ = ["build_parser", "main"]
@@ -39,6 +46,50 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not >= 1")
     return value
+
+
+def _part_count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not accepted: give the number of parts, an integer >= 1"
+        )
+    return int(text)
+
+
+def _part_number(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not accepted: give the part number, an integer from 0 to --num-parts - 1"
+        )
+    return int(text)
+
+
+def add_part_options(parser: argparse.ArgumentParser) -> None:
+    """`--num-parts N --part K`: every flip-data command that writes shards takes them."""
+    parser.add_argument(
+        "--num-parts",
+        type=_part_count,
+        default=None,
+        help="split the job into N parts, e.g. one per machine or array task (default: one)",
+    )
+    parser.add_argument(
+        "--part",
+        type=_part_number,
+        default=None,
+        help="write part K (0 to N-1) only: the records whose key hashes to K; then run merge-report",
+    )
+
+
+def part_from_args(args: argparse.Namespace) -> Part:
+    """The part the flags ask for; ValueError naming the flag, its value and what is accepted."""
+    count, index = args.num_parts, args.part
+    if count is None and index is None:
+        return WHOLE
+    if index is None:
+        raise ValueError(f"--num-parts {count} needs --part K, K from 0 to {count - 1}: the part to write")
+    if count is None:
+        raise ValueError(f"--part {index} needs --num-parts N: how many parts the job is split into")
+    return Part(index, count)
 
 
 def _common(parser: argparse.ArgumentParser, detection: bool) -> None:
@@ -82,6 +133,7 @@ def _common(parser: argparse.ArgumentParser, detection: bool) -> None:
         "--min-face-size", type=int, default=0, help="skip faces whose box is smaller (pixels)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_part_options(parser)
     if detection:
         parser.add_argument(
             "--detect-faces",
@@ -105,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{folder,facecaption15m,celeba}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{folder,facecaption15m,celeba,merge-report}"
+    )
 
     folder = commands.add_parser(
         "folder", help="a folder of images + a captions table (csv, tsv, jsonl, parquet)"
@@ -157,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     celeba.add_argument("--split", choices=("train", "val", "test", "all"), default="train")
     _common(celeba, detection=True)
+
+    merge = commands.add_parser(
+        "merge-report",
+        help="check that every part of a job run with --num-parts finished; write their summed report.json",
+    )
+    merge.add_argument("output", type=Path, help="the --output folder the parts wrote")
     return parser
 
 
@@ -202,7 +262,7 @@ def make_source(args: argparse.Namespace) -> Source:
     return CelebASource(args.root, args.split, args.seed)
 
 
-def make_config(args: argparse.Namespace) -> JobConfig:
+def make_config(args: argparse.Namespace, part: Part = WHOLE) -> JobConfig:
     hygiene = HygieneConfig(
         jpeg_quality=args.jpeg_quality,
         resize_short_side=args.resize_short_side,
@@ -216,7 +276,7 @@ def make_config(args: argparse.Namespace) -> JobConfig:
         detector = HaarFaceDetector(cascade=args.cascade, min_neighbors=args.min_neighbors)
         detector.load()  # fail here, not in a worker, if OpenCV or its cascade is missing
     return JobConfig(
-        args.output, args.samples_per_shard, args.workers, hygiene, detector, not args.no_progress
+        args.output, args.samples_per_shard, args.workers, hygiene, detector, not args.no_progress, part=part
     )
 
 
@@ -225,20 +285,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prefix = f"flip-data {args.command}: error:"
+    part = WHOLE
     try:
-        source = make_source(args)
-        config = make_config(args)
-        report = run_job(source, config)
+        if args.command == "merge-report":
+            report = merge_reports(args.output)
+        else:
+            part = part_from_args(args)  # before anything is read
+            report = run_job(make_source(args), make_config(args, part))
     except (FileNotFoundError, ValueError, FolderBusyError, OutputFolderError) as exc:
         parser.exit(2, f"{prefix} {exc}\n")
-    except WorkerDied as exc:
+    except (WorkerDied, UnfinishedParts) as exc:
         parser.exit(1, f"{prefix} {exc}\n")
     except OSError as exc:  # e.g. the disk filled up while writing a shard
         where = f" {exc.filename!r}" if exc.filename else ""
         parser.exit(1, f"{prefix} could not write{where}: {exc.strerror or exc}\n")
-    report_path = Path(report["output"]) / "report.json"
+    report_path = Path(report["output"]) / part.report_name
     summary = {k: report[k] for k in ("samples", "skipped_by_reason", "shards_written", "shards_resumed")}
     print(json.dumps({"report": str(report_path), **summary}, indent=2))
+    if not part.whole and report["samples"]["items"] == report["samples"]["skipped"] == 0:
+        return 0  # a part may own no record at all (more parts than records); merge-report judges the job
     if report["samples"]["written"] == 0:
         reasons = ", ".join(f"{k} {v}" for k, v in report["skipped_by_reason"].items()) or "no input records"
         parser.exit(1, f"{prefix} no sample was written ({reasons}); see {str(report_path)!r} for examples\n")

@@ -19,7 +19,7 @@ from webdataset.shardlists import expand_urls
 from flip.data.caption_fields import caption_sampler
 from flip.data.foils import hard_negatives as make_foils
 from flip.data.pipeline import EpochSeed, SampleTransform, eval_pipeline, make_loader, train_pipeline
-from flip.data.shards import MARKER, REPORT_NAME, STATS_SUFFIX
+from flip.data.shards import MARKER, PART_FILE, REPORT_NAME, STATS_SUFFIX
 from flip.data.skips import DEFAULT_MAX_CONSECUTIVE_SKIPS
 
 if TYPE_CHECKING:  # data sits below models: the model is handed in, never imported
@@ -47,10 +47,18 @@ def check_finished_output(folder: str, what: str) -> None:
 
     flip-data writes `report.json` last; without it the folder holds only the shards finished
     before the run was killed, and the rerun that completes it may still replace some of them.
+    A folder written in parts (`--num-parts`) gets it from `flip-data merge-report`, once every
+    part has finished.
     """
     if os.path.exists(os.path.join(folder, REPORT_NAME)) or not _is_flip_data_output(folder):
         return
     shards = len(glob.glob(os.path.join(folder, "*.tar")))
+    if any(PART_FILE.match(name) for name in os.listdir(folder)):
+        raise RuntimeError(
+            f"{what}: {folder!r} was written by a flip-data job split into parts (--num-parts) and has no "
+            f"{REPORT_NAME} yet ({shards} finished shard(s)): when every part has finished, run "
+            f"`flip-data merge-report {folder}`, which checks that none is missing and writes it."
+        )
     raise RuntimeError(
         f"{what}: {folder!r} is the output of a flip-data run that did not finish (it has {shards} "
         f"finished shard(s) but no {REPORT_NAME}, which flip-data writes last). Rerun the same flip-data "

@@ -3,10 +3,23 @@
 Subcommands (see `flip.cli.data`): `folder` (images + a captions table),
 `facecaption15m` (the FaceCaption-15M parquet joined with img2dataset downloads, faces
 cropped from their boxes) and `celeba` (CelebA attributes turned into captions). Output of
-img2dataset itself needs no conversion: it trains as it is.
+img2dataset itself needs no conversion: it trains as it is. Any of them can be split over
+machines (`Part`, `--num-parts N --part K`) and the parts' reports merged (`merge_reports`).
 """
 
 from flip.prepare.hygiene import REASONS, HygieneConfig, SkipSample
+from flip.prepare.merge import merge_reports
+from flip.prepare.parts import Part
 from flip.prepare.writer import ImageRef, Item, JobConfig, run_job
 
-__all__ = ["REASONS", "HygieneConfig", "ImageRef", "Item", "JobConfig", "SkipSample", "run_job"]
+__all__ = [
+    "REASONS",
+    "HygieneConfig",
+    "ImageRef",
+    "Item",
+    "JobConfig",
+    "Part",
+    "SkipSample",
+    "merge_reports",
+    "run_job",
+]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -35,15 +34,15 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from flip.atomic import TEMP_SUFFIX, write_json_atomic
+from flip.atomic import write_json_atomic
 from flip.data.shards import (
     CAPTION_MEMBER,
     IMAGE_MEMBER,
     MARKER,
     METADATA_MEMBER,
+    PART_FILE,
     PAX_MTIME,
     REPORT_NAME,
-    STATS_SUFFIX,
     fingerprint,
     write_shard,
 )
@@ -52,6 +51,7 @@ from flip.locking import hold_lock
 from flip.prepare.detect import HaarFaceDetector
 from flip.prepare.hygiene import REASONS, HygieneConfig, SkipSample, process_image
 from flip.prepare.keys import KEY_PATTERN
+from flip.prepare.parts import WHOLE, Part, PartSkipLog, other_layout, stale_temporaries
 from flip.prepare.report import SkipLog
 
 __all__ = ["ImageRef", "Item", "JobConfig", "OutputFolderError", "Source", "run_job", "shard_name"]
@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 
 VERSION = "1"  # bump when the bytes written for the same item and settings change
 RESERVED_KEYS = ("key", "caption", "source", "width", "height", "original_width", "original_height", "crop")
-LOCK = ".flip-data.lock"
-_SHARD = re.compile(r"^(\d{5,})\.tar$")
 
 
 class OutputFolderError(RuntimeError):
@@ -134,6 +132,7 @@ class JobConfig:
     hygiene: HygieneConfig = field(default_factory=HygieneConfig)
     detector: HaarFaceDetector | None = None
     progress: bool = True
+    part: Part = WHOLE  # --num-parts/--part: write only the records this part owns (flip.prepare.parts)
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -154,12 +153,12 @@ def _detector_settings(detector: HaarFaceDetector) -> dict[str, Any]:
     return {k: v for k, v in vars(detector).items() if not k.startswith("_")}
 
 
-def shard_name(index: int) -> str:
-    return f"{index:05d}.tar"
+def shard_name(index: int, part: Part = WHOLE) -> str:
+    return part.shard_name(index)
 
 
-def _stats_path(output: Path, index: int) -> Path:
-    return output / f"{index:05d}{STATS_SUFFIX}"
+def _stats_path(output: Path, index: int, part: Part) -> Path:
+    return output / part.stats_name(index)
 
 
 def _digest(config: dict[str, Any], items: list[Item]) -> str:
@@ -167,16 +166,16 @@ def _digest(config: dict[str, Any], items: list[Item]) -> str:
     return fingerprint([config, *records], length=24)
 
 
-def _finished(output: Path, index: int, digest: str) -> dict | None:
+def _finished(output: Path, index: int, digest: str, part: Part) -> dict | None:
     """The stats of shard `index` if it was completed from exactly these items and settings."""
-    path = _stats_path(output, index)
+    path = _stats_path(output, index, part)
     try:
         stats = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(stats, dict) or stats.get("digest") != digest:
         return None
-    return stats if (output / shard_name(index)).is_file() else None
+    return stats if (output / shard_name(index, part)).is_file() else None
 
 
 @dataclass
@@ -187,6 +186,7 @@ class _ShardTask:
     output: Path
     hygiene: HygieneConfig
     detector: HaarFaceDetector | None
+    part: Part = WHOLE
 
 
 def _sample_json(item: Item, processed) -> bytes:
@@ -227,7 +227,7 @@ def _samples(task: _ShardTask, skips: SkipLog) -> Iterator[dict[str, Any]]:
 def make_shard(task: _ShardTask) -> dict[str, Any]:
     """Reads, cleans and writes one shard, then its stats file (last: it marks the shard finished)."""
     skips = SkipLog()
-    final = task.output / shard_name(task.index)
+    final = task.output / shard_name(task.index, task.part)
     # PAX_MTIME: the bytes this writer's VERSION has always written
     written = write_shard(final, _samples(task, skips), mtime=PAX_MTIME)
     stats = {
@@ -237,7 +237,7 @@ def make_shard(task: _ShardTask) -> dict[str, Any]:
         "written": written,
         "skipped": skips.to_json(),
     }
-    write_json_atomic(_stats_path(task.output, task.index), stats)
+    write_json_atomic(_stats_path(task.output, task.index, task.part), stats)
     return stats
 
 
@@ -263,12 +263,14 @@ def _chunks(items: Iterable[Item], size: int, skips: SkipLog) -> Iterator[list[I
 
 
 @contextlib.contextmanager
-def _own_output(output: Path) -> Iterator[None]:
-    """The output folder, created if needed and locked for this run; unwritable: OutputFolderError."""
+def _own_output(output: Path, part: Part) -> Iterator[None]:
+    """The output folder, created if needed and locked for this run (for this part: the parts of a
+    job write one folder side by side); unwritable: OutputFolderError."""
+    what = f"output folder {str(output)!r}" + ("" if part.whole else f" (part {part.index} of {part.count})")
     with contextlib.ExitStack() as stack:
         try:
             output.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(hold_lock(output / LOCK, f"output folder {str(output)!r}"))
+            stack.enter_context(hold_lock(output / part.lock_name, what))
         except OSError as exc:
             raise OutputFolderError(
                 f"cannot write to output folder {str(output)!r} ({exc.strerror or exc}); "
@@ -277,24 +279,38 @@ def _own_output(output: Path) -> Iterator[None]:
         yield
 
 
-def _check_output(output: Path) -> None:
+def _check_output(output: Path, part: Part) -> None:
     """Refuses a folder holding `.tar` files that flip-data did not write (they would be trained on).
 
     The first run marks the folder as flip-data's (`.flip-data`); any shard in a marked folder,
     even one whose stats file a crash kept from being written, is then flip-data's to redo.
+    Shards of another `--num-parts` are refused too (both sets would be trained on), and a part
+    removes its own report and the folder's merged one: until every part has finished again
+    and `flip-data merge-report` has run, training refuses the folder as unfinished.
     An unwritable folder raises OutputFolderError.
     """
     marker = output / MARKER
     try:
         if not marker.is_file():
-            foreign = sorted(p.name for p in output.glob("*.tar"))
+            # a part's shards are flip-data's even before the marker: parts may start together
+            foreign = sorted(p.name for p in output.glob("*.tar") if not PART_FILE.match(p.name))
             if foreign:
                 raise FileExistsError(
                     f"output folder {str(output)!r} holds .tar files that flip-data did not write "
                     f"(e.g. {foreign[0]!r}); choose an empty or new --output"
                 )
             marker.write_text("shards in this folder are written by flip-data; it may replace them\n")
-        for leftover in output.glob(f".*{TEMP_SUFFIX}"):  # half-written files of a killed run
+        mixed = other_layout(output, part)
+        if mixed is not None:
+            raise OutputFolderError(
+                f"output folder {str(output)!r} holds shards of another split of the job, e.g. {mixed}; "
+                f"this run is on {'one machine' if part.whole else f'--num-parts {part.count}'}. "
+                "Choose a new --output, or delete the other run's shards"
+            )
+        if not part.whole:
+            (output / part.report_name).unlink(missing_ok=True)
+            (output / REPORT_NAME).unlink(missing_ok=True)
+        for leftover in stale_temporaries(output, part):  # half-written files of a killed run
             leftover.unlink(missing_ok=True)
     except PermissionError as exc:
         raise OutputFolderError(
@@ -303,36 +319,40 @@ def _check_output(output: Path) -> None:
         ) from None
 
 
-def _remove_stale(output: Path, count: int) -> list[str]:
-    """Shards of an earlier run beyond this run's last one (the input shrank): removed."""
+def _remove_stale(output: Path, count: int, part: Part) -> list[str]:
+    """This part's shards of an earlier run beyond this run's last one (the input shrank): removed."""
     removed = []
     for path in sorted(output.glob("*.tar")):
-        match = _SHARD.match(path.name)
-        if match and int(match[1]) >= count:
+        index = part.shard_index(path.name)
+        if index is not None and index >= count:
             path.unlink()
-            _stats_path(output, int(match[1])).unlink(missing_ok=True)
+            _stats_path(output, index, part).unlink(missing_ok=True)
             removed.append(path.name)
     return removed
 
 
 def _describe_task(task: _ShardTask) -> str:
-    return f"shard {shard_name(task.index)}"
+    return f"shard {shard_name(task.index, task.part)}"
 
 
 def _plan(source: Source, config: JobConfig, output: Path, skips: SkipLog) -> Iterator[_ShardTask | dict]:
     """Shard by shard, in order: a task to write it, or the stats of its finished earlier write.
 
     Records the source cannot turn into items, and duplicate keys, go to `skips` as the stream
-    is read (lazily: a shard is planned only when a worker is free for it).
+    is read (lazily: a shard is planned only when a worker is free for it). A part of a job
+    (`skips` is then a PartSkipLog) plans only the items it owns.
     """
     settings = config.fingerprint()
-    for index, chunk in enumerate(_chunks(source.items(skips), config.samples_per_shard, skips)):
+    items = source.items(skips)
+    if isinstance(skips, PartSkipLog):
+        items = (item for item in items if skips.keep(item.key))
+    for index, chunk in enumerate(_chunks(items, config.samples_per_shard, skips)):
         digest = _digest(settings, chunk)
-        done = _finished(output, index, digest)
+        done = _finished(output, index, digest, config.part)
         yield (
             done
             if done is not None
-            else _ShardTask(index, chunk, digest, output, config.hygiene, config.detector)
+            else _ShardTask(index, chunk, digest, output, config.hygiene, config.detector, config.part)
         )
 
 
@@ -374,9 +394,8 @@ class _Progress:
             self.bar.refresh()
         self.bar.update(items + self.plan_skips.total - self.counted_plan_skips)
         self.counted_plan_skips = self.plan_skips.total
-        self.bar.set_postfix(
-            written=tally.count("written"), skipped=self.plan_skips.total + tally.skips.total
-        )
+        skipped = sum(self.plan_skips.counts.values()) + tally.skips.total  # this part's, for a part
+        self.bar.set_postfix(written=tally.count("written"), skipped=skipped)
 
     def close(self) -> None:
         self.bar.close()
@@ -427,7 +446,9 @@ def _report(
 ) -> dict[str, Any]:
     """What the run did, for `report.json`: settings, shards, and skips by reason with examples."""
     count = len(tally.stats)
+    part = {} if config.part.whole else {"part": config.part.describe()}
     return {
+        **part,
         "command": source.command,
         "source": source.describe(),
         "settings": {
@@ -436,7 +457,7 @@ def _report(
             "workers": config.workers,
         },
         "output": str(output.resolve()),
-        "shards": [shard_name(i) for i in range(count)],
+        "shards": [shard_name(i, config.part) for i in range(count)],
         "samples": {"written": tally.count("written"), "skipped": skips.total, "items": tally.count("items")},
         "skipped_by_reason": dict(sorted(skips.counts.items())),
         "reasons": {reason: REASONS[reason] for reason in sorted(skips.counts)},
@@ -452,24 +473,25 @@ def run_job(source: Source, config: JobConfig) -> dict[str, Any]:
     """Writes every shard of `source` into `config.output` and returns (and writes) the report.
 
     Raises FolderBusyError when another run holds the folder, OutputFolderError when it cannot
-    be written, and WorkerDied (saying how to resume) when a worker process dies.
+    be written, and WorkerDied (saying how to resume) when a worker process dies. A part of a
+    job (`config.part`) writes its own files into the folder, its report as `part-...-report.json`.
     """
     output = Path(config.output)
-    with _own_output(output):
+    with _own_output(output, config.part):
         start = time.time()
-        _check_output(output)
-        plan_skips = SkipLog()
+        _check_output(output, config.part)
+        plan_skips = SkipLog() if config.part.whole else PartSkipLog(config.part)
         progress = _Progress(source, plan_skips, config.progress)
         try:
             tally = _write_shards(_plan(source, config, output, plan_skips), config, output, progress)
         finally:
             progress.close()
-        removed = _remove_stale(output, len(tally.stats))
+        removed = _remove_stale(output, len(tally.stats), config.part)
         skips = SkipLog()
         skips.merge(plan_skips)
         skips.merge(tally.skips)
         report = _report(source, config, output, tally, skips, removed, time.time() - start)
-        write_json_atomic(output / REPORT_NAME, report)
+        write_json_atomic(output / config.part.report_name, report)
         _log_summary(report, output)
     return report
 
@@ -481,7 +503,9 @@ def _log_summary(report: dict[str, Any], output: Path) -> None:
         report["command"],
         report["samples"]["written"],
         len(report["shards"]),
-        output,
+        output
+        if "part" not in report
+        else f"{output} (part {report['part']['index']} of {report['part']['count']})",
         report["samples"]["skipped"],
         ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none",
         report["shards_resumed"],

@@ -20,10 +20,12 @@ from flip.data.shards.format import (
     MARKER,
     METADATA_EXTENSIONS,
     METADATA_MEMBER,
+    PART_FILE,
     REPORT_NAME,
     STATS_SUFFIX,
     WANTED_EXTENSIONS,
     is_image_file,
+    part_tag,
     split_member_name,
 )
 from flip.data.shards.reading import (
@@ -51,6 +53,7 @@ __all__ = [
     "MARKER",
     "METADATA_EXTENSIONS",
     "METADATA_MEMBER",
+    "PART_FILE",
     "PAX_MTIME",
     "REPORT_NAME",
     "STATS_SUFFIX",
@@ -69,6 +72,7 @@ __all__ = [
     "iter_tar_samples",
     "locate_members",
     "not_a_tar",
+    "part_tag",
     "pick",
     "split_member_name",
     "write_shard",

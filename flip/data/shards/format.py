@@ -25,10 +25,12 @@ __all__ = [
     "MARKER",
     "METADATA_EXTENSIONS",
     "METADATA_MEMBER",
+    "PART_FILE",
     "REPORT_NAME",
     "STATS_SUFFIX",
     "WANTED_EXTENSIONS",
     "is_image_file",
+    "part_tag",
     "split_member_name",
 ]
 
@@ -48,6 +50,10 @@ IMAGE_MEMBER, CAPTION_MEMBER, METADATA_MEMBER = "jpg", "txt", "json"
 MARKER = ".flip-data"
 REPORT_NAME = "report.json"
 STATS_SUFFIX = "_stats.json"
+# a job split over machines (`flip-data --num-parts N --part K`) writes into one folder, every
+# file of part K named `part-0000K-of-0000N-...`; the folder's report.json is then written by
+# `flip-data merge-report`, once every part has finished
+PART_FILE = re.compile(r"part-(\d{5,})-of-(\d{5,})")
 
 # webdataset's sample key: the member's folder and its file name up to the first dot
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -56,6 +62,11 @@ _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 def is_image_file(name: str | os.PathLike) -> bool:
     """Whether a file name ends in one of `IMAGE_EXTENSIONS` (any case)."""
     return os.fspath(name).lower().endswith(IMAGE_SUFFIXES)
+
+
+def part_tag(index: int, count: int) -> str:
+    """`part-0000K-of-0000N`: what every file of part `index` of `count` is named after."""
+    return f"part-{index:05d}-of-{count:05d}"
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
