@@ -15,7 +15,9 @@ from PIL import Image
 
 from flip.cli.data import main
 from flip.prepare.detect import HaarFaceDetector
+from flip.prepare.faces import FacePolicy
 from flip.prepare.hygiene import HygieneConfig
+from flip.prepare.samples import FaceSteps
 from flip.prepare.sources.folder import FolderSource, key_from_path
 from flip.prepare.writer import JobConfig, run_job
 
@@ -338,14 +340,16 @@ def test_detect_faces_crops_the_face_and_skips_images_without_one(tmp_path):
     Image.new("RGB", (360, 240), (90, 120, 90)).save(images / "empty.png")
     (tmp_path / "c.csv").write_text("file_name,caption\nface.png,a face\nempty.png,a wall\n")
     detector = HaarFaceDetector()
-    box = detector.detect(Image.open(images / "face.png").convert("RGB"))
-    assert box is not None
-    x0, y0, x1, y1 = box
+    faces = detector.detect(Image.open(images / "face.png").convert("RGB"))
+    x0, y0, x1, y1 = max(faces, key=lambda f: f.area).box
     assert 170 <= x0 < x1 <= 330 and 30 <= y0 < y1 <= 218 and x1 - x0 > 40  # inside the pasted portrait
     report = run_job(
         FolderSource(images, tmp_path / "c.csv"),
         JobConfig(
-            tmp_path / "out", detector=detector, hygiene=HygieneConfig(face_margin=0.1), progress=False
+            tmp_path / "out",
+            faces=FaceSteps(detector, FacePolicy(min_size=0)),
+            hygiene=HygieneConfig(face_margin=0.1),
+            progress=False,
         ),
     )
     assert report["skipped_by_reason"] == {"no_face": 1}
