@@ -151,12 +151,22 @@ def test_several_faces_largest_or_all_through_the_command(tmp_path, capsys):
     assert reports[0]["settings"]["detector"]["name"] == "mtcnn"
 
 
-def test_faces_under_the_default_minimum_size_are_skipped_and_counted(tmp_path, capsys):
-    images = _two_people(tmp_path)  # faces of ~50-70 px: under FaceCaption-15M's 128
+def test_faces_under_the_minimum_size_are_skipped_and_counted(tmp_path, capsys):
+    """The detector searches from half --min-face-size up; what it finds under the minimum is counted."""
+    images = _two_people(tmp_path)  # faces of about 35 and 56 px
     with pytest.raises(SystemExit) as exit_info:  # no sample written: exit 1, naming the reasons
-        main(["folder", str(images), "-o", str(tmp_path / "out"), "--detect-faces", "--no-progress"])
+        main(["folder", str(images), "-o", str(tmp_path / "out"), "--detect-faces", "--min-face-size", "80"])
     assert exit_info.value.code == 1 and "small_face 1" in capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["skipped_by_reason"] == {"no_face": 1, "small_face": 1}
-    assert report["faces"]["rejected"] == {"small_face": 2}
-    assert report["settings"]["faces"] == {"min_confidence": 0.98, "min_size": 128, "keep": "largest"}
+    assert report["faces"] == {"detected": 2, "selected": 0, "rejected": {"small_face": 2}}
+    assert report["settings"]["detector"]["min_face_size"] == 40
+
+
+def test_the_defaults_are_facecaption_15m_s(tmp_path, capsys):
+    images = _two_people(tmp_path)
+    with pytest.raises(SystemExit):  # FaceCaption-15M keeps faces over 128 px: none here
+        main(["folder", str(images), "-o", str(tmp_path / "out"), "--detect-faces", "--no-progress"])
+    settings = json.loads((tmp_path / "out" / "report.json").read_text())["settings"]
+    assert settings["faces"] == {"min_confidence": 0.98, "min_size": 128, "keep": "largest"}
+    assert settings["detector"]["name"] == "mtcnn" and settings["detector"]["min_face_size"] == 64

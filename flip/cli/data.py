@@ -251,7 +251,13 @@ def make_faces(args: argparse.Namespace, min_face_size: int) -> FaceSteps:
     if args.detector == "haar":
         detector = HaarFaceDetector(cascade=args.cascade, min_neighbors=args.min_neighbors)
     else:
-        detector = MtcnnFaceDetector(batch_size=args.detect_batch_size, device=args.detect_device)
+        # the pyramid starts at half the minimum size, so faces a little under it are still found
+        # and counted as small_face, and MTCNN costs about half what it does from 20 px
+        detector = MtcnnFaceDetector(
+            min_face_size=max(20, min_face_size // 2),
+            batch_size=args.detect_batch_size,
+            device=args.detect_device,
+        )
     if args.align and args.resize_short_side is not None:
         raise ValueError("--align writes --align-size faces; drop --resize-short-side")
     align = AlignConfig(args.align_size, args.align_padding) if args.align else None
