@@ -36,3 +36,30 @@ def astronaut(side: int = 256) -> Image.Image:
     from skimage import data
 
     return Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.BILINEAR)
+
+
+PHOTO_CAPTIONS = {
+    "astronaut.jpg": "a smiling woman with short blond hair",
+    "pair.jpg": "two smiling women",
+    "small.jpg": "a woman in a space suit",
+    "wall.jpg": "an empty wall",
+}
+
+
+def write_photos(folder) -> None:
+    """docs/data.md's folder of photos: one face of ~175 px, two people (faces of ~190 and
+    ~140 px), a face of ~90 px (under FaceCaption-15M's 128) and a wall, with captions.csv."""
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.fromarray(data.astronaut())
+    photo.resize((1024, 1024), Image.Resampling.BICUBIC).save(folder / "astronaut.jpg", quality=90)
+    head = photo.crop((120, 0, 330, 260))  # her head and shoulders; the face is ~90 px wide
+    pair = Image.new("RGB", (900, 560), (200, 200, 205))
+    pair.paste(head.resize((462, 572)).crop((0, 0, 462, 560)), (0, 0))
+    pair.paste(head.resize((336, 416)), (520, 144))
+    pair.save(folder / "pair.jpg", quality=90)
+    photo.save(folder / "small.jpg", quality=90)
+    Image.new("RGB", (640, 480), (180, 170, 160)).save(folder / "wall.jpg", quality=90)
+    rows = ["file_name,caption", *(f"{name},{caption}" for name, caption in PHOTO_CAPTIONS.items())]
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
