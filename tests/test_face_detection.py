@@ -170,3 +170,24 @@ def test_the_defaults_are_facecaption_15m_s(tmp_path, capsys):
     settings = json.loads((tmp_path / "out" / "report.json").read_text())["settings"]
     assert settings["faces"] == {"min_confidence": 0.98, "min_size": 128, "keep": "largest"}
     assert settings["detector"]["name"] == "mtcnn" and settings["detector"]["min_face_size"] == 64
+
+
+def test_forked_workers_detect_what_one_process_detects(tmp_path, capsys):
+    images = _two_people(tmp_path)
+    flags = ["--detect-faces", "--faces", "all", "--min-face-size", "30", "--samples-per-shard", "1"]
+    for workers in ("1", "2"):
+        assert main(["folder", str(images), "-o", str(tmp_path / workers), "--workers", workers, *flags]) == 0
+    shards = sorted(p.name for p in (tmp_path / "1").glob("*.tar"))
+    assert shards == ["00000.tar", "00001.tar"]
+    for name in shards:
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes()
+
+
+def test_a_device_torch_does_not_know_is_refused_before_any_output(tmp_path, capsys):
+    images = _two_people(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["folder", str(images), "-o", str(tmp_path / "out"), "--detect-faces", "--detect-device", "gpu0"]
+        )
+    assert exit_info.value.code == 2 and "'gpu0' is no torch device" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

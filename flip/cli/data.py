@@ -262,7 +262,7 @@ def make_faces(args: argparse.Namespace, min_face_size: int) -> FaceSteps:
         raise ValueError("--align writes --align-size faces; drop --resize-short-side")
     align = AlignConfig(args.align_size, args.align_padding) if args.align else None
     faces = FaceSteps(detector, FacePolicy(args.min_confidence, min_face_size, args.faces), align)
-    detector.load()  # fail here, not in a worker, if the detector or its weights are missing
+    detector.check()  # fail here, not in a worker, if the detector, its weights or device are missing
     return faces
 
 

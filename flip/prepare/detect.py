@@ -45,6 +45,8 @@ class FaceDetector(Protocol):
 
     def load(self) -> Any: ...
 
+    def check(self) -> None: ...
+
     def detect_batch(self, images: list[Image.Image]) -> list[list[Face]]: ...
 
 
@@ -123,6 +125,25 @@ class MtcnnFaceDetector:
             ).eval()
         return self._model
 
+    def check(self) -> None:
+        """Fails now, naming what is missing (the package, its weights, the device), rather than
+        in a worker. Nothing is built on a GPU here: workers are forked, and CUDA started in
+        their parent would not work in them."""
+        import torch
+
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(
+                f"--detect-device {self.device!r} is no torch device; accepted: cpu, cuda, cuda:1, ..."
+            ) from None
+        if device.type == "cpu":
+            self.load()
+        elif device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--detect-device {self.device!r}: torch sees no CUDA device; use cpu")
+        else:
+            import facenet_pytorch  # noqa: F401
+
     def detect(self, image: Image.Image) -> list[Face]:
         return self.detect_batch([image])[0]
 
@@ -194,6 +215,9 @@ class HaarFaceDetector:
                 raise RuntimeError(f"OpenCV could not load its bundled cascade {path!r}")
             self._classifier = classifier
         return self._classifier
+
+    def check(self) -> None:
+        self.load()
 
     def detect(self, image: Image.Image) -> list[Face]:
         import cv2
