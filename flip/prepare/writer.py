@@ -146,7 +146,7 @@ class JobConfig:
         """Everything besides the items that changes the bytes of a shard."""
         settings = {"version": VERSION, "hygiene": asdict(self.hygiene), "detector": None}
         detector = self.faces.detector
-        if detector is not None:  # (no detector: the settings of the shards written before there were any)
+        if detector is not None:  # without one, the settings (and digests) of the shards before faces
             settings["detector"] = detector_settings(detector)
             settings["faces"] = asdict(self.faces.policy)
             settings["align"] = None if self.faces.align is None else self.faces.align.describe()
