@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
 import struct
 import zlib
 from pathlib import Path
@@ -15,11 +17,14 @@ from PIL import Image
 
 from flip.cli.data import main
 from flip.prepare.detect import HaarFaceDetector
+from flip.prepare.faces import FacePolicy
 from flip.prepare.hygiene import HygieneConfig
+from flip.prepare.samples import FaceSteps
 from flip.prepare.sources.folder import FolderSource, key_from_path
 from flip.prepare.writer import JobConfig, run_job
 
-from .helpers import read_shards
+from .helpers import ROOT, read_shards
+from .helpers.faces import write_photos
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -338,14 +343,16 @@ def test_detect_faces_crops_the_face_and_skips_images_without_one(tmp_path):
     Image.new("RGB", (360, 240), (90, 120, 90)).save(images / "empty.png")
     (tmp_path / "c.csv").write_text("file_name,caption\nface.png,a face\nempty.png,a wall\n")
     detector = HaarFaceDetector()
-    box = detector.detect(Image.open(images / "face.png").convert("RGB"))
-    assert box is not None
-    x0, y0, x1, y1 = box
+    faces = detector.detect(Image.open(images / "face.png").convert("RGB"))
+    x0, y0, x1, y1 = max(faces, key=lambda f: f.area).box
     assert 170 <= x0 < x1 <= 330 and 30 <= y0 < y1 <= 218 and x1 - x0 > 40  # inside the pasted portrait
     report = run_job(
         FolderSource(images, tmp_path / "c.csv"),
         JobConfig(
-            tmp_path / "out", detector=detector, hygiene=HygieneConfig(face_margin=0.1), progress=False
+            tmp_path / "out",
+            faces=FaceSteps(detector, FacePolicy(min_size=0)),
+            hygiene=HygieneConfig(face_margin=0.1),
+            progress=False,
         ),
     )
     assert report["skipped_by_reason"] == {"no_face": 1}
@@ -354,3 +361,35 @@ def test_detect_faces_crops_the_face_and_skips_images_without_one(tmp_path):
     side = max(x1 - x0, y1 - y0) * 1.2
     assert abs((right - left) - side) <= 2 and abs((bottom - top) - side) <= 2  # square, 10% margin each side
     assert (record["width"], record["height"]) == (right - left, bottom - top)
+
+
+def _face_section_commands() -> list[str]:
+    """The flip-data commands of docs/data.md's face section, as the page writes them."""
+    text = (ROOT / "docs" / "data.md").read_text()
+    start = text.index("### Faces: detection and alignment")
+    section = text[start : text.index("\n## ", start)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_the_documented_face_example_writes_what_the_page_shows(tmp_path, monkeypatch, capsys):
+    """docs/data.md's worked example: its photos, its commands run as written (one worker, no
+    progress bar added), and the numbers its report excerpts show."""
+    write_photos(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    commands = _face_section_commands()
+    assert len(commands) == 2 and all(c.startswith("flip-data folder photos") for c in commands)
+    for command in commands:
+        assert main([*shlex.split(command)[1:], "--workers", "1", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "shards" / "report.json").read_text())
+    assert report["samples"] == {"items": 4, "skipped": 2, "written": 2}
+    assert report["skipped_by_reason"] == {"no_face": 1, "small_face": 1}
+    assert report["faces"] == {"detected": 4, "selected": 2, "rejected": {"not_largest": 1, "small_face": 1}}
+    assert report["settings"]["align"] == {"template": "arcface_112", "size": 224, "padding": 0.25}
+    assert report["settings"]["detector"]["min_face_size"] == 64
+    samples = read_shards(tmp_path / "shards")
+    assert sorted(samples) == ["astronaut", "pair"]
+    pair = json.loads(samples["pair"]["json"])
+    assert pair["face"]["box"][2] < 462  # the larger woman, on the left
+    assert Image.open(io.BytesIO(samples["pair"]["jpg"])).size == (224, 224)
+    assert sorted(read_shards(tmp_path / "shards_all")) == ["astronaut_face0", "pair_face0", "pair_face1"]

@@ -32,10 +32,13 @@ from pathlib import Path
 
 from flip.data.workers import WorkerDied
 from flip.locking import FolderBusyError
-from flip.prepare.detect import CASCADES, HaarFaceDetector
+from flip.prepare.align import AlignConfig
+from flip.prepare.detect import CASCADES, DETECTORS, HaarFaceDetector, MtcnnFaceDetector
+from flip.prepare.faces import KEEP, FacePolicy
 from flip.prepare.hygiene import HygieneConfig
 from flip.prepare.merge import UnfinishedParts, merge_reports
 from flip.prepare.parts import WHOLE, Part
+from flip.prepare.samples import FaceSteps
 from flip.prepare.writer import JobConfig, OutputFolderError, Source, run_job
 
 __all__ = ["build_parser", "main"]
@@ -130,25 +133,62 @@ def _common(parser: argparse.ArgumentParser, detection: bool) -> None:
         help="keep the face crop's aspect instead of a square around it",
     )
     parser.add_argument(
-        "--min-face-size", type=int, default=0, help="skip faces whose box is smaller (pixels)"
+        "--min-face-size",
+        type=int,
+        default=None,
+        help="skip faces whose box is smaller (pixels; default 128 with --detect-faces, else 0)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_part_options(parser)
     if detection:
-        parser.add_argument(
-            "--detect-faces",
-            action="store_true",
-            help="crop the largest face found by OpenCV's bundled Haar cascade; images with none are skipped",
-        )
-        parser.add_argument(
-            "--cascade", choices=sorted(CASCADES), default="default", help="which Haar cascade"
-        )
-        parser.add_argument(
-            "--min-neighbors",
-            type=int,
-            default=4,
-            help="Haar detections needed to accept a face (higher: stricter)",
-        )
+        _detection(parser)
+
+
+def _detection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("face detection and alignment (docs/data.md)")
+    group.add_argument(
+        "--detect-faces",
+        action="store_true",
+        help="crop the faces a detector finds (MTCNN by default); images with none are skipped",
+    )
+    group.add_argument("--detector", choices=sorted(DETECTORS), default="mtcnn", help="mtcnn or haar")
+    group.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.98,
+        help="skip faces the detector is less sure of (default 0.98, FaceCaption-15M's; haar has none)",
+    )
+    group.add_argument(
+        "--faces",
+        choices=KEEP,
+        default="largest",
+        help="largest: one sample per image; all: one per face, keyed {key}_face{i}",
+    )
+    group.add_argument(
+        "--detect-batch-size", type=_positive, default=16, help="images per MTCNN batch (default 16)"
+    )
+    group.add_argument("--detect-device", default="cpu", help="torch device MTCNN runs on (cpu, cuda)")
+    group.add_argument(
+        "--align",
+        action="store_true",
+        help="warp each face onto the 5-point ArcFace template (needs --detect-faces, mtcnn)",
+    )
+    group.add_argument(
+        "--align-size", type=int, default=224, help="side of the aligned face in pixels (default 224)"
+    )
+    group.add_argument(
+        "--align-padding",
+        type=float,
+        default=0.0,
+        help="show more around the face: this fraction of the size on each side (default 0)",
+    )
+    group.add_argument("--cascade", choices=sorted(CASCADES), default="default", help="haar: which cascade")
+    group.add_argument(
+        "--min-neighbors",
+        type=int,
+        default=4,
+        help="haar: detections needed to accept a face (higher: stricter)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,21 +302,45 @@ def make_source(args: argparse.Namespace) -> Source:
     return CelebASource(args.root, args.split, args.seed)
 
 
+def make_faces(args: argparse.Namespace, min_face_size: int) -> FaceSteps:
+    """The detector, face policy and alignment of the detection flags."""
+    if not getattr(args, "detect_faces", False):
+        if getattr(args, "align", False):
+            raise ValueError("--align needs landmarks: add --detect-faces (with --detector mtcnn)")
+        return FaceSteps()
+    if args.detector == "haar":
+        detector = HaarFaceDetector(cascade=args.cascade, min_neighbors=args.min_neighbors)
+    else:
+        # the pyramid starts at half the minimum size, so faces a little under it are still found
+        # and counted as small_face, and MTCNN costs about half what it does from 20 px
+        detector = MtcnnFaceDetector(
+            min_face_size=max(20, min_face_size // 2),
+            batch_size=args.detect_batch_size,
+            device=args.detect_device,
+        )
+    if args.align and args.resize_short_side is not None:
+        raise ValueError("--align writes --align-size faces; drop --resize-short-side")
+    align = AlignConfig(args.align_size, args.align_padding) if args.align else None
+    faces = FaceSteps(detector, FacePolicy(args.min_confidence, min_face_size, args.faces), align)
+    detector.check()  # fail here, not in a worker, if the detector, its weights or device are missing
+    return faces
+
+
 def make_config(args: argparse.Namespace, part: Part = WHOLE) -> JobConfig:
+    min_face_size = args.min_face_size
+    if min_face_size is None:  # FaceCaption-15M kept faces over 128 px; given boxes are the user's
+        min_face_size = 128 if getattr(args, "detect_faces", False) else 0
     hygiene = HygieneConfig(
         jpeg_quality=args.jpeg_quality,
         resize_short_side=args.resize_short_side,
         max_pixels=args.max_pixels,
         face_margin=args.face_margin,
         square_crop=not args.no_square_crop,
-        min_face_size=args.min_face_size,
+        min_face_size=min_face_size,
     )
-    detector = None
-    if getattr(args, "detect_faces", False):
-        detector = HaarFaceDetector(cascade=args.cascade, min_neighbors=args.min_neighbors)
-        detector.load()  # fail here, not in a worker, if OpenCV or its cascade is missing
+    faces = make_faces(args, min_face_size)
     return JobConfig(
-        args.output, args.samples_per_shard, args.workers, hygiene, detector, not args.no_progress, part=part
+        args.output, args.samples_per_shard, args.workers, hygiene, faces, not args.no_progress, part=part
     )
 
 

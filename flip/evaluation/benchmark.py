@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hydra.utils import instantiate
@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from flip.benchmarks.base import LabelledSplit
 from flip.benchmarks.shards import read_labelled_shards
 from flip.config import plain
+from flip.evaluation.aligned import AlignedImages, align_config
+from flip.prepare.align import AlignConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,8 @@ class Benchmark:
     """`reader(split=name)` returns a LabelledSplit; `prompts` holds the zero-shot prompts
     (templates, binary, multiclass, classes, age: see flip.evaluation.zeroshot). `subgroups` names
     the split's demographic questions (gender, race, age group): protocols report every metric
-    per group of each, and the gap between the best and worst group."""
+    per group of each, and the gap between the best and worst group. `align` puts every image's
+    largest face on the five-point template first (flip.evaluation.aligned)."""
 
     name: str
     reader: Callable[..., LabelledSplit]
@@ -38,6 +41,7 @@ class Benchmark:
     val_split: str | None = None
     test_split: str = "test"
     subgroups: list[str] = field(default_factory=list)
+    align: AlignConfig | None = None
     _loaded: dict[tuple[str, int | None, int], LabelledSplit] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -71,6 +75,7 @@ class Benchmark:
             val_split=cfg.get("val_split"),
             test_split=cfg.get("test_split") or "test",
             subgroups=list(cfg.get("subgroups") or []),
+            align=align_config(plain(cfg.get("align"))),
         )
 
     def load(self, split: str, max_samples: int | None = None, seed: int = 0) -> LabelledSplit:
@@ -96,6 +101,8 @@ class Benchmark:
                 labelled.skipped,
                 reasons,
             )
+        if self.align is not None:
+            labelled = replace(labelled, images=AlignedImages(labelled.images, self.align))
         return labelled
 
 

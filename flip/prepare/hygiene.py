@@ -24,7 +24,9 @@ __all__ = [
     "SkipSample",
     "crop_box",
     "decode_image",
+    "decode_rgb",
     "encode_jpeg",
+    "finish",
     "process_image",
 ]
 
@@ -49,6 +51,8 @@ REASONS: dict[str, str] = {
     "box_mismatch": "img2dataset padded or cropped the image, so the box cannot be mapped into it",
     "small_face": "the face is smaller than --min-face-size",
     "no_face": "--detect-faces found no face",
+    "low_confidence": "--detect-faces found faces, none as confident as --min-confidence",
+    "bad_landmarks": "--align: the face's landmarks fit no similarity transform",
     "not_a_tar": "an input .tar file is not a tar archive at all (empty, or other content)",
     "truncated_tar": "an input tar shard ends early (its readable members are still used)",
 }
@@ -202,26 +206,31 @@ class ProcessedImage:
     crop: tuple[int, int, int, int] | None
 
 
-def process_image(
-    data: bytes,
-    config: HygieneConfig,
-    box: object | None = None,
-    detector=None,
-) -> ProcessedImage:
-    """Bytes in, hygienic JPEG out: decode, upright RGB, face crop (given box or detector), resize.
+@dataclass
+class DecodedImage:
+    """An image decoded to upright RGB, with what `finish` needs to write it: the bytes (a JPEG
+    that needs no change is passed through) and the size as stored."""
+
+    data: bytes
+    image: Image.Image
+    original_size: tuple[int, int]
+    passthrough: bool
+
+
+def decode_rgb(data: bytes, config: HygieneConfig) -> DecodedImage:
+    """Decoded, upright 8-bit RGB, or SkipSample saying why not."""
+    raw = decode_image(data, config.max_pixels)
+    passthrough = raw.format == "JPEG" and raw.mode == "RGB" and _orientation(raw) in (None, 1)
+    return DecodedImage(data, to_rgb(raw), raw.size, passthrough)
+
+
+def finish(decoded: DecodedImage, config: HygieneConfig, box: object | None = None) -> ProcessedImage:
+    """The face crop of `box` (if given), resized and encoded.
 
     A JPEG that needs no change (RGB, upright, no crop or resize) is passed through byte for
     byte: re-encoding would only lose quality.
     """
-    raw = decode_image(data, config.max_pixels)
-    original_size = raw.size  # as stored, before the EXIF rotation
-    passthrough = raw.format == "JPEG" and raw.mode == "RGB" and _orientation(raw) in (None, 1)
-    image = to_rgb(raw)
-    crop = None
-    if box is None and detector is not None:
-        box = detector.detect(image)
-        if box is None:
-            raise SkipSample("no_face", f"no face found in the {image.width}x{image.height} image")
+    image, crop = decoded.image, None
     if box is not None:
         face = check_box(box, image.size)
         if min(face[2] - face[0], face[3] - face[1]) < config.min_face_size:
@@ -231,11 +240,17 @@ def process_image(
         crop = crop_box(face, image.size, config.face_margin, config.square_crop)
         image = image.crop(crop)
     resized = resize_short_side(image, config.resize_short_side)
-    if passthrough and crop is None and resized is image:
-        jpeg = data
+    if decoded.passthrough and crop is None and resized is image:
+        jpeg = decoded.data
     else:
         jpeg = encode_jpeg(resized, config.jpeg_quality)
-    return ProcessedImage(jpeg, resized.width, resized.height, original_size[0], original_size[1], crop)
+    width, height = decoded.original_size
+    return ProcessedImage(jpeg, resized.width, resized.height, width, height, crop)
+
+
+def process_image(data: bytes, config: HygieneConfig, box: object | None = None) -> ProcessedImage:
+    """Bytes in, hygienic JPEG out: decode, upright RGB, face crop (of a given box), resize."""
+    return finish(decode_rgb(data, config), config, box)
 
 
 def _orientation(image: Image.Image) -> int | None:

@@ -25,6 +25,7 @@ from flip.data.shards import PART_FILE, REPORT_NAME, part_tag
 from flip.locking import FolderBusyError, hold_lock
 from flip.prepare.parts import LOCK, Part
 from flip.prepare.report import SkipLog
+from flip.prepare.samples import FaceTally
 
 __all__ = ["UnfinishedParts", "merge_reports", "part_count"]
 
@@ -111,6 +112,16 @@ def _same_job(reports: list[dict[str, Any]]) -> None:
             )
 
 
+def _faces(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The detector's counts summed over the parts (None: no detector ran, as in each part)."""
+    if reports[0].get("faces") is None:
+        return None
+    tally = FaceTally()
+    for report in reports:
+        tally.merge(report["faces"])
+    return tally.to_json()
+
+
 def _combine(reports: list[dict[str, Any]], output: Path) -> dict[str, Any]:
     skips, reasons = SkipLog(), {}
     for report in reports:
@@ -134,6 +145,7 @@ def _combine(reports: list[dict[str, Any]], output: Path) -> dict[str, Any]:
         "skipped_by_reason": dict(sorted(skips.counts.items())),
         "reasons": dict(sorted(reasons.items())),
         "examples": skips.to_json()["examples"],
+        "faces": _faces(reports),
         **{k: sum(r[k] for r in reports) for k in SUMMED},
         "stale_shards_removed": [name for r in reports for name in r["stale_shards_removed"]],
         "seconds": round(sum(r["seconds"] for r in reports), 2),  # machine time, all parts together

@@ -36,10 +36,7 @@ from tqdm.auto import tqdm
 
 from flip.atomic import write_json_atomic
 from flip.data.shards import (
-    CAPTION_MEMBER,
-    IMAGE_MEMBER,
     MARKER,
-    METADATA_MEMBER,
     PART_FILE,
     PAX_MTIME,
     REPORT_NAME,
@@ -48,18 +45,22 @@ from flip.data.shards import (
 )
 from flip.data.workers import WorkerDied, WorkerPool
 from flip.locking import hold_lock
-from flip.prepare.detect import HaarFaceDetector
-from flip.prepare.hygiene import REASONS, HygieneConfig, SkipSample, process_image
+from flip.prepare.detect import settings as detector_settings
+from flip.prepare.hygiene import REASONS, HygieneConfig, SkipSample
 from flip.prepare.keys import KEY_PATTERN
 from flip.prepare.parts import WHOLE, Part, PartSkipLog, other_layout, stale_temporaries
 from flip.prepare.report import SkipLog
+from flip.prepare.samples import FaceSteps, FaceTally, shard_samples
 
 __all__ = ["ImageRef", "Item", "JobConfig", "OutputFolderError", "Source", "run_job", "shard_name"]
 
 log = logging.getLogger(__name__)
 
 VERSION = "1"  # bump when the bytes written for the same item and settings change
-RESERVED_KEYS = ("key", "caption", "source", "width", "height", "original_width", "original_height", "crop")
+RESERVED_KEYS = (
+    *("key", "caption", "source", "width", "height", "original_width", "original_height", "crop"),
+    *("face", "align"),
+)
 
 
 class OutputFolderError(RuntimeError):
@@ -130,7 +131,7 @@ class JobConfig:
     samples_per_shard: int = 1000
     workers: int = 1
     hygiene: HygieneConfig = field(default_factory=HygieneConfig)
-    detector: HaarFaceDetector | None = None
+    faces: FaceSteps = field(default_factory=FaceSteps)
     progress: bool = True
     part: Part = WHOLE  # --num-parts/--part: write only the records this part owns (flip.prepare.parts)
 
@@ -142,15 +143,13 @@ class JobConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything besides the items that changes the bytes of a shard."""
-        return {
-            "version": VERSION,
-            "hygiene": asdict(self.hygiene),
-            "detector": None if self.detector is None else _detector_settings(self.detector),
-        }
-
-
-def _detector_settings(detector: HaarFaceDetector) -> dict[str, Any]:
-    return {k: v for k, v in vars(detector).items() if not k.startswith("_")}
+        settings = {"version": VERSION, "hygiene": asdict(self.hygiene), "detector": None}
+        detector = self.faces.detector
+        if detector is not None:  # without one, the settings (and digests) of the shards before faces
+            settings["detector"] = detector_settings(detector)
+            settings["faces"] = asdict(self.faces.policy)
+            settings["align"] = None if self.faces.align is None else self.faces.align.describe()
+        return settings
 
 
 def shard_name(index: int, part: Part = WHOLE) -> str:
@@ -185,51 +184,16 @@ class _ShardTask:
     digest: str
     output: Path
     hygiene: HygieneConfig
-    detector: HaarFaceDetector | None
+    faces: FaceSteps
     part: Part = WHOLE
-
-
-def _sample_json(item: Item, processed) -> bytes:
-    record = dict(item.metadata)
-    record.update(
-        key=item.key,
-        caption=item.caption,
-        source=item.image.describe(),
-        width=processed.width,
-        height=processed.height,
-        original_width=processed.original_width,
-        original_height=processed.original_height,
-    )
-    if processed.crop is not None:
-        record["crop"] = list(processed.crop)
-    return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-
-
-def _samples(task: _ShardTask, skips: SkipLog) -> Iterator[dict[str, Any]]:
-    """The shard's items read and cleaned into samples; a bad one is counted in `skips`, never raised."""
-    for item in task.items:
-        try:
-            processed = process_image(item.image.read(), task.hygiene, item.box, task.detector)
-        except SkipSample as skip:
-            skips.add(skip.reason, item.key, f"{item.image.describe()}: {skip.detail}")
-            continue
-        except Exception as exc:  # an unforeseen decoder failure costs one sample, not the run
-            skips.add("corrupt_image", item.key, f"{item.image.describe()}: {type(exc).__name__}: {exc}")
-            continue
-        yield {
-            "__key__": item.key,
-            IMAGE_MEMBER: processed.jpeg,
-            CAPTION_MEMBER: item.caption.encode("utf-8"),
-            METADATA_MEMBER: _sample_json(item, processed),
-        }
 
 
 def make_shard(task: _ShardTask) -> dict[str, Any]:
     """Reads, cleans and writes one shard, then its stats file (last: it marks the shard finished)."""
-    skips = SkipLog()
+    skips, faces = SkipLog(), FaceTally()
     final = task.output / shard_name(task.index, task.part)
-    # PAX_MTIME: the bytes this writer's VERSION has always written
-    written = write_shard(final, _samples(task, skips), mtime=PAX_MTIME)
+    samples = shard_samples(task.items, task.hygiene, task.faces, skips, faces)
+    written = write_shard(final, samples, mtime=PAX_MTIME)  # PAX_MTIME: the bytes VERSION has always written
     stats = {
         "shard": final.name,
         "digest": task.digest,
@@ -237,6 +201,8 @@ def make_shard(task: _ShardTask) -> dict[str, Any]:
         "written": written,
         "skipped": skips.to_json(),
     }
+    if task.faces.detector is not None:
+        stats["faces"] = faces.to_json()
     write_json_atomic(_stats_path(task.output, task.index, task.part), stats)
     return stats
 
@@ -352,7 +318,7 @@ def _plan(source: Source, config: JobConfig, output: Path, skips: SkipLog) -> It
         yield (
             done
             if done is not None
-            else _ShardTask(index, chunk, digest, output, config.hygiene, config.detector, config.part)
+            else _ShardTask(index, chunk, digest, output, config.hygiene, config.faces, config.part)
         )
 
 
@@ -362,11 +328,14 @@ class _Tally:
 
     stats: dict[int, dict] = field(default_factory=dict)
     skips: SkipLog = field(default_factory=SkipLog)
+    faces: FaceTally = field(default_factory=FaceTally)
     resumed: int = 0
 
     def add(self, index: int, stats: dict, resumed: bool) -> None:
         self.stats[index] = stats
         self.skips.merge(stats["skipped"])
+        if "faces" in stats:
+            self.faces.merge(stats["faces"])
         self.resumed += resumed
 
     def count(self, field_name: str) -> int:
@@ -462,6 +431,8 @@ def _report(
         "skipped_by_reason": dict(sorted(skips.counts.items())),
         "reasons": {reason: REASONS[reason] for reason in sorted(skips.counts)},
         "examples": skips.to_json()["examples"],
+        # faces the detector found, chosen and left out by reason (null: no detector ran)
+        "faces": None if config.faces.detector is None else tally.faces.to_json(),
         "shards_resumed": tally.resumed,
         "shards_written": count - tally.resumed,
         "stale_shards_removed": removed,
