@@ -3,6 +3,7 @@
     flip-data folder IMAGES --captions captions.csv --output shards/
     flip-data facecaption15m --parquet FaceCaption-v1.parquet --images laion-face/ --output shards/
     flip-data celeba CELEBA_ROOT --split train --output shards/
+    flip-data curate shards/ --output curated/ --model last.ckpt --keep-top-fraction 0.9
 
 Every subcommand writes `NNNNN.tar` shards (`{key}.jpg`, `{key}.txt`, `{key}.json`) with a
 `NNNNN_stats.json` beside each and a `report.json` counting what was skipped and why. It
@@ -25,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flip.cli.curate import add_curate_parser, run_curate
 from flip.data.workers import WorkerDied
 from flip.locking import FolderBusyError
 from flip.prepare.detect import CASCADES, HaarFaceDetector
@@ -105,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{folder,facecaption15m,celeba}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{folder,facecaption15m,celeba,curate}"
+    )
 
     folder = commands.add_parser(
         "folder", help="a folder of images + a captions table (csv, tsv, jsonl, parquet)"
@@ -157,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     celeba.add_argument("--split", choices=("train", "val", "test", "all"), default="train")
     _common(celeba, detection=True)
+    add_curate_parser(commands)
     return parser
 
 
@@ -226,9 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prefix = f"flip-data {args.command}: error:"
     try:
-        source = make_source(args)
-        config = make_config(args)
-        report = run_job(source, config)
+        if args.command == "curate":
+            report = run_curate(args)
+        else:
+            report = run_job(make_source(args), make_config(args))
     except (FileNotFoundError, ValueError, FolderBusyError, OutputFolderError) as exc:
         parser.exit(2, f"{prefix} {exc}\n")
     except WorkerDied as exc:
