@@ -5,8 +5,9 @@ metadata entries and caps each entry's share, so a few head entries ("woman", "s
 cannot crowd out the tail ("monolid", "vitiligo"). Here the entries are the user's: a text
 file, one entry per line, `|` between alternative phrasings of one entry (`beard | bearded`),
 `#` starting a comment. A caption matches an entry when one of its phrases occurs in it as
-whole words (`flip.prepare.caption_rules.words`: case-folded, any script), so `hat` is not
-found in `that`. A caption matching several entries counts for each of them.
+whole words (`flip.prepare.caption_rules.words`: case-folded, any script, punctuation between
+words not seen), so `hat` is not found in `that`. A caption matching several entries counts
+for each of them.
 
 Two rules, both deterministic for a `seed` and independent of the input's order (each sample
 draws from a hash of seed and key, not from a shared random stream):
