@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from flip.atomic import atomic_file, write_json_atomic
+from flip.atomic import atomic_file, atomic_write_text
 from flip.curation.scan import Sample
 from flip.curation.select import Filters, Selection
 from flip.prepare.balance import Entry
@@ -184,4 +184,5 @@ def write_report(
                 line = {"key": sample.key, "sample": name, "reason": reason, "detail": detail}
                 f.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
     _plot(report, output / PLOT_NAME)
-    write_json_atomic(output / REPORT_NAME, report)
+    # not sorted: removed_by_filter lists the filters in the order they ran
+    atomic_write_text(output / REPORT_NAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
