@@ -50,7 +50,7 @@ def _random_hashes(rng: np.random.Generator, n: int) -> list[int]:
     return [int(v) for v in rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)]
 
 
-@pytest.mark.parametrize("max_distance", [0, 3, 8])
+@pytest.mark.parametrize("max_distance", [0, 3, 8, 12])
 def test_near_duplicate_search_finds_exactly_what_a_brute_force_scan_finds(max_distance):
     rng = np.random.default_rng(max_distance)
     hashes = _random_hashes(rng, 300)
@@ -70,15 +70,14 @@ def test_near_duplicate_search_finds_exactly_what_a_brute_force_scan_finds(max_d
         if not close:
             kept.append(i)
     assert sum(f is not None for f in found) >= 10  # not vacuous: planted copies were found
+    if max_distance:  # exactly d bits, spread as evenly as possible over every band: still found
+        spread = NearDuplicates(max_distance)
+        spread.add(hashes[0], 0)
+        bits = {round(k * 64 / max_distance) % 64 for k in range(max_distance)}
+        assert len(bits) == max_distance and spread.find(hashes[0] ^ sum(1 << b for b in bits)) == 0
+        assert spread.find(hashes[0] ^ sum(1 << b for b in range(max_distance + 1))) is None
     values = np.array(hashes[:5], dtype=np.uint64)
     assert hamming(values, hashes[0]).tolist() == [bin(h ^ hashes[0]).count("1") for h in hashes[:5]]
-
-
-def test_near_duplicates_in_a_group_only_match_their_group():
-    index = NearDuplicates(4)
-    index.add(0b1011, 0, group="a caption")
-    assert index.find(0b1011, group="a caption") == 0
-    assert index.find(0b1011, group="another caption") is None
 
 
 def test_edited_copies_hash_close_and_identical_pixels_digest_equal():

@@ -114,12 +114,13 @@ def _duplicates(samples: Sequence[Sample], names: Sequence[str], sel: Selection,
             first[key] = i
     if filters.dedup != "near":
         return
-    index = NearDuplicates(filters.max_hash_distance)
+    indexes: dict[str | None, NearDuplicates] = {}  # one per caption with --dedup-on pair
     for i in sel.kept:
         value, group = int(samples[i].phash, 16), samples[i].caption if pair else None
-        j = index.find(value, group)
+        index = indexes.setdefault(group, NearDuplicates(filters.max_hash_distance))
+        j = index.find(value)
         if j is None:
-            index.add(value, i, group)
+            index.add(value, i)
         else:
             bits = int(hamming(np.array([value], dtype=np.uint64), int(samples[j].phash, 16))[0])
             sel.reasons[i], sel.details[i] = "near_duplicate", f"{bits} bits from {names[j]}"

@@ -6,9 +6,8 @@ semantic (embedding cosine), each keeping the first copy in input order.
 - Near: `imagehash`'s perceptual hashes (64 bits: `phash` the DCT hash, `dhash` the gradient
   hash). A re-encoded, resized or slightly brightened copy lands a few bits away from its
   original; two different faces land tens of bits apart (docs/data.md has the measured
-  distances). Candidates are found by multi-index hashing: the 64 bits are cut into
-  `max_distance + 1` bands, and two hashes within `max_distance` bits agree exactly on at least
-  one band (pigeonhole), so only hashes sharing a band are compared and none is missed.
+  distances). Candidates are found by multi-index hashing (`NearDuplicates`), an exact search
+  that compares a query with a small share of the kept hashes and misses none.
 - Semantic: cosine of L2-normalised image embeddings (any model), compared block by block:
   quadratic in the number of images, for collections up to a few hundred thousand.
 
@@ -21,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Sequence
 
 import imagehash
@@ -54,42 +54,72 @@ def hamming(a: np.ndarray, b: int) -> np.ndarray:
     return _POPCOUNT[diff.view(np.uint8)].reshape(-1, 8).sum(axis=1)
 
 
+def _masks(width: int, radius: int) -> list[int]:
+    """Every `width`-bit XOR mask with at most `radius` bits set."""
+    return [
+        sum(1 << b for b in bits)
+        for k in range(radius + 1)
+        for bits in itertools.combinations(range(width), k)
+    ]
+
+
+def _plan(max_distance: int, reference: int = 1_000_000) -> int:
+    """How many bands to cut the hash into: the fewest lookups plus candidate comparisons for a
+    collection of `reference` hashes (each band of b bits is searched within r = d // m bits)."""
+
+    def cost(bands: int) -> float:
+        width, radius = BITS // bands, max_distance // bands
+        lookups = bands * len(_masks(width, radius)) if radius <= 3 else math.inf
+        return lookups + reference * lookups / 2.0**width / 10  # a comparison is cheap (numpy)
+
+    return min(range(1, max_distance + 2), key=cost)
+
+
 class NearDuplicates:
-    """The kept images' hashes, searchable for one within `max_distance` bits (exact search)."""
+    """The kept images' hashes, searchable for one within `max_distance` bits: an exact search.
+
+    Multi-index hashing (Norouzi et al., 2012): the 64 bits are cut into m bands, and two hashes
+    within d bits differ in at most d // m bits of some band (pigeonhole: otherwise every band
+    differs in more, d + 1 bits or more in all). A query looks its bands up within that radius
+    (every XOR mask of up to d // m bits) and compares only the hashes found. m is chosen per d
+    to keep both the lookups and the candidates few (d = 8: 3 bands of 21-22 bits, radius 2).
+    """
 
     def __init__(self, max_distance: int) -> None:
         if not 0 <= max_distance <= 31:
             raise ValueError(f"max_distance={max_distance}; accepted: 0..31 bits of {BITS}")
         self.max_distance = max_distance
-        edges = np.linspace(0, BITS, max_distance + 2).round().astype(int)
+        bands = _plan(max_distance)
+        edges = np.linspace(0, BITS, bands + 1).round().astype(int)
         self.bands = [(int(lo), (1 << int(hi - lo)) - 1) for lo, hi in itertools.pairwise(edges)]
-        self.buckets: list[dict[tuple, list[int]]] = [{} for _ in self.bands]
+        radius = max_distance // bands
+        self.masks = [_masks(int(hi - lo), radius) for lo, hi in itertools.pairwise(edges)]
+        self.buckets: list[dict[int, list[int]]] = [{} for _ in self.bands]
         self.hashes = np.zeros(1024, dtype=np.uint64)  # grown by doubling; the first `len(ids)` used
         self.ids: list[int] = []
 
-    def _keys(self, value: int, group: object) -> list[tuple]:
-        return [(group, (value >> lo) & mask) for lo, mask in self.bands]
-
-    def find(self, value: int, group: object = None) -> int | None:
-        """The id of the earliest kept image within `max_distance` of `value` (in the same
-        `group`: e.g. the same caption), or None."""
-        found: set[int] = set()
-        for bucket, key in zip(self.buckets, self._keys(value, group), strict=True):
-            found.update(bucket.get(key, ()))
+    def find(self, value: int) -> int | None:
+        """The id of the earliest kept image within `max_distance` bits of `value`, or None."""
+        found: list[int] = []
+        for (lo, mask), masks, bucket in zip(self.bands, self.masks, self.buckets, strict=True):
+            band = (value >> lo) & mask
+            for slots in map(bucket.get, [band ^ m for m in masks]):
+                if slots:
+                    found += slots
         if not found:
             return None
-        slots = np.fromiter(sorted(found), dtype=np.int64)
+        slots = np.unique(np.asarray(found, dtype=np.int64))
         close = slots[hamming(self.hashes[slots], value) <= self.max_distance]
         return self.ids[int(close[0])] if len(close) else None
 
-    def add(self, value: int, id_: int, group: object = None) -> None:
+    def add(self, value: int, id_: int) -> None:
         slot = len(self.ids)
         if slot == len(self.hashes):
             self.hashes = np.concatenate([self.hashes, np.zeros_like(self.hashes)])
         self.hashes[slot] = value
         self.ids.append(id_)
-        for bucket, key in zip(self.buckets, self._keys(value, group), strict=True):
-            bucket.setdefault(key, []).append(slot)
+        for (lo, mask), bucket in zip(self.bands, self.buckets, strict=True):
+            bucket.setdefault((value >> lo) & mask, []).append(slot)
 
 
 def embedding_duplicates(
