@@ -198,6 +198,41 @@ def test_the_agreement_filter_keeps_matching_pairs_over_shuffled_ones(demo, tmp_
     assert again["agreement"]["rule"] == "min_agreement" and again["agreement"]["threshold"] == threshold
 
 
+def test_embedding_duplicates_are_the_copies_the_models_features_put_closest(demo, tmp_path):
+    import flip
+
+    ckpt, faces = demo
+    originals = [_sample(key, fields) for key, fields in faces[:40]]
+    image = {i: Image.open(io.BytesIO(faces[i][1]["jpg"])).convert("RGB") for i in (4, 8)}
+    copies = [
+        _sample("jpeg_q90", faces[4][1], jpg=_encode(image[4], "JPEG", quality=90)),
+        _sample(
+            "brighter", faces[8][1], jpg=_encode(ImageEnhance.Brightness(image[8]).enhance(1.03), "JPEG")
+        ),
+    ]
+    model = flip.load(ckpt)
+    with torch.no_grad():
+        pixels = [
+            model.preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in originals + copies
+        ]
+        features = model.encode_image(torch.stack(pixels), normalize=True).numpy()
+    cosine = features @ features.T
+    distinct = cosine[:40, :40][~np.eye(40, dtype=bool)].max()
+    closest = min(cosine[40, 4], cosine[41, 8])
+    assert closest - distinct > 1e-3  # a threshold between them is not a matter of rounding
+    inputs = _write(tmp_path / "in", originals + copies, per_shard=20)
+    out = tmp_path / "out"
+    threshold = float(distinct + closest) / 2
+    _curate(inputs, "-o", out, "--model", ckpt, "--dedup", "none", "--min-embedding-cosine", threshold)
+    removed = _removed(out)
+    assert {k: r for k, (r, _) in removed.items()} == {
+        "jpeg_q90": "embedding_duplicate",
+        "brighter": "embedding_duplicate",
+    }
+    assert removed["jpeg_q90"][1].endswith(f"with 00000.tar#{faces[4][0]}")
+    assert set(read_shards(out)) == {s["__key__"] for s in originals}
+
+
 def test_balancing_caps_every_entry_at_its_limit(tmp_path):
     rng = np.random.default_rng(0)
     phrases = {"smiling": 0.7, "beard": 0.4, "eyeglasses": 0.3, "hat": 0.04}
