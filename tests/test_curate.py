@@ -24,7 +24,16 @@ STEPS = 100  # the demo's tiny towers: enough for matching captions to outscore 
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, list[tuple[str, dict[str, bytes]]]]:
+def faces() -> list[tuple[str, dict[str, bytes]]]:
+    """96 FaceShapes training faces at the demo's test size (48 px), as (key, members)."""
+    from flip.data.faceshapes.generate import make_sample
+
+    samples = [make_sample("train", i, seed=0, image_size=48) for i in range(96)]
+    return [(s.pop("__key__"), s) for s in samples]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, list[tuple[str, dict[str, bytes]]]]:
     """The demo recipe's tiny model trained for STEPS on its 96 FaceShapes training faces, without
     evaluation (a few seconds), and those faces. The session's `trained_demo` stops after 4 steps,
     where matching and shuffled captions still score alike."""
@@ -33,12 +42,8 @@ def demo(tmp_path_factory) -> tuple[Path, list[tuple[str, dict[str, bytes]]]]:
     root = tmp_path_factory.mktemp("curate_demo")
     overrides = [f"trainer.max_steps={STEPS}", "evaluate=false", "trainer.val_check_interval=null"]
     train(compose_train_config(root, [*overrides, "callbacks.model_checkpoint.every_n_train_steps=1000"]))
-    faces = [
-        s
-        for tar in sorted((root / "data/faceshapes/train").glob("*.tar"))
-        for s in iter_tar_samples(str(tar))
-    ]
-    return root / "run/checkpoints/last.ckpt", faces
+    shards = sorted((root / "data/faceshapes/train").glob("*.tar"))
+    return root / "run/checkpoints/last.ckpt", [s for tar in shards for s in iter_tar_samples(str(tar))]
 
 
 def _write(folder: Path, samples: list[dict], per_shard: int) -> Path:
@@ -97,8 +102,7 @@ def _planted(faces) -> tuple[list[dict], dict[str, str]]:
     return samples, {s["__key__"]: reason for s, reason in copies}
 
 
-def test_planted_duplicates_and_junk_captions_are_removed_and_nothing_else(demo, tmp_path):
-    _, faces = demo
+def test_planted_duplicates_and_junk_captions_are_removed_and_nothing_else(faces, tmp_path):
     samples, planted = _planted(faces)
     inputs = _write(tmp_path / "in", samples, per_shard=30)
     out = tmp_path / "out"
@@ -157,8 +161,9 @@ def _reference_scores(ckpt: Path, samples: list[dict]) -> np.ndarray:
     return (image * text).sum(-1).double().numpy()
 
 
-def test_the_agreement_filter_keeps_matching_pairs_over_shuffled_ones(demo, tmp_path):
-    ckpt, faces = demo
+@pytest.mark.slow  # trains the demo model for STEPS
+def test_the_agreement_filter_keeps_matching_pairs_over_shuffled_ones(trained, tmp_path):
+    ckpt, faces = trained
     shuffled = list(range(0, 96, 3))  # a third of the captions moved to other faces of that third
     moved = {i: faces[shuffled[(k + 1) % len(shuffled)]][1]["txt"].decode() for k, i in enumerate(shuffled)}
     samples = [_sample(key, fields, moved.get(i)) for i, (key, fields) in enumerate(faces)]
@@ -198,10 +203,11 @@ def test_the_agreement_filter_keeps_matching_pairs_over_shuffled_ones(demo, tmp_
     assert again["agreement"]["rule"] == "min_agreement" and again["agreement"]["threshold"] == threshold
 
 
-def test_embedding_duplicates_are_the_copies_the_models_features_put_closest(demo, tmp_path):
+@pytest.mark.slow  # trains the demo model for STEPS
+def test_embedding_duplicates_are_the_copies_the_models_features_put_closest(trained, tmp_path):
     import flip
 
-    ckpt, faces = demo
+    ckpt, faces = trained
     originals = [_sample(key, fields) for key, fields in faces[:40]]
     image = {i: Image.open(io.BytesIO(faces[i][1]["jpg"])).convert("RGB") for i in (4, 8)}
     copies = [
@@ -269,10 +275,9 @@ def test_balancing_caps_every_entry_at_its_limit(tmp_path):
     assert len(read_shards(out)) == 80 - len(removed)
 
 
-def test_a_killed_run_resumes_from_its_scans_and_shards(demo, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_from_its_scans_and_shards(faces, tmp_path, monkeypatch):
     import flip.curation.run as run
 
-    _, faces = demo
     inputs = _write(tmp_path / "in", [_sample(k, f) for k, f in faces], per_shard=24)
     clean, out = tmp_path / "clean", tmp_path / "out"
     _curate(inputs, "-o", clean, "--samples-per-shard", 25, workers=2)  # the same bytes on any worker count
@@ -353,3 +358,28 @@ def test_a_compressed_tar_is_refused_naming_it(tmp_path, capsys):
         main(["curate", str(tmp_path / "in.tar.gz"), "-o", str(tmp_path / "out")])
     assert stopped.value.code == 2 and "is a compressed tar" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_input_shards_are_counted_and_their_readable_samples_kept(tmp_path):
+    def sample(key: str, seed: int) -> dict:
+        pixels = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        return {
+            "__key__": key,
+            "jpg": _encode(Image.fromarray(pixels), "JPEG"),
+            "txt": f"a face number {seed}".encode(),
+        }
+
+    inputs = _write(tmp_path / "in", [sample("a", 0), sample("b", 1), sample("c", 2), sample("d", 3)], 2)
+    data = (inputs / "00001.tar").read_bytes()
+    (inputs / "00001.tar").write_bytes(data[: data.index(b"d.jpg") + 700])  # cut inside sample d
+    (inputs / "00002.tar").write_bytes(b"<html>not a tar</html>")
+    (inputs / "00003.tar").write_bytes(b"")
+    out = tmp_path / "out"
+    _curate(inputs, "-o", out)
+    assert set(read_shards(out)) == {"a", "b", "c"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["skipped_by_reason"] == {"not_a_tar": 2, "truncated_tar": 1}
+    assert report["examples"]["truncated_tar"][0]["sample"] == str(inputs / "00001.tar")
+    curation = json.loads((out / "curation.json").read_text())
+    assert curation["input_shard_problems"] == {"not_a_tar": 2, "truncated_tar": 1}
+    assert curation["samples"] == {"read": 3, "kept": 3, "removed": 0}
