@@ -317,6 +317,7 @@ RUN_BY = {
     "flip-data facecaption15m": ("tests/test_prepare_facecaption.py", "flip.cli.data", "main"),
     "flip-data celeba": ("tests/test_prepare_celeba.py", "flip.cli.data", "main"),
     "flip-data merge-report": ("tests/test_prepare_parts.py", "flip.cli.data", "main"),
+    "flip-data curate": ("tests/test_curate.py", "flip.cli.data", "main"),
     "flip-query": ("tests/test_query.py", "flip.cli.query", "main"),
     "flip-export": ("tests/test_export.py", "flip.cli.export", "main"),
     "flip-convert": ("tests/test_baselines.py", "flip.cli.convert", "main"),

@@ -367,7 +367,8 @@ def _face_section_commands() -> list[str]:
     """The flip-data commands of docs/data.md's face section, as the page writes them."""
     text = (ROOT / "docs" / "data.md").read_text()
     start = text.index("### Faces: detection and alignment")
-    section = text[start : text.index("\n## ", start)]
+    end = min(i for i in (text.find("\n## ", start), text.find("\n### ", start + 1)) if i > 0)
+    section = text[start:end]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 

@@ -4,6 +4,7 @@
     flip-data facecaption15m --parquet FaceCaption-v1.parquet --images laion-face/ --output shards/
     flip-data celeba CELEBA_ROOT --split train --output shards/
     flip-data merge-report shards/    # after every part of a job run with --num-parts N --part K
+    flip-data curate shards/ --output curated/ --model last.ckpt --keep-top-fraction 0.9
 
 Every subcommand writes `NNNNN.tar` shards (`{key}.jpg`, `{key}.txt`, `{key}.json`) with a
 `NNNNN_stats.json` beside each and a `report.json` counting what was skipped and why. It
@@ -30,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flip.cli.curate import add_curate_parser, run_curate
 from flip.data.workers import WorkerDied
 from flip.locking import FolderBusyError
 from flip.prepare.align import AlignConfig
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{folder,facecaption15m,celeba,merge-report}"
+        dest="command", required=True, metavar="{folder,facecaption15m,celeba,curate,merge-report}"
     )
 
     folder = commands.add_parser(
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     celeba.add_argument("--split", choices=("train", "val", "test", "all"), default="train")
     _common(celeba, detection=True)
+    add_curate_parser(commands)
 
     merge = commands.add_parser(
         "merge-report",
@@ -353,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "merge-report":
             report = merge_reports(args.output)
+        elif args.command == "curate":
+            report = run_curate(args)
         else:
             part = part_from_args(args)  # before anything is read
             report = run_job(make_source(args), make_config(args, part))

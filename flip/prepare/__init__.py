@@ -7,7 +7,9 @@ boxes can have their faces found (`--detect-faces`: MTCNN, `flip.prepare.detect`
 kept: `flip.prepare.faces`) and aligned (`--align`: `flip.prepare.align`); `flip.prepare.samples`
 turns a shard's items into samples. Output of img2dataset itself needs no conversion: it trains
 as it is. Any of them can be split over machines (`Part`, `--num-parts N --part K`) and the
-parts' reports merged (`merge_reports`).
+parts' reports merged (`merge_reports`). `flip-data curate` runs in
+`flip.curation` (it scores pairs with a model); its filters that need none are here:
+`dedup`, `caption_rules`, `balance`.
 """
 
 from flip.prepare.hygiene import REASONS, HygieneConfig, SkipSample

@@ -55,6 +55,20 @@ REASONS: dict[str, str] = {
     "bad_landmarks": "--align: the face's landmarks fit no similarity transform",
     "not_a_tar": "an input .tar file is not a tar archive at all (empty, or other content)",
     "truncated_tar": "an input tar shard ends early (its readable members are still used)",
+    # flip-data curate: a sample's metadata, then its filters in the order they run
+    "bad_json": "the sample's .json member is not a JSON object",
+    "caption_too_short": "curate: fewer words or characters than --min-words / --min-chars",
+    "caption_too_long": "curate: more words or characters than --max-words / --max-chars",
+    "caption_url": "curate: the caption holds a URL, a web address or an e-mail address",
+    "caption_few_letters": "curate: letters are under --min-letter-fraction of the caption's characters",
+    "caption_repeats": "curate: one character repeated more than --max-repeat times in a row",
+    "exact_duplicate": "curate: the same pixels as a sample kept (and caption, with --dedup-on pair)",
+    "near_duplicate": "curate: perceptual hash within --max-hash-distance bits of a sample kept",
+    "embedding_duplicate": "curate: image embedding cosine >= --min-embedding-cosine with a sample kept",
+    "low_agreement": "curate: image-text cosine under --min-agreement, or outside --keep-top-fraction",
+    "entry_full": "curate: balancing: an entry the caption matches already has --max-per-entry samples",
+    "entry_sampled_out": "curate: balancing (--balance metaclip): not drawn by any entry the caption matches",
+    "no_entry": "curate: the caption matches no balancing entry (--unmatched drop)",
 }
 
 
