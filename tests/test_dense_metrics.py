@@ -69,3 +69,19 @@ def test_nme_failure_rate_and_auc_equal_direct_computation():
     point = np.mean(np.linalg.norm(predicted[:, 2] - true[:, 2], axis=-1) / norms)
     assert scores["per_label"]["p2"]["nme"] == pytest.approx(point)
     assert 0 < scores["summary"]["fr_0.08"] < 1  # the thresholds above cut through the errors
+
+
+def test_leaderboards_show_the_dense_headlines_lower_errors_best():
+    from flip.evaluation.leaderboard import headline_metrics
+    from flip.evaluation.multitask import higher_is_better
+
+    parsing = {"task": "parsing", "summary": {"mean_f1": 0.8, "miou": 0.7, "pixel_accuracy": 0.9}}
+    landmarks = {"task": "landmarks", "summary": {"nme": 0.05, "fr_0.1": 0.02, "auc_0.1": 0.6}}
+    assert headline_metrics(parsing) == {"mean_f1": 0.8, "miou": 0.7}
+    assert headline_metrics(landmarks) == landmarks["summary"]
+    assert [higher_is_better(f"wflw/landmark_probe/{m}") for m in ("nme", "fr_0.1", "auc_0.1")] == [
+        False,
+        False,
+        True,
+    ]
+    assert higher_is_better("lapa/parsing_probe/mean_f1") and not higher_is_better("age_mae")
