@@ -4,12 +4,15 @@ eval/landmark_probe.py end to end, and a briefly trained tower beating its rando
 
 from __future__ import annotations
 
+import io
 import json
+import runpy
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from flip.benchmarks.base import EncodedImages, LabelledSplit
 from flip.benchmarks.dense import PARSING, Crop, DenseLabels, EncodedMasks
@@ -20,7 +23,7 @@ from flip.evaluation.features import SplitFeatures
 from flip.models import build_model
 from flip.models.dense_heads import LandmarkHead, TokenMapHead, soft_argmax
 
-from .helpers import compose_eval, eval_overrides
+from .helpers import ROOT, compose_eval, eval_overrides
 from .helpers.evaluation import run_landmark_probe, run_parsing_probe
 
 VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "pool_type": "avg"}
@@ -95,10 +98,6 @@ def test_the_test_split_is_scored_at_every_pixel_of_its_own_label_images(tmp_pat
     rng = np.random.default_rng(3)
     classes = ("background", "skin", "hair")
     mask = rng.integers(0, 3, size=(6, 12)).astype(np.uint8)
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(mask).save(buffer, format="PNG")
     image = Image.new("RGB", (24, 12))
@@ -182,3 +181,31 @@ def test_a_dense_probe_refuses_a_benchmark_without_dense_labels(tmp_path, tiny_c
     )
     with pytest.raises(ValueError, match="needs a parsing benchmark; faceshapes/train is a attributes split"):
         run_parsing_probe(cfg)
+
+
+def test_the_faceshapes_bench_probes_a_trained_tower_and_its_random_init(tmp_path, trained_demo):
+    """bench/dense_probe_faceshapes.py at toy size: both probes on the demo model and on its
+    architecture at a random initialisation, each row the figures of its own metrics.json. (At
+    this size nothing is learned; the demo-scale figures are in docs/evaluation.md.)"""
+    bench = runpy.run_path(str(ROOT / "bench" / "dense_probe_faceshapes.py"), run_name="bench")
+    results = tmp_path / "results" / "dense_probe_faceshapes"
+    bench["main"]([
+        "--ckpt", str(trained_demo.ckpt), "--data", str(tmp_path / "data"), "--sizes", "24", "8", "8",
+        "--image-size", "32", "--epochs", "1", "--out", str(tmp_path / "out"), "--results", str(results),
+    ])  # fmt: skip
+    report = json.loads(results.with_suffix(".json").read_text())
+    assert [(r["task"], r["start"]) for r in report["runs"]] == [
+        ("parsing", "pretrained"),
+        ("parsing", "random init"),
+        ("landmarks", "pretrained"),
+        ("landmarks", "random init"),
+    ]
+    for row in report["runs"]:
+        written = json.loads(
+            (
+                tmp_path / "out" / f"{row['task']}_{row['start'].replace(' ', '_')}" / "metrics.json"
+            ).read_text()
+        )
+        assert written["checkpoint"] == row["start"] and written["n_test"] == 8
+        assert all(row[k] == written["summary"][k] for k in written["summary"] if k in row)
+    assert "| random init |" in results.with_suffix(".md").read_text()

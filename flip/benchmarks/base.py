@@ -53,7 +53,7 @@ class ImageSource(Protocol):
     def fingerprint(self) -> str: ...
 
 
-def _digest(*parts: object) -> str:
+def digest(*parts: object) -> str:
     h = hashlib.sha256()
     for part in parts:
         h.update(part if isinstance(part, bytes) else repr(part).encode())
@@ -103,7 +103,7 @@ class ImageFiles:
                 stats.append((path, st.st_size, st.st_mtime_ns))
             except OSError:
                 stats.append((path, None, None))
-        return _digest("files", stats, self.boxes)
+        return digest("files", stats, self.boxes)
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class PixelArrays:
         return PixelArrays(self.pixels[indices], tuple(self.names[i] for i in indices))
 
     def fingerprint(self) -> str:
-        return _digest("pixels", np.ascontiguousarray(self.pixels).tobytes(), self.names)
+        return digest("pixels", np.ascontiguousarray(self.pixels).tobytes(), self.names)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class EncodedImages:
         return EncodedImages(tuple(self.blobs[i] for i in indices), tuple(self.names[i] for i in indices))
 
     def fingerprint(self) -> str:
-        return _digest("encoded", *self.blobs, self.names)
+        return digest("encoded", *self.blobs, self.names)
 
 
 @dataclass(frozen=True)

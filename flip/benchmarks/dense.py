@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import numpy as np
 from PIL import Image
 
-from flip.benchmarks.base import _digest
+from flip.benchmarks.base import digest
 
 PARSING, LANDMARKS = "parsing", "landmarks"
 DENSE_TASKS = (PARSING, LANDMARKS)
@@ -37,8 +37,6 @@ class MaskSource(Protocol):
     def describe(self, index: int) -> str: ...
 
     def subset(self, indices: Sequence[int]) -> MaskSource: ...
-
-    def fingerprint(self) -> str: ...
 
 
 def _class_ids(image: Image.Image, where: str) -> np.ndarray:
@@ -66,9 +64,6 @@ class MaskFiles:
 
     def subset(self, indices: Sequence[int]) -> MaskFiles:
         return MaskFiles(tuple(self.paths[i] for i in indices))
-
-    def fingerprint(self) -> str:
-        return _digest("mask files", self.paths)
 
 
 @dataclass(frozen=True)
@@ -104,9 +99,6 @@ class LayeredMasks:
             tuple(self.layers[i] for i in indices), self.size, tuple(self.names[i] for i in indices)
         )
 
-    def fingerprint(self) -> str:
-        return _digest("layered masks", self.layers, self.size)
-
 
 @dataclass(frozen=True)
 class EncodedMasks:
@@ -127,9 +119,6 @@ class EncodedMasks:
 
     def subset(self, indices: Sequence[int]) -> EncodedMasks:
         return EncodedMasks(tuple(self.blobs[i] for i in indices), tuple(self.names[i] for i in indices))
-
-    def fingerprint(self) -> str:
-        return _digest("encoded masks", *self.blobs)
 
 
 @dataclass(frozen=True)
@@ -200,7 +189,7 @@ class DenseLabels:
     def fingerprint(self) -> str:
         """What changes the crops: the boxes and their scale (the cache key of the cropped images)."""
         boxes = None if self.boxes is None else np.ascontiguousarray(self.boxes, dtype=np.float64).tobytes()
-        return _digest("dense crops", boxes, self.box_scale)
+        return digest("dense crops", boxes, self.box_scale)
 
 
 def label_map(mask: np.ndarray, image_size: tuple[int, int], crop: Crop, size: int) -> np.ndarray:

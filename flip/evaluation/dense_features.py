@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flip.benchmarks.base import ImageSource, LabelledSplit, _digest
+from flip.benchmarks.base import ImageSource, LabelledSplit, digest
 from flip.benchmarks.dense import Crop, DenseLabels, label_map, points_to_crop
 from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, cached_split, encode_images
 from flip.evaluation.token_features import tower_depth
@@ -56,7 +56,7 @@ class DenseCrops:
         return DenseCrops(self.images.subset(indices), self.dense.subset(indices))
 
     def fingerprint(self) -> str:
-        return _digest(self.images.fingerprint(), self.dense.fingerprint())
+        return digest(self.images.fingerprint(), self.dense.fingerprint())
 
 
 def dense_blocks(model: FlipModel, blocks: Sequence[int | str] | None) -> list[int | str]:

@@ -91,8 +91,9 @@ class _DenseProbe:
                 )
         train, *val = (split_token_maps(features, s, blocks) for s in splits)
         tested = split_token_maps(features, test, blocks)
-        torch.manual_seed(self.seed)
-        head = self.head(train, model).to(model_device(model))
+        with torch.random.fork_rng(devices=[]):  # the head's init is seeded; the caller's RNG untouched
+            torch.manual_seed(self.seed)
+            head = self.head(train, model).to(model_device(model))
         metrics = self.fit_and_score(head, train, val[0] if val else None, tested, model)
         metrics.update(
             benchmark=test.benchmark,
@@ -153,15 +154,20 @@ class ParsingProbe(_DenseProbe):
         return int(self.label_size or model.clip.visual.image_size[0])
 
     def _confusion(self, head, maps: torch.Tensor, labels: np.ndarray, rows, classes: int) -> np.ndarray:
-        logits = predict(head, maps, rows)
-        predicted = upsample(logits, labels.shape[-1]).argmax(dim=1).numpy()
-        return confusion_matrix(labels if rows is None else labels[rows.numpy()], predicted, classes)
+        """The confusion matrix of `maps[rows]` against their label maps, at the label size
+        (in chunks: the upsampled logits of a whole split need not fit in memory)."""
+        rows = torch.arange(len(maps)) if rows is None else rows
+        confusion = np.zeros((classes, classes), dtype=np.int64)
+        for chunk in rows.split(64):
+            predicted = upsample(predict(head, maps, chunk), labels.shape[-1]).argmax(dim=1).numpy()
+            confusion += confusion_matrix(labels[chunk.numpy()], predicted, classes)
+        return confusion
 
     def fit_and_score(self, head, train, val, test, model) -> dict[str, Any]:
         size, classes = self._size(model), len(test.split.label_names)
         names = test.split.label_names
         train_labels = label_maps(train.split, size)
-        targets = torch.as_tensor(train_labels, dtype=torch.long)
+        targets = torch.from_numpy(train_labels)  # uint8: a class index per pixel, long per batch
         if val is None:
             fit_rows, check_rows, chosen_on = self.rows(train)
             check_maps, check_labels = train.features, train_labels
@@ -171,7 +177,9 @@ class ParsingProbe(_DenseProbe):
         device = next(head.parameters()).device
 
         def loss(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(upsample(logits, size), targets[rows].to(device), ignore_index=IGNORE)
+            return F.cross_entropy(
+                upsample(logits, size), targets[rows].to(device).long(), ignore_index=IGNORE
+            )
 
         def score(h) -> float:
             confusion = self._confusion(h, check_maps, check_labels, check_rows, classes)

@@ -44,33 +44,33 @@ def plot_dense_examples(metrics: Mapping[str, Any], path: Path) -> Path | None:
     if not examples or not examples["images"]:
         return None
     images = examples["images"]
-    parsing = metrics["task"] == "parsing"
-    columns = 3 if parsing else 1
-    fig = Figure(figsize=(2.0 * columns + (1.6 if parsing else 0), 2.0 * len(images)), dpi=110)
-    axes = np.asarray(fig.subplots(len(images), columns, squeeze=False))
-    for row, image in enumerate(images):
-        if parsing:
-            colours = _palette(len(examples["classes"]))
-            panels = [image, colours[examples["true"][row]], colours[examples["predicted"][row]]]
+    if metrics["task"] == "parsing":  # a row per face: the face, its true mask, the predicted one
+        colours = _palette(len(examples["classes"]))
+        fig = Figure(figsize=(7.5, 2.0 * len(images)), dpi=110, layout="constrained")
+        axes = np.asarray(fig.subplots(len(images), 3, squeeze=False))
+        for row, image in enumerate(images):
+            panels = (image, colours[examples["true"][row]], colours[examples["predicted"][row]])
             for col, (panel, title) in enumerate(zip(panels, ("face", "true", "predicted"), strict=True)):
                 axes[row, col].imshow(panel)
                 axes[row, col].set_title(title if row == 0 else "", fontsize=8)
-        else:
-            side = image.shape[0]
-            axes[row, 0].imshow(image)
-            for points, colour in ((examples["true"][row], "lime"), (examples["predicted"][row], "red")):
-                xy = np.asarray(points) * side
-                axes[row, 0].scatter(xy[:, 0], xy[:, 1], s=6, c=colour)
-            axes[row, 0].set_xlim(0, side)
-            axes[row, 0].set_ylim(side, 0)
-        for ax in axes[row]:
-            ax.set_axis_off()
-    if parsing:
-        colours = _palette(len(examples["classes"]))
+                axes[row, col].set_axis_off()
         handles = [Patch(color=colours[i] / 255, label=n) for i, n in enumerate(examples["classes"])]
-        fig.legend(handles=handles, loc="center right", fontsize=6)
-        fig.subplots_adjust(right=1 - 1.6 / (2.0 * columns + 1.6))
-    else:
+        fig.legend(handles=handles, loc="outside right upper", fontsize=7)
+    else:  # three faces a row, the true points green and the predicted red
+        columns = min(3, len(images))
+        rows = math.ceil(len(images) / columns)
+        fig = Figure(figsize=(2.2 * columns, 2.2 * rows + 0.3), dpi=110, layout="constrained")
+        axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).ravel()
+        for ax, image, true, predicted in zip(
+            axes, images, examples["true"], examples["predicted"], strict=False
+        ):
+            side = image.shape[0]
+            ax.imshow(image, extent=(0, side, side, 0))
+            for points, colour in ((true, "lime"), (predicted, "red")):
+                xy = np.asarray(points) * side
+                ax.scatter(xy[:, 0], xy[:, 1], s=7, c=colour)
+        for ax in axes:
+            ax.set_axis_off()
         fig.suptitle("true (green), predicted (red)", fontsize=8)
     fig.savefig(path)
     return path
