@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import runpy
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from flip.benchmarks import read_faceshapes_dense
 from flip.benchmarks.base import EncodedImages, LabelledSplit
 from flip.benchmarks.dense import PARSING, Crop, DenseLabels, EncodedMasks
 from flip.data.faceshapes import ensure_faceshapes
 from flip.evaluation.dense_metrics import confusion_matrix, parsing_scores
 from flip.evaluation.dense_probe import ParsingProbe
 from flip.evaluation.features import SplitFeatures
+from flip.evaluation.run import evaluate
 from flip.models import build_model
 from flip.models.dense_heads import LandmarkHead, TokenMapHead, soft_argmax
 
@@ -209,3 +212,17 @@ def test_the_faceshapes_bench_probes_a_trained_tower_and_its_random_init(tmp_pat
         assert written["checkpoint"] == row["start"] and written["n_test"] == 8
         assert all(row[k] == written["summary"][k] for k in written["summary"] if k in row)
     assert "| random init |" in results.with_suffix(".md").read_text()
+
+
+def test_parsing_probe_without_a_validation_split_chooses_on_a_held_out_part_of_train(vit2, faceshapes_parts):
+    reader = partial(read_faceshapes_dense, root=faceshapes_parts, task="parsing")
+    benchmark = {"name": "faceshapes_parsing", "reader": reader, "train_split": "train", "test_split": "test"}
+    probe = ParsingProbe(
+        train_split="train", val_split=None, epochs=2, max_train=20, label_size=16, blocks=[2]
+    )
+    metrics = evaluate(vit2, benchmark, {"parsing_probe": probe}, progress=False)["parsing_probe"]
+    assert metrics["selected"]["on"] == "held-out 20% of train (not refit)" and metrics["n_train"] == 16
+    assert (
+        len(metrics["selected"]["scores"]) == 2 and metrics["blocks"] == [2] and metrics["label_size"] == 16
+    )
+    assert metrics["n_pixels"] == 16 * 32 * 32  # scored at the masks' own 32 px, not at label_size

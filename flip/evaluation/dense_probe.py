@@ -114,8 +114,9 @@ class _DenseProbe:
         )
         return metrics
 
-    def rows(self, train: SplitFeatures) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-        """(training rows, held-out rows or None, what chooses the epoch)."""
+    def held_out(self, train: SplitFeatures) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """(rows to train on, rows to choose the epoch on, what chose it): a seeded `holdout` share
+        of train, for a benchmark without a validation split."""
         n = len(train.split)
         order = np.random.default_rng(self.seed + 1).permutation(n)
         held = max(1, round(self.holdout * n))
@@ -169,7 +170,7 @@ class ParsingProbe(_DenseProbe):
         train_labels = label_maps(train.split, size)
         targets = torch.from_numpy(train_labels)  # uint8: a class index per pixel, long per batch
         if val is None:
-            fit_rows, check_rows, chosen_on = self.rows(train)
+            fit_rows, check_rows, chosen_on = self.held_out(train)
             check_maps, check_labels = train.features, train_labels
         else:
             fit_rows, check_rows, chosen_on = torch.arange(len(train.split)), None, val.split.split
@@ -256,7 +257,7 @@ class LandmarkProbe(_DenseProbe):
         train_points, _ = crop_points(train.split)
         targets = torch.as_tensor(train_points, dtype=torch.float32)
         if val is None:
-            fit_rows, check_rows, chosen_on = self.rows(train)
+            fit_rows, check_rows, chosen_on = self.held_out(train)
             check = train.split.subset(check_rows.numpy())
             check_maps = train.features[check_rows]
         else:
