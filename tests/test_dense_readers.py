@@ -4,8 +4,6 @@ against direct computations on the raw files, and the files they refuse."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,8 +21,6 @@ from flip.benchmarks.base import MalformedFileError
 from flip.benchmarks.dense import IGNORE, Crop, label_map, points_from_crop, points_to_crop
 from flip.benchmarks.parsing import CELEBAMASK_CLASSES, LAPA_CLASSES
 from flip.data.faceshapes import ensure_faceshapes
-from flip.data.faceshapes.generate import make_sample
-from flip.data.faceshapes.render import LANDMARKS
 from flip.evaluation.dense_metrics import landmark_scores
 
 from .helpers import write_image
@@ -249,17 +245,6 @@ def test_aflw19_reads_the_mat_file_and_normalises_by_the_box_size(tmp_path):
 
 
 # -- FaceShapes with parts -----------------------------------------------------------------------
-
-
-def test_faceshapes_parts_keep_every_other_member_byte_for_byte():
-    for index in range(3):
-        plain = make_sample("train", index, seed=4, image_size=48)
-        parts = make_sample("train", index, seed=4, image_size=48, parts=True)
-        assert parts["jpg"] == plain["jpg"] and parts["txt"] == plain["txt"]
-        record = json.loads(parts["json"])
-        assert list(record.pop("landmarks")) == sorted(LANDMARKS)  # json keys sorted
-        assert record == json.loads(plain["json"])
-        assert "parts.png" in parts and "parts.png" not in plain
 
 
 def test_faceshapes_dense_benchmark_reads_masks_and_points(tmp_path):

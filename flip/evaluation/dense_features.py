@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from flip.benchmarks.base import ImageSource, LabelledSplit, digest
 from flip.benchmarks.dense import Crop, DenseLabels, label_map, points_to_crop
@@ -40,7 +41,7 @@ class DenseCrops:
     def crop(self, index: int) -> Crop:
         return self.dense.crop(index, *self.images.size(index))
 
-    def load(self, index: int):
+    def load(self, index: int) -> Image.Image:
         image = self.images.load(index)
         c = self.dense.crop(index, *image.size)
         return image.crop((c.x0, c.y0, c.x0 + c.side, c.y0 + c.side))
@@ -108,7 +109,9 @@ def split_token_maps(
     return found
 
 
-def benchmark_split(features: BenchmarkFeatures, split: str | None, max_samples: int | None, seed: int):
+def benchmark_split(
+    features: BenchmarkFeatures, split: str | None, max_samples: int | None, seed: int
+) -> LabelledSplit:
     """The LabelledSplit `split` of the benchmark (None: the evaluated split, its subsample)."""
     key = features.evaluated if split is None else (split, max_samples, seed)
     return features.benchmark.load(*key)
