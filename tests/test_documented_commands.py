@@ -330,6 +330,8 @@ RUN_BY = {
     "eval/verification.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/suite.py": ("tests/test_suite.py", "flip.cli.suite", "run"),
     "eval/token_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
+    "eval/parsing_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
+    "eval/landmark_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "python -m flip.data.faceshapes.generate": (
         "tests/test_faceshapes.py",
         "flip.data.faceshapes.generate",

@@ -22,7 +22,14 @@ from flip.data.faceshapes import (
     sample_attributes,
 )
 from flip.data.faceshapes import generate as gen
-from flip.data.faceshapes.render import BASE_ZOOM, IDENTITY_POSE, ZOOM_CENTER
+from flip.data.faceshapes.render import (
+    BASE_ZOOM,
+    IDENTITY_POSE,
+    LANDMARKS,
+    PART_CLASSES,
+    ZOOM_CENTER,
+    render_face_parts,
+)
 
 SIZE = 112
 
@@ -384,3 +391,45 @@ def test_cli_writes_shards_and_a_contact_sheet(tmp_path: Path, capsys: pytest.Ca
         assert image.size[0] == 8 * 224
     lines = sheet.with_suffix(".txt").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("0\ttest_000000\t")
+
+
+def test_parts_are_opt_in_and_change_no_byte_of_the_dataset_without_them(tmp_path: Path) -> None:
+    splits = {"train": 3, "test": 2}
+    plain = ensure_faceshapes(tmp_path / "plain", splits, samples_per_shard=4, image_size=48, num_workers=0)
+    # the fingerprint FLIP computed for these settings before parts existed: no regeneration
+    assert plain.fingerprint == "fa488fe0343e8cd7" and "parts" not in plain.params
+    sizes = ["--train", "3", "--val", "0", "--test", "2", "--image-size", "48", "--samples-per-shard", "4"]
+    gen.main(["--root", str(tmp_path / "parts"), *sizes, "--workers", "0", "--parts"])
+    parts = FaceShapesManifest.load(tmp_path / "parts")
+    assert parts.params["parts"] is True and parts.fingerprint != plain.fingerprint
+    wanted = {"jpg", "txt", "json", gen.PARTS_MEMBER}
+    for split in splits:
+        for (key, a), (_, b) in zip(
+            (s for url in plain.urls(split) for s in gen.iter_tar_samples(url, wanted=wanted)),
+            (s for url in parts.urls(split) for s in gen.iter_tar_samples(url, wanted=wanted)),
+            strict=True,
+        ):
+            assert a["jpg"] == b["jpg"] and a["txt"] == b["txt"], key  # the same image, byte for byte
+            record = json.loads(b["json"])
+            assert set(record.pop("landmarks")) == set(LANDMARKS) and record == json.loads(a["json"])
+            mask = np.asarray(Image.open(io.BytesIO(b[gen.PARTS_MEMBER])))
+            assert gen.PARTS_MEMBER not in a and mask.shape == (48, 48) and mask.max() < len(PART_CLASSES)
+
+
+def test_part_masks_and_landmarks_follow_the_drawing() -> None:
+    record = _record(pose={"angle": 12.0, "scale": 0.95, "dx": 0.03, "dy": -0.02})
+    rendered = render_face_parts(record, random.Random(0), size=SIZE)
+    assert np.array_equal(
+        np.asarray(rendered.image), np.asarray(render_face(record, random.Random(0), size=SIZE))
+    )
+    mask, points = rendered.mask, rendered.points
+    at = {name: PART_CLASSES[mask[int(y), int(x)]] for name, (x, y) in points.items()}
+    assert at["left_eye"] == at["right_eye"] == "eye" and at["chin"] in ("skin", "neck")
+    assert (
+        points["left_eye"][0] < points["right_eye"][0] and points["mouth_left"][0] < points["mouth_right"][0]
+    )
+    assert {PART_CLASSES[c] for c in np.unique(mask)} >= {"background", "skin", "hair", "eye", "brow", "nose"}
+    hat = render_face_parts(_record(hat=True), random.Random(0), size=SIZE).mask
+    assert (hat == PART_CLASSES.index("hat")).sum() > 200 and "hat" not in {
+        PART_CLASSES[c] for c in np.unique(mask)
+    }

@@ -8,18 +8,22 @@ then never needs to know where a benchmark came from, and a new layout needs onl
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
 from flip.data.shards import decode_image
 
-TASKS = ("attributes", "classification", "multitask", "verification")
+if TYPE_CHECKING:
+    from flip.benchmarks.dense import DenseLabels
+
+TASKS = ("attributes", "classification", "multitask", "verification", "parsing", "landmarks")
 OUTSIDE_ROOT = "path_outside_root"  # skip reason: a listed image name leads outside its folder
 
 
@@ -33,11 +37,14 @@ class MalformedFileError(ValueError):
 
 
 class ImageSource(Protocol):
-    """Loads image i as RGB; `describe(i)` names it in messages; `fingerprint()` keys feature caches."""
+    """Loads image i as RGB; `describe(i)` names it in messages; `fingerprint()` keys feature caches;
+    `size(i)` is its (width, height) without decoding it all (dense labels are placed by it)."""
 
     def __len__(self) -> int: ...
 
     def load(self, index: int) -> Image.Image: ...
+
+    def size(self, index: int) -> tuple[int, int]: ...
 
     def describe(self, index: int) -> str: ...
 
@@ -46,7 +53,7 @@ class ImageSource(Protocol):
     def fingerprint(self) -> str: ...
 
 
-def _digest(*parts: object) -> str:
+def digest(*parts: object) -> str:
     h = hashlib.sha256()
     for part in parts:
         h.update(part if isinstance(part, bytes) else repr(part).encode())
@@ -72,6 +79,12 @@ class ImageFiles:
             image = image.crop((x, y, x + w, y + h))
         return image
 
+    def size(self, index: int) -> tuple[int, int]:
+        if self.boxes is not None:
+            return self.boxes[index][2], self.boxes[index][3]
+        with Image.open(self.paths[index]) as image:  # reads the header only
+            return image.size
+
     def describe(self, index: int) -> str:
         return self.paths[index]
 
@@ -90,7 +103,7 @@ class ImageFiles:
                 stats.append((path, st.st_size, st.st_mtime_ns))
             except OSError:
                 stats.append((path, None, None))
-        return _digest("files", stats, self.boxes)
+        return digest("files", stats, self.boxes)
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,9 @@ class PixelArrays:
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.pixels[index]).convert("RGB")
 
+    def size(self, index: int) -> tuple[int, int]:
+        return self.pixels.shape[2], self.pixels.shape[1]
+
     def describe(self, index: int) -> str:
         return self.names[index]
 
@@ -114,7 +130,7 @@ class PixelArrays:
         return PixelArrays(self.pixels[indices], tuple(self.names[i] for i in indices))
 
     def fingerprint(self) -> str:
-        return _digest("pixels", np.ascontiguousarray(self.pixels).tobytes(), self.names)
+        return digest("pixels", np.ascontiguousarray(self.pixels).tobytes(), self.names)
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,10 @@ class EncodedImages:
     def load(self, index: int) -> Image.Image:
         return decode_image(self.blobs[index])
 
+    def size(self, index: int) -> tuple[int, int]:
+        with Image.open(io.BytesIO(self.blobs[index])) as image:  # reads the header only
+            return image.size
+
     def describe(self, index: int) -> str:
         return self.names[index]
 
@@ -137,7 +157,7 @@ class EncodedImages:
         return EncodedImages(tuple(self.blobs[i] for i in indices), tuple(self.names[i] for i in indices))
 
     def fingerprint(self) -> str:
-        return _digest("encoded", *self.blobs, self.names)
+        return digest("encoded", *self.blobs, self.names)
 
 
 @dataclass(frozen=True)
@@ -179,7 +199,9 @@ class LabelledSplit:
     - "classification": `targets` is [N] int64 class indices into `label_names`;
     - "multitask": no primary label (`targets` [N, 0], `label_names` []); the labels are the
       `questions` and `values` (UTKFace, FairFace: age, gender, race);
-    - "verification": no per-image label (`targets` [N, 0]); `pairs` says which images show one person.
+    - "verification": no per-image label (`targets` [N, 0]); `pairs` says which images show one person;
+    - "parsing" / "landmarks": `targets` [N, 0]; `dense` holds each face's mask or points
+      (flip.benchmarks.dense), `label_names` its classes or points.
     `questions` holds multi-class labels, beside the attributes or as the multitask's labels:
     name -> (classes, [N] indices, -1 unlabelled). `values` holds regression targets: name -> [N]
     float, NaN unlabelled (UTKFace age). `captions` enables retrieval: one caption per image, or a
@@ -189,7 +211,7 @@ class LabelledSplit:
 
     benchmark: str
     split: str
-    task: Literal["attributes", "classification", "multitask", "verification"]
+    task: Literal["attributes", "classification", "multitask", "verification", "parsing", "landmarks"]
     label_names: list[str]
     targets: np.ndarray
     images: ImageSource
@@ -198,6 +220,7 @@ class LabelledSplit:
     questions: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
     values: dict[str, np.ndarray] = field(default_factory=dict)
     pairs: Pairs | None = None
+    dense: DenseLabels | None = None
     info: dict[str, Any] = field(default_factory=dict)
     skipped: int = 0  # records a reader dropped; `skipped_by_reason` says why
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
@@ -228,6 +251,13 @@ class LabelledSplit:
             raise ValueError(
                 f"{self.benchmark}/{self.split}: pairs are given exactly when the task is verification"
             )
+        if (self.task in ("parsing", "landmarks")) != (self.dense is not None) or (
+            self.dense is not None and (self.dense.kind != self.task or len(self.dense) != n)
+        ):
+            raise ValueError(
+                f"{self.benchmark}/{self.split}: dense labels of one kind per image are given exactly "
+                f"when the task is parsing or landmarks (task {self.task})"
+            )
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -245,6 +275,7 @@ class LabelledSplit:
             questions={k: (c, y[idx]) for k, (c, y) in self.questions.items()},
             values={k: v[idx] for k, v in self.values.items()},
             pairs=None if self.pairs is None else self.pairs.restricted_to(idx),
+            dense=None if self.dense is None else self.dense.subset(idx),
         )
 
     def sample(self, count: int | None, seed: int = 0) -> LabelledSplit:
@@ -264,6 +295,8 @@ class LabelledSplit:
         if self.task == "verification":
             same = int(self.pairs.same.sum())
             return {"same": same, "different": len(self.pairs) - same}
+        if self.dense is not None:
+            return {"faces": len(self), self.task: len(self.label_names)}
         counts = {
             f"{q}/{name}": int((y == c).sum())
             for q, (classes, y) in self.questions.items()

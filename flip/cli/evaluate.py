@@ -1,5 +1,5 @@
 """Hydra entry points of eval/zeroshot.py, eval/linear_probe.py, eval/token_probe.py,
-eval/retrieval.py and eval/verification.py.
+eval/retrieval.py, eval/verification.py, eval/parsing_probe.py and eval/landmark_probe.py.
 
 Each composes conf/eval_<protocol>.yaml: the evaluation node of conf/eval/default.yaml
 (benchmark, split, batch sizes) with one protocol of conf/protocol/, and the model to load.
@@ -84,3 +84,5 @@ linear_probe = _main("eval_linear_probe")
 retrieval = _main("eval_retrieval")
 verification = _main("eval_verification")
 token_probe = _main("eval_token_probe")
+parsing_probe = _main("eval_parsing_probe")
+landmark_probe = _main("eval_landmark_probe")

@@ -97,14 +97,15 @@ def encode_images(
     num_workers: int = 0,
     description: str = "image features",
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, list[int]]:
-    """`encode(batch)` (as float32, on the CPU) of every readable image, and their indices: the one
+    """`encode(batch)` (as `dtype`, on the CPU) of every readable image, and their indices: the one
     loop over a benchmark's images (preprocessing, unreadable images skipped, eval mode, progress)
-    behind pooled features and the token probe's vectors alike.
+    behind pooled features, the token probe's vectors and the dense probes' token maps alike.
 
     `progress=False` when another live display is active (e.g. inside a training loop).
     """
-    device, dtype = model_device(model), model_dtype(model)
+    device, weights = model_device(model), model_dtype(model)
     loader = DataLoader(
         _Images(images, model.preprocess),
         batch_size=batch_size,
@@ -120,7 +121,7 @@ def encode_images(
         for batch, indices in batches:
             if batch is None:
                 continue
-            encoded.append(encode(batch.to(device, dtype)).float().cpu())
+            encoded.append(encode(batch.to(device, weights)).to(dtype).cpu())
             kept.extend(indices)
     finally:
         model.train(was_training)

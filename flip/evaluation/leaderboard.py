@@ -44,7 +44,8 @@ class CellResult:
 def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The figures a leaderboard shows for a cell, by task: attributes' mean (balanced) accuracy,
     a classification's accuracy, each multitask question's accuracy and each value's MAE,
-    verification's mean fold accuracy, retrieval's R@1 and R@5 in both directions."""
+    verification's mean fold accuracy, retrieval's R@1 and R@5 in both directions, parsing's mean
+    F1 and mIoU, landmarks' NME, failure rates and AUCs."""
     summary, task = metrics.get("summary") or {}, metrics.get("task")
     if task == "attributes":
         names = ["mean_accuracy", "mean_balanced_accuracy"]
@@ -56,6 +57,10 @@ def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         names = ["accuracy_mean"]
     elif task == "retrieval":
         names = RETRIEVAL_HEADLINE
+    elif task == "parsing":
+        names = ["mean_f1", "miou"]
+    elif task == "landmarks":
+        names = [k for k in summary if k == "nme" or k.startswith(("fr_", "auc_"))]
     else:
         names = []
     return {name: float(summary[name]) for name in names if summary.get(name) is not None}

@@ -100,8 +100,10 @@ class MultitaskPredictions:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Every summary metric but an error (`*_mae`) is better when higher."""
-    return not metric.endswith("_mae")
+    """Every summary metric but an error (`*_mae`, landmarks' `nme` and failure rates `fr_*`) is
+    better when higher; `metric` may be a leaderboard column, `benchmark/protocol/metric`."""
+    name = metric.rsplit("/", 1)[-1]
+    return not (name.endswith("_mae") or name == "nme" or name.startswith("fr_"))
 
 
 def _select(labelled: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

@@ -17,6 +17,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from flip.evaluation.dense_report import dense_markdown_lines, dense_plots
+
+DENSE = ("parsing", "landmarks")
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -172,6 +176,8 @@ def write_plots(metrics: Mapping[str, Any], output_dir: Path) -> list[Path]:
     """per_label.png (bars), confusion_matrix.png, confusion_<question>.png and roc.png where they apply."""
     title = f"{metrics['protocol']} · {metrics['benchmark']} · {metrics['split']}"
     task, paths = metrics["task"], []
+    if task in DENSE:
+        return dense_plots(metrics, output_dir)
     key, chance = ("balanced_accuracy", 0.5) if task == "attributes" else ("recall", None)
     if task == "verification":
         floor = 0.5 / max(metrics["n_pairs"] - metrics["n_same"], 1)
@@ -260,7 +266,9 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         "",
     ]
     summary = metrics["summary"]
-    if metrics["task"] == "multitask":
+    if metrics["task"] in DENSE:
+        lines += dense_markdown_lines(metrics)
+    elif metrics["task"] == "multitask":
         lines += _multitask_lines(metrics)
     elif metrics.get("fractions"):
         names = list(summary)
@@ -279,7 +287,7 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         lines.append("")
     if metrics.get("as_published"):
         lines += _as_published_lines(metrics)
-    if metrics["per_label"]:
+    if metrics["per_label"] and metrics["task"] not in DENSE:
         header, rows = _label_rows(metrics, metrics["per_label"])
         if metrics.get("fractions"):
             lines.append(
@@ -296,7 +304,7 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
             f"**{question}**: accuracy {_fmt(m['accuracy'])}, mean per-class recall "
             f"{_fmt(m['mean_per_class_recall'])} (n={m['support']})",
         ]
-    if "confusion_matrix" in metrics:
+    if "confusion_matrix" in metrics and metrics["task"] not in DENSE:
         lines += ["", "Confusion matrix (rows: true class, columns: predicted):", ""]
         lines += _md_table(
             ["", *metrics["labels"]],
@@ -407,7 +415,7 @@ def _console_table(metrics: Mapping[str, Any]) -> Table:
         figures = ", ".join(f"{k} {_fmt(v)}" for k, v in published["summary"].items())
         table.caption = f"{published['label']} ({_selected(published)}): {figures}"
     summary = metrics["summary"]
-    if not metrics["per_label"]:
+    if not metrics["per_label"] or metrics["task"] in DENSE:
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k, v in summary.items():
@@ -440,11 +448,13 @@ def _console_table(metrics: Mapping[str, Any]) -> Table:
 def write_report(
     metrics: Mapping[str, Any], output_dir: str | Path, console: Console | None = None, plots: bool = True
 ) -> Path:
-    """metrics.json + report.md (+ PNG plots) in `output_dir`, and a table on the console."""
+    """metrics.json + report.md (+ PNG plots) in `output_dir`, and a table on the console. Keys
+    starting with `_` (a dense probe's `_examples`: images for its figure) stay out of metrics.json."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    kept = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    path.write_text(json.dumps(kept, indent=2) + "\n")
     written = write_plots(metrics, output_dir) if plots else []
     (output_dir / "report.md").write_text(_markdown(metrics, written))
     (console or Console()).print(_console_table(metrics))

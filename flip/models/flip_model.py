@@ -211,16 +211,42 @@ class FlipModel(nn.Module):
         this tower's depth (flip.models.probe_tokens). The blocks after the last one needed do
         not run.
         """
+        vectors = []
+        for h in self._block_tokens(images, blocks, "the token probe"):
+            patches = h[:, 1:]
+            vectors += [h[:, 0], patches.mean(dim=1), patches.amax(dim=1)]
+        return torch.stack(vectors, dim=1)
+
+    def patch_token_maps(
+        self, images: torch.Tensor, blocks: Sequence[int | str] | None = None
+    ) -> torch.Tensor:
+        """[B, len(blocks), width, grid_h, grid_w]: each block's patch tokens laid out on the image's
+        patch grid (the class token left out), what a dense head (parsing, landmarks) reads.
+
+        `blocks` as for `token_probe_vectors`; the blocks after the last one needed do not run.
+        """
+        grid_h, grid_w = self.clip.visual.grid_size
+        maps = []
+        for h in self._block_tokens(images, blocks, "a dense probe"):
+            patches = h[:, 1:]
+            maps.append(patches.transpose(1, 2).reshape(len(h), patches.shape[-1], grid_h, grid_w))
+        return torch.stack(maps, dim=1)
+
+    def _block_tokens(
+        self, images: torch.Tensor, blocks: Sequence[int | str] | None, user: str
+    ) -> list[torch.Tensor]:
+        """The tokens [B, 1 + patches, width] of each of `blocks` (batch first): the block's raw
+        output, or for "final" the last block's after ln_post. `user` names the caller in errors."""
         visual = self.clip.visual
         if not isinstance(visual, VisionTransformer):
             raise ValueError(
-                f"the token probe needs an open_clip VisionTransformer image tower (a ViT-* "
+                f"{user} needs an open_clip VisionTransformer image tower (a ViT-* "
                 f"architecture, e.g. ViT-B-16 or conf/model/tiny.yaml), not {type(visual).__name__}, "
                 f"which exposes no tokens; use the linear_probe protocol (pooled features) for this model"
             )
         if visual.attn_pool is not None:
             raise ValueError(
-                "the token probe reads the ViT's own tokens, and this tower pools them by attention "
+                f"{user} reads the ViT's own tokens, and this tower pools them by attention "
                 "(CoCa-style, ln_post over the pooler's output); use a ViT without attentional_pool, "
                 "or the linear_probe protocol"
             )
@@ -236,12 +262,7 @@ class FlipModel(nn.Module):
             x = block(x)
             if number in kept:
                 outputs[number] = x if transformer.batch_first else x.transpose(0, 1)
-        vectors = []
-        for block in blocks:
-            h = visual.ln_post(outputs[last]) if block == FINAL else outputs[int(block)]
-            patches = h[:, 1:]
-            vectors += [h[:, 0], patches.mean(dim=1), patches.amax(dim=1)]
-        return torch.stack(vectors, dim=1)
+        return [visual.ln_post(outputs[last]) if block == FINAL else outputs[int(block)] for block in blocks]
 
     def _image_with_tokens(self, images: torch.Tensor, hidden: bool = False) -> tuple[torch.Tensor, ...]:
         """Pooled and token features, projected; with `hidden`, also the tokens before the projection."""

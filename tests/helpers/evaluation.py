@@ -28,3 +28,11 @@ def run_verification(cfg: DictConfig) -> dict[str, Any]:
 
 def run_token_probe(cfg: DictConfig) -> dict[str, Any]:
     return run(cfg)["token_probe"]
+
+
+def run_parsing_probe(cfg: DictConfig) -> dict[str, Any]:
+    return run(cfg)["parsing_probe"]
+
+
+def run_landmark_probe(cfg: DictConfig) -> dict[str, Any]:
+    return run(cfg)["landmark_probe"]

@@ -7,6 +7,11 @@ half-written dataset that a later run would take for complete. The manifest fing
 every parameter that changes the bytes (plus VERSION, bumped whenever the generator's output
 changes), so changed settings regenerate and unchanged ones cost one small file read.
 
+With `parts` (`--parts`), each sample also holds the part mask of its face as `parts.png`
+and its landmarks under `landmarks` in the `.json` (flip.data.faceshapes.render), for the
+dense demo tasks. The images, captions and labels are the same bytes as without: the parts
+take no random draws. Training reads neither (`parts.png` is not an image member it reads).
+
 CLI::
 
     python -m flip.data.faceshapes.generate --root data/faceshapes --train 20000 --preview /tmp/sheet.png
@@ -35,7 +40,7 @@ from tqdm.auto import tqdm
 from flip.data.captions import CaptionGrammar
 from flip.data.faceshapes.attributes import sample_attributes
 from flip.data.faceshapes.grammar import FACESHAPES_GRAMMAR
-from flip.data.faceshapes.render import render_face
+from flip.data.faceshapes.render import render_face, render_face_parts
 from flip.data.shards import (
     CAPTION_MEMBER,
     IMAGE_MEMBER,
@@ -48,11 +53,19 @@ from flip.data.shards import (
 from flip.data.workers import WorkerPool
 from flip.locking import hold_lock
 
-__all__ = ["DEFAULT_SPLITS", "VERSION", "FaceShapesManifest", "ensure_faceshapes", "make_sample"]
+__all__ = [
+    "DEFAULT_SPLITS",
+    "PARTS_MEMBER",
+    "VERSION",
+    "FaceShapesManifest",
+    "ensure_faceshapes",
+    "make_sample",
+]
 
 VERSION = "4"  # bump whenever sampling, rendering or captions change what gets written
 DEFAULT_SPLITS = {"train": 20_000, "val": 1000, "test": 2000}
 MANIFEST = "manifest.json"
+PARTS_MEMBER = "parts.png"  # the part mask (`parts=True`): `{key}.parts.png`, never read as the image
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -100,8 +113,11 @@ def _grammar() -> CaptionGrammar:
     return _GRAMMAR
 
 
-def make_sample(split: str, index: int, seed: int, image_size: int = 112, jpeg_quality: int = 90) -> dict:
-    """One sample as webdataset fields (`__key__`, jpg, txt, json bytes), from its own seeds.
+def make_sample(
+    split: str, index: int, seed: int, image_size: int = 112, jpeg_quality: int = 90, parts: bool = False
+) -> dict:
+    """One sample as webdataset fields (`__key__`, jpg, txt, json bytes), from its own seeds;
+    with `parts`, also the part mask (`parts.png`) and the landmarks (`landmarks` in the json).
 
     Attributes, caption and pixel noise each get their own RNG stream, so editing the
     grammar does not change the images, nor the renderer the captions.
@@ -109,7 +125,9 @@ def make_sample(split: str, index: int, seed: int, image_size: int = 112, jpeg_q
     base = f"faceshapes/{seed}/{split}/{index}"
     attributes = sample_attributes(random.Random(base + "/attributes"))
     caption = _grammar().caption(attributes, random.Random(base + "/caption"))
-    image = render_face(attributes, random.Random(base + "/render"), size=image_size)
+    render_rng = random.Random(base + "/render")
+    rendered = render_face_parts(attributes, render_rng, size=image_size) if parts else None
+    image = render_face(attributes, render_rng, size=image_size) if rendered is None else rendered.image
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=jpeg_quality)
     key = f"{split}_{index:06d}"
@@ -121,18 +139,27 @@ def make_sample(split: str, index: int, seed: int, image_size: int = 112, jpeg_q
         "caption": caption.text,
         "mentions": [[name, value] for name, value in caption.mentions],
     }
-    return {
-        "__key__": key,
-        IMAGE_MEMBER: buffer.getvalue(),
-        CAPTION_MEMBER: caption.text.encode("utf-8"),
-        METADATA_MEMBER: json.dumps(record, sort_keys=True).encode("utf-8"),
-    }
+    sample = {"__key__": key, IMAGE_MEMBER: buffer.getvalue(), CAPTION_MEMBER: caption.text.encode("utf-8")}
+    if rendered is not None:
+        record["landmarks"] = {name: [round(x, 3), round(y, 3)] for name, (x, y) in rendered.points.items()}
+        mask = io.BytesIO()
+        Image.fromarray(rendered.mask, "L").save(mask, format="PNG")
+        sample[PARTS_MEMBER] = mask.getvalue()
+    sample[METADATA_MEMBER] = json.dumps(record, sort_keys=True).encode("utf-8")
+    return sample
 
 
 def _write_shard(task: tuple[str, str, int, int, dict]) -> int:
     path, split, start, stop, params = task
     samples = (
-        make_sample(split, index, params["seed"], params["image_size"], params["jpeg_quality"])
+        make_sample(
+            split,
+            index,
+            params["seed"],
+            params["image_size"],
+            params["jpeg_quality"],
+            params.get("parts", False),
+        )
         for index in range(start, stop)
     )
     return write_shard(path, samples)
@@ -144,7 +171,12 @@ def _describe_task(task: tuple[str, str, int, int, dict]) -> str:
 
 
 def _params(
-    splits: Mapping[str, int], samples_per_shard: int, image_size: int, seed: int, jpeg_quality: int
+    splits: Mapping[str, int],
+    samples_per_shard: int,
+    image_size: int,
+    seed: int,
+    jpeg_quality: int,
+    parts: bool = False,
 ) -> dict:
     for name, count in splits.items():
         if not isinstance(name, str) or not _SPLIT_NAME.match(name):
@@ -157,7 +189,7 @@ def _params(
         raise ValueError(f"image_size={image_size} must be >= 16")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality={jpeg_quality} must be in 1..100")
-    return {
+    params = {
         "version": VERSION,
         "splits": {name: int(count) for name, count in splits.items()},
         "samples_per_shard": int(samples_per_shard),
@@ -165,6 +197,9 @@ def _params(
         "seed": int(seed),
         "jpeg_quality": int(jpeg_quality),
     }
+    if parts:  # only then: a dataset without parts keeps the fingerprint it always had
+        params["parts"] = True
+    return params
 
 
 def _existing(root: Path, digest: str) -> FaceShapesManifest | None:
@@ -200,14 +235,16 @@ def ensure_faceshapes(
     seed: int = 0,
     jpeg_quality: int = 90,
     num_workers: int = 2,
+    parts: bool = False,
 ) -> FaceShapesManifest:
     """The dataset under `root`, generated only if it is missing or was made with other settings.
 
     `root` belongs to the generator: regenerating replaces it as a whole. `num_workers` does
-    not change the output, so it is not part of the fingerprint.
+    not change the output, so it is not part of the fingerprint. `parts` adds each face's part
+    mask and landmarks (the dense demo tasks' labels).
     """
     root = Path(root).absolute()
-    params = _params(splits, samples_per_shard, image_size, seed, jpeg_quality)
+    params = _params(splits, samples_per_shard, image_size, seed, jpeg_quality, parts)
     digest = fingerprint([params], length=16)
     found = _existing(root, digest)
     if found is not None:
@@ -306,6 +343,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also store each face's part mask and landmarks (the dense demo: parsing, landmarks)",
+    )
+    parser.add_argument(
         "--preview", help="also write a contact sheet PNG here (captions in a .txt beside it)"
     )
     parser.add_argument("--preview-count", type=int, default=64)
@@ -318,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         jpeg_quality=args.jpeg_quality,
         num_workers=args.workers,
+        parts=args.parts,
     )
     counts = ", ".join(
         f"{split}: {n} in {len(manifest.shards[split])} shards" for split, n in manifest.splits.items()

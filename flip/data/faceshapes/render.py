@@ -11,6 +11,11 @@ way it does").
 Shapes are polygons in a unit square; the pose (rotation, scale, shift) is applied to their
 points, so the whole face is drawn once, already posed, at 4x the output size and then
 LANCZOS-downsampled for anti-aliasing, which is much faster than rotating a rendered layer.
+
+`render_face_parts` also paints every shape, in the same order, with the id of the part it
+belongs to (`PART_CLASSES`) onto a label canvas, and places a few landmarks
+(`LANDMARKS`) through the same pose: the masks and points of the dense demo tasks. The RGB
+image it returns is `render_face`'s, pixel for pixel: the labels take no draws from `rng`.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from flip.data.faceshapes.attributes import EARRING_COLORS, HAIR_RGB, SKIN_TONES
 
-__all__ = ["IDENTITY_POSE", "render_face"]
+__all__ = ["IDENTITY_POSE", "LANDMARKS", "PART_CLASSES", "RenderedFace", "render_face", "render_face_parts"]
 
 SUPERSAMPLE = 4
 # Zoomed in so the face fills the frame: hat brims and long hair may leave it, but glasses,
@@ -39,6 +45,13 @@ LIPSTICK = (210, 18, 48)
 BLUSH = (240, 60, 110)
 Color = tuple[int, int, int]
 Point = tuple[float, float]
+# the parts of the label mask, by id; each shape is painted with its part, later shapes on top
+PART_CLASSES = ("background", "skin", "neck", "cloth", "hair", "facial_hair", "eye", "brow", "nose", "mouth")
+PART_CLASSES += ("glasses", "earring", "hat")
+_PART = {name: i for i, name in enumerate(PART_CLASSES)}
+# left and right as seen in the image (the person's right eye is the image's left one)
+LANDMARKS = ("left_eye", "right_eye", "left_brow", "right_brow", "nose_tip", "mouth_left", "mouth_right")
+LANDMARKS += ("chin",)
 
 
 def _mix(a: Sequence[int], b: Sequence[int], t: float) -> Color:
@@ -68,10 +81,15 @@ def _superellipse(cx: float, cy: float, rx: float, ry: float, n: int = 32) -> li
 
 
 class _Pen:
-    """Draws unit-square shapes through the pose transform onto the supersampled canvas."""
+    """Draws unit-square shapes through the pose transform onto the supersampled canvas, and
+    with `labels` (an "L" canvas of the same size) each one in the id of the current `part`."""
 
-    def __init__(self, image: Image.Image, pose: Mapping[str, float]) -> None:
+    def __init__(
+        self, image: Image.Image, pose: Mapping[str, float], labels: Image.Image | None = None
+    ) -> None:
         self.draw = ImageDraw.Draw(image)
+        self.labels = None if labels is None else ImageDraw.Draw(labels)
+        self.part = 0
         size = image.size[0]
         angle = math.radians(float(pose.get("angle", 0.0)))
         self.unit = float(pose.get("scale", 1.0)) * BASE_ZOOM * size
@@ -86,14 +104,20 @@ class _Pen:
         return [(m0 * (x - ox) + m1 * (y - oy) + tx, m2 * (x - ox) + m3 * (y - oy) + ty) for x, y in points]
 
     def polygon(self, points: Sequence[Point], fill: Color) -> None:
-        self.draw.polygon(self._map(points), fill=fill)
+        mapped = self._map(points)
+        self.draw.polygon(mapped, fill=fill)
+        if self.labels is not None:
+            self.labels.polygon(mapped, fill=self.part)
 
     def ellipse(self, cx: float, cy: float, rx: float, ry: float, fill: Color, n: int = 36) -> None:
         self.polygon(_arc(cx, cy, rx, ry, 0.0, 2 * math.pi, n)[:-1], fill)
 
     def line(self, points: Sequence[Point], color: Color, width: float, closed: bool = False) -> None:
         pts = list(points) + ([points[0], points[1]] if closed else [])
-        self.draw.line(self._map(pts), fill=color, width=max(1, round(width * self.unit)), joint="curve")
+        mapped, pixels = self._map(pts), max(1, round(width * self.unit))
+        self.draw.line(mapped, fill=color, width=pixels, joint="curve")
+        if self.labels is not None:
+            self.labels.line(mapped, fill=self.part, width=pixels, joint="curve")
 
     def dot(self, x: float, y: float, r: float, color: Color) -> None:
         self.ellipse(x, y, r, r, color, n=16)
@@ -137,10 +161,16 @@ class _Face:
     def on(self, name: str) -> bool:
         return bool(self.a.get(name, False))
 
+    def part(self, name: str) -> None:
+        """The part the next shapes belong to (the label mask's class)."""
+        self.pen.part = _PART[name]
+
     def body(self) -> None:
         p, cx, cy = self.pen, self.cx, self.cy
+        self.part("cloth")
         p.ellipse(cx, 1.05, 0.38, 0.2, tuple(self.style.get("shirt_color", (70, 90, 140))))
         if self.on("long_hair") and self.hair:
+            self.part("hair")
             w, h = self.w, self.h
             top = _arc(cx, cy - 0.01, w * 1.22, h * 1.06, math.pi, 2 * math.pi)
             shape = [
@@ -153,6 +183,7 @@ class _Face:
             p.polygon(shape, self.hair)
             p.line(shape, _shade(self.hair, 0.7), 0.008, closed=True)
         neck = _shade(self.skin, 0.86)
+        self.part("neck")
         p.polygon(
             [
                 (cx - 0.075, cy + self.h * 0.6),
@@ -165,6 +196,7 @@ class _Face:
 
     def head(self) -> None:
         p, cx, cy, w, h = self.pen, self.cx, self.cy, self.w, self.h
+        self.part("skin")
         for side in (-1, 1):
             p.ellipse(cx + side * w * 0.98, cy + 0.03, 0.032, 0.05, _shade(self.skin, 0.93))
         outline = _arc(cx, cy, w, h, 0.0, 2 * math.pi, 40)
@@ -174,8 +206,10 @@ class _Face:
     def hair_top(self) -> None:
         p, cx, cy, w, h = self.pen, self.cx, self.cy, self.w, self.h
         if self.on("bald") or self.hair is None:  # a shiny skin-coloured dome says "bald"
+            self.part("skin")
             p.ellipse(cx - w * 0.3, cy - h * 0.72, w * 0.24, h * 0.09, _mix(self.skin, (255, 255, 255), 0.4))
             return
+        self.part("hair")
         inner_ry = cy + 0.03 - self.hairline
         outer = _arc(cx, cy - 0.02, w * 1.07, h * 1.04, math.pi - 0.25, 2 * math.pi + 0.25)
         inner = _arc(cx, cy + 0.03, w * 0.86, inner_ry, 2 * math.pi + 0.25, math.pi - 0.25)
@@ -197,11 +231,13 @@ class _Face:
     def beard_and_cheeks(self) -> None:
         p, cx, cy, w, h = self.pen, self.cx, self.cy, self.w, self.h
         if self.on("beard"):
+            self.part("facial_hair")
             outer = _arc(cx, cy, w * 1.04, h * 1.05, 0.05, math.pi - 0.05)
             inner = _arc(cx, cy + 0.02, w * 0.8, h * 0.55, math.pi - 0.05, 0.05)
             p.polygon(outer + inner, self.facial)
         if self.on("rosy_cheeks"):
             blush = _mix(self.skin, BLUSH, 0.9)
+            self.part("skin")
             for side in (-1, 1):
                 p.ellipse(cx + side * 0.13, cy + 0.075, 0.052, 0.04, blush)
 
@@ -209,6 +245,7 @@ class _Face:
         p, cx, ey, e = self.pen, self.cx, self.eye_y, self.expression
         iris = EYE_COLORS.get(str(self.style.get("eye_color", "dark")), EYE_COLORS["dark"])
         ry = 0.032 if e == "surprised" else 0.024
+        self.part("eye")
         for side in (-1, 1):
             x = cx + side * 0.085
             p.ellipse(x, ey, 0.04, ry, (250, 250, 250))
@@ -224,12 +261,14 @@ class _Face:
             "angry": (-0.018, 0.0, 0.028),
         }[e if e in ("happy", "sad", "surprised", "angry") else "neutral"]
         brow = _shade(self.facial, 0.75)
+        self.part("brow")
         for side in (-1, 1):
             xs = (cx + side * 0.13, cx + side * 0.088, cx + side * 0.045)
             p.line([(x, by + dy) for x, dy in zip(xs, heights, strict=True)], brow, 0.02)
 
     def nose(self) -> None:
         p, cx, cy = self.pen, self.cx, self.cy
+        self.part("nose")
         p.line(
             [(cx, self.eye_y + 0.03), (cx - 0.014, cy + 0.085), (cx + 0.012, cy + 0.09)],
             _shade(self.skin, 0.72),
@@ -243,6 +282,7 @@ class _Face:
         wing = [(0.095, -0.002), (0.078, -0.036), (0.03, -0.058), (0.0, -0.05)]
         shape = [(cx + x, my + y) for x, y in wing] + [(cx - x, my + y) for x, y in reversed(wing)]
         shape += [(cx - 0.045, my - 0.018), (cx, my - 0.016), (cx + 0.045, my - 0.018)]
+        self.part("facial_hair")
         self.pen.polygon(shape, _shade(self.facial, 0.5))
         self.pen.line(shape, _shade(self.facial, 0.6), 0.006, closed=True)
 
@@ -252,6 +292,7 @@ class _Face:
         lip = LIPSTICK if lipstick else _mix(self.skin, (140, 50, 55), 0.5)
         width = 0.03 if lipstick else 0.016
         mw = 0.065
+        self.part("mouth")
         if lipstick:  # full red lips behind whatever shape the expression gives
             p.ellipse(cx, my + 0.004, mw * 1.05, 0.034, LIPSTICK)
         if e == "happy":
@@ -280,6 +321,7 @@ class _Face:
         frame = tuple(self.style.get("frame_color", (20, 20, 24)))
         square = self.style.get("glasses_shape") == "square"
         r = 0.07 if sunglasses else 0.064
+        self.part("glasses")
         lenses = []
         for side in (-1, 1):
             x = cx + side * 0.088
@@ -304,6 +346,7 @@ class _Face:
             return
         p, cx, cy, w = self.pen, self.cx, self.cy, self.w
         color = EARRING_COLORS.get(str(self.style.get("earring_color", "gold")), EARRING_COLORS["gold"])
+        self.part("earring")
         for side in (-1, 1):
             x = cx + side * w * 1.0
             p.dot(x, cy + 0.08, 0.014, color)
@@ -318,6 +361,7 @@ class _Face:
         dark = _shade(color, 0.6)
         brim_y = self.hairline - 0.01
         kind = self.style.get("hat_style", "fedora")
+        self.part("hat")
         if kind == "cap":
             p.polygon(_arc(cx, brim_y, w * 1.13, 0.21, math.pi, 2 * math.pi), color)
             p.ellipse(cx, brim_y + 0.012, w * 1.0, 0.045, dark)
@@ -357,6 +401,39 @@ class _Face:
             p.ellipse(cx, brim_y, w * 1.7, 0.042, color)
             p.line(_arc(cx, brim_y, w * 1.7, 0.042, 0, math.pi, 16), dark, 0.008)
 
+    def landmarks(self) -> list[Point]:
+        """`LANDMARKS` in the layout's unit square, where the shapes above put them: eye and brow
+        centres, the nose's lowest point, the ends of the mouth as the expression draws it, the
+        bottom of the face outline."""
+        cx, cy, ey, my, e = self.cx, self.cy, self.eye_y, self.mouth_y, self.expression
+        brow_y = ey - 0.055 + {"happy": -0.012, "sad": -0.008, "surprised": -0.045}.get(e, 0.0)
+        half_width, end_y = {
+            "happy": (0.065, my - 0.012),
+            "surprised": (0.028, my + 0.008),
+            "sad": (0.065, my + 0.014),
+            "angry": (0.0455, my + 0.008),
+        }.get(e, (0.065, my))
+        return [
+            (cx - 0.085, ey),
+            (cx + 0.085, ey),
+            (cx - 0.088, brow_y),
+            (cx + 0.088, brow_y),
+            (cx + 0.012, cy + 0.09),
+            (cx - half_width, end_y),
+            (cx + half_width, end_y),
+            (cx, cy + self.h),
+        ]
+
+
+@dataclass(frozen=True)
+class RenderedFace:
+    """`render_face_parts`' output: the image, its part mask (uint8 [size, size], ids into
+    `PART_CLASSES`) and `LANDMARKS` as (x, y) in output pixels (0..size across the image)."""
+
+    image: Image.Image
+    mask: np.ndarray
+    points: dict[str, tuple[float, float]]
+
 
 def render_face(attributes: Mapping[str, object], rng: random.Random, size: int = 112) -> Image.Image:
     """An RGB image of the face the record describes; `rng` only adds pixel noise.
@@ -364,10 +441,21 @@ def render_face(attributes: Mapping[str, object], rng: random.Random, size: int 
     Missing nuisance keys fall back to a frontal, oval, light-skinned face on grey, so a
     hand-written record with only the semantic attributes renders too.
     """
+    return _render(attributes, rng, size, parts=False).image
+
+
+def render_face_parts(attributes: Mapping[str, object], rng: random.Random, size: int = 112) -> RenderedFace:
+    """The image `render_face` draws, with its part mask and landmarks."""
+    return _render(attributes, rng, size, parts=True)
+
+
+def _render(attributes: Mapping[str, object], rng: random.Random, size: int, parts: bool) -> RenderedFace:
     canvas_size = size * SUPERSAMPLE
     bg = _background(attributes.get("background") or {}, size)  # type: ignore[arg-type]
     canvas = Image.fromarray(bg.astype(np.uint8), "RGB").resize((canvas_size, canvas_size), Image.NEAREST)
-    face = _Face(attributes, _Pen(canvas, attributes.get("pose") or IDENTITY_POSE))  # type: ignore[arg-type]
+    labels = Image.new("L", (canvas_size, canvas_size), 0) if parts else None
+    pen = _Pen(canvas, attributes.get("pose") or IDENTITY_POSE, labels)  # type: ignore[arg-type]
+    face = _Face(attributes, pen)
     face.body()
     face.head()
     face.hair_top()
@@ -384,4 +472,13 @@ def render_face(attributes: Mapping[str, object], rng: random.Random, size: int 
     noise_rng = np.random.default_rng(rng.getrandbits(64))
     sigma = rng.uniform(1.0, 4.0)
     noisy = small + np.rint(noise_rng.standard_normal(small.shape, dtype=np.float32) * sigma).astype(np.int16)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+    if labels is None:
+        return RenderedFace(image, np.zeros((0, 0), np.uint8), {})
+    # the label at each output pixel's centre; a canvas pixel's centre is at +0.5 of its index
+    mask = np.asarray(labels.resize((size, size), Image.NEAREST), dtype=np.uint8)
+    points = {
+        name: ((x + 0.5) / SUPERSAMPLE, (y + 0.5) / SUPERSAMPLE)
+        for name, (x, y) in zip(LANDMARKS, pen._map(face.landmarks()), strict=True)
+    }
+    return RenderedFace(image, mask, points)
