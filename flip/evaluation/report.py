@@ -259,6 +259,11 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         f"checkpoint: `{metrics.get('checkpoint')}`",
         "",
     ]
+    if metrics.get("adaptation"):  # a fine-tuned model: how its tower was adapted, which weights
+        lines += [
+            f"adaptation: {metrics['adaptation']['label']} ({metrics.get('weights', 'raw')} weights)",
+            "",
+        ]
     summary = metrics["summary"]
     if metrics["task"] == "multitask":
         lines += _multitask_lines(metrics)

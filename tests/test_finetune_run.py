@@ -1,0 +1,136 @@
+"""finetune.py's run, through the composed config: a LoRA fine-tune with EMA from a trained checkpoint
+exports and evaluates both weights (metrics equal to a direct computation with the exported files),
+each task on its benchmark, and a fine-tune interrupted and resumed ends with the weights of one
+that was not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import flip
+from flip.benchmarks import read_faceshapes, read_folder, read_utkface
+from flip.training.finetune.run import finetune
+
+from .helpers import compose_finetune_config, csv_losses
+from .helpers.demographics import write_utkface
+from .test_resume import Interrupted
+
+
+def _logits(run: Path, images, suffix: str = "") -> np.ndarray:
+    """The exported model's embedding times the exported head's weights, image by image."""
+    model = flip.load(run / f"model{suffix}")
+    head = load_file(str(run / f"head{suffix}.safetensors"))
+    with torch.no_grad():
+        pooled = torch.cat(
+            [model.encode_image(model.preprocess(images.load(i))[None]) for i in range(len(images))]
+        )
+    return (pooled @ head["linear.weight"].T + head["linear.bias"]).double().numpy()
+
+
+def test_a_lora_fine_tune_with_ema_exports_and_evaluates_both_weights_labelled(trained_demo, tmp_path):
+    cfg = compose_finetune_config(
+        tmp_path,
+        [f"ckpt={trained_demo.ckpt}", f"benchmark.root={trained_demo.faceshapes}", "adapt=lora",
+         "adapt.rank=4", "ema.decay=0.5", "trainer.max_steps=7", "optim.lr=0.01"],
+    )  # fmt: skip
+    results = finetune(cfg)
+    run = tmp_path / "run"
+    assert "val/mean_balanced_accuracy" in results["train"]  # validated after the first epoch (6 steps)
+    test = read_faceshapes(trained_demo.faceshapes, "test")
+    start = flip.load(trained_demo.ckpt).state_dict()
+    for suffix, weights in (("", "raw"), ("_ema", "ema")):
+        metrics = json.loads((run / f"eval{suffix}" / "metrics.json").read_text())
+        assert metrics["adaptation"] == {"method": "lora", "rank": 4, "label": "LoRA r=4"}
+        assert (metrics["protocol"], metrics["task"], metrics["weights"]) == (
+            "finetune",
+            "attributes",
+            weights,
+        )
+        assert metrics["n_test"] == len(test) and metrics["checkpoint"] == str(run / f"model{suffix}")
+        assert "adaptation: LoRA r=4" in (run / f"eval{suffix}" / "report.md").read_text()
+        decided = _logits(run, test.images, suffix) > 0
+        for a, name in enumerate(test.label_names):
+            labelled = test.targets[:, a] >= 0
+            direct = (decided[labelled, a] == (test.targets[labelled, a] == 1)).mean()
+            assert metrics["per_label"][name]["accuracy"] == pytest.approx(direct), name
+        exported = flip.load(run / f"model{suffix}").state_dict()
+        assert set(exported) == set(start)  # the original architecture: the adapters are merged
+        for key, value in exported.items():  # the text tower and the temperature are the checkpoint's
+            if not key.startswith("clip.visual."):
+                assert torch.equal(value, start[key]), key
+        assert any(not torch.equal(v, start[k]) for k, v in exported.items() if k.startswith("clip.visual."))
+    with safe_open(str(run / "head.safetensors"), "pt") as head:
+        described = head.metadata()
+    assert json.loads(described["task"])["names"] == test.label_names
+    assert json.loads(described["adaptation"])["label"] == "LoRA r=4"
+    assert not trained_demo.changes()
+
+
+def _classes(tmp_path, folder_benchmark):
+    overrides = ["task=classification", "benchmark=folder", f"benchmark.root={folder_benchmark}",
+                 "optim.layer_decay=0.7", "data.batch_size=8"]  # fmt: skip
+    return overrides, read_folder(folder_benchmark, "test")
+
+
+def _ages(tmp_path, folder_benchmark):
+    root = tmp_path / "utk"
+    write_utkface(root / "UTKFace")
+    overrides = ["task=regression", "benchmark=utkface", f"benchmark.root={root}", "data.batch_size=4"]
+    return overrides, read_utkface(root, "test")
+
+
+@pytest.mark.parametrize("benchmark", [_classes, _ages], ids=["classification", "regression"])
+def test_each_task_trains_on_its_benchmark_and_scores_as_computed_directly(
+    tmp_path, folder_benchmark, benchmark
+):
+    overrides, test = benchmark(tmp_path, folder_benchmark)
+    results = finetune(compose_finetune_config(tmp_path, [*overrides, "trainer.max_steps=3"]))
+    metrics = results["eval"]
+    logits = _logits(tmp_path / "run", test.images)
+    if metrics["task"] == "classification":
+        confusion = np.zeros((len(test.label_names),) * 2, dtype=int)
+        np.add.at(confusion, (test.targets, logits.argmax(1)), 1)
+        assert metrics["confusion_matrix"] == confusion.tolist()
+        assert metrics["summary"]["accuracy"] == pytest.approx(np.trace(confusion) / len(test))
+    else:
+        task = json.loads(safe_open(str(tmp_path / "run" / "head.safetensors"), "pt").metadata()["task"])
+        age = test.values["age"]
+        predicted = logits[:, 0] * task["scale"] + task["center"]
+        assert metrics["task"] == "regression" and metrics["labels"] == ["age"]
+        assert metrics["summary"]["age_mae"] == pytest.approx(np.abs(predicted - age).mean(), rel=1e-5)
+        assert (tmp_path / "run" / "eval" / "age_scatter.png").is_file()
+    assert metrics["adaptation"]["label"] == "full"
+
+
+@pytest.mark.slow
+def test_an_interrupted_fine_tune_resumes_to_the_weights_of_an_uninterrupted_one(trained_demo, tmp_path):
+    overrides = [
+        f"benchmark.root={trained_demo.faceshapes}", "data.max_train=48", "data.num_workers=2",
+        "task.head.dropout=0.2", "ema.decay=0.5", "trainer.max_steps=7", "evaluate=false",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+    ]  # fmt: skip
+    finetune(compose_finetune_config(tmp_path / "whole", overrides))
+    crash = "+callbacks.crash={_target_: tests.test_resume.InterruptAt, step: 4}"  # in epoch 1, after 1 batch
+    with pytest.raises(Interrupted):
+        finetune(compose_finetune_config(tmp_path / "split", [*overrides, crash]))
+    last = tmp_path / "split" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 1}
+    ]
+    finetune(compose_finetune_config(tmp_path / "split", [*overrides, f"ckpt_path={last}"]))
+    whole, split = (torch.load(p / "run" / "checkpoints" / "last.ckpt", weights_only=True) for p in
+                    (tmp_path / "whole", tmp_path / "split"))  # fmt: skip
+    assert whole["global_step"] == split["global_step"] == 7
+    for key in ("state_dict", "current_model_state"):  # the EMA and the raw weights
+        assert whole[key].keys() == split[key].keys()
+        for name, value in whole[key].items():
+            assert torch.equal(value, split[key][name]), (key, name)
+    losses = csv_losses(tmp_path / "whole" / "run")
+    assert losses == csv_losses(tmp_path / "split" / "run") and sorted(losses) == list(range(7))
