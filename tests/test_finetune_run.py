@@ -134,3 +134,24 @@ def test_an_interrupted_fine_tune_resumes_to_the_weights_of_an_uninterrupted_one
             assert torch.equal(value, split[key][name]), (key, name)
     losses = csv_losses(tmp_path / "whole" / "run")
     assert losses == csv_losses(tmp_path / "split" / "run") and sorted(losses) == list(range(7))
+
+
+@pytest.mark.slow
+def test_a_lora_fine_tune_under_deepspeed_zero2_exports_its_fp32_weights(
+    trained_demo, tmp_path, deepspeed_on_cpu
+):
+    overrides = [
+        f"ckpt={trained_demo.ckpt}", f"benchmark.root={trained_demo.faceshapes}", "adapt=lora", "evaluate=false",
+        "trainer=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+        "trainer.max_steps=2", "optim.lr=0.05",
+    ]  # fmt: skip
+    finetune(compose_finetune_config(tmp_path, overrides))
+    run = tmp_path / "run"
+    single = torch.load(run / "checkpoints" / "last.fp32.ckpt", weights_only=True)["state_dict"]
+    exported, start = flip.load(run / "model").state_dict(), flip.load(trained_demo.ckpt).state_dict()
+    assert set(exported) == set(start)
+    lora = [k for k in single if "lora_B" in k]
+    assert lora and all(single[k].abs().sum() > 0 for k in lora)  # the adapters trained, and are merged
+    assert any(not torch.equal(exported[k], start[k]) for k in exported if k.startswith("clip.visual."))
+    with pytest.raises(ValueError, match="ZeRO-3 is not supported"):
+        finetune(compose_finetune_config(tmp_path / "z3", [*overrides, "trainer=deepspeed_zero3"]))

@@ -105,7 +105,8 @@ class FinetuneLitModule(L.LightningModule):
             outputs = self.all_gather(outputs).flatten(0, 1)
             targets = self.all_gather(targets).flatten(0, 1)
         value = self.task.scores(outputs, targets)["summary"][self.task.headline]
-        self.log(f"val/{self.task.headline}", float(value), batch_size=len(outputs))
+        # the same value on every rank (computed from all ranks' outputs): averaging it changes nothing
+        self.log(f"val/{self.task.headline}", float(value), batch_size=len(outputs), sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
