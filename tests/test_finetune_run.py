@@ -141,9 +141,9 @@ def test_a_lora_fine_tune_under_deepspeed_zero2_exports_its_fp32_weights(
     trained_demo, tmp_path, deepspeed_on_cpu
 ):
     overrides = [
-        f"ckpt={trained_demo.ckpt}", f"benchmark.root={trained_demo.faceshapes}", "adapt=lora", "evaluate=false",
-        "trainer=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
-        "trainer.max_steps=2", "optim.lr=0.05",
+        f"ckpt={trained_demo.ckpt}", f"benchmark.root={trained_demo.faceshapes}", "adapt=lora",
+        "evaluate=false", "trainer=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=1",
+        "trainer.precision=32-true", "trainer.max_steps=2", "optim.lr=0.05",
     ]  # fmt: skip
     finetune(compose_finetune_config(tmp_path, overrides))
     run = tmp_path / "run"
