@@ -33,7 +33,9 @@ LORA = {"method": "lora", "rank": 4, "alpha": 8.0, "target_modules": ["c_fc", "c
 
 def _module(tiny_model, adapt, **optim) -> FinetuneLitModule:
     torch.manual_seed(0)
-    return FinetuneLitModule(copy.deepcopy(tiny_model).train(), TASK, adapt, {**OPTIM, **optim})
+    return FinetuneLitModule(
+        copy.deepcopy(tiny_model), TASK, adapt, {**OPTIM, **optim}
+    )  # eval mode, as loaded
 
 
 def _fit(module, steps: int, callbacks=()) -> L.Trainer:
@@ -106,6 +108,15 @@ def _documented_rate(name: str, blocks: int, lr: float, decay: float) -> float:
     else:
         depth = blocks + 1
     return lr * decay ** (blocks + 1 - depth)
+
+
+@pytest.mark.parametrize("adapt", [{"method": "full"}, LORA, {"method": "frozen"}], ids=lambda a: a["method"])
+def test_the_tower_trains_in_train_mode_unless_frozen(tiny_model, adapt):
+    module = _module(tiny_model, adapt)
+    frozen = adapt["method"] == "frozen"
+    assert module.head.training and module.model.clip.visual.training != frozen
+    module.eval().train()  # as Lightning switches around validation
+    assert module.head.training and all(m.training != frozen for m in module.model.clip.visual.modules())
 
 
 @pytest.mark.parametrize("adapt", [{"method": "full"}, LORA, {"method": "frozen"}], ids=lambda a: a["method"])

@@ -65,6 +65,8 @@ class FinetuneLitModule(L.LightningModule):
         self.model = self.adaptation.apply(model)
         self._rng_to_restore: Any = None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Lightning keeps each module's mode as given, and flip.load gives an eval-mode model
+        self.train()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(image_features(self.model.clip.visual, images, self.head.blocks))
