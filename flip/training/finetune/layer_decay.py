@@ -1,6 +1,6 @@
 """Layer-wise learning-rate decay: the deeper into the tower, the faster a weight learns.
 
-BEiT's rule, which FaRL and most ViT fine-tuning recipes use: a ViT with L blocks has depths
+BEiT's rule, which most ViT fine-tuning recipes follow: a ViT with L blocks has depths
 0 .. L + 1. Depth 0 is the input side (patch embedding, class token, position embedding,
 ln_pre), depth i is block i (1-based), depth L + 1 is everything after the last block (ln_post,
 the projection) and the head. A parameter at depth d learns at `lr * decay ** (L + 1 - d)`:
