@@ -1,13 +1,16 @@
 """finetune.py's run, through the composed config: a LoRA fine-tune with EMA from a trained checkpoint
 exports and evaluates both weights (metrics equal to a direct computation with the exported files),
-each task on its benchmark, and a fine-tune interrupted and resumed ends with the weights of one
-that was not."""
+each task on its benchmark, a fine-tune stopped by SIGTERM and resumed ends with the weights of one
+that was not, and LoRA trains under DeepSpeed ZeRO-2."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -17,10 +20,10 @@ from safetensors.torch import load_file
 import flip
 from flip.benchmarks import read_faceshapes, read_folder, read_utkface
 from flip.training.finetune.run import finetune
+from flip.training.preemption import Preempted
 
 from .helpers import compose_finetune_config, csv_losses
 from .helpers.demographics import write_utkface
-from .test_resume import Interrupted
 
 
 def _logits(run: Path, images, suffix: str = "") -> np.ndarray:
@@ -109,22 +112,36 @@ def test_each_task_trains_on_its_benchmark_and_scores_as_computed_directly(
     assert metrics["adaptation"]["label"] == "full"
 
 
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM, as a scheduler preempting the job would, before step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 @pytest.mark.slow
-def test_an_interrupted_fine_tune_resumes_to_the_weights_of_an_uninterrupted_one(trained_demo, tmp_path):
+def test_a_fine_tune_stopped_by_sigterm_resumes_to_the_weights_of_an_uninterrupted_one(
+    trained_demo, tmp_path
+):
     overrides = [
         f"benchmark.root={trained_demo.faceshapes}", "data.max_train=48", "data.num_workers=2",
         "task.head.dropout=0.2", "ema.decay=0.5", "trainer.max_steps=7", "evaluate=false",
-        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=1000",  # the only checkpoint: the preemption's
     ]  # fmt: skip
     finetune(compose_finetune_config(tmp_path / "whole", overrides))
-    crash = "+callbacks.crash={_target_: tests.test_resume.InterruptAt, step: 4}"  # in epoch 1, after 1 batch
-    with pytest.raises(Interrupted):
-        finetune(compose_finetune_config(tmp_path / "split", [*overrides, crash]))
+    kill = "+callbacks.kill={_target_: tests.test_finetune_run.SigtermAt, step: 4}"  # in epoch 1 of 3 batches
+    with pytest.raises(Preempted) as stopped:
+        finetune(compose_finetune_config(tmp_path / "split", [*overrides, kill]))
+    assert stopped.value.code == 128 + signal.SIGTERM and stopped.value.step == 5
     last = tmp_path / "split" / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 1, "batches": 1}
+        {"epoch": 1, "batches": 2}
     ]
-    finetune(compose_finetune_config(tmp_path / "split", [*overrides, f"ckpt_path={last}"]))
+    finetune(compose_finetune_config(tmp_path / "split", [*overrides, "ckpt_path=auto"]))
     whole, split = (torch.load(p / "run" / "checkpoints" / "last.ckpt", weights_only=True) for p in
                     (tmp_path / "whole", tmp_path / "split"))  # fmt: skip
     assert whole["global_step"] == split["global_step"] == 7
@@ -132,8 +149,9 @@ def test_an_interrupted_fine_tune_resumes_to_the_weights_of_an_uninterrupted_one
         assert whole[key].keys() == split[key].keys()
         for name, value in whole[key].items():
             assert torch.equal(value, split[key][name]), (key, name)
-    losses = csv_losses(tmp_path / "whole" / "run")
-    assert losses == csv_losses(tmp_path / "split" / "run") and sorted(losses) == list(range(7))
+    expected, after = csv_losses(tmp_path / "whole" / "run"), csv_losses(tmp_path / "split" / "run", 1)
+    assert sorted(expected) == list(range(7)) and sorted(after) == [5, 6]  # continued, not restarted
+    assert all(after[step] == expected[step] for step in after)
 
 
 @pytest.mark.slow
