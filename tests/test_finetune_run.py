@@ -112,6 +112,22 @@ def test_each_task_trains_on_its_benchmark_and_scores_as_computed_directly(
     assert metrics["adaptation"]["label"] == "full"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        (["ema.decay=0.9", "trainer=deepspeed_zero2"], r"ema.decay=0.9 under DeepSpeed.*ema.decay=null"),
+        (["optim.layer_decay=1.5"], r"optim.layer_decay=1.5 must be in \(0, 1\]"),
+        (["adapt.method=lorra"], r"adapt.method='lorra': use one of \['frozen', 'full', 'lora'\]"),
+        (["benchmark=lfw", "benchmark.root=/x"], r"benchmark=lfw has no train split"),
+        (["ckpt=/no/such.ckpt"], r"ckpt='/no/such.ckpt' does not exist"),
+    ],
+)
+def test_a_wrong_setting_fails_before_any_work_naming_it(tmp_path, overrides, error):
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        finetune(compose_finetune_config(tmp_path, overrides))
+    assert not (tmp_path / "run").exists()
+
+
 class SigtermAt(L.Callback):
     """Sends this process SIGTERM, as a scheduler preempting the job would, before step `step`."""
 
