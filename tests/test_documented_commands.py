@@ -8,8 +8,8 @@ copied here, so a doc edit is tested as it stands.
   on real data or launches at scale must name its recipe and get that recipe's settings, not
   the demo's (the default experiment).
 - Every other FLIP command (flip-data, flip-query, flip-export, flip-zero-to-fp32, eval/*.py,
-  bench/*.py, python -m flip..., make) is parsed by its own entry point's argument parser or
-  Hydra config, exactly as typed, and must be one that a test runs (RUN_BY names the test, and
+  finetune.py, bench/*.py, python -m flip..., make) is parsed by its own entry point's argument
+  parser or Hydra config, exactly as typed, and must be one that a test runs (RUN_BY names the test, and
   the test is checked to call that entry point) or a bench script. A shell line that is neither
   FLIP's nor a known outside tool fails, so a new command cannot go into the docs untested.
 - Python snippets parse and use only names the `flip` package has; a YAML excerpt headed by a
@@ -40,9 +40,10 @@ from omegaconf import OmegaConf, open_dict
 
 import flip.config  # noqa: F401 (registers ${cpu_precision:})
 from flip.config import register_resolvers
+from flip.training.finetune.run import check_settings
 from flip.training.run import validate
 
-from .helpers import CONF, ROOT, compose_train_config
+from .helpers import CONF, ROOT, compose_finetune_config, compose_train_config
 
 START = re.compile(r"(?:srun\s+(?:\S+\s+)*?)?python3?\s+train\.py\b|torchrun\s|docker\s+run\s")
 SHELL_VARIABLE = re.compile(r"\$(?:\{([A-Z_][A-Z0-9_]*)\}|([A-Z_][A-Z0-9_]*))")
@@ -332,6 +333,7 @@ RUN_BY = {
     "eval/token_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/parsing_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
     "eval/landmark_probe.py": ("tests/helpers/evaluation.py", "flip.cli.evaluate", "run"),
+    "finetune.py": ("tests/test_finetune_run.py", "flip.training.finetune.run", "finetune"),
     "python -m flip.data.faceshapes.generate": (
         "tests/test_faceshapes.py",
         "flip.data.faceshapes.generate",
@@ -380,7 +382,11 @@ def _simple_commands(text: str) -> list[list[str]]:
 def _is_flip_program(argv: list[str]) -> bool:
     if argv[0] in SCRIPTS or argv[0] == "make":
         return True
-    return argv[0] in PYTHON and len(argv) > 1 and re.match(r"^(eval|bench)/|^-m$", argv[1]) is not None
+    return (
+        argv[0] in PYTHON
+        and len(argv) > 1
+        and re.match(r"^(eval|bench)/|^-m$|^finetune\.py$", argv[1]) is not None
+    )
 
 
 def shell_commands() -> list[ShellCommand]:
@@ -485,11 +491,21 @@ def test_the_docs_show_every_kind_of_flip_command():
         "make",
         "eval/zeroshot.py",
         "bench/probe_speed.py",
+        "finetune.py",
     } <= programs
 
 
+def _compose_finetune(overrides: list[str], tmp_path: Path, command) -> None:
+    """finetune.py's config as the command composes it: every value given, its start-up checks passed."""
+    cfg = compose_finetune_config(tmp_path, overrides, base=[])
+    register_resolvers()
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.to_container(plain, resolve=True, throw_on_missing=True)  # e.g. a benchmark's root
+    check_settings(cfg)
+
+
 @pytest.mark.parametrize("command", SHELL_COMMANDS, ids=str)
-def test_a_documented_command_is_one_a_test_or_bench_runs(command, env, monkeypatch, capsys):
+def test_a_documented_command_is_one_a_test_or_bench_runs(command, env, monkeypatch, capsys, tmp_path):
     argv = [_expand(token, env, command.where) for token in command.argv]
     text = " ".join(argv)
     program = argv[0]
@@ -514,6 +530,9 @@ def test_a_documented_command_is_one_a_test_or_bench_runs(command, env, monkeypa
             )
         else:
             _compose_eval(f"eval_{Path(script).stem}", argv[2:], command)
+    elif program in PYTHON and argv[1] == "finetune.py":
+        _assert_run_by_a_test("finetune.py", command)
+        _compose_finetune(argv[2:], tmp_path, command)
     elif program in PYTHON and argv[1].startswith("bench/"):
         script = ROOT / argv[1]
         assert script.is_file(), f"{command}: {argv[1]} does not exist"

@@ -1,8 +1,11 @@
 """`flip-export`: write a trained model as an open_clip folder, ONNX graphs or safetensors.
 
-A small tool with three flags, so argparse rather than a Hydra config:
+A small tool with a few flags, so argparse rather than a Hydra config:
 
     flip-export --ckpt logs/train/runs/<date>/checkpoints/last.ckpt --format open_clip --out exports/oc
+
+`--interpolate FINETUNED ZEROSHOT --alpha A` writes the WiSE-FT mix of two models of one
+architecture instead of one model (flip.export.interpolate).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 
 from flip.checkpoint import ACCEPTED
 from flip.export import FORMATS, OnnxCheckError, OpenClipExportError, export
+from flip.export.interpolate import interpolate
 
 HELP = {
     "open_clip": "open_clip_config.json + open_clip_model.safetensors, for "
@@ -30,7 +34,21 @@ def parser() -> argparse.ArgumentParser:
         description="Export a trained FLIP model. Formats: "
         + "; ".join(f"{name}: {text}" for name, text in HELP.items()),
     )
-    p.add_argument("--ckpt", required=True, help=f"the model: {ACCEPTED}")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help=f"the model: {ACCEPTED}")
+    model.add_argument(
+        "--interpolate",
+        nargs=2,
+        metavar=("FINETUNED", "ZEROSHOT"),
+        help="write the WiSE-FT mix alpha * FINETUNED + (1 - alpha) * ZEROSHOT of two models of one "
+        "architecture (each as --ckpt takes it: a fine-tune's <run>/model folder, the checkpoint it "
+        "started from)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        help="with --interpolate: the fine-tuned model's weight, 0 to 1 (1: the fine-tuned model)",
+    )
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", required=True, help="folder to create (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -38,14 +56,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if (args.alpha is None) != (args.interpolate is None):
+        p.error("--alpha goes with --interpolate FINETUNED ZEROSHOT, and --interpolate needs --alpha")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("flip-export: %(message)s"))
     package_log = logging.getLogger("flip.export")
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     package_log.propagate = False  # open_clip's logging.warning() gives the root logger a handler too
-    print(f"flip-export: {args.ckpt} -> {args.out} ({args.format})", file=sys.stderr)
+    source = (
+        args.ckpt or f"{args.alpha:g} x {args.interpolate[0]} + {1 - args.alpha:g} x {args.interpolate[1]}"
+    )
+    print(f"flip-export: {source} -> {args.out} ({args.format})", file=sys.stderr)
     try:
         return _run(args)
     finally:
@@ -55,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        report = export(args.ckpt, args.out, args.format, overwrite=args.overwrite)
+        model = args.ckpt if args.interpolate is None else interpolate(*args.interpolate, args.alpha)
+        report = export(model, args.out, args.format, overwrite=args.overwrite)
     except (OpenClipExportError, OnnxCheckError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"flip-export: error: {err}", file=sys.stderr)
         return 2

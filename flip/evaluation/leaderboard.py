@@ -43,9 +43,9 @@ class CellResult:
 
 def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The figures a leaderboard shows for a cell, by task: attributes' mean (balanced) accuracy,
-    a classification's accuracy, each multitask question's accuracy and each value's MAE,
-    verification's mean fold accuracy, retrieval's R@1 and R@5 in both directions, parsing's mean
-    F1 and mIoU, landmarks' NME, failure rates and AUCs."""
+    a classification's accuracy, each multitask question's accuracy and each value's MAE (a
+    regression's too), verification's mean fold accuracy, retrieval's R@1 and R@5 in both
+    directions, parsing's mean F1 and mIoU, landmarks' NME, failure rates and AUCs."""
     summary, task = metrics.get("summary") or {}, metrics.get("task")
     if task == "attributes":
         names = ["mean_accuracy", "mean_balanced_accuracy"]
@@ -53,6 +53,8 @@ def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         names = ["accuracy"]
     elif task == "multitask":
         names = [k for k in summary if k.endswith(("_accuracy", "_mae"))]
+    elif task == "regression":  # a fine-tuned regression head (flip.evaluation.tasks.Regression)
+        names = [k for k in summary if k.endswith("_mae")]
     elif task == "verification":
         names = ["accuracy_mean"]
     elif task == "retrieval":

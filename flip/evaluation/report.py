@@ -265,6 +265,11 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         f"checkpoint: `{metrics.get('checkpoint')}`",
         "",
     ]
+    if metrics.get("adaptation"):  # a fine-tuned model: how its tower was adapted, which weights
+        lines += [
+            f"adaptation: {metrics['adaptation']['label']} ({metrics.get('weights', 'raw')} weights)",
+            "",
+        ]
     summary = metrics["summary"]
     if metrics["task"] in DENSE:
         lines += dense_markdown_lines(metrics)

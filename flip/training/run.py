@@ -65,10 +65,11 @@ NUMERIC_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {  # key: (accepted typ
 }  # fmt: skip
 
 
-def check_numbers(cfg: DictConfig) -> None:
-    """Every numeric setting present in `cfg` is a number of the right kind; the error names them all."""
+def check_numbers(cfg: DictConfig, keys: dict[str, tuple[tuple[type, ...], bool]] | None = None) -> None:
+    """Every numeric setting of `keys` (default: train.py's) present in `cfg` is a number of the
+    right kind; the error names them all."""
     wrong = []
-    for key, (types, nullable) in NUMERIC_KEYS.items():
+    for key, (types, nullable) in (NUMERIC_KEYS if keys is None else keys).items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is _ABSENT or (value is None and nullable):
             continue
@@ -143,7 +144,7 @@ def _eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
     ]
 
 
-def _single_console_log() -> None:
+def single_console_log() -> None:
     """Lightning adds a console handler of its own; beside Hydra's root handler every line printed twice."""
     if logging.getLogger().handlers:
         logging.getLogger("lightning").handlers.clear()
@@ -157,7 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     register_resolvers()
     validate(cfg)
-    _single_console_log()
+    single_console_log()
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     with weights_loaded_after() if ckpt_path else contextlib.nullcontext():  # resumed: not random

@@ -7,12 +7,14 @@ Tests import them from here: `from .helpers import TINY_ARCH, run_train_py`; the
 
 from .checkpoints import save_checkpoint
 from .configs import (
+    FINETUNE_BASE,
     MODEL,
     OPTIM,
     SHARDS_BASE,
     TINY_ARCH,
     TINY_OVERRIDES,
     compose_eval,
+    compose_finetune_config,
     compose_train_config,
     eval_overrides,
     loss_file,
@@ -35,6 +37,7 @@ from .training import NaNLoss, Poisoned, csv_losses, fit_briefly, random_batch
 __all__ = [
     "COLOURS",
     "CONF",
+    "FINETUNE_BASE",
     "LAUNCHER_VARIABLES",
     "MODEL",
     "OPTIM",
@@ -46,6 +49,7 @@ __all__ = [
     "Poisoned",
     "TrainedRun",
     "compose_eval",
+    "compose_finetune_config",
     "compose_train_config",
     "csv_losses",
     "eval_overrides",

@@ -92,6 +92,38 @@ def compose_train_config(
     return cfg
 
 
+# finetune.py at test size: the tiny model (when no ckpt= is given), small batches, a few steps.
+FINETUNE_BASE = [
+    *(o for o in TINY_OVERRIDES if o.split(".")[0] in ("model", "~callbacks")),
+    "data.batch_size=16",
+    "data.val_batch_size=32",
+    "data.num_workers=0",
+    "eval.batch_size=32",
+    "trainer.max_steps=4",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "optim.warmup_steps=1",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+]
+
+
+def compose_finetune_config(
+    tmp_path: Path, overrides: list[str] = (), base: list[str] = FINETUNE_BASE
+) -> DictConfig:
+    """The real finetune.py config, as Hydra composes it, with its run folder at tmp_path/run."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="finetune", overrides=[*base, *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
 def compose_eval(name: str, tmp_path: Path, *overrides: str) -> DictConfig:
     """An eval/*.py config (`name`: eval_zeroshot, eval_linear_probe, ...) as its script composes it."""
     GlobalHydra.instance().clear()
