@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -14,9 +16,10 @@ from PIL import Image, ImageDraw
 
 from flip.cli.data import main
 from flip.prepare.align import AlignConfig, template
-from flip.prepare.faces import Face
+from flip.prepare.faces import Face, FacePolicy
 from flip.prepare.hygiene import HygieneConfig, SkipSample
-from flip.prepare.in_box import best_match, box_iou, search_region
+from flip.prepare.in_box import SEARCH_SIZE, best_match, box_iou, search_region
+from flip.prepare.samples import FaceSteps
 from flip.prepare.sources.facecaption import Download, FaceCaptionSource, map_box, parse_box
 from flip.prepare.writer import JobConfig, run_job
 
@@ -341,3 +344,58 @@ def test_the_face_matching_the_given_box_best_is_chosen():
             assert match is not None and match[0] is faces[int(np.argmax(ious))]
             assert match[1] == pytest.approx(max(ious))
     assert best_match([], box) is None
+
+
+MARKS = ((60.0, 70.0), (100.0, 70.0), (80.0, 90.0), (65.0, 110.0), (95.0, 110.0))
+CENTRED = Face((30.0, 25.0, 130.0, 140.0), 0.9, MARKS)  # the given box spans (26.7, 26.7)-(133.3, 133.3)
+CORNER = Face((0.0, 0.0, 25.0, 25.0), 0.999, MARKS)
+
+
+@dataclass
+class ScriptedDetector:
+    """Finds, in every search region it is shown, a small confident face in the corner and a
+    less confident one over the given box (region pixels): what the counting and the mapping
+    back to image pixels are checked against."""
+
+    name: ClassVar[str] = "scripted"
+    landmarks: ClassVar[bool] = True
+
+    def load(self) -> None: ...
+
+    def check(self) -> None: ...
+
+    def detect_batch(self, images: list[Image.Image]) -> list[list[Face]]:
+        assert all(image.size == (SEARCH_SIZE, SEARCH_SIZE) for image in images)
+        return [[CORNER, CENTRED] for _ in images]
+
+
+@pytest.mark.parametrize("min_confidence", [0.5, 0.95])
+def test_faces_around_a_box_are_counted_and_the_match_mapped_back_to_image_pixels(
+    astronaut_rows, tmp_path, min_confidence
+):
+    parquet, downloads, _ = astronaut_rows
+    detector = ScriptedDetector()
+    steps = FaceSteps(detector, FacePolicy(min_confidence, 0, "largest"), AlignConfig(112))
+    report = run_job(
+        FaceCaptionSource(parquet, downloads), JobConfig(tmp_path / "o", faces=steps, progress=False)
+    )
+    if min_confidence > 0.9:  # the matching face is not confident enough: every row is skipped
+        assert report["skipped_by_reason"] == {"low_confidence": 3}
+        assert report["faces"] == {
+            "detected": 6,
+            "selected": 0,
+            "rejected": {"low_confidence": 3, "not_in_box": 3},
+        }
+        return
+    assert report["skipped_by_reason"] == {}
+    assert report["faces"] == {"detected": 6, "selected": 3, "rejected": {"not_in_box": 3}}
+    for sample in read_shards(tmp_path / "o").values():
+        record = json.loads(sample["json"])
+        left, top, side = search_region(record["face"]["given_box"])
+        scale = side / SEARCH_SIZE  # region pixel centres onto image pixel centres
+        box = [left + (CENTRED.box[0] + 0.5) * scale - 0.5, top + (CENTRED.box[1] + 0.5) * scale - 0.5]
+        box += [left + (CENTRED.box[2] + 0.5) * scale - 0.5, top + (CENTRED.box[3] + 0.5) * scale - 0.5]
+        assert record["face"]["box"] == pytest.approx(box, abs=0.01)
+        marks = (np.array(MARKS) + 0.5) * scale - 0.5 + (left, top)
+        assert np.abs(np.array(record["face"]["landmarks"]) - marks).max() < 0.01
+        assert record["face"]["detector"] == "scripted" and record["face"]["confidence"] == 0.9

@@ -2,10 +2,10 @@
 
 Items are decoded a batch at a time so the detector sees a batch (`batch_size` of the
 detector): MTCNN runs equally sized images in one pass. An item with its own face box (a
-FaceCaption-15M row) is cropped by it and never detected; to be aligned, it needs landmarks,
-so the detector looks for its face around the box (`flip.prepare.in_box`). Every image or face that does not
-become a sample is counted (`SkipLog` for samples, `FaceTally` for the faces a detector found),
-never raised: one bad file costs one sample, not the run.
+FaceCaption-15M row) is cropped by it and never detected; to be aligned it needs landmarks, so
+the detector looks for its face around the box (`flip.prepare.in_box`). Every image or face
+that does not become a sample is counted (`SkipLog` for samples, `FaceTally` for the faces a
+detector found), never raised: one bad file costs one sample, not the run.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def _match_given_boxes(
                 wanted.append((index, check_face(item.box, image.image.size, hygiene.min_face_size)))
             except SkipSample as skip:
                 matches[index] = skip
-    found = detect_in_boxes(steps.detector, [decoded[i][1].image for i, _ in wanted], [b for _, b in wanted])  # type: ignore[arg-type]
+    images = [decoded[index][1].image for index, _ in wanted]
+    found = detect_in_boxes(steps.detector, images, [box for _, box in wanted])  # type: ignore[arg-type]
     for (index, box), faces in zip(wanted, found, strict=True):
         tally.detected += len(faces)
         match = best_match(faces, box)
