@@ -15,6 +15,9 @@ degrees and placed at random. Pipelines:
 - `detect_align`: decode, MTCNN, the face aligned to the 224 px ArcFace template, encode;
 - `detect_align_20px`: the same with MTCNN searching from 20 px faces instead of 64 (half the
   default --min-face-size of 128), to show what the pyramid's start costs.
+- `box_align`: `flip-data facecaption15m --align`: each photo comes with its face's box (as a
+  FaceCaption-15M row does), MTCNN looks for the landmarks only around it, and the face is
+  aligned to the 224 px template.
 
 Rounds alternate the pipelines; the median of the rounds is reported, with a breakdown of one
 image's time by step (decode, detect, align, encode) measured on the same images.
@@ -47,6 +50,7 @@ from flip.prepare.align import AlignConfig, align_face  # noqa: E402
 from flip.prepare.detect import MtcnnFaceDetector  # noqa: E402
 from flip.prepare.faces import FacePolicy  # noqa: E402
 from flip.prepare.hygiene import HygieneConfig, decode_rgb, encode_jpeg  # noqa: E402
+from flip.prepare.in_box import SEARCH_MIN_FACE  # noqa: E402
 from flip.prepare.report import SkipLog  # noqa: E402
 from flip.prepare.samples import FaceSteps, FaceTally, shard_samples  # noqa: E402
 from flip.prepare.writer import ImageRef, Item  # noqa: E402
@@ -55,10 +59,12 @@ RESULTS = ROOT / "bench" / "results"
 CANVAS = (1024, 768)
 FACECAPTION_FACES = 15_000_000  # FaceCaption-15M's (face, caption) rows
 ASTRONAUT_FACE = (224.0, 120.0, 90.0)  # her face's centre (x, y) and width in the 512 px photo
+FACE_BOX_HALF = (50.0, 62.0)  # half the width and height of a box around that face (MTCNN's: 44, 55)
 
 
-def make_photos(folder: Path, count: int, seed: int) -> list[Path]:
-    """`count` 1024 x 768 JPEGs of the astronaut's face at 180-330 px, turned and placed at random."""
+def make_photos(folder: Path, count: int, seed: int) -> list[tuple[Path, tuple[float, ...]]]:
+    """`count` 1024 x 768 JPEGs of the astronaut's face at 180-330 px, turned and placed at
+    random, each with a box around the face a little larger than MTCNN's (as RetinaFace's are)."""
     from skimage import data
 
     photo = Image.fromarray(data.astronaut())
@@ -78,7 +84,8 @@ def make_photos(folder: Path, count: int, seed: int) -> list[Path]:
         image = photo.transform(CANVAS, Image.Transform.AFFINE, coefficients, Image.BICUBIC, fillcolor=grey)
         path = folder / f"{index:04d}.jpg"
         image.save(path, quality=90)
-        paths.append(path)
+        half = np.array(FACE_BOX_HALF) * scale
+        paths.append((path, (*(target - half), *(target + half))))
     return paths
 
 
@@ -98,6 +105,14 @@ def pipelines(min_face_size: int) -> dict[str, tuple[HygieneConfig, FaceSteps]]:
         "detect_align_20px": (
             HygieneConfig(min_face_size=min_face_size),
             FaceSteps(MtcnnFaceDetector(min_face_size=20, threads=1), policy, AlignConfig(224)),
+        ),
+        "box_align": (  # flip-data facecaption15m --align: given boxes, landmarks found around them
+            HygieneConfig(),
+            FaceSteps(
+                MtcnnFaceDetector(min_face_size=SEARCH_MIN_FACE, threads=1),
+                FacePolicy(min_confidence=0.98, min_size=0),
+                AlignConfig(224),
+            ),
         ),
     }
 
@@ -119,7 +134,7 @@ def breakdown(paths: list[Path], min_face_size: int) -> dict[str, float]:
     detector.load()
     times = {"read+decode": 0.0, "detect": 0.0, "align": 0.0, "encode": 0.0}
     hygiene = HygieneConfig()
-    for path in paths:
+    for path, _ in paths:
         t0 = time.process_time()
         decoded = decode_rgb(path.read_bytes(), hygiene)
         t1 = time.process_time()
@@ -148,8 +163,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         paths = make_photos(Path(folder), args.images, args.seed)
-        mean_bytes = statistics.mean(p.stat().st_size for p in paths)
-        items = [Item(p.stem, ImageRef(str(p)), "a face") for p in paths]
+        mean_bytes = statistics.mean(p.stat().st_size for p, _ in paths)
+        items = [Item(p.stem, ImageRef(str(p)), "a face") for p, _ in paths]
+        boxed = [Item(p.stem, ImageRef(str(p)), "a face", {}, box) for p, box in paths]
         cases = pipelines(args.min_face_size)
         for _, steps in cases.values():
             if steps.detector is not None:
@@ -160,7 +176,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = list(cases) if round_ % 2 == 0 else list(reversed(cases))
             for name in order:
-                rate, wall_rate, written = run_pipeline(items, *cases[name])
+                rate, wall_rate, written = run_pipeline(boxed if name == "box_align" else items, *cases[name])
                 if written != len(items):
                     raise RuntimeError(f"{name}: {written} of {len(items)} photos gave a sample")
                 rates[name].append(rate)

@@ -24,7 +24,7 @@ from flip.prepare.sources.folder import FolderSource, key_from_path
 from flip.prepare.writer import JobConfig, run_job
 
 from .helpers import ROOT, read_shards
-from .helpers.faces import write_photos
+from .helpers.faces import ALBUM_CAPTIONS, write_album, write_photos
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -363,14 +363,23 @@ def test_detect_faces_crops_the_face_and_skips_images_without_one(tmp_path):
     assert (record["width"], record["height"]) == (right - left, bottom - top)
 
 
+def _section(heading: str) -> str:
+    """The text of docs/data.md's section that starts with `heading`, up to the next heading."""
+    text = (ROOT / "docs" / "data.md").read_text()
+    start = text.index(heading)
+    end = min(i for i in (text.find("\n## ", start), text.find("\n### ", start + 1)) if i > 0)
+    return text[start:end]
+
+
+def _section_commands(heading: str) -> list[str]:
+    """The commands of a docs/data.md section's bash blocks, as the page writes them."""
+    blocks = re.findall(r"```bash\n(.*?)```", _section(heading), flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
 def _face_section_commands() -> list[str]:
     """The flip-data commands of docs/data.md's face section, as the page writes them."""
-    text = (ROOT / "docs" / "data.md").read_text()
-    start = text.index("### Faces: detection and alignment")
-    end = min(i for i in (text.find("\n## ", start), text.find("\n### ", start + 1)) if i > 0)
-    section = text[start:end]
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    return _section_commands("### Faces: detection and alignment")
 
 
 def test_the_documented_face_example_writes_what_the_page_shows(tmp_path, monkeypatch, capsys):
@@ -394,3 +403,45 @@ def test_the_documented_face_example_writes_what_the_page_shows(tmp_path, monkey
     assert pair["face"]["box"][2] < 462  # the larger woman, on the left
     assert Image.open(io.BytesIO(samples["pair"]["jpg"])).size == (224, 224)
     assert sorted(read_shards(tmp_path / "shards_all")) == ["astronaut_face0", "pair_face0", "pair_face1"]
+
+
+def test_the_documented_photos_to_curated_example_removes_what_the_page_says(tmp_path, monkeypatch):
+    """docs/data.md's worked example from photos to aligned, curated shards: its album, its two
+    commands run as written (one worker, no progress bar added), the numbers and the removal
+    lines the page shows."""
+    heading = "### From photos to aligned, curated shards"
+    section = _section(heading)
+    assert all(name in section for name in ALBUM_CAPTIONS) and ALBUM_CAPTIONS["scan.jpg"] in section
+    write_album(tmp_path / "album")
+    monkeypatch.chdir(tmp_path)
+    commands = _section_commands(heading)
+    assert [shlex.split(c)[:2] for c in commands] == [["flip-data", "folder"], ["flip-data", "curate"]]
+    for command in commands:
+        assert main([*shlex.split(command)[1:], "--workers", "1", "--no-progress"]) == 0
+
+    aligned = json.loads((tmp_path / "aligned" / "report.json").read_text())
+    assert aligned["samples"] == {"items": 4, "skipped": 0, "written": 4}
+    assert aligned["faces"] == {"detected": 4, "selected": 4, "rejected": {}}
+    curation = json.loads((tmp_path / "curated" / "curation.json").read_text())
+    assert curation["samples"] == {"read": 4, "kept": 2, "removed": 2}
+    assert curation["removed_by_filter"] == {
+        "caption_too_short": 0,
+        "caption_too_long": 0,
+        "caption_url": 1,
+        "caption_few_letters": 0,
+        "caption_repeats": 0,
+        "exact_duplicate": 1,
+        "near_duplicate": 0,
+    }
+    page_lines = [json.loads(line) for line in section.splitlines() if line.startswith('{"key": ')]
+    written = (tmp_path / "curated" / "curation_removed.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in written] == page_lines and len(page_lines) == 2
+
+    samples = read_shards(tmp_path / "curated")
+    assert sorted(samples) == ["astronaut", "portrait"]
+    for key, sample in samples.items():
+        record = json.loads(sample["json"])
+        assert record["caption"] == ALBUM_CAPTIONS[f"{key}.jpg"] and len(record["phash"]) == 16
+        assert record["origin"]["source"] == f"album/{key}.jpg"
+        assert len(record["origin"]["face"]["landmarks"]) == 5 and record["origin"]["align"]["size"] == 224
+        assert Image.open(io.BytesIO(sample["jpg"])).size == (224, 224)

@@ -38,6 +38,7 @@ from flip.prepare.align import AlignConfig
 from flip.prepare.detect import CASCADES, DETECTORS, HaarFaceDetector, MtcnnFaceDetector
 from flip.prepare.faces import KEEP, FacePolicy
 from flip.prepare.hygiene import HygieneConfig
+from flip.prepare.in_box import SEARCH_MIN_FACE
 from flip.prepare.merge import UnfinishedParts, merge_reports
 from flip.prepare.parts import WHOLE, Part
 from flip.prepare.samples import FaceSteps
@@ -146,34 +147,11 @@ def _common(parser: argparse.ArgumentParser, detection: bool) -> None:
         _detection(parser)
 
 
-def _detection(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("face detection and alignment (docs/data.md)")
-    group.add_argument(
-        "--detect-faces",
-        action="store_true",
-        help="crop the faces a detector finds (MTCNN by default); images with none are skipped",
-    )
-    group.add_argument("--detector", choices=sorted(DETECTORS), default="mtcnn", help="mtcnn or haar")
-    group.add_argument(
-        "--min-confidence",
-        type=float,
-        default=0.98,
-        help="skip faces the detector is less sure of (default 0.98, FaceCaption-15M's; haar has none)",
-    )
-    group.add_argument(
-        "--faces",
-        choices=KEEP,
-        default="largest",
-        help="largest: one sample per image; all: one per face, keyed {key}_face{i}",
-    )
-    group.add_argument(
-        "--detect-batch-size", type=_positive, default=16, help="images per MTCNN batch (default 16)"
-    )
-    group.add_argument("--detect-device", default="cpu", help="torch device MTCNN runs on (cpu, cuda)")
+def _alignment(group: argparse._ArgumentGroup, needs: str) -> None:
     group.add_argument(
         "--align",
         action="store_true",
-        help="warp each face onto the 5-point ArcFace template (needs --detect-faces, mtcnn)",
+        help=f"warp each face onto the 5-point ArcFace template ({needs})",
     )
     group.add_argument(
         "--align-size", type=int, default=224, help="side of the aligned face in pixels (default 224)"
@@ -184,6 +162,33 @@ def _detection(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="show more around the face: this fraction of the size on each side (default 0)",
     )
+    group.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.98,
+        help="skip faces the detector is less sure of (default 0.98, FaceCaption-15M's; haar has none)",
+    )
+    group.add_argument(
+        "--detect-batch-size", type=_positive, default=16, help="images per MTCNN batch (default 16)"
+    )
+    group.add_argument("--detect-device", default="cpu", help="torch device MTCNN runs on (cpu, cuda)")
+
+
+def _detection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("face detection and alignment (docs/data.md)")
+    group.add_argument(
+        "--detect-faces",
+        action="store_true",
+        help="crop the faces a detector finds (MTCNN by default); images with none are skipped",
+    )
+    group.add_argument("--detector", choices=sorted(DETECTORS), default="mtcnn", help="mtcnn or haar")
+    group.add_argument(
+        "--faces",
+        choices=KEEP,
+        default="largest",
+        help="largest: one sample per image; all: one per face, keyed {key}_face{i}",
+    )
+    _alignment(group, "needs --detect-faces, mtcnn")
     group.add_argument("--cascade", choices=sorted(CASCADES), default="default", help="haar: which cascade")
     group.add_argument(
         "--min-neighbors",
@@ -246,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="img2dataset's --resize_mode when it was border or center_crop (auto: no / keep_ratio)",
     )
     _common(face, detection=False)
+    _alignment(
+        face.add_argument_group("alignment of the given boxes (docs/data.md)"),
+        "MTCNN finds the landmarks around each row's box",
+    )
 
     celeba = commands.add_parser("celeba", help="CelebA (attributes -> captions) in its published layout")
     celeba.add_argument(
@@ -307,11 +316,15 @@ def make_source(args: argparse.Namespace) -> Source:
 
 def make_faces(args: argparse.Namespace, min_face_size: int) -> FaceSteps:
     """The detector, face policy and alignment of the detection flags."""
-    if not getattr(args, "detect_faces", False):
+    if args.command == "facecaption15m" and args.align:  # the rows' boxes, aligned by MTCNN's landmarks
+        detector = MtcnnFaceDetector(
+            min_face_size=SEARCH_MIN_FACE, batch_size=args.detect_batch_size, device=args.detect_device
+        )
+    elif not getattr(args, "detect_faces", False):
         if getattr(args, "align", False):
             raise ValueError("--align needs landmarks: add --detect-faces (with --detector mtcnn)")
         return FaceSteps()
-    if args.detector == "haar":
+    elif args.detector == "haar":
         detector = HaarFaceDetector(cascade=args.cascade, min_neighbors=args.min_neighbors)
     else:
         # the pyramid starts at half the minimum size, so faces a little under it are still found
@@ -324,7 +337,8 @@ def make_faces(args: argparse.Namespace, min_face_size: int) -> FaceSteps:
     if args.align and args.resize_short_side is not None:
         raise ValueError("--align writes --align-size faces; drop --resize-short-side")
     align = AlignConfig(args.align_size, args.align_padding) if args.align else None
-    faces = FaceSteps(detector, FacePolicy(args.min_confidence, min_face_size, args.faces), align)
+    keep = getattr(args, "faces", "largest")  # a FaceCaption-15M row is one face
+    faces = FaceSteps(detector, FacePolicy(args.min_confidence, min_face_size, keep), align)
     detector.check()  # fail here, not in a worker, if the detector, its weights or device are missing
     return faces
 

@@ -21,6 +21,7 @@ REJECTIONS: dict[str, str] = {
     "low_confidence": "the detector's confidence is below --min-confidence",
     "small_face": "the box's shorter side is below --min-face-size",
     "not_largest": "--faces largest: a smaller face of an image whose largest face was written",
+    "not_in_box": "--align on given boxes: a face found around a row's box, not the one matching it best",
 }
 
 

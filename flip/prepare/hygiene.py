@@ -22,6 +22,7 @@ __all__ = [
     "REASONS",
     "HygieneConfig",
     "SkipSample",
+    "check_face",
     "crop_box",
     "decode_image",
     "decode_rgb",
@@ -51,6 +52,7 @@ REASONS: dict[str, str] = {
     "box_mismatch": "img2dataset padded or cropped the image, so the box cannot be mapped into it",
     "small_face": "the face is smaller than --min-face-size",
     "no_face": "--detect-faces found no face",
+    "no_face_in_box": "--align on a given box: MTCNN found no face matching the box (IoU >= 0.3) around it",
     "low_confidence": "--detect-faces found faces, none as confident as --min-confidence",
     "bad_landmarks": "--align: the face's landmarks fit no similarity transform",
     "not_a_tar": "an input .tar file is not a tar archive at all (empty, or other content)",
@@ -196,6 +198,14 @@ def check_box(box: object, size: tuple[int, int]) -> tuple[float, float, float, 
     return x0, y0, x1, y1
 
 
+def check_face(box: object, size: tuple[int, int], min_face_size: float) -> tuple[float, float, float, float]:
+    """A given face box inside the image (`check_box`) whose shorter side is >= `min_face_size`."""
+    face = check_box(box, size)
+    if min(face[2] - face[0], face[3] - face[1]) < min_face_size:
+        raise SkipSample("small_face", f"{face[2] - face[0]:.0f}x{face[3] - face[1]:.0f} < {min_face_size}")
+    return face
+
+
 def resize_short_side(image: Image.Image, short_side: int | None) -> Image.Image:
     if short_side is None or min(image.size) <= short_side:
         return image
@@ -246,11 +256,7 @@ def finish(decoded: DecodedImage, config: HygieneConfig, box: object | None = No
     """
     image, crop = decoded.image, None
     if box is not None:
-        face = check_box(box, image.size)
-        if min(face[2] - face[0], face[3] - face[1]) < config.min_face_size:
-            raise SkipSample(
-                "small_face", f"{face[2] - face[0]:.0f}x{face[3] - face[1]:.0f} < {config.min_face_size}"
-            )
+        face = check_face(box, image.size, config.min_face_size)
         crop = crop_box(face, image.size, config.face_margin, config.square_crop)
         image = image.crop(crop)
     resized = resize_short_side(image, config.resize_short_side)

@@ -2,9 +2,10 @@
 
 Items are decoded a batch at a time so the detector sees a batch (`batch_size` of the
 detector): MTCNN runs equally sized images in one pass. An item with its own face box (a
-FaceCaption-15M row) is cropped by it and never detected. Every image or face that does not
-become a sample is counted (`SkipLog` for samples, `FaceTally` for the faces a detector found),
-never raised: one bad file costs one sample, not the run.
+FaceCaption-15M row) is cropped by it and never detected; to be aligned it needs landmarks, so
+the detector looks for its face around the box (`flip.prepare.in_box`). Every image or face
+that does not become a sample is counted (`SkipLog` for samples, `FaceTally` for the faces a
+detector found), never raised: one bad file costs one sample, not the run.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from flip.prepare.hygiene import (
     HygieneConfig,
     ProcessedImage,
     SkipSample,
+    check_face,
     decode_rgb,
     encode_jpeg,
     finish,
 )
+from flip.prepare.in_box import MIN_IOU, best_match, detect_in_boxes
 from flip.prepare.report import SkipLog
 
 if TYPE_CHECKING:
@@ -41,7 +44,8 @@ __all__ = ["FaceSteps", "FaceTally", "shard_samples"]
 @dataclass(frozen=True)
 class FaceSteps:
     """How faces are found and written: a detector (None: only given boxes are cropped), which
-    of its faces are kept, and whether they are aligned (None: cropped by their box)."""
+    of its faces are kept, and whether they are aligned (None: cropped by their box). With
+    `align`, an item's given box is aligned too: the detector finds its landmarks around it."""
 
     detector: FaceDetector | None = None
     policy: FacePolicy = field(default_factory=FacePolicy)
@@ -104,6 +108,65 @@ def _face_sample(
     return ProcessedImage(jpeg, align.size, align.size, width, height, None), {"align": aligned.record(align)}
 
 
+@dataclass
+class BoxMatch:
+    """The face the detector found for an item's given box (`box`: that box, clipped to the
+    image), and how well their boxes overlap."""
+
+    face: Face
+    box: tuple[float, float, float, float]
+    iou: float
+
+
+def _match_given_boxes(
+    decoded: list[tuple[Item, DecodedImage]], steps: FaceSteps, hygiene: HygieneConfig, tally: FaceTally
+) -> dict[int, BoxMatch | SkipSample]:
+    """For each item with a given box (by position in `decoded`): its face, found with landmarks
+    around the box in one detector batch, or why it has none."""
+    matches: dict[int, BoxMatch | SkipSample] = {}
+    wanted: list[tuple[int, tuple[float, float, float, float]]] = []
+    for index, (item, image) in enumerate(decoded):
+        if item.box is not None:
+            try:
+                wanted.append((index, check_face(item.box, image.image.size, hygiene.min_face_size)))
+            except SkipSample as skip:
+                matches[index] = skip
+    images = [decoded[index][1].image for index, _ in wanted]
+    found = detect_in_boxes(steps.detector, images, [box for _, box in wanted])  # type: ignore[arg-type]
+    for (index, box), faces in zip(wanted, found, strict=True):
+        tally.detected += len(faces)
+        match = best_match(faces, box)
+        if match is None:
+            tally.rejected["not_in_box"] += len(faces)
+            given = ", ".join(f"{v:.1f}" for v in box)
+            matches[index] = SkipSample(
+                "no_face_in_box", f"{len(faces)} face(s) around the box ({given}), none with IoU >= {MIN_IOU}"
+            )
+            continue
+        face, iou = match
+        tally.rejected["not_in_box"] += len(faces) - 1
+        if face.score is not None and face.score < steps.policy.min_confidence:
+            tally.rejected["low_confidence"] += 1
+            matches[index] = SkipSample("low_confidence", f"{face.score:.4f} < {steps.policy.min_confidence}")
+            continue
+        tally.selected += 1
+        matches[index] = BoxMatch(face, box, iou)
+    return matches
+
+
+def _boxed_sample(
+    item: Item, decoded: DecodedImage, match: BoxMatch | SkipSample, steps: FaceSteps, hygiene: HygieneConfig
+) -> tuple[ProcessedImage, dict[str, Any]]:
+    """An item with a given box, aligned by the landmarks of the face matched to it; its `.json`
+    keeps the given box (in the stored image's pixels) and the overlap beside the face."""
+    if isinstance(match, SkipSample):
+        raise match
+    record = face_record(match.face, 0, 1, steps.detector.name)  # type: ignore[union-attr]
+    record.update(given_box=[round(v, 2) for v in match.box], iou=round(match.iou, 4))
+    processed, more = _face_sample(decoded, match.face, hygiene, steps.align)
+    return processed, {"face": record} | more
+
+
 def _item_samples(
     item: Item,
     decoded: DecodedImage,
@@ -158,11 +221,16 @@ def shard_samples(
         decoded = _decode_all(items[start : start + batch_size], hygiene, skips)
         wanted = [d.image for item, d in decoded if item.box is None] if detector is not None else []
         detections = iter(detector.detect_batch(wanted) if wanted else [])  # type: ignore[union-attr]
-        for item, image in decoded:
+        boxed = _match_given_boxes(decoded, steps, hygiene, tally) if steps.align is not None else {}
+        for index, (item, image) in enumerate(decoded):
             found = next(detections) if detector is not None and item.box is None else None
             where = item.image.describe()
             try:
-                for key, processed, extra in _item_samples(item, image, found, steps, hygiene, tally):
+                if index in boxed:
+                    samples = iter([(item.key, *_boxed_sample(item, image, boxed[index], steps, hygiene))])
+                else:
+                    samples = _item_samples(item, image, found, steps, hygiene, tally)
+                for key, processed, extra in samples:
                     if isinstance(processed, SkipSample):
                         skips.add(processed.reason, key, f"{where}: {processed.detail}")
                     elif key in seen:  # `{key}_face1` of --faces all met an item of that name

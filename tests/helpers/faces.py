@@ -63,3 +63,38 @@ def write_photos(folder) -> None:
     Image.new("RGB", (640, 480), (180, 170, 160)).save(folder / "wall.jpg", quality=90)
     rows = ["file_name,caption", *(f"{name},{caption}" for name, caption in PHOTO_CAPTIONS.items())]
     (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+
+
+ALBUM_CAPTIONS = {
+    "astronaut.jpg": "a smiling woman with short blond hair",
+    "astronaut_again.jpg": "an astronaut smiling at the camera",
+    "portrait.jpg": "a black and white photo of a smiling man with dark hair",
+    "scan.jpg": "IMG_0042.JPG www.example.com/photos",
+}
+
+
+def _lfw_portrait(index: int):
+    """`skimage.data.lfw_subset()` face `index` (25 px, grey) enlarged to a 260 px face on a
+    360 px grey canvas: a real face MTCNN finds with confidence > 0.99 and a ~200 px box."""
+    from skimage import data
+
+    face = np.uint8(np.clip(data.lfw_subset()[index] * 255, 0, 255))
+    canvas = Image.new("RGB", (360, 360), (128, 128, 128))
+    canvas.paste(Image.fromarray(face).convert("RGB").resize((260, 260), Image.Resampling.BICUBIC), (50, 50))
+    return canvas
+
+
+def write_album(folder) -> None:
+    """docs/data.md's photos-to-curated-shards example: the astronaut, the same file again, and
+    two LFW faces (the second with a junk caption: a file name and a web address), with
+    captions.csv."""
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.fromarray(data.astronaut()).resize((1024, 1024), Image.Resampling.BICUBIC)
+    photo.save(folder / "astronaut.jpg", quality=90)
+    (folder / "astronaut_again.jpg").write_bytes((folder / "astronaut.jpg").read_bytes())
+    _lfw_portrait(1).save(folder / "portrait.jpg", quality=90)
+    _lfw_portrait(3).save(folder / "scan.jpg", quality=90)
+    rows = ["file_name,caption", *(f"{name},{caption}" for name, caption in ALBUM_CAPTIONS.items())]
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")

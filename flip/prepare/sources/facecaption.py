@@ -11,7 +11,8 @@ img2dataset resizes by default. `--resize-mode` says how the box is mapped: `aut
 images stored at their original size (`--resize_mode no`) or scaled uniformly
 (`keep_ratio`); `border` and `center_crop` undo those modes' padding or cropping, which the
 stored sizes alone cannot tell apart. A row whose box cannot be mapped is skipped as
-`box_mismatch`, never cropped in the wrong place.
+`box_mismatch`, never cropped in the wrong place. With `--align` the mapped box is where the
+landmark detector looks for the row's face (`flip.prepare.in_box`).
 """
 
 from __future__ import annotations
