@@ -307,6 +307,21 @@ def test_an_output_folder_with_foreign_shards_is_refused(tmp_path):
         run_job(FolderSource(images, captions), JobConfig(tmp_path / "out", progress=False))
 
 
+def test_the_command_line_refuses_foreign_shards_as_a_usage_error(tmp_path, capsys):
+    """A wrong --output is the user's to fix (exit 2, naming the file), not a failed write (exit 1)."""
+    images, captions = _many_images(tmp_path, 2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.tar").write_bytes(b"someone else's")
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            ["folder", str(images), "--captions", str(captions), "-o", str(tmp_path / "out"), "--no-progress"]
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'mine.tar'" in err and "could not write" not in err
+    assert (tmp_path / "out" / "mine.tar").read_bytes() == b"someone else's"
+
+
 def test_the_command_line_resizes_and_finds_metadata_files(tmp_path, capsys):
     images = tmp_path / "imgs"
     images.mkdir()

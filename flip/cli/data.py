@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             part = part_from_args(args)  # before anything is read
             report = run_job(make_source(args), make_config(args, part))
-    except (FileNotFoundError, ValueError, FolderBusyError, OutputFolderError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, FolderBusyError, OutputFolderError) as exc:
         parser.exit(2, f"{prefix} {exc}\n")
     except (WorkerDied, UnfinishedParts) as exc:
         parser.exit(1, f"{prefix} {exc}\n")
