@@ -229,6 +229,23 @@ def test_hf_folder_gives_transformers_features_tokens_and_pixels(tmp_path, kind)
     assert (model.logit_bias is None) == (kind == "clip")
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_folder_missing_tensors_fails_naming_them(tmp_path, kind):
+    """transformers would fill the gaps with random weights and only warn: a baseline must not."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / kind
+    _write_hf_folder(folder, kind)
+    weights = load_file(folder / "model.safetensors")
+    cut = sorted(k for k in weights if k.startswith("vision_model.post_layernorm."))
+    assert len(cut) == 2
+    save_file(
+        {k: v for k, v in weights.items() if k not in cut}, folder / "model.safetensors", {"format": "pt"}
+    )
+    with pytest.raises(WeightsError, match=re.escape(f"2 missing ({', '.join(cut)})")):
+        load_baseline({"format": "hf", "path": str(folder)})
+
+
 def _openai_vocab_clip_folder(folder, hidden_act: str = "quick_gelu") -> None:
     """A tiny CLIPModel folder as Hugging Face saves OpenAI's: OpenAI's BPE vocabulary and merges
     (written from open_clip's copy), its processor settings, random weights."""

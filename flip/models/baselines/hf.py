@@ -13,6 +13,7 @@ never reaches it. Such a model has no open_clip towers: it evaluates, but token 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from flip.models.baselines.weights import SHOWN, WeightsError
 from flip.models.flip_model import FlipModel
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("clip", "siglip")
 
@@ -100,6 +104,36 @@ class HFFlipModel(FlipModel):
         return super().forward(images, text)
 
 
+def _check_loading(source: str, loading: dict[str, Any]) -> None:
+    """transformers fills weights a folder lacks with random ones and only warns; a baseline with
+    random weights would be scored as if it were the published model, so that is refused."""
+    missing = sorted(loading.get("missing_keys") or [])
+    mismatched = sorted(
+        str(k[0]) if isinstance(k, tuple) else str(k) for k in loading.get("mismatched_keys") or []
+    )
+    if missing or mismatched:
+        problems = []
+        if missing:
+            more = ", ..." if len(missing) > SHOWN else ""
+            problems.append(f"{len(missing)} missing ({', '.join(missing[:SHOWN])}{more})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} of another shape ({', '.join(mismatched[:SHOWN])})")
+        raise WeightsError(
+            f"baseline.path={source!r}: its weights do not fill the model its config.json describes: "
+            f"{'; '.join(problems)}. A truncated download or a folder of another model; give a complete "
+            "CLIPModel/SiglipModel folder (config.json, model.safetensors or pytorch_model.bin, "
+            "processor files)"
+        )
+    unexpected = sorted(loading.get("unexpected_keys") or [])
+    if unexpected:  # extra tensors (older files' position_ids buffers) leave the model complete
+        log.warning(
+            "%s: %d tensor(s) the model does not use were ignored: %s",
+            source,
+            len(unexpected),
+            unexpected[:SHOWN],
+        )
+
+
 def load_hf(path: str | os.PathLike) -> HFFlipModel:
     """A `CLIPModel`/`SiglipModel` folder (config.json + weights + processor files) or hub id."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
@@ -118,7 +152,9 @@ def load_hf(path: str | os.PathLike) -> HFFlipModel:
             f"{', '.join(MODEL_TYPES)} models (CLIPModel, SiglipModel)"
         )
     # float32 whatever the file's dtype: features are compared and cached in float32
-    model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
+    model, loading = AutoModel.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+    _check_loading(source, loading)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     processor = AutoImageProcessor.from_pretrained(source)
     context_length = int(config.text_config.max_position_embeddings)
