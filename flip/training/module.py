@@ -25,7 +25,7 @@ from flip.models.flip_model import MAX_LOGIT_SCALE
 from flip.models.pretrained import INIT_KEYS, load_tower, lock_towers, weightless
 from flip.training.attention import AttentionKernels, check_attention_kernels
 from flip.training.nonfinite import NonFiniteGuard
-from flip.training.optim import build_optimizer, warmup_cosine
+from flip.training.optim import build_optimizer, step_schedule
 from flip.training.resume import gather_rng_states, own_rng_state, restore_rng_state, warn_if_optim_changed
 
 log = logging.getLogger(__name__)
@@ -411,9 +411,4 @@ class FlipLitModule(L.LightningModule):
             )
             optim = {**optim, "fused": False}
         optimizer = build_optimizer(self.model, optim, self.trainer.strategy)
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = optim["warmup_steps"]
-        if isinstance(warmup, float) and warmup < 1:
-            warmup = int(warmup * total)
-        scheduler = warmup_cosine(optimizer, int(warmup), total, optim.get("min_lr_ratio", 0.0))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return step_schedule(optimizer, optim, int(self.trainer.estimated_stepping_batches))

@@ -106,3 +106,15 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_schedule(
+    optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], total_steps: int
+) -> dict[str, Any]:
+    """`configure_optimizers`' answer for an `optim` config: `warmup_steps` as steps, or below 1 as a
+    fraction of `total_steps`, then `warmup_cosine`, stepped every optimizer step."""
+    warmup = optim["warmup_steps"]
+    if isinstance(warmup, float) and warmup < 1:
+        warmup = int(warmup * total_steps)
+    scheduler = warmup_cosine(optimizer, int(warmup), total_steps, optim.get("min_lr_ratio", 0.0))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

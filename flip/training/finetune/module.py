@@ -23,7 +23,7 @@ from flip.models.heads import embedding_width, image_features
 from flip.models.pretrained import weightless
 from flip.training.finetune.adapt import Adaptation
 from flip.training.finetune.layer_decay import layer_decay_groups, vit_blocks
-from flip.training.optim import optimizer_class, warmup_cosine
+from flip.training.optim import optimizer_class, step_schedule
 from flip.training.resume import gather_rng_states, own_rng_state, restore_rng_state, warn_if_optim_changed
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,4 @@ class FinetuneLitModule(L.LightningModule):
         if cls is not torch.optim.AdamW:
             kwargs["adamw_mode"] = True
         optimizer = cls(groups, **kwargs)
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = optim["warmup_steps"]
-        if isinstance(warmup, float) and warmup < 1:
-            warmup = int(warmup * total)
-        scheduler = warmup_cosine(optimizer, int(warmup), total, optim.get("min_lr_ratio", 0.0))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return step_schedule(optimizer, optim, int(self.trainer.estimated_stepping_batches))
