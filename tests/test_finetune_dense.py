@@ -17,7 +17,7 @@ import flip
 from flip.benchmarks import read_faceshapes_dense
 from flip.benchmarks.dense import points_from_crop
 from flip.data.faceshapes import ensure_faceshapes
-from flip.evaluation.dense_features import DenseCrops
+from flip.evaluation.dense_features import DenseCrops, label_maps
 from flip.evaluation.dense_metrics import nme_per_face
 from flip.models import build_model
 from flip.models.dense_heads import FPNHead, HeatmapPoints, LinearMapHead
@@ -123,6 +123,22 @@ def test_finetune_parsing_with_lora_and_the_fpn_head_writes_labelled_dense_metri
     assert metrics["blocks"] == [1, 2] and metrics["head"].startswith("FPN/UPer")
     confusion = np.asarray(metrics["confusion_matrix"])
     assert confusion.sum() == metrics["n_pixels"] == len(test) * 24 * 24  # the crops cover the images
+    # the same confusion matrix, from the exported model and head, through a direct computation
+    model = flip.load(tmp_path / "run" / "model")
+    head = FPNHead(32, len(test.label_names), [1, 2], channels=8)
+    head.load_state_dict(load_file(str(tmp_path / "run" / "head.safetensors")))
+    crops = DenseCrops(test.images, test.dense)
+    with torch.no_grad():
+        batch = torch.stack([model.preprocess(crops.load(i)) for i in range(len(test))])
+        logits = head.eval()(image_features(model.clip.visual, batch, head.blocks))
+    predicted = F.interpolate(logits, size=24, mode="bilinear").argmax(dim=1).numpy()
+    truth = label_maps(test, 24)
+    direct = np.zeros_like(confusion)
+    np.add.at(direct, (truth.ravel(), predicted.ravel()), 1)  # FaceShapes' crops hold no padding
+    assert np.array_equal(confusion, direct)
+    f1 = 2 * np.diag(direct) / (direct.sum(0) + direct.sum(1))
+    foreground = [f for f, name in zip(f1, test.label_names, strict=True) if name != "background" and f == f]
+    assert metrics["summary"]["mean_f1"] == pytest.approx(np.mean(foreground))
     assert "_examples" not in metrics
     assert (out / "parsing_examples.png").stat().st_size > 0
     report = (out / "report.md").read_text()
