@@ -13,6 +13,8 @@ not run again.
 
     .venv/bin/python bench/finetune_dense_faceshapes.py --ckpt logs/train/runs/DATE/checkpoints/last.ckpt
     .venv/bin/python bench/finetune_dense_faceshapes.py --ckpt CKPT --steps 5 --sizes 64 16 16 --out /tmp/ft
+    .venv/bin/python bench/finetune_dense_faceshapes.py --ckpt CKPT --tasks parsing \
+        --runs pretrained_full random_init_full
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ RUNS = [
     ("random init, full", "random", ["adapt=full", "optim.lr=1e-3"]),
     ("pretrained, frozen", "pretrained", ["adapt=frozen", "optim.lr=1e-2"]),
 ]
+
+
+def _key(label: str) -> str:
+    """A run's name on the command line and its folder's: "pretrained, full" -> pretrained_full."""
+    return label.replace(", ", "_").replace(" ", "_")
 
 
 def _composed(overrides: list[str], run: Path, data: Path):
@@ -97,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         "--sizes", type=int, nargs=3, default=[2000, 500, 500], metavar=("TRAIN", "VAL", "TEST")
     )
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--tasks", nargs="+", choices=list(HEADLINES), default=list(HEADLINES))
+    parser.add_argument(
+        "--runs", nargs="+", choices=[_key(r[0]) for r in RUNS], default=[_key(r[0]) for r in RUNS]
+    )
     parser.add_argument("--out", default=str(ROOT / "logs" / "bench" / "finetune_dense_faceshapes"))
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "finetune_dense_faceshapes"))
     args = parser.parse_args(argv)
@@ -104,10 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     splits = dict(zip(("train", "val", "test"), args.sizes, strict=True))
     ensure_faceshapes(args.parts, splits, image_size=args.image_size, parts=True)
 
+    runs = [r for r in RUNS if _key(r[0]) in args.runs]
+    headlines = {task: HEADLINES[task] for task in args.tasks}
     rows = []
-    for task in HEADLINES:
-        for label, start, overrides in RUNS:
-            name = f"{task}_{label}".replace(", ", "_").replace(" ", "_")
+    for task in headlines:
+        for label, start, overrides in runs:
+            name = f"{task}_{_key(label)}"
             rows.append(_finetuned(Path(args.out) / name, task, label, start, overrides, args))
             print(json.dumps(rows[-1]), flush=True)
 
@@ -129,12 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         "initialisation; seconds per run on a shared 2-core CPU, evaluation included.",
         "",
     ]
-    for task, headline in HEADLINES.items():
+    for task, headline in headlines.items():
         lines += [
             f"| {task} | lr | " + " | ".join(headline) + " | seconds |",
             "|---" + "|---:" * (len(headline) + 2) + "|",
         ]
-        for (label, _, overrides), row in zip(RUNS, (r for r in rows if r["task"] == task), strict=True):
+        for (label, _, overrides), row in zip(runs, (r for r in rows if r["task"] == task), strict=True):
             lr = next(o.split("=")[1] for o in overrides if o.startswith("optim.lr="))
             figures = " | ".join(f"{row[k]:.3f}" for k in headline)
             lines.append(f"| {label} | {lr} | {figures} | {row['seconds']:.0f} |")
