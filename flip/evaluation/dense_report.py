@@ -92,14 +92,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 def dense_markdown_lines(metrics: Mapping[str, Any]) -> list[str]:
     """The report's body for a parsing or landmark run: summary, selection, per class or point."""
-    summary, selected = metrics["summary"], metrics["selected"]
+    summary, selected = metrics["summary"], metrics.get("selected")
     lines = _table(["metric", "value"], [[k, v] for k, v in summary.items()])
-    lines += [
-        "",
+    # a probe chose its epoch; a fine-tune (flip.evaluation.finetuned) trained for its steps
+    chosen = (
         f"epoch {selected['epoch']} of {len(selected['scores'])}, chosen on {selected['on']}; "
-        f"blocks {metrics['blocks']}; head: {metrics['head']}",
-        "",
-    ]
+        if selected
+        else ""
+    )
+    lines += ["", f"{chosen}blocks {metrics['blocks']}; head: {metrics['head']}", ""]
     if metrics["task"] == "parsing":
         lines += [
             f"Per class, one confusion matrix over all {metrics['n_pixels']} test pixels "

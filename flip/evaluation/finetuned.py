@@ -30,6 +30,7 @@ class FinetunedHead:
     adaptation: Mapping[str, Any] = field(default_factory=dict)
     weights: str = "raw"
     n_train: int | None = None
+    examples: int = 6  # faces a dense task draws in its report's figure
 
     def __call__(
         self, model: FlipModel, features: BenchmarkFeatures, checkpoint: str | None = None
@@ -39,18 +40,19 @@ class FinetunedHead:
         head = self.head.to(model_device(model), model_dtype(model)).eval()
 
         def predict(images: torch.Tensor) -> torch.Tensor:
-            return head(image_features(model.clip.visual, images, head.blocks))
+            return self.task.kept(head(image_features(model.clip.visual, images, head.blocks)))
 
         def extract() -> tuple[torch.Tensor, list[int]]:
             what = f"{split.benchmark}/{split.split} predictions"
             return encode_images(
                 model,
-                split.images,
+                self.task.images(split),
                 predict,
                 features.batch_size,
                 features.num_workers,
                 what,
                 features.progress,
+                dtype=self.task.kept_dtype,
             )
 
         predicted = cached_split(split, None, None, extract, {}, "predictions")
@@ -66,8 +68,10 @@ class FinetunedHead:
             "labels": self.task.labels,
             "adaptation": dict(self.adaptation),
             "weights": self.weights,
-            **self.task.scores(predicted.features, self.task.targets(kept)),
+            **self.task.split_scores(predicted.features, kept, self.examples),
         }
+        if head.blocks:  # a dense head: what the dense report prints of it
+            metrics.update(blocks=list(head.blocks), head=getattr(head, "description", type(head).__name__))
         if self.n_train is not None:
             metrics["n_train"] = self.n_train
         return metrics

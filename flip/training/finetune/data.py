@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from flip.benchmarks.base import LabelledSplit
+from flip.benchmarks.base import ImageSource, LabelledSplit
 from flip.data.transform import seeded_augmentation
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,11 @@ class TrainingBatches(IterableDataset):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        images: ImageSource | None = None,
     ) -> None:
         super().__init__()
         self.split, self.targets, self.transform = split, targets, transform
+        self.images = split.images if images is None else images  # a dense task's: the face crops
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.epoch, self.skip = 0, 0
         if len(self) == 0:
@@ -77,9 +79,9 @@ class TrainingBatches(IterableDataset):
             images, kept = [], []
             for index in self.indices(self.epoch, batch).tolist():
                 try:
-                    image = self.split.images.load(index)
+                    image = self.images.load(index)
                 except UNREADABLE as exc:
-                    log.warning("skipped unreadable image %s (%s)", self.split.images.describe(index), exc)
+                    log.warning("skipped unreadable image %s (%s)", self.images.describe(index), exc)
                     continue
                 with seeded_augmentation(sample_seed(self.seed, self.epoch, index)):
                     images.append(self.transform(image))
@@ -131,17 +133,24 @@ class ResumableBatches(DataLoader):
 class EvaluationImages(Dataset):
     """(image, targets) per sample, with the evaluation transform; an unreadable image gives None."""
 
-    def __init__(self, split: LabelledSplit, targets: torch.Tensor, transform: Callable) -> None:
+    def __init__(
+        self,
+        split: LabelledSplit,
+        targets: torch.Tensor,
+        transform: Callable,
+        images: ImageSource | None = None,
+    ) -> None:
         self.split, self.targets, self.transform = split, targets, transform
+        self.images = split.images if images is None else images
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(self.split.images.load(index)), self.targets[index]
+            return self.transform(self.images.load(index)), self.targets[index]
         except UNREADABLE as exc:
-            log.warning("skipped unreadable image %s (%s)", self.split.images.describe(index), exc)
+            log.warning("skipped unreadable image %s (%s)", self.images.describe(index), exc)
             return None
 
 
@@ -167,9 +176,11 @@ class FinetuneDataModule(L.LightningDataModule):
         val_batch_size: int,
         num_workers: int,
         seed: int,
+        images: Callable[[LabelledSplit], ImageSource] | None = None,
     ) -> None:
         super().__init__()
         self.train, self.val, self.targets = train, val, targets
+        self.images = images or (lambda split: split.images)  # what the tower sees of a split
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.val_batch_size, self.num_workers, self.seed = (
             batch_size, val_batch_size, num_workers, seed,
@@ -187,6 +198,7 @@ class FinetuneDataModule(L.LightningDataModule):
             self.seed,
             rank,
             world,
+            self.images(self.train),
         )
         self._train_loader = ResumableBatches(batches, self.num_workers)
         return self._train_loader
@@ -198,7 +210,9 @@ class FinetuneDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val is None:
             return []
-        images = EvaluationImages(self.val, self.targets(self.val), self.eval_transform)
+        images = EvaluationImages(
+            self.val, self.targets(self.val), self.eval_transform, self.images(self.val)
+        )
         return DataLoader(
             images,
             batch_size=self.val_batch_size,

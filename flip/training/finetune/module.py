@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from flip.config import plain
 from flip.evaluation.tasks import Task
 from flip.models import FlipModel
-from flip.models.heads import embedding_width, image_features
+from flip.models.heads import image_features
 from flip.models.pretrained import weightless
 from flip.training.finetune.adapt import Adaptation
 from flip.training.finetune.layer_decay import layer_decay_groups, vit_blocks
@@ -61,7 +61,7 @@ class FinetuneLitModule(L.LightningModule):
         self.save_hyperparameters(
             {"model": weightless(model.config), "task": task, "adapt": adapt, "optim": optim}
         )
-        self.head = self.task.build_head(embedding_width(model))
+        self.head = self.task.head_for(model)
         self.model = self.adaptation.apply(model)
         self._rng_to_restore: Any = None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -95,7 +95,7 @@ class FinetuneLitModule(L.LightningModule):
             sync_dist=True,
             batch_size=len(images),
         )
-        self._val_outputs.append((outputs.detach(), targets))
+        self._val_outputs.append((self.task.kept(outputs.detach()), targets))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:

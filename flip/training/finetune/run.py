@@ -134,13 +134,17 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     task = {**plain(cfg.task), **build_task(plain(cfg.task)).bind(train)}
     with weights_loaded_after() if ckpt_path else contextlib.nullcontext():  # resumed: not the init's
         model = initial_model(cfg)
+    task.update(build_task(task).settle(model))
     module = FinetuneLitModule(model, task, cfg.adapt, cfg.optim)
     if val is not None:
         module.task.check(val)
+    augment = cfg.data.augment and module.task.augments
+    if cfg.data.augment and not augment:
+        log.info("task=%s trains without augmentation: random crops would move its labels", module.task.kind)
     datamodule = FinetuneDataModule(
         train, val, module.task.targets,
-        model.preprocess_train if cfg.data.augment else model.preprocess, model.preprocess,
-        cfg.data.batch_size, cfg.data.val_batch_size, cfg.data.num_workers, cfg.seed,
+        model.preprocess_train if augment else model.preprocess, model.preprocess,
+        cfg.data.batch_size, cfg.data.val_batch_size, cfg.data.num_workers, cfg.seed, module.task.images,
     )  # fmt: skip
     ema = EMA(**plain(cfg.ema)) if cfg.ema.decay is not None else None
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
