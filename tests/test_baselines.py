@@ -360,6 +360,30 @@ def test_open_clip_names_local_dir_and_files_keep_working(tmp_path, tiny_model):
             _close(ours, theirs)
 
 
+def test_open_clip_hf_hub_names_load_from_the_hub_cache_offline(tmp_path, tiny_model, monkeypatch):
+    """`name=hf-hub:ORG/NAME` goes through open_clip's hub download; here the hub is a cache holding
+    what open_clip's push_to_hf_hub uploads (our open_clip export), read with the hub offline."""
+    import huggingface_hub.constants
+
+    from flip.export import export
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--faces--flip-tiny"
+    export(tiny_model, repo / "snapshots" / revision, "open_clip")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    torch.manual_seed(1)  # another random init than tiny_model's: only the loaded weights can agree
+    model = load_baseline({"name": "hf-hub:faces/flip-tiny"}).model
+    images = _images(32, n=2)
+    for ours, theirs in zip(_embeddings(model, images), _embeddings(tiny_model, images), strict=True):
+        _close(ours, theirs)
+    with pytest.raises(FileNotFoundError, match=r"open_clip_config\.json\) for faces/no-such-model"):
+        load_baseline({"name": "hf-hub:faces/no-such-model"})
+
+
 # ---- FLIP-Base (BLIP layout) -------------------------------------------------------------------
 
 FLIP_EMBED = 16
