@@ -12,8 +12,9 @@ runs on `--workers` processes, resumes where a killed run stopped, and writes th
 for the same inputs and `--seed`. With `--num-parts N --part K` it writes only part K of the
 job (the records whose key hashes to K, `flip.prepare.parts`) beside the other parts' files
 in the same folder, and `merge-report` checks that every part finished and sums their
-reports. Data preparation is a one-off batch job, so it takes plain flags rather than the
-Hydra configs of training and evaluation.
+reports (`curate --part K` only scans part K's input shards into its cache; the run without
+`--part` then selects and writes). Data preparation is a one-off batch job, so it takes
+plain flags rather than the Hydra configs of training and evaluation.
 
 Inputs are checked before the output folder is touched. Exit codes: 0 done; 1 the run
 failed (a worker died: rerun to resume; nothing was written; a file could not be written;
