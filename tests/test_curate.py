@@ -1,12 +1,14 @@
 """`flip-data curate` end to end: planted duplicates and junk captions are removed and nothing else,
 the agreement filter keeps matching pairs over shuffled ones with a trained demo model, balancing
-caps every entry, a killed run resumes, and the reports hold what the filters decided."""
+caps every entry, a killed run resumes, the reports hold what the filters decided, and a run split into
+parts (`--num-parts N --part K`) scans every shard once and writes what one machine writes."""
 
 from __future__ import annotations
 
 import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import imagehash
@@ -17,6 +19,8 @@ from PIL import Image, ImageEnhance
 
 from flip.cli.data import main
 from flip.data.shards import iter_tar_samples, write_shard
+from flip.locking import hold_lock
+from flip.prepare.parts import part_of
 
 from .helpers import compose_train_config, read_shards
 
@@ -333,6 +337,8 @@ def test_a_killed_run_resumes_from_its_scans_and_shards(faces, tmp_path, monkeyp
         (["--max-per-entry", "3"], "--max-per-entry needs --entries"),
         (["-o", "in"], "holds input shard '00000.tar'"),
         (["--model", "missing.ckpt"], "--model 'missing.ckpt' does not exist"),
+        (["--num-parts", "3", "--part", "3"], "--part 3 with --num-parts 3: accepted: 0 to 2"),
+        (["--num-parts", "3"], "--num-parts 3 needs --part K, K from 0 to 2"),
     ],
 )
 def test_bad_flags_fail_before_anything_is_written(tmp_path, monkeypatch, capsys, extra, message):
@@ -383,3 +389,63 @@ def test_damaged_input_shards_are_counted_and_their_readable_samples_kept(tmp_pa
     curation = json.loads((out / "curation.json").read_text())
     assert curation["input_shard_problems"] == {"not_a_tar": 2, "truncated_tar": 1}
     assert curation["samples"] == {"read": 3, "kept": 3, "removed": 0}
+
+
+def test_parts_scan_every_shard_once_and_the_whole_run_then_only_selects_and_writes(
+    faces, tiny_ckpt, tmp_path, monkeypatch, capsys
+):
+    import flip.curation.run as run
+    from flip.curation.agreement import Scorer
+
+    samples, _ = _planted(faces)  # duplicates across shards: the selection is over all of them
+    inputs = _write(tmp_path / "in", samples, per_shard=10)
+    shards = sorted(inputs.glob("*.tar"))
+    flags = ["--model", tiny_ckpt, "--keep-top-fraction", 0.8, "--min-words", 3, "--samples-per-shard", 40]
+    scanned, scored = [], []
+    scan_shard, score = run.scan_shard, Scorer.score
+    monkeypatch.setattr(run, "scan_shard", lambda task: scanned.append(Path(task.path)) or scan_shard(task))
+    monkeypatch.setattr(
+        Scorer, "score", lambda self, path, s: scored.append(Path(path)) or score(self, path, s)
+    )
+    single, out = tmp_path / "single", tmp_path / "out"
+    _curate(inputs, "-o", single, *flags)
+    assert sorted(scanned) == sorted(scored) == shards
+    scanned.clear(), scored.clear()
+
+    stale = out / ".curate/scan/gone-0123.json"  # a shard no longer among the inputs
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    owners = {shard: part_of(str(shard.resolve()), 3) for shard in shards}
+    capsys.readouterr()
+    for k in range(3):
+        before = len(scanned)
+        with hold_lock(out / f".curate/part-0000{(k + 1) % 3}-of-00003-lock", "another part"):  # running
+            assert main(["curate", str(inputs), "-o", str(out), *map(str, flags), "--num-parts", "3",
+                         "--part", str(k), "--workers", "1", "--no-progress"]) == 0  # fmt: skip
+        owned = sorted(shard for shard, owner in owners.items() if owner == k)
+        assert sorted(scanned[before:]) == sorted(scored[before:]) == owned
+        assert json.loads(capsys.readouterr().out) == {
+            "output": str(out), "part": {"index": k, "count": 3}, "inputs": len(shards), "shards": len(owned),
+            "scanned": len(owned), "scanned_from_cache": 0, "scored": len(owned), "scored_from_cache": 0,
+        }  # fmt: skip
+    assert Counter(scanned) == Counter(scored) == Counter(shards)  # every shard once: none twice, none missed
+    assert len(set(owners.values())) == 3  # every part had work
+    scanned.clear(), scored.clear()
+    assert sorted(p.name for p in out.iterdir()) == [".curate"]  # no selection, no shard, no report
+    assert len(list(out.glob(".curate/scan/*.json"))) == len(shards) + 1  # parts remove nothing
+    assert len(list(out.glob(".curate/scores/*.npz"))) == len(shards)
+
+    with hold_lock(out / ".curate/part-00001-of-00003-lock", "part 1"), pytest.raises(SystemExit) as busy:
+        main(["curate", str(inputs), "-o", str(out), *map(str, flags), "--workers", "1", "--no-progress"])
+    assert busy.value.code == 2 and "part-00001-of-00003 of output folder" in capsys.readouterr().err
+    _curate(inputs, "-o", out, *flags)  # the whole run: reads every scan and score back
+    assert scanned == scored == [] and not stale.exists()
+    curation, alone = (json.loads((o / "curation.json").read_text()) for o in (out, single))
+    n = len(shards)
+    assert curation.pop("scan") == {"shards": n, "scanned_from_cache": n, "scored_from_cache": n}
+    assert alone.pop("scan") == {"shards": n, "scanned_from_cache": 0, "scored_from_cache": 0}
+    assert curation == alone and curation["samples"]["removed"] > 0
+    assert (out / "curation_removed.jsonl").read_text() == (single / "curation_removed.jsonl").read_text()
+    tars = sorted(p.name for p in single.glob("*.tar"))
+    assert tars == sorted(p.name for p in out.glob("*.tar")) and len(tars) >= 2
+    assert {t: (out / t).read_bytes() for t in tars} == {t: (single / t).read_bytes() for t in tars}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from flip.curation.agreement import Scorer
+    from flip.prepare.parts import Part
 
 __all__ = ["add_curate_parser", "run_curate"]
 
@@ -31,8 +32,9 @@ def _fraction(text: str) -> float:
     return value
 
 
-def add_curate_parser(commands) -> None:
-    """`flip-data curate` and its flags, grouped as docs/data.md explains them."""
+def add_curate_parser(commands) -> argparse.ArgumentParser:
+    """`flip-data curate` and its flags, grouped as docs/data.md explains them (`flip.cli.data`
+    adds `--num-parts N --part K`, as to every flip-data command)."""
     curate = commands.add_parser(
         "curate", help="curated shards from shards: duplicates, caption rules, agreement, balancing"
     )
@@ -100,13 +102,16 @@ def add_curate_parser(commands) -> None:
     add("--balance", choices=("cap", "metaclip"), default="cap",
         help="cap (default): a strict seeded cap; metaclip: MetaCLIP's sampling probabilities")  # fmt: skip
     add("--unmatched", choices=("keep", "drop"), default="keep", help="captions matching no entry (keep)")
+    return curate
 
 
-def run_curate(args: argparse.Namespace) -> dict:
-    """Runs `flip-data curate` (torch and the model are imported only for this subcommand)."""
+def run_curate(args: argparse.Namespace, part: Part | None = None) -> dict:
+    """Runs `flip-data curate` (torch and the model are imported only for this subcommand):
+    report.json's content, or with `part` one part of several, what the part scanned."""
     from flip.curation.run import CurateConfig, curate
     from flip.curation.select import Filters
     from flip.prepare.caption_rules import CaptionRules
+    from flip.prepare.parts import WHOLE
 
     rules = CaptionRules(
         args.min_words, args.max_words, args.min_chars, args.max_chars,
@@ -119,7 +124,7 @@ def run_curate(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     config = CurateConfig(
         tuple(args.inputs), args.output, filters, args.entries, args.samples_per_shard, args.workers,
-        args.max_pixels, not args.no_progress,
+        args.max_pixels, not args.no_progress, part or WHOLE,
     )  # fmt: skip
     scorer = None
     if args.model is not None or args.open_clip is not None:
@@ -131,4 +136,5 @@ def run_curate(args: argparse.Namespace) -> dict:
                 keep_features=args.min_embedding_cosine is not None,
             )  # fmt: skip
 
-    return curate(config, scorer)["report"]
+    result = curate(config, scorer)
+    return result["report"] if config.part.whole else result["scan"]

@@ -12,8 +12,9 @@ runs on `--workers` processes, resumes where a killed run stopped, and writes th
 for the same inputs and `--seed`. With `--num-parts N --part K` it writes only part K of the
 job (the records whose key hashes to K, `flip.prepare.parts`) beside the other parts' files
 in the same folder, and `merge-report` checks that every part finished and sums their
-reports. Data preparation is a one-off batch job, so it takes plain flags rather than the
-Hydra configs of training and evaluation.
+reports (`curate --part K` only scans part K's input shards into its cache; the run without
+`--part` then selects and writes). Data preparation is a one-off batch job, so it takes
+plain flags rather than the Hydra configs of training and evaluation.
 
 Inputs are checked before the output folder is touched. Exit codes: 0 done; 1 the run
 failed (a worker died: rerun to resume; nothing was written; a file could not be written;
@@ -70,8 +71,8 @@ def _part_number(text: str) -> int:
     return int(text)
 
 
-def add_part_options(parser: argparse.ArgumentParser) -> None:
-    """`--num-parts N --part K`: every flip-data command that writes shards takes them."""
+def add_part_options(parser: argparse.ArgumentParser, part_help: str | None = None) -> None:
+    """`--num-parts N --part K`: every flip-data command takes them (`part_help`: what a part does)."""
     parser.add_argument(
         "--num-parts",
         type=_part_count,
@@ -82,7 +83,8 @@ def add_part_options(parser: argparse.ArgumentParser) -> None:
         "--part",
         type=_part_number,
         default=None,
-        help="write part K (0 to N-1) only: the records whose key hashes to K; then run merge-report",
+        help=part_help
+        or "write part K (0 to N-1) only: the records whose key hashes to K; then run merge-report",
     )
 
 
@@ -262,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     celeba.add_argument("--split", choices=("train", "val", "test", "all"), default="train")
     _common(celeba, detection=True)
-    add_curate_parser(commands)
+    add_part_options(
+        add_curate_parser(commands),
+        "scan (and score) part K's input shards (0 to N-1) into OUT/.curate only; then run without --part",
+    )
 
     merge = commands.add_parser(
         "merge-report",
@@ -371,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "merge-report":
             report = merge_reports(args.output)
         elif args.command == "curate":
-            report = run_curate(args)
+            part = part_from_args(args)  # before anything is read
+            report = run_curate(args, part)
         else:
             part = part_from_args(args)  # before anything is read
             report = run_job(make_source(args), make_config(args, part))
@@ -382,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # e.g. the disk filled up while writing a shard
         where = f" {exc.filename!r}" if exc.filename else ""
         parser.exit(1, f"{prefix} could not write{where}: {exc.strerror or exc}\n")
+    if args.command == "curate" and not part.whole:
+        print(json.dumps(report, indent=2))  # what the part scanned; the run without --part writes
+        return 0
     report_path = Path(report["output"]) / part.report_name
     summary = {k: report[k] for k in ("samples", "skipped_by_reason", "shards_written", "shards_resumed")}
     print(json.dumps({"report": str(report_path), **summary}, indent=2))

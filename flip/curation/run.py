@@ -14,6 +14,13 @@
    scored, `agreement`.
 
 `curation.json`, `curation.png` and `curation_removed.jsonl` (`report.py`) are written last.
+
+Many machines: `--num-parts N --part K` runs step 1 only, for the input shards part K owns
+(`flip.prepare.parts`, keyed by the shard's resolved path, the path its cache entries are
+named by), under a lock of its own (`.curate/part-0000K-of-0000N-lock`), so the N parts fill
+one cache side by side; the run without `--part` then reads every shard back and selects and
+writes. Only that whole run removes cache entries, and only those no current input shard needs
+with its settings, so parts never remove each other's work; it refuses while a part runs.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from flip.data.workers import WorkerPool
 from flip.locking import hold_lock
 from flip.prepare.balance import Entry, read_entries
 from flip.prepare.hygiene import HygieneConfig
+from flip.prepare.parts import WHOLE, Part
 from flip.prepare.report import SkipLog
 from flip.prepare.writer import RESERVED_KEYS, ImageRef, Item, JobConfig, OutputFolderError, run_job
 
@@ -62,6 +70,7 @@ class CurateConfig:
     workers: int = 1
     max_pixels: int = 89_478_485
     progress: bool = True
+    part: Part = WHOLE
 
 
 @dataclass
@@ -138,12 +147,21 @@ def _check_output(output: Path, shards: list[Path]) -> None:
             )
 
 
+def shard_owner_key(shard: Path) -> str:
+    """What decides which part scans a shard: its resolved path, which also names its cache
+    entries (so parts and the whole run agree on both wherever they were started from)."""
+    return str(shard.resolve())
+
+
 def _scan(shards: list[Path], config: CurateConfig, cache: Path, scorer: Scorer | None) -> _Scanned:
-    """Scans (or reads back) every input shard, then scores it (or reads its scores back)."""
+    """Scans (or reads back) every input shard the run's part owns, then scores it (or reads
+    its scores back); the whole run owns every shard and removes cache entries it does not use."""
     scanned = _Scanned(shards)
     kind = config.filters.hash_kind
+    owned = [i for i, shard in enumerate(shards) if config.part.owns(shard_owner_key(shard))]
     tasks, results, used = [], {}, set()
-    for index, shard in enumerate(shards):
+    for index in owned:
+        shard = shards[index]
         digest = ScanTask.digest(shard, kind, config.max_pixels)
         path = cache / "scan" / f"{shard.stem}-{digest}.json"
         used.add(path)
@@ -152,8 +170,8 @@ def _scan(shards: list[Path], config: CurateConfig, cache: Path, scorer: Scorer 
             tasks.append(ScanTask(index, str(shard), str(path), kind, config.max_pixels))
         else:
             results[index] = found
-    scanned.stats = {"shards": len(shards), "scanned_from_cache": len(results), "scored_from_cache": 0}
-    bar = tqdm(total=len(shards), initial=len(results), desc="curate: scan", unit="shard",
+    scanned.stats = {"shards": len(owned), "scanned_from_cache": len(results), "scored_from_cache": 0}
+    bar = tqdm(total=len(owned), initial=len(results), desc="curate: scan", unit="shard",
                file=sys.stderr, disable=not config.progress)  # fmt: skip
     with bar:
         if config.workers > 1 and len(tasks) > 1:
@@ -166,8 +184,8 @@ def _scan(shards: list[Path], config: CurateConfig, cache: Path, scorer: Scorer 
                 results[task.index] = scan_shard(task)
                 bar.update()
     all_scores, all_features = [], []
-    for index, shard in enumerate(shards):
-        result = results[index]
+    for index in owned:
+        shard, result = shards[index], results[index]
         if result["problem"] is not None:
             scanned.shard_problems[index] = (result["problem"], result["detail"])
         samples = samples_of(result)
@@ -184,9 +202,10 @@ def _scan(shards: list[Path], config: CurateConfig, cache: Path, scorer: Scorer 
         scanned.scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
         if scorer.keep_features:
             scanned.features = np.concatenate(all_features)
-    for stale in [*cache.glob("scan/*.json"), *cache.glob("scores/*.npz")]:
-        if stale not in used:
-            stale.unlink(missing_ok=True)
+    if config.part.whole:  # a part never removes anything: another part may be writing it now
+        for stale in [*cache.glob("scan/*.json"), *cache.glob("scores/*.npz")]:
+            if stale not in used:
+                stale.unlink(missing_ok=True)
     return scanned
 
 
@@ -208,9 +227,44 @@ def _scores(
     return scores, features
 
 
+def _scan_part(
+    shards: list[Path], config: CurateConfig, cache: Path, scorer: Scorer | None
+) -> dict[str, Any]:
+    """`--part K`: scans (and scores) the shards part K owns into the cache, and nothing else;
+    a small report of what it did."""
+    part = config.part
+    what = f"part {part.index} of {part.count} of output folder {str(config.output)!r} (curate)"
+    with hold_lock(cache / f"{part.prefix}lock", what):
+        stats = _scan(shards, config, cache, scorer).stats
+    owned = stats["shards"]
+    scored_from_cache = stats["scored_from_cache"] if scorer is not None else 0
+    return {
+        "output": str(config.output),
+        "part": {"index": part.index, "count": part.count},
+        "inputs": len(shards),
+        "shards": owned,
+        "scanned": owned - stats["scanned_from_cache"],
+        "scanned_from_cache": stats["scanned_from_cache"],
+        "scored": owned - scored_from_cache if scorer is not None else 0,
+        "scored_from_cache": scored_from_cache,
+    }
+
+
+@contextlib.contextmanager
+def _no_part_running(cache: Path, output: Path) -> Iterator[None]:
+    """Holds every part's lock while the whole run selects: FolderBusyError naming a part still
+    scanning, whose shards would otherwise be scanned twice, or its entries judged stale."""
+    with contextlib.ExitStack() as held:
+        for lock in sorted(cache.glob("part-*-lock")):
+            what = f"{lock.name[: -len('-lock')]} of output folder {str(output)!r} (curate --part)"
+            held.enter_context(hold_lock(lock, what))
+        yield
+
+
 def curate(config: CurateConfig, scorer: Scorer | Callable[[], Scorer] | None = None) -> dict[str, Any]:
     """Curates `config.inputs` into `config.output`; returns {"report": report.json's content,
-    "curation": curation.json's}.
+    "curation": curation.json's}. With `config.part` a part of several, only scans and scores
+    the shards it owns into the cache and returns {"scan": what it did} (the others None).
 
     `scorer` scores pairs (or a function that loads it, called once the inputs, entries and
     output folder are known to be good: a large model is not loaded for a run that fails on a
@@ -246,7 +300,10 @@ def curate(config: CurateConfig, scorer: Scorer | Callable[[], Scorer] | None = 
             f"cannot write to output folder {str(output)!r} ({exc.strerror or exc}); "
             "choose a folder you can write to with --output"
         ) from None
-    with hold_lock(cache / "lock", f"output folder {str(output)!r} (curate)"):
+    if not config.part.whole:
+        return {"report": None, "curation": None, "scan": _scan_part(shards, config, cache, scorer)}
+    lock = hold_lock(cache / "lock", f"output folder {str(output)!r} (curate)")
+    with lock, _no_part_running(cache, output):
         scanned = _scan(shards, config, cache, scorer)
         names = [scanned.name(i) for i in range(len(scanned.samples))]
         selection = select(scanned.samples, names, filters, scanned.scores, scanned.features, entries)
