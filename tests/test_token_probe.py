@@ -16,7 +16,7 @@ from sklearn.metrics import mean_absolute_error
 from flip.benchmarks.base import ImageFiles, LabelledSplit, PixelArrays
 from flip.evaluation.features import FeatureCache, SplitFeatures
 from flip.evaluation.linear_probe import LinearProbe
-from flip.evaluation.probe_targets import ProbeTargets, regression_scores
+from flip.evaluation.probe_targets import ProbeTargets
 from flip.evaluation.token_features import split_token_vectors
 from flip.evaluation.token_head import (
     ProbeSettings,
@@ -325,15 +325,6 @@ def test_losses_by_task_equal_a_computation_by_hand():
     assert math.isclose(float(targets.loss(logits, slice(None))), ce1 + ce2 + l1, rel_tol=1e-5)
 
 
-def test_regression_scores_are_mae_and_cs5():
-    y = np.array([20.0, 30.0, np.nan, 60.0, 44.0])
-    pred = np.array([26.0, 29.0, 3.0, 55.0, 44.5])
-    got = regression_scores(y, pred)
-    known = np.isfinite(y)
-    assert math.isclose(got["mae"], mean_absolute_error(y[known], pred[known]))
-    assert got["cs5"] == 3 / 4 and got["support"] == 4  # |error| 6, 1, 5, 0.5: 5 counts as within
-
-
 def test_multitask_probe_learns_questions_and_age_with_l1():
     def make(n, seed):
         g = torch.Generator().manual_seed(seed)
@@ -349,7 +340,10 @@ def test_multitask_probe_learns_questions_and_age_with_l1():
     assert metrics["summary"]["gender_accuracy"] > 0.88
     # chance: the mean absolute deviation of N(40, 12), 9.6 years
     assert metrics["summary"]["age_mae"] < 3.5 and metrics["summary"]["age_cs5"] > 0.85
-    assert metrics["regression"]["age"]["support"] == int(np.isfinite(test.split.values["age"]).sum())
+    assert metrics["regression"]["age"]["n"] == int(np.isfinite(test.split.values["age"]).sum())
+    age = metrics["regression"]["age"]  # the labelled pairs the scatter plot draws, and their MAE
+    assert age["true"] == [round(float(v), 3) for v in test.split.values["age"] if np.isfinite(v)]
+    assert age["mae"] == pytest.approx(mean_absolute_error(age["true"], age["predicted"]), abs=1e-3)
     assert "multiclass" in metrics and metrics["per_label"] == {}
 
 
