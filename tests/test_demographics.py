@@ -17,6 +17,7 @@ from sklearn.metrics import mean_absolute_error
 from flip.benchmarks import read_utkface
 from flip.benchmarks.base import ImageFiles, LabelledSplit
 from flip.benchmarks.fairface import AGE_GROUPS, FAIRFACE_RACES, GENDERS, age_group_of
+from flip.evaluation import token_probe
 from flip.evaluation.features import SplitFeatures
 from flip.evaluation.linear_probe import LinearProbe, fit_logistic_regression, standardizer
 from flip.evaluation.metrics import regression_metrics
@@ -28,6 +29,7 @@ from flip.evaluation.zeroshot import expected_ages
 
 from .helpers import compose_eval, eval_overrides, run_linear_probe, run_zeroshot
 from .helpers.demographics import write_fairface, write_utkface
+from .helpers.evaluation import run_token_probe
 
 
 def test_mae_and_cs5_equal_sklearn_and_numpy_on_the_labelled_samples():
@@ -338,6 +340,74 @@ def test_demo_checkpoint_linear_probe_on_utkface_and_fairface(tmp_path, trained_
     )
     assert written["val_split"] is None and written["train_split"] == "train" and "regression" not in written
     assert written["multiclass"]["race"]["l2_selected_on"] == "held-out 20% of train"
+
+
+def test_demo_checkpoint_token_probe_on_utkface_reports_subgroups_and_the_age_scatter(
+    tmp_path, trained_demo, monkeypatch
+):
+    outputs = []  # every head output the probe computes; the last is the test split's at the chosen epoch
+
+    def recording(*args, **kwargs):
+        outputs.append(predict(*args, **kwargs))
+        return outputs[-1]
+
+    predict = token_probe.predict
+    monkeypatch.setattr(token_probe, "predict", recording)
+    root = _utkface(tmp_path)
+    overrides = [
+        *eval_overrides(tmp_path, trained_demo.ckpt, "utkface", root, "utk_out"),
+        "protocols.token_probe.epochs=3",
+    ]
+    metrics = run_token_probe(compose_eval("eval_token_probe", tmp_path, *overrides))
+    written, report = _check_outputs(tmp_path / "utk_out", metrics, "test")
+    assert written["protocol"] == "token_probe" and written["n_test"] == 8
+    assert written["selected"]["on"] == "val" and len(written["selected"]["scores"]) == 3
+    # its own predictions, read by hand: the class logits per question in the split's order, then age
+    test = read_utkface(root, "test")
+    logits, start, predicted = outputs[-1].numpy(), 0, {}
+    assert logits.shape == (8, 2 + 5 + len(AGE_GROUPS) + 1)
+    for name, (classes, _) in test.questions.items():
+        predicted[name] = logits[:, start : start + len(classes)].argmax(1)
+        start += len(classes)
+    paths = [root / "UTKFace" / k for k in test.keys]
+    age = np.array([float(p.name.split("_")[0]) for p in paths])
+    truth = {
+        "gender": np.array([int(p.name.split("_")[1]) for p in paths]),
+        "race": np.array([int(p.name.split("_")[2]) for p in paths]),
+        "age_group": age_group_of(age),
+    }
+    block = written["regression"]["age"]
+    assert block["true"] == age.tolist() and block["n"] == 8
+    age_pred = np.array(block["predicted"])
+    assert written["summary"]["age_mae"] == pytest.approx(mean_absolute_error(age, age_pred), abs=1e-3)
+    assert written["summary"]["race_accuracy"] == pytest.approx(np.mean(predicted["race"] == truth["race"]))
+    # every group's figures by hand from those predictions
+    names = {"gender": list(GENDERS), "race": ["White", "Black", "Asian", "Indian", "Others"]}
+    names["age_group"] = list(AGE_GROUPS)
+    for question, groups in names.items():
+        for index, group in enumerate(groups):
+            scored, members = written["subgroups"][question]["groups"][group], truth[question] == index
+            assert scored["support"] == members.sum()
+            if not members.any():
+                assert np.isnan(scored["race_accuracy"]) and np.isnan(scored["age_mae"])
+                continue
+            for other in ("gender", "race"):
+                right = predicted[other][members] == truth[other][members]
+                assert scored[f"{other}_accuracy"] == pytest.approx(right.mean())
+            errors = np.abs(age_pred[members] - age[members])
+            assert scored["age_mae"] == pytest.approx(errors.mean(), abs=1e-3)
+            assert scored["age_cs5"] == pytest.approx(np.mean(errors <= 5))
+    assert (tmp_path / "utk_out" / "age_scatter.png").stat().st_size > 1000 and "**age**: MAE" in report
+
+    fairface = _fairface(tmp_path)  # ages in buckets only: subgroups, no regression and no scatter
+    overrides = [
+        *eval_overrides(tmp_path, trained_demo.ckpt, "fairface", fairface, "ff"),
+        "protocols.token_probe.epochs=2",
+    ]
+    metrics = run_token_probe(compose_eval("eval_token_probe", tmp_path, *overrides))
+    written, _ = _check_outputs(tmp_path / "ff", metrics, "val")
+    assert written["selected"]["on"] == "held-out 20% of train (not refit)" and "regression" not in written
+    assert not (tmp_path / "ff" / "age_scatter.png").exists()
 
 
 def test_a_subgroup_the_split_does_not_label_is_named_with_the_questions_it_has():

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import mean_absolute_error
 
+from flip.benchmarks import CELEBA_ATTRIBUTES
 from flip.benchmarks.base import ImageFiles, LabelledSplit, PixelArrays
 from flip.evaluation.features import FeatureCache, SplitFeatures
 from flip.evaluation.linear_probe import LinearProbe
-from flip.evaluation.probe_targets import ProbeTargets, regression_scores
+from flip.evaluation.probe_targets import ProbeTargets
 from flip.evaluation.token_features import split_token_vectors
 from flip.evaluation.token_head import (
     ProbeSettings,
@@ -32,6 +33,10 @@ from flip.models.probe_tokens import default_probe_blocks, resolve_probe_blocks
 
 from .helpers import compose_eval, eval_overrides
 from .helpers.evaluation import run_token_probe
+from .test_lfwa_layouts import TEST as LFWA_TEST
+from .test_lfwa_layouts import TRAIN as LFWA_TRAIN
+from .test_lfwa_layouts import _values, write_celeba_text, write_flip_csv
+from .test_prepare_celeba import write_celeba
 
 # -- the vectors -------------------------------------------------------------------------------
 
@@ -325,15 +330,6 @@ def test_losses_by_task_equal_a_computation_by_hand():
     assert math.isclose(float(targets.loss(logits, slice(None))), ce1 + ce2 + l1, rel_tol=1e-5)
 
 
-def test_regression_scores_are_mae_and_cs5():
-    y = np.array([20.0, 30.0, np.nan, 60.0, 44.0])
-    pred = np.array([26.0, 29.0, 3.0, 55.0, 44.5])
-    got = regression_scores(y, pred)
-    known = np.isfinite(y)
-    assert math.isclose(got["mae"], mean_absolute_error(y[known], pred[known]))
-    assert got["cs5"] == 3 / 4 and got["support"] == 4  # |error| 6, 1, 5, 0.5: 5 counts as within
-
-
 def test_multitask_probe_learns_questions_and_age_with_l1():
     def make(n, seed):
         g = torch.Generator().manual_seed(seed)
@@ -349,7 +345,10 @@ def test_multitask_probe_learns_questions_and_age_with_l1():
     assert metrics["summary"]["gender_accuracy"] > 0.88
     # chance: the mean absolute deviation of N(40, 12), 9.6 years
     assert metrics["summary"]["age_mae"] < 3.5 and metrics["summary"]["age_cs5"] > 0.85
-    assert metrics["regression"]["age"]["support"] == int(np.isfinite(test.split.values["age"]).sum())
+    assert metrics["regression"]["age"]["n"] == int(np.isfinite(test.split.values["age"]).sum())
+    age = metrics["regression"]["age"]  # the labelled pairs the scatter plot draws, and their MAE
+    assert age["true"] == [round(float(v), 3) for v in test.split.values["age"] if np.isfinite(v)]
+    assert age["mae"] == pytest.approx(mean_absolute_error(age["true"], age["predicted"]), abs=1e-3)
     assert "multiclass" in metrics and metrics["per_label"] == {}
 
 
@@ -428,3 +427,86 @@ def test_eval_token_probe_on_the_demo_checkpoint(trained_demo, tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "selected on test, as published" in report and "honest (epoch" in report
     assert set(written["skipped"]) == {"train", "val", "test"}
+
+
+def _record_test_outputs(monkeypatch) -> list[torch.Tensor]:
+    """Every head output the protocol computes, in order (the test split's come last)."""
+    from flip.evaluation import token_probe
+
+    outputs, original = [], token_probe.predict
+
+    def recording(*args, **kwargs):
+        outputs.append(original(*args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(token_probe, "predict", recording)
+    return outputs
+
+
+def _attribute_figures(logits: torch.Tensor, truth: np.ndarray) -> tuple[float, float]:
+    """Mean over attributes of accuracy and of balanced accuracy (the mean recall of the classes
+    present), by hand from the head's outputs (logit > 0: present) and 0/1 labels [N, 40]."""
+    decided = logits.numpy() > 0
+    accuracy = (decided == truth).mean(axis=0)
+    balanced = [
+        np.mean([(decided[truth[:, a] == c, a] == c).mean() for c in (0, 1) if (truth[:, a] == c).any()])
+        for a in range(truth.shape[1])
+    ]
+    return float(accuracy.mean()), float(np.mean(balanced))
+
+
+def _check_paper_metrics(out, metrics, outputs, truth, selected_on: str, epochs: int) -> None:
+    """metrics.json names the papers' metrics and they equal the figures by hand from the probe's
+    own test outputs: the honest epoch's (second to last), then the epoch chosen on test (last)."""
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    assert written["protocol"] == "token_probe" and written["task"] == "attributes"
+    assert set(written["summary"]) == {"mean_accuracy", "mean_balanced_accuracy"}
+    assert written["labels"] == list(CELEBA_ATTRIBUTES) and written["n_test"] == len(truth)
+    assert written["selected"]["on"] == selected_on and len(written["selected"]["scores"]) == epochs
+    honest, published = outputs[-2], outputs[-1]
+    assert honest.shape == published.shape == (len(truth), 40)
+    accuracy, balanced = _attribute_figures(honest, truth)
+    assert written["summary"]["mean_accuracy"] == pytest.approx(accuracy)
+    assert written["summary"]["mean_balanced_accuracy"] == pytest.approx(balanced)
+    block = written["as_published"]
+    assert block["label"] == AS_PUBLISHED and len(block["selected"]["scores"]) == epochs
+    accuracy, balanced = _attribute_figures(published, truth)
+    assert block["summary"]["mean_accuracy"] == pytest.approx(accuracy) == max(block["selected"]["scores"])
+    assert block["summary"]["mean_balanced_accuracy"] == pytest.approx(balanced)
+    report = (out / "report.md").read_text()
+    assert f"honest (epoch {written['selected']['epoch']}, chosen on {selected_on})" in report
+    assert "selected on test, as published" in report
+
+
+def test_eval_token_probe_on_a_celeba_layout(trained_demo, tmp_path, monkeypatch):
+    rows = write_celeba(tmp_path / "celeba", count=20)  # the official Anno/ Eval/ Img/ layout
+    truth = np.array([[v[a] for a in CELEBA_ATTRIBUTES] for _, v, split in rows if split == "test"], int)
+    outputs = _record_test_outputs(monkeypatch)
+    cfg = compose_eval(
+        "eval_token_probe",
+        tmp_path,
+        *eval_overrides(tmp_path, trained_demo.ckpt, "celeba", tmp_path / "celeba"),
+        "protocols.token_probe.epochs=3",
+        "protocols.token_probe.selection=test_as_published",
+    )
+    _check_paper_metrics(tmp_path / "out", run_token_probe(cfg), outputs, truth, "val", 3)
+
+
+@pytest.mark.parametrize("write", [write_flip_csv, write_celeba_text], ids=["flip_csv", "celeba_text"])
+def test_eval_token_probe_on_both_lfwa_layouts(trained_demo, tmp_path, monkeypatch, write):
+    (tmp_path / "lfwa").mkdir()
+    write(tmp_path / "lfwa")
+    truth = np.array([_values(10 + i) for i in range(len(LFWA_TEST))])  # the test list's labels
+    outputs = _record_test_outputs(monkeypatch)
+    cfg = compose_eval(
+        "eval_token_probe",
+        tmp_path,
+        *eval_overrides(tmp_path, trained_demo.ckpt, "lfwa", tmp_path / "lfwa"),
+        "protocols.token_probe.epochs=2",
+        "protocols.token_probe.selection=test_as_published",
+    )
+    metrics = run_token_probe(cfg)
+    held_out = "held-out 20% of train (not refit)"  # LFWA has no val split
+    _check_paper_metrics(tmp_path / "out", metrics, outputs, truth, held_out, 2)
+    assert metrics["n_train"] == len(LFWA_TRAIN) - 1 and metrics["val_split"] is None

@@ -3,7 +3,7 @@
 Loss by task: BCE-with-logits for attributes (-1 = unlabelled, masked out), cross-entropy for
 classes, and for multitask splits cross-entropy per question plus L1 per regression value (on
 the value standardised with the training rows' mean and std, reported back in its own units:
-MAE and CS@5, the fraction within 5).
+MAE and CS@5, the fraction within 5, by flip.evaluation.multitask as for the other protocols).
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flip.evaluation.metrics import attribute_scores, classification_scores, multiclass_metrics
-
-WITHIN_YEARS = 5.0  # CS@5
+from flip.evaluation.metrics import attribute_scores, classification_scores
+from flip.evaluation.multitask import MultitaskPredictions, QuestionPredictions, ValuePredictions
 
 
 @dataclass
@@ -152,18 +151,6 @@ class ProbeTargets:
         return value, grad
 
 
-def regression_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | int]:
-    """MAE and CS@5 (the fraction of predictions within 5 units) over the labelled (finite) values."""
-    labelled = np.isfinite(y_true)
-    error = np.abs(y_pred[labelled] - y_true[labelled])
-    nan = float("nan")
-    return {
-        "mae": float(error.mean()) if len(error) else nan,
-        "cs5": float((error <= WITHIN_YEARS).mean()) if len(error) else nan,
-        "support": int(labelled.sum()),
-    }
-
-
 def score_outputs(logits: torch.Tensor, split: Any, targets: ProbeTargets) -> dict[str, Any]:
     """summary + per_label (+ confusion matrix, or multiclass and regression blocks) of the head's
     outputs on a split, in the metrics.json schema of the other probes."""
@@ -175,27 +162,31 @@ def score_outputs(logits: torch.Tensor, split: Any, targets: ProbeTargets) -> di
     if targets.task == "classification":
         summary, per_label, confusion = classification_scores(split.targets, logits.argmax(1).numpy(), names)
         return {"summary": summary, "per_label": per_label, "confusion_matrix": confusion}
-    summary: dict[str, float] = {}
-    multiclass, regression = {}, {}
+    predictions = multitask_predictions(logits, split, targets)
+    out: dict[str, Any] = {"summary": predictions.scores(), "per_label": {}}
+    if predictions.questions:
+        out["multiclass"] = predictions.multiclass()
+    if predictions.values:
+        out["regression"] = predictions.regression()
+    return out
+
+
+def multitask_predictions(logits: torch.Tensor, split: Any, targets: ProbeTargets) -> MultitaskPredictions:
+    """The head's outputs on a multitask split as the other protocols' predictions (a class per
+    question, each value back in its own units), so that its summary, details and per-subgroup
+    figures are computed by the same code as the linear probe's and zero-shot's."""
+    logits = logits.float().cpu()
+    predictions = MultitaskPredictions()
     for question, outputs in targets.slices:
         classes, y = split.questions[question]
-        keep = y >= 0
-        pred = logits[:, outputs].argmax(dim=1).numpy()
-        m = multiclass_metrics(y[keep], pred[keep], classes)
-        m["confusion_matrix"] = classification_scores(y[keep], pred[keep], classes)[2]
-        multiclass[question] = m
-        summary[f"{question}_accuracy"] = m["accuracy"]
-        summary[f"{question}_mean_per_class_recall"] = m["mean_per_class_recall"]
+        predictions.questions[question] = QuestionPredictions(
+            list(classes), np.asarray(y), logits[:, outputs].argmax(dim=1).numpy()
+        )
     if targets.value_names:
         mean, std = targets.value_stats
-        predicted = (logits[:, -len(targets.value_names) :] * std + mean).numpy()
+        predicted = (logits[:, -len(targets.value_names) :] * std + mean).double().numpy()
         for r, name in enumerate(targets.value_names):
-            regression[name] = regression_scores(np.asarray(split.values[name], dtype=float), predicted[:, r])
-            summary[f"{name}_mae"] = regression[name]["mae"]
-            summary[f"{name}_cs5"] = regression[name]["cs5"]
-    out: dict[str, Any] = {"summary": summary, "per_label": {}}
-    if multiclass:
-        out["multiclass"] = multiclass
-    if regression:
-        out["regression"] = regression
-    return out
+            predictions.values[name] = ValuePredictions(
+                np.asarray(split.values[name], dtype=float), predicted[:, r]
+            )
+    return predictions

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from flip.evaluation.features import BenchmarkFeatures, SplitFeatures, model_device
-from flip.evaluation.probe_targets import ProbeTargets, score_outputs
+from flip.evaluation.probe_targets import ProbeTargets, multitask_predictions, score_outputs
+from flip.evaluation.subgroups import subgroup_labels, subgroup_metrics
 from flip.evaluation.token_features import benchmark_token_vectors, tower_depth
 from flip.evaluation.token_head import (
     HEADS,
@@ -145,7 +146,9 @@ class TokenProbe:
             else None
         )
         test = benchmark_token_vectors(features, None, blocks)
-        return self.metrics(train, test, val, checkpoint, model_device(model), blocks)
+        device = model_device(model)
+        subgroups = features.benchmark.subgroups
+        return self.metrics(train, test, val, checkpoint, device, blocks, subgroups)
 
     def metrics(
         self,
@@ -155,8 +158,11 @@ class TokenProbe:
         checkpoint: str | None,
         device: torch.device | str = "cpu",
         blocks: Sequence[int | str] | None = None,
+        subgroups: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """metrics.json of the probe. The vectors of the three splits are normalised in place."""
+        """metrics.json of the probe; on a multitask split whose benchmark names `subgroups`, also
+        every summary metric per demographic group (flip.evaluation.subgroups, as the other
+        protocols). The vectors of the three splits are normalised in place."""
         for other in (s for s in (train, val) if s is not None):
             same = (
                 other.split.task,
@@ -175,6 +181,7 @@ class TokenProbe:
                     f"{other.split.label_names or list(other.split.questions)} vs "
                     f"{test.split.label_names or list(test.split.questions)}"
                 )
+        groups = subgroup_labels(test.split, subgroups)
         device = torch.device(device)
         x_train = normalize_vectors_(train.features.to(device, torch.float32))
         x_test = normalize_vectors_(test.features.to(device, torch.float32))
@@ -208,7 +215,8 @@ class TokenProbe:
         head = fit_token_probe(x_train, train_targets, self.settings, fit_rows, on_epoch)
         _, epoch, state = chooser.best
         head.load_state_dict(state)
-        scored = score_outputs(predict(head, x_test), test.split, test_targets)
+        logits = predict(head, x_test)
+        scored = score_outputs(logits, test.split, test_targets)
         metrics: dict[str, Any] = {
             "benchmark": test.split.benchmark,
             "protocol": "token_probe",
@@ -235,6 +243,9 @@ class TokenProbe:
                 "selection": self.selection,
             },
         }
+        if groups:
+            predictions = multitask_predictions(logits, test.split, test_targets)
+            metrics["subgroups"] = subgroup_metrics(predictions, groups)
         if on_test is not None:
             _, test_epoch, test_state = on_test.best
             head.load_state_dict(test_state)
