@@ -351,8 +351,6 @@ def test_the_flip_test_sums_an_image_and_its_mirror_before_normalising(tmp_path,
 
 
 def test_eval_verification_on_lfw_end_to_end(tmp_path, trained_demo):
-    import flip
-
     root = write_lfw(tmp_path / "lfwbench")
     cfg = compose_eval(
         "eval_verification", tmp_path, *eval_overrides(tmp_path, trained_demo.ckpt, "lfw", root)
@@ -369,9 +367,15 @@ def test_eval_verification_on_lfw_end_to_end(tmp_path, trained_demo):
     report = (out / "report.md").read_text()
     assert "| fold | threshold | accuracy | pairs |" in report and "![roc](roc.png)" in report
 
-    # the same figures from the demo model's own embeddings, mirrored by hand
-    model = flip.load(trained_demo.ckpt)
-    split = read_lfw(root)
+    assert_figures_by_hand(written, trained_demo.ckpt, read_lfw(root))
+
+
+def assert_figures_by_hand(written: dict, ckpt, split) -> None:
+    """The run's figures equal those of the model's own embeddings (image + its mirror), scored by
+    sklearn's 10-fold split and ROC AUC."""
+    import flip
+
+    model = flip.load(ckpt)
     with torch.no_grad():
         embeddings = []
         for path in split.images.paths:
@@ -389,6 +393,20 @@ def test_eval_verification_on_lfw_end_to_end(tmp_path, trained_demo):
     assert [f["accuracy"] for f in written["folds"]] == pytest.approx(accuracies)
     assert written["summary"]["accuracy_mean"] == pytest.approx(np.mean(accuracies), abs=1e-6)
     assert written["summary"]["roc_auc"] == pytest.approx(roc_auc_score(split.pairs.same, scores), abs=1e-4)
+
+
+@pytest.mark.parametrize("benchmark", ["calfw", "cplfw"])
+def test_eval_verification_on_calfw_and_cplfw_end_to_end(tmp_path, trained_demo, benchmark):
+    root = write_line_pairs(tmp_path / benchmark, benchmark)
+    cfg = compose_eval(
+        "eval_verification", tmp_path, *eval_overrides(tmp_path, trained_demo.ckpt, benchmark, root)
+    )
+    run_verification(cfg)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["benchmark"] == benchmark and written["n_pairs"] == written["pairs_listed"] == 40
+    assert len(written["folds"]) == 10 and written["skipped"] == {"test": {}}
+    assert (tmp_path / "out" / "roc.png").stat().st_size > 1000
+    assert_figures_by_hand(written, trained_demo.ckpt, READERS[benchmark](root))
 
 
 def test_eval_verification_without_the_flip_test_and_on_a_benchmark_without_pairs(
