@@ -52,13 +52,13 @@ class Task:
         raise NotImplementedError
 
     @property
-    def outputs(self) -> int:
+    def labels(self) -> list[str]:
+        """What metrics.json lists as `labels`: one per output of the head."""
         raise NotImplementedError
 
     @property
-    def labels(self) -> list[str]:
-        """What metrics.json lists as `labels`."""
-        raise NotImplementedError
+    def outputs(self) -> int:
+        return len(self.labels)
 
     def targets(self, split: LabelledSplit) -> torch.Tensor:
         """One row of targets per sample of `split`, in its order."""
@@ -136,10 +136,6 @@ class Attributes(Task):
         _same("attributes", self.names or [], split.label_names if split.task == "attributes" else [], split)
 
     @property
-    def outputs(self) -> int:
-        return len(self.names or [])
-
-    @property
     def labels(self) -> list[str]:
         return list(self.names or [])
 
@@ -190,10 +186,6 @@ class Classification(Task):
 
     def check(self, split: LabelledSplit) -> None:
         _same("classes", self.classes or [], self._classes_of(split), split)
-
-    @property
-    def outputs(self) -> int:
-        return len(self.classes or [])
 
     @property
     def labels(self) -> list[str]:
@@ -253,10 +245,6 @@ class Regression(Task):
 
     def check(self, split: LabelledSplit) -> None:
         self._values_of(split)
-
-    @property
-    def outputs(self) -> int:
-        return 1
 
     @property
     def labels(self) -> list[str]:
@@ -357,10 +345,6 @@ class Parsing(_Dense):
         return int(self.label_size)
 
     @property
-    def outputs(self) -> int:
-        return len(self.classes or [])
-
-    @property
     def labels(self) -> list[str]:
         return list(self.classes or [])
 
@@ -424,10 +408,6 @@ class Landmarks(_Dense):
     def check(self, split: LabelledSplit) -> None:
         _dense_kind(split, "landmarks")
         _same("points", self.points or [], split.label_names, split)
-
-    @property
-    def outputs(self) -> int:
-        return len(self.points or [])
 
     @property
     def labels(self) -> list[str]:
