@@ -12,9 +12,9 @@ kernel is faster than torch's choice for that shape and precision.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
+from bench.results_io import machine, write_results  # noqa: E402
+
 # (batch, heads, tokens, head width) of one attention call per tower
 SHAPES = {
     "demo image tower (64 px / 8, width 96)": (128, 2, 65, 48),
@@ -81,19 +84,10 @@ def main() -> None:
         "rows": rows,
         "repeats": args.repeats,
         "threads": args.threads,
-        "torch": torch.__version__,
-        "cpu": _cpu_model(),
+        "machine": machine(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "attention_kernels.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "attention_kernels.md").write_text(markdown(result))
+    write_results(RESULTS / "attention_kernels", result, markdown(result))
     print(markdown(result))
-
-
-def _cpu_model() -> str:
-    from train_throughput import cpu_model
-
-    return cpu_model()
 
 
 def markdown(result: dict) -> str:
@@ -111,7 +105,7 @@ def markdown(result: dict) -> str:
     return (
         "\n".join(lines)
         + f"\n\nMedian of {result['repeats']} alternating forward + backward calls each, {result['threads']} "
-        f"threads, {result['cpu']}, torch {result['torch']}.\n"
+        f"threads, {result['machine']['cpu']}, torch {result['machine']['torch']}.\n"
     )
 
 

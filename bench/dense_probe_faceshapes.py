@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import machine, write_results  # noqa: E402
 from flip.checkpoint import load  # noqa: E402
 from flip.config import CONFIG_PATH  # noqa: E402
 from flip.data.faceshapes import ensure_faceshapes  # noqa: E402
@@ -106,15 +105,11 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine(),
         "ckpt": str(ckpt), "pretrain_steps": None if args.ckpt else args.pretrain_steps,
         "splits": splits, "image_size": args.image_size, "epochs": args.epochs, "seed": args.seed,
         "runs": rows,
     }  # fmt: skip
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Dense probes on FaceShapes ({splits['train']} / {splits['val']} / {splits['test']} faces at "
         f"{args.image_size} px, {args.epochs} epochs)",
@@ -132,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             figures = " | ".join(f"{row[k]:.3f}" for k in headline)
             lines.append(f"| {row['start']} | {figures} | {row['epoch']} | {row['seconds']:.0f} |")
         lines.append("")
-    results.with_suffix(".md").write_text("\n".join(lines))
+    write_results(args.results, report, "\n".join(lines))
     print("\n".join(lines))
 
 

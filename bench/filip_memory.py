@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.process_memory import reset_peak, status_kb  # noqa: E402
+from bench.results_io import machine, write_results  # noqa: E402
 from flip.losses import FilipLoss  # noqa: E402
 from flip.losses.clip import symmetric_cross_entropy  # noqa: E402
 
@@ -135,12 +135,10 @@ def main() -> None:
         + ("" if all(r["peak_reset"] for r in results.values()) else " (VmHWM reset unavailable)"),
         "time_method": f"best wall time of {args.repeats} forward+backward runs (the machine may be shared)",
         "load_average_at_start": load,
-        "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
-        "torch": torch.__version__,
+        "machine": machine(threads=args.threads),
     }
     assert math.isfinite(report["max_abs_diff"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(json.dumps(report, indent=2))
 
 

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -36,6 +33,7 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import machine, write_results  # noqa: E402
 from flip.config import CONFIG_PATH  # noqa: E402
 from flip.data.faceshapes import ensure_faceshapes  # noqa: E402
 from flip.training.finetune.run import finetune  # noqa: E402
@@ -125,14 +123,10 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine(),
         "ckpt": str(args.ckpt), "splits": splits, "image_size": args.image_size, "steps": args.steps,
         "batch_size": args.batch_size, "seed": args.seed, "runs": rows,
     }  # fmt: skip
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Dense fine-tuning on FaceShapes ({splits['train']} / {splits['val']} / {splits['test']} faces "
         f"at {args.image_size} px, {args.steps} steps of {args.batch_size})",
@@ -152,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             figures = " | ".join(f"{row[k]:.3f}" for k in headline)
             lines.append(f"| {label} | {lr} | {figures} | {row['seconds']:.0f} |")
         lines.append("")
-    results.with_suffix(".md").write_text("\n".join(lines))
+    write_results(args.results, report, "\n".join(lines))
     print("\n".join(lines))
 
 

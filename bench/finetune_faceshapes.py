@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import machine, write_results  # noqa: E402
 from flip.config import CONFIG_PATH  # noqa: E402
 from flip.training.finetune.run import finetune  # noqa: E402
 from flip.training.run import train  # noqa: E402
@@ -123,14 +122,10 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine(),
         "pretrain_steps": args.pretrain_steps, "pretrain_seconds": round(pretrain_s, 1),
         "finetune_steps": args.finetune_steps, "batch_size": args.batch_size, "runs": rows,
     }  # fmt: skip
-    results_path = Path(args.results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Fine-tuning on FaceShapes ({args.finetune_steps} steps of {args.batch_size}, after "
         f"{args.pretrain_steps} pretraining steps in {pretrain_s:.0f} s)",
@@ -152,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{sum(r['mean_accuracy'] for r in mine) / len(mine):.3f} | "
             f"{sum(r['seconds'] for r in mine) / len(mine):.0f} |"
         )
-    results_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.results, report, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from bench.results_io import write_results  # noqa: E402
 
 # The tiny demo model on FaceShapes, as the tests shrink it: enough to exercise a strategy.
 SMALL_RUN = [
@@ -299,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"),
             "checks": run_checks(selected),
         }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "gpu_check.md").write_text(markdown(report))
+    write_results(RESULTS / "gpu_check", report, markdown(report))
     print(markdown(report))
     failed = [name for name, result in report["checks"].items() if not result["ok"]]
     return 1 if failed else 0

@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 from webdataset import TarWriter  # noqa: E402
 from webdataset.tariterators import tar_file_expander  # noqa: E402
 
+from bench.results_io import machine, write_results  # noqa: E402
 from flip.atomic import atomic_file  # noqa: E402
 from flip.data.faceshapes.generate import make_sample  # noqa: E402
 from flip.data.pipeline import EpochSeed, SampleTransform, make_loader, train_pipeline  # noqa: E402
@@ -198,15 +198,8 @@ def main() -> None:
     result = {
         **{f"ratio_{name}": case["median_paired_ratio"] for name, case in cases.items()},
         "cases": cases,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "open_clip": open_clip.__version__,
-        },
+        "machine": machine(open_clip=open_clip.__version__),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = [
         "| case | workers | batch | stored px | model px | FLIP samples/s | open_clip samples/s "
         "| ratio of medians | paired ratios (min / median / max) |",
@@ -226,7 +219,7 @@ def main() -> None:
         f"{args.warmup} discarded), {os.cpu_count()} cores, torch {torch.__version__}, "
         f"open_clip {open_clip.__version__}. Per-round numbers are in loader_throughput.json.\n"
     )
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n" + note)
+    write_results(args.out, result, "\n".join(table) + "\n" + note)
     print(json.dumps({k: v for k, v in result.items() if k.startswith("ratio_")}))
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.results_io import machine, write_results  # noqa: E402
 from flip.prepare.align import AlignConfig, align_face  # noqa: E402
 from flip.prepare.detect import MtcnnFaceDetector  # noqa: E402
 from flip.prepare.faces import FacePolicy  # noqa: E402
@@ -208,15 +208,8 @@ def main() -> None:
             "output_px": 224,
             "threads": 1,
         },
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "opencv": cv2.__version__,
-        },
+        "machine": machine(opencv=cv2.__version__),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = [
         "| pipeline | images/s per core | time vs resize | core-hours for FaceCaption-15M (15M faces) |",
         "|---|---:|---:|---:|",
@@ -230,7 +223,7 @@ def main() -> None:
         f"{mean_bytes / 1024:.0f} KiB on average, faces 180-330 px), {os.cpu_count()} cores on the "
         f"machine, torch {torch.__version__}. One image of detect_align, step by step (CPU): {steps}.\n"
     )
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n" + note)
+    write_results(args.out, result, "\n".join(table) + "\n" + note)
     print(json.dumps({k: result[k] for k in ("images_per_s_per_core", "facecaption15m_core_hours")}))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import machine, write_results  # noqa: E402
 from flip.evaluation.linear_probe import fit_logistic_regression, standardizer  # noqa: E402
 
 
@@ -121,20 +121,20 @@ def main() -> None:
         "time_method": f"median wall time over {args.rounds} alternating rounds, standardisation included "
         "(CPU time beside it: the machine may be shared)",
         "load_average_at_start": load,
-        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
+        "machine": machine(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     header = "| features | labels | FLIP probe | scikit-learn | speedup | FLIP acc. | sklearn acc. | diff |"
     row = (
         f"| {args.n:,} x {args.dim} | {args.labels} | {flip_s:.1f} s | {sklearn_s:.1f} s "
         f"| {report['speedup']}x "
         f"| {accuracy['flip']:.4f} | {accuracy['sklearn']:.4f} | {report['accuracy_diff_pt']:+.2f} pt |"
     )
-    note = f"{report['device']}, torch {torch.__version__}; {report['time_method']}; load average {load}."
+    note = (
+        f"cpu {report['machine']['cpu']}, {report['machine']['threads']} threads, torch {torch.__version__}; "
+        f"{report['time_method']}; load average {load}."
+    )
     table = [header, "|---|---:|---:|---:|---:|---:|---:|---:|", row, "", note]
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    write_results(args.out, report, "\n".join(table))
     print(json.dumps(report, indent=2))
 
 

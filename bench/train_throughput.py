@@ -34,7 +34,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -51,6 +50,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+from bench.results_io import machine, write_results  # noqa: E402
+
 ARCH_NAME = "flip-bench-tiny"
 LOG_EVERY = 10
 # open_clip_train 3.3 groups tar members itself and fails on the end-of-shard marker webdataset
@@ -286,17 +288,6 @@ def matmul_gflops(threads: int, shape: tuple[int, int, int], dtype: torch.dtype,
     return 2 * m * k * n / best / 1e9
 
 
-def cpu_model() -> str:
-    """The CPU's model name and its native bf16 flags: bf16 kernels differ by more than clock speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = re.search(r"^model name\s*:\s*(.+)$", info, flags=re.M)
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", info)})
-    return f"{name.group(1) if name else platform.machine()} ({', '.join(flags) or 'no native bf16'})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -396,16 +387,9 @@ def main() -> None:
         "image_px_in_shards": 112,
         "matmul_shapes_mkn": shapes,
     }
-    result["machine"] = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "train_throughput.md").write_text(markdown(result))
+    result["machine"] = machine()
+    result["machine"]["load_average_1min_before"] = round(load_before, 2)
+    write_results(RESULTS / "train_throughput", result, markdown(result))
     print(markdown(result))
 
 
@@ -439,7 +423,7 @@ def markdown(r: dict) -> str:
         "step FLOPs counted once "
         f"(the same at both precisions). {r['machine']['cpu']}, torch {r['machine']['torch']}, "
         f"{r['machine']['cores']} cores, 1-min load average before/after "
-        f"{r['machine']['load_average_1min_before_after']}.\n"
+        f"[{r['machine']['load_average_1min_before']}, {r['machine']['load_average_1min']}].\n"
         f"{large_markdown(r['large_model'])}"
     )
 
