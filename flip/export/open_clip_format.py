@@ -67,6 +67,8 @@ def open_clip_model_config(model: FlipModel) -> dict[str, Any]:
             raise OpenClipExportError(
                 f"open_clip has no architecture config for model.name {config['name']!r}"
             )
+    if config.get("image_size") is not None:  # a tower re-sized for fine-tuning (build_model's image_size)
+        model_cfg["vision_cfg"] = {**model_cfg["vision_cfg"], "image_size": int(config["image_size"])}
     for key in ("init_logit_scale", "init_logit_bias"):
         if config.get(key) is not None:
             model_cfg[key] = float(config[key])

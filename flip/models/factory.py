@@ -87,6 +87,7 @@ def build_model(
     cache_dir: str | None = None,
     image_resize_mode: str | None = None,
     fusion: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
 ) -> FlipModel:
     """Create towers, tokenizer and transforms for `name`.
 
@@ -99,6 +100,9 @@ def build_model(
     evaluation resize (`squash`: the whole image to the square input, as FLIP-Base was evaluated);
     None keeps the architecture's (resize the short side, centre crop). `fusion` ({layers, heads,
     mlp_ratio}) adds the image-text matching fusion and head (flip.models.fusion); None: none.
+    `image_size` builds the image tower for that input size instead of the architecture's (open_clip's
+    `force_image_size`; its transforms follow): how a model fine-tuned at another resolution
+    (finetune.py image_size=, flip.training.finetune.resolution) is rebuilt. None: the architecture's.
     """
     if ":" in name and pretrained is not None:
         raise ValueError(
@@ -121,6 +125,8 @@ def build_model(
         model_kwargs["init_logit_bias"] = float(init_logit_bias)
     if image_resize_mode is not None:
         model_kwargs["image_resize_mode"] = image_resize_mode
+    if image_size is not None:
+        model_kwargs["force_image_size"] = int(image_size)
     clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, cache_dir=cache_dir, **tower_weight_flags(name), **model_kwargs
     )
@@ -134,6 +140,8 @@ def build_model(
     }
     if image_resize_mode is not None:  # only then, so configs saved before the option stay equal
         config["image_resize_mode"] = image_resize_mode
+    if image_size is not None:  # likewise
+        config["image_size"] = int(image_size)
     if fusion is not None:  # likewise
         config["fusion"] = json.loads(json.dumps(dict(fusion)))
     return FlipModel(clip, tokenizer, preprocess_train, preprocess_val, config)

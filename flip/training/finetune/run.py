@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
+from open_clip.factory import get_model_config
 from safetensors.torch import save
 
 from flip.atomic import atomic_file
@@ -41,6 +42,7 @@ from flip.training.finetune.adapt import Adaptation
 from flip.training.finetune.data import FinetuneDataModule
 from flip.training.finetune.ema import EMA
 from flip.training.finetune.module import FinetuneLitModule, build_task
+from flip.training.finetune.resolution import check_image_size, resized
 from flip.training.module import zero_stage
 from flip.training.preemption import Preemption
 from flip.training.resume import AUTO, PerRankSeed, resolve_ckpt_path
@@ -61,13 +63,14 @@ NUMERIC_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {  # key: (accepted typ
     "optim.layer_decay": (NUMBER, False), "ema.decay": (NUMBER, True),
     "ema.every_n_steps": (INTEGER, False), "ema.start_step": (INTEGER, False),
     "eval.batch_size": (INTEGER, False), "eval.num_workers": (INTEGER, False),
-    "eval.max_samples": (INTEGER, True),
+    "eval.max_samples": (INTEGER, True), "image_size": (INTEGER, True),
 }  # fmt: skip
 
 
 def check_settings(cfg: DictConfig) -> None:
     """Fail before any work on settings Hydra cannot check; reads no file (the docs' commands use it)."""
     check_numbers(cfg, NUMERIC_KEYS)
+    check_image_size(cfg.image_size, None if cfg.ckpt is not None else _vision_config(plain(cfg.model)))
     Adaptation.from_config(plain(cfg.adapt))
     target = cfg.task.get("_target_")
     if not target or not issubclass(get_class(target), Task):
@@ -93,6 +96,14 @@ def check_settings(cfg: DictConfig) -> None:
         raise ValueError(
             f"benchmark={cfg.benchmark.name} has no train split (train_split: null): nothing to fine-tune on"
         )
+
+
+def _vision_config(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The image tower's architecture as configured (`model.arch`, or open_clip's for a built-in name);
+    None for an `hf-hub:` / `local-dir:` model, whose config is a download or a file away."""
+    name = str(recipe.get("name"))
+    arch = recipe.get("arch") or (None if ":" in name else get_model_config(name))
+    return (arch or {}).get("vision_cfg")
 
 
 def _check_files(cfg: DictConfig) -> None:
@@ -128,12 +139,12 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     single_console_log()
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    with weights_loaded_after() if ckpt_path else contextlib.nullcontext():  # resumed: not the init's
+        model = resized(initial_model(cfg), cfg.image_size)  # a resumed run's weights fit the new size
     benchmark = Benchmark.from_config(cfg.benchmark)
     train = benchmark.load(benchmark.train_split, cfg.data.max_train, cfg.seed)
     val = benchmark.load(benchmark.val_split, cfg.data.max_val, cfg.seed) if benchmark.val_split else None
     task = {**plain(cfg.task), **build_task(plain(cfg.task)).bind(train)}
-    with weights_loaded_after() if ckpt_path else contextlib.nullcontext():  # resumed: not the init's
-        model = initial_model(cfg)
     task.update(build_task(task).settle(model))
     module = FinetuneLitModule(model, task, cfg.adapt, cfg.optim)
     if val is not None:
