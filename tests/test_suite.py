@@ -1,6 +1,7 @@
 """eval/suite.py: many models x benchmarks x protocols through the one evaluation path, one
 leaderboard; features extracted once per (model, benchmark, split); resumable after a kill;
-a failing cell reported without stopping the others; two leaderboards compared."""
+a failing cell reported without stopping the others; fine-tune runs read into rows labelled by
+their adaptation; two leaderboards compared."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from flip.evaluation import run as run_module
 from flip.evaluation.leaderboard import CellResult, Leaderboard, headline_metrics
 from flip.export import export
 from flip.models import register_architecture
+from flip.training.finetune.run import finetune
 
-from .helpers import ROOT, TINY_ARCH, compose_eval, flip_root_env
+from .helpers import ROOT, TINY_ARCH, compose_eval, compose_finetune_config, flip_root_env
 from .helpers.paths import CONF
 
 QUICKGELU_TINY = "flip-test-tiny-quickgelu"
@@ -330,6 +332,147 @@ def test_a_killed_suite_resumes_without_recomputing_and_gives_the_same_table(
 
     # the table is the uninterrupted run's (that of three models: its first two rows)
     assert _csv_rows(killed / "leaderboard.csv") == _csv_rows(three_models["out"] / "leaderboard.csv")[:3]
+
+
+@pytest.fixture(scope="module")
+def finetuned_demo(trained_demo, tmp_path_factory) -> dict[str, Path]:
+    """Real finetune.py runs of the demo checkpoint, two steps each: LoRA r=4 with EMA, full, frozen."""
+    runs = {}
+    for name, adapt in (
+        ("lora", ["adapt=lora", "adapt.rank=4", "ema.decay=0.5"]),
+        ("full", ["adapt=full"]),
+        ("frozen", ["adapt=frozen"]),
+    ):
+        folder = tmp_path_factory.mktemp(f"finetune_{name}")
+        common = [
+            f"ckpt={trained_demo.ckpt}",
+            f"benchmark.root={trained_demo.faceshapes}",
+            "trainer.max_steps=2",
+        ]
+        finetune(compose_finetune_config(folder, [*common, *adapt]))
+        runs[name] = folder / "run"
+    return runs
+
+
+def test_fine_tune_runs_are_rows_labelled_by_adaptation_beside_the_probes(
+    trained_demo, finetuned_demo, tmp_path
+):
+    runs = finetuned_demo
+    stopped = tmp_path / "stopped"  # a fine-tune that has not evaluated yet: the full run without eval/
+    shutil.copytree(runs["full"], stopped, ignore=shutil.ignore_patterns("eval"))
+    finetunes = [
+        {"name": "demo-lora", "run": str(runs["lora"])},
+        {"name": "demo-full", "run": str(runs["full"])},
+        {"name": "demo-frozen", "run": str(runs["frozen"])},
+        {"name": "stopped", "run": str(stopped)},
+        {"name": "pretrained", "run": str(trained_demo.run)},  # train.py's run: a zero-shot eval/
+        {"name": "nowhere", "run": str(tmp_path / "nowhere")},
+    ]
+    out = tmp_path / "out"
+    cfg = compose_suite(
+        tmp_path,
+        [{"name": "demo", "ckpt": str(trained_demo.ckpt)}],
+        _faceshapes(trained_demo),
+        f"output_dir={out}",
+        "suite.benchmarks.0.protocols=[zeroshot]",
+        suite="finetunes",
+    )
+    with open_dict(cfg):
+        cfg.suite.finetunes = finetunes
+    board = run(cfg)
+
+    rows = _csv_rows(out / "leaderboard.csv")
+    header = rows[0]
+    tuned = [f"faceshapes/finetune/{m}" for m in ("mean_accuracy", "mean_balanced_accuracy")]
+    assert header == [
+        "model",
+        "faceshapes/zeroshot/mean_accuracy",
+        "faceshapes/zeroshot/mean_balanced_accuracy",
+        *tuned,
+        "finetune/run",  # where the runs without results show their error
+    ]
+    table = {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in rows[1:]}
+    sources = {
+        "demo-lora · LoRA r=4": runs["lora"] / "eval" / "metrics.json",
+        "demo-lora · LoRA r=4 (EMA)": runs["lora"] / "eval_ema" / "metrics.json",
+        "demo-full · full": runs["full"] / "eval" / "metrics.json",
+        "demo-frozen · frozen": runs["frozen"] / "eval" / "metrics.json",
+    }
+    assert list(table) == ["demo", *sources, "stopped", "pretrained", "nowhere"]
+    for row, path in sources.items():  # each value is the run's own metrics.json, not recomputed
+        metrics = json.loads(path.read_text())
+        for column in tuned:
+            assert float(table[row][column]) == metrics["summary"][column.split("/")[-1]], (row, column)
+        assert table[row]["faceshapes/zeroshot/mean_accuracy"] == ""
+    assert {row: board.sources[row] for row in sources} == {row: str(p) for row, p in sources.items()}
+    zeroshot = json.loads((out / "cells" / "demo" / "faceshapes" / "zeroshot" / "metrics.json").read_text())
+    assert float(table["demo"]["faceshapes/zeroshot/mean_accuracy"]) == zeroshot["summary"]["mean_accuracy"]
+    assert table["demo"][tuned[0]] == ""
+
+    errors = {e.model: e.error for e in board.errors}
+    assert set(errors) == {"stopped", "pretrained", "nowhere"}
+    assert {table[row]["finetune/run"] for row in errors} == {"error"}
+    assert errors["stopped"].startswith(
+        f"{stopped / 'eval' / 'metrics.json'} does not exist: the fine-tune is"
+    )
+    assert "evaluate=false" in errors["stopped"]
+    assert (
+        f"holds protocol 'zeroshot', not 'finetune': {trained_demo.run} is not a finetune.py run"
+        in (errors["pretrained"])
+    )
+    assert errors["nowhere"].startswith(f"{tmp_path / 'nowhere'} does not exist: `run` must be a finetune.py")
+    markdown = (out / "leaderboard.md").read_text()
+    assert "| demo-lora · LoRA r=4 (EMA) |" in markdown and "| demo-frozen · frozen |" in markdown
+    for row, error in errors.items():
+        assert f"- {row} / finetune/run: {error}" in markdown
+    for row, path in sources.items():
+        assert f"- {row}: `{path}`" in markdown
+    assert not (out / "cells" / "demo-lora").exists()  # nothing computed for a fine-tune
+
+    # a rerun reads the same table; once the stopped run has evaluated, its row is read too
+    before = (out / "leaderboard.csv").read_text()
+    run(cfg)
+    assert (out / "leaderboard.csv").read_text() == before
+    shutil.copytree(runs["full"] / "eval", stopped / "eval")
+    again = run(cfg)
+    assert "stopped · full" in again.models and "stopped" not in again.models
+    assert again.values["stopped · full"] == again.values["demo-full · full"]
+
+
+def test_a_suite_of_fine_tunes_only_loads_no_model(finetuned_demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "load_eval_model", None)  # a model load would fail
+    cfg = compose_suite(tmp_path, [], f"output_dir={tmp_path / 'out'}", suite="finetunes")
+    with open_dict(cfg):
+        cfg.suite.benchmarks = []
+        cfg.suite.finetunes = [{"name": "demo", "run": str(finetuned_demo["full"])}]
+    board = run(cfg)
+    metrics = json.loads((finetuned_demo["full"] / "eval" / "metrics.json").read_text())
+    assert board.models == ["demo · full"] and not board.errors
+    assert board.values["demo · full"] == {
+        f"faceshapes/finetune/{k}": metrics["summary"][k] for k in ("mean_accuracy", "mean_balanced_accuracy")
+    }
+    assert not list((tmp_path / "out" / "clip_benchmark").iterdir())
+    with open_dict(cfg):
+        cfg.suite.finetunes = []
+    with pytest.raises(ValueError, match=r"or fine-tune runs \(suite.finetunes\), or both; got 0 model"):
+        run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("finetunes", "error"),
+    [
+        ([{"name": "demo", "run": "/r"}], r"suite.finetunes\[0\].name='demo' is taken"),
+        ([{"name": "a", "run": "/r"}, {"name": "a", "run": "/s"}], r"suite.finetunes\[1\].name='a' is taken"),
+        ([{"name": "a b", "run": "/r"}], r"suite.finetunes\[0\] needs a name of letters"),
+        ([{"name": "a"}], r"suite.finetunes\[0\] \(a\) needs `run`: the folder finetune.py wrote"),
+    ],
+)
+def test_a_wrong_finetunes_entry_fails_before_any_model_loads(tmp_path, finetunes, error):
+    cfg = compose_suite(tmp_path, [{"name": "demo", "ckpt": "/no/model"}], suite="finetunes")
+    with open_dict(cfg):
+        cfg.suite.finetunes = finetunes
+    with pytest.raises(ValueError, match=error):
+        suite_module.plan(cfg)
 
 
 def _board(values: dict[str, dict]) -> Leaderboard:

@@ -12,7 +12,10 @@ A cell is computed in a hidden folder renamed onto OUT/cells/<model>/<benchmark>
 when complete, so a cell folder with metrics.json is done and a rerun skips it; a killed run
 leaves nothing that looks finished. A cell that fails (its data missing, a protocol its task
 does not have) writes error.json there instead, is retried on the next run, and does not stop
-the others. `python eval/suite.py --compare A.csv B.csv` prints where two leaderboards differ.
+the others. `suite.finetunes` lists finetune.py runs, whose own evaluation (eval/metrics.json,
+eval_ema/metrics.json) is read into rows labelled by their adaptation, beside the models' cells
+(flip.evaluation.finetune_runs). `python eval/suite.py --compare A.csv B.csv` prints where two
+leaderboards differ.
 """
 
 from __future__ import annotations
@@ -64,10 +67,14 @@ class SuiteBenchmark:
 
 
 def _check_name(kind: str, name: Any, index: int) -> str:
+    names = {
+        "models": "a folder under cells/ and a leaderboard row",
+        "finetunes": "the leaderboard rows of its run",
+    }.get(kind, "a folder under cells/ and a leaderboard column")
     if not isinstance(name, str) or not SAFE_NAME.match(name):
         raise ValueError(
-            f"suite.{kind}[{index}] needs a name of letters, digits, '.', '_', '+' or '-' (it names a "
-            f"folder under cells/ and a leaderboard {'row' if kind == 'models' else 'column'}); got {name!r}"
+            f"suite.{kind}[{index}] needs a name of letters, digits, '.', '_', '+' or '-' (it names "
+            f"{names}); got {name!r}"
         )
     return name
 
@@ -134,13 +141,17 @@ def plan(cfg: DictConfig) -> tuple[list[DictConfig], list[SuiteBenchmark]]:
     duplicate name) fails here, before any model loads."""
     models = list(cfg.suite.models or [])
     entries = list(cfg.suite.benchmarks or [])
-    if not models or not entries:
+    runs = list(cfg.suite.get("finetunes") or [])
+    if bool(models) != bool(entries) or not (models or runs):
         raise ValueError(
-            "a suite needs at least one model (suite.models) and one benchmark (suite.benchmarks)"
+            "a suite needs at least one model (suite.models) and one benchmark (suite.benchmarks), "
+            "or fine-tune runs (suite.finetunes), or both; got "
+            f"{len(models)} model(s), {len(entries)} benchmark(s), {len(runs)} run(s)"
         )
     names = [_check_name("models", m.get("name"), i) for i, m in enumerate(models)]
     if len(set(names)) < len(names):
         raise ValueError(f"suite.models: two models share a name ({names}); each names a leaderboard row")
+    finetunes(cfg, names)
     benchmarks = []
     with _hydra_compose():
         for index, entry in enumerate(entries):
@@ -162,6 +173,43 @@ def plan(cfg: DictConfig) -> tuple[list[DictConfig], list[SuiteBenchmark]]:
                 found.cells[protocol] = cell_config(cfg, entry, protocol)
             benchmarks.append(found)
     return models, benchmarks
+
+
+def finetunes(cfg: DictConfig, models: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """suite.finetunes as (name, run): each names its rows, so no two entries (nor a model) share
+    a name, and gives the finetune.py run folder whose results they show."""
+    entries = list(cfg.suite.get("finetunes") or [])
+    out = []
+    for index, entry in enumerate(entries):
+        name = _check_name("finetunes", entry.get("name"), index)
+        if name in models or name in [n for n, _ in out]:
+            raise ValueError(
+                f"suite.finetunes[{index}].name={name!r} is taken (by a model or another run); each "
+                "names the rows of one run"
+            )
+        run = entry.get("run")
+        if not isinstance(run, str) or not run:
+            raise ValueError(
+                f"suite.finetunes[{index}] ({name}) needs `run`: the folder finetune.py wrote "
+                f"(logs/finetune/runs/<date>/); got {run!r}"
+            )
+        out.append((name, run))
+    return out
+
+
+def finetune_cells(cfg: DictConfig) -> tuple[list[CellResult], dict[str, str]]:
+    """The fine-tune runs' rows, as cells, and the metrics.json each was read from."""
+    from flip.evaluation.finetune_runs import finetune_rows
+
+    cells, sources = [], {}
+    for name, run_folder in finetunes(cfg):
+        for row in finetune_rows(name, run_folder):
+            if row.cell.error is not None:
+                log.error("%s: %s", row.cell.model, row.cell.error)
+            else:
+                sources[row.cell.model] = str(row.source)
+            cells.append(row.cell)
+    return cells, sources
 
 
 def cell_record(model: DictConfig, node: DictConfig) -> DictConfig:
@@ -273,8 +321,8 @@ def _release_memory() -> None:
 
 
 def run(cfg: DictConfig) -> Leaderboard:
-    """Every cell of the suite not done yet, then the leaderboard of all of them (also written
-    to output_dir as leaderboard.md, .csv and .png)."""
+    """Every cell of the suite not done yet, then the leaderboard of all of them and of the
+    fine-tune runs' rows (also written to output_dir as leaderboard.md, .csv and .png)."""
     from flip.cli.evaluate import load_eval_model
     from flip.evaluation.features import FeatureCache
 
@@ -305,10 +353,12 @@ def run(cfg: DictConfig) -> Leaderboard:
                 results.append(run_cell(cfg, loaded, model, benchmark.name, protocol, node, cache))
         loaded = None
         _release_memory()
-    board = Leaderboard.from_cells(results, [m.name for m in models])
+    tuned, sources = finetune_cells(cfg)
+    rows = [m.name for m in models] + list(dict.fromkeys(c.model for c in tuned))
+    board = Leaderboard.from_cells(results + tuned, rows, sources)
     for path in board.write(out):
         log.info("wrote %s", path)
-    if cfg.get("clip_benchmark_json"):
+    if cfg.get("clip_benchmark_json"):  # the models' cells: a fine-tune is nothing CLIP_benchmark has
         log.info("wrote %s", write_clip_benchmark_folder(out, results, models))
     return board
 

@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +71,19 @@ def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 @dataclass
 class Leaderboard:
     """Rows are models (in suite order), columns `benchmark/protocol/metric` (in suite order);
-    a failed cell has ERROR in its columns and its message in `errors`."""
+    a failed cell has ERROR in its columns and its message in `errors`. `sources`: the rows whose
+    figures were read from elsewhere than cells/ (a fine-tune run's metrics.json), and that file."""
 
     models: list[str]
     columns: list[str]
     values: dict[str, dict[str, float | str]]
     errors: list[CellResult]
+    sources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_cells(cls, cells: Sequence[CellResult], models: Sequence[str]) -> Leaderboard:
+    def from_cells(
+        cls, cells: Sequence[CellResult], models: Sequence[str], sources: Mapping[str, str] | None = None
+    ) -> Leaderboard:
         columns: dict[str, None] = {}
         per_cell: dict[str, list[str]] = {}  # cell column -> its metric columns (seen on any model)
         for cell in cells:
@@ -99,7 +103,7 @@ class Leaderboard:
                 for column in per_cell[cell.column] or [cell.column]:
                     values[cell.model][column] = ERROR
         errors = [cell for cell in cells if cell.error is not None]
-        return cls(list(models), list(columns), values, errors)
+        return cls(list(models), list(columns), values, errors, dict(sources or {}))
 
     def best(self, column: str) -> float | None:
         found = [v for v in (self.values[m].get(column) for m in self.models) if _number(v)]
@@ -134,6 +138,15 @@ class Leaderboard:
                 text = _md_value(value)
                 row.append(f"**{text}**" if _number(value) and value == best[column] else text)
             lines.append(f"| {model} | " + " | ".join(row) + " |")
+        if self.sources:
+            lines += [
+                "",
+                "## Fine-tuned rows",
+                "",
+                "Each figure of these rows is in the fine-tune run's own metrics.json, read, not recomputed:",
+                "",
+            ]
+            lines += [f"- {row}: `{path}`" for row, path in self.sources.items()]
         if self.errors:
             lines += ["", "## Failed cells", ""]
             lines += [f"- {e.model} / {e.column}: {e.error}" for e in self.errors]
