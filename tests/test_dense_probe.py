@@ -190,7 +190,9 @@ def test_the_faceshapes_bench_probes_a_trained_tower_and_its_random_init(tmp_pat
     """bench/dense_probe_faceshapes.py at toy size: both probes on the demo model and on its
     architecture at a random initialisation, each row the figures of its own metrics.json. (At
     this size nothing is learned; the demo-scale figures are in docs/evaluation.md.)"""
-    bench = runpy.run_path(str(ROOT / "bench" / "dense_probe_faceshapes.py"), run_name="bench")
+    bench = runpy.run_path(
+        str(ROOT / "bench" / "dense_probe_faceshapes.py"), run_name="dense_probe_faceshapes"
+    )
     results = tmp_path / "results" / "dense_probe_faceshapes"
     bench["main"]([
         "--ckpt", str(trained_demo.ckpt), "--data", str(tmp_path / "data"), "--sizes", "24", "8", "8",

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 import flip
 from flip.benchmarks import read_faceshapes_dense
 from flip.benchmarks.dense import points_from_crop
-from flip.data.faceshapes import ensure_faceshapes
 from flip.evaluation.dense_features import DenseCrops, label_maps
 from flip.evaluation.dense_metrics import nme_per_face
 from flip.models import build_model
@@ -92,15 +91,6 @@ def test_fpn_head_fits_a_segmentation_of_fixed_features_far_above_chance():
     majority = max(float(test_labels.float().mean()), 1 - float(test_labels.float().mean()))
     accuracy = float((predicted == test_labels).float().mean())
     assert majority < 0.55 and accuracy > 0.82, (accuracy, majority)
-
-
-@pytest.fixture(scope="module")
-def faceshapes_parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faceshapes_parts") / "fs"
-    ensure_faceshapes(
-        root, {"train": 32, "val": 16, "test": 16}, 32, image_size=32, num_workers=1, parts=True
-    )
-    return root
 
 
 def test_finetune_parsing_with_lora_and_the_fpn_head_writes_labelled_dense_metrics(

@@ -18,7 +18,6 @@ from PIL import Image
 
 import flip
 from flip.benchmarks import read_faceshapes_dense
-from flip.data.faceshapes import ensure_faceshapes
 from flip.evaluation.dense_features import DenseCrops
 from flip.export import export
 from flip.models import build_model
@@ -94,15 +93,6 @@ def test_a_size_the_tower_cannot_take_fails_before_any_work_naming_it(tmp_path, 
     with pytest.raises(ValueError, match=error):
         finetune(compose_finetune_config(tmp_path, overrides))
     assert not (tmp_path / "run").exists()
-
-
-@pytest.fixture(scope="module")
-def faceshapes_parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faceshapes_parts") / "fs"
-    ensure_faceshapes(
-        root, {"train": 32, "val": 16, "test": 16}, 32, image_size=32, num_workers=1, parts=True
-    )
-    return root
 
 
 def test_a_parsing_fine_tune_at_a_new_size_trains_resumes_exports_and_evaluates_there(
