@@ -394,16 +394,17 @@ def test_honest_selection_and_test_as_published_against_an_independent_rerun():
     assert "as_published" not in honest
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_vectors_are_normalised_chunk_by_chunk_in_their_own_memory(dtype, monkeypatch):
     monkeypatch.setattr(token_head, "CHUNK_BYTES", 3 * 4 * 8 * 4)  # 3 rows a chunk: 7 chunks, one short
-    x = 3.0 * torch.randn(20, 4, 8, generator=torch.Generator().manual_seed(0)) + 1.0
+    stored = torch.float64 if dtype == torch.float64 else torch.float32  # float64 stays float64
+    x = 3.0 * torch.randn(20, 4, 8, generator=torch.Generator().manual_seed(0), dtype=stored) + 1.0
     expected = F.layer_norm(x, (8,), eps=1e-5).to(dtype)
     z = normalize_vectors_(x, dtype)
     assert z.dtype == dtype and z.shape == x.shape
     assert z.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # no second copy
     torch.testing.assert_close(z, expected, rtol=0, atol=0)
-    strided = torch.randn(6, 8, 4).transpose(1, 2)  # not contiguous: normalised in a copy
+    strided = torch.randn(6, 8, 4, dtype=stored).transpose(1, 2)  # not contiguous: normalised in a copy
     torch.testing.assert_close(
         normalize_vectors_(strided, dtype), F.layer_norm(strided, (8,), eps=1e-5).to(dtype), rtol=0, atol=0
     )

@@ -61,8 +61,9 @@ def normalize_vectors_(x: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     out = x if dtype == x.dtype else x.view(-1).view(dtype)[: x.numel()].view(x.shape)
     row_bytes = max(1, math.prod(x.shape[1:]) * x.element_size())
     start = 0
+    compute = torch.promote_types(x.dtype, torch.float32)  # never below float32
     for block in x.split(max(1, CHUNK_BYTES // row_bytes)):
-        normed = F.layer_norm(block.float(), block.shape[-1:], eps=LAYER_NORM_EPS)
+        normed = F.layer_norm(block.to(compute), block.shape[-1:], eps=LAYER_NORM_EPS)
         out[start : start + len(block)].copy_(normed)
         start += len(block)
     return out
