@@ -10,7 +10,9 @@ FLIP's CelebA settings (lr 0.3, batch 64, 100 epochs, per-epoch cosine to 0) and
 mean test accuracy over the 40 attributes:
 
 - FLIP (`flip.evaluation.token_head.fit_token_probe`): the LayerNorm's parameter-free
-  normalisation done once, in place; index-sliced batches from the tensor; the gradients
+  normalisation done once, in place, the result kept in bfloat16 over the float32 vectors' own
+  memory (`--vector-dtype`, the protocol's `vector_dtype`; the head computes in float32, the
+  plain loop reads the float32 vectors); index-sliced batches from the tensor; the gradients
   written out (two passes over a batch's vectors), compiled by torch.compile for a run this
   long (compilation time included); the fused AdamW;
 - baseline: a DataLoader over a TensorDataset (shuffled, seeded), an nn.Module head that
@@ -56,6 +58,7 @@ from flip.evaluation.token_head import (  # noqa: E402
     fit_token_probe,
     normalize_vectors_,
     predict,
+    resolve_vector_dtype,
 )
 
 PLANTED = 5  # block 2's max vector
@@ -130,7 +133,8 @@ def plain_loop(x, y, xt, args) -> np.ndarray:
 
 
 def flip_probe(x, y, xt, args) -> np.ndarray:
-    z, zt = normalize_vectors_(x), normalize_vectors_(xt)
+    dtype = resolve_vector_dtype(args.vector_dtype)
+    z, zt = normalize_vectors_(x, dtype), normalize_vectors_(xt, dtype)
     labels = torch.from_numpy(y).float()
     targets = ProbeTargets("attributes", y.shape[1], labels, mask=torch.ones(y.shape, dtype=torch.bool))
     compile_ = {"true": True, "false": False}.get(args.compile, args.compile)
@@ -165,6 +169,8 @@ def worker(args: argparse.Namespace) -> None:
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "accuracy": float((pred == yt.astype(bool)).mean()),
+        # 0: the head collapsed to predicting every attribute absent (see bench/README.md)
+        "predicted_positive": float(pred.mean()),
         "features_mb": features_mb,
         "rss_with_features_mb": ready_mb,
         "peak_rss_mb": status_kb("VmHWM") / 1024,
@@ -177,7 +183,7 @@ def run(method: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", method]
     for key in ("images", "test_images", "vectors", "width", "labels", "epochs", "lr", "batch_size"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    for key in ("weight_decay", "seed", "threads", "compile"):
+    for key in ("weight_decay", "seed", "threads", "compile", "vector_dtype"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     with tempfile.TemporaryDirectory() as cache:  # a cold compile cache: compilation is timed
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
@@ -237,6 +243,12 @@ def main() -> None:
     parser.add_argument(
         "--compile", choices=("auto", "true", "false"), default="auto", help="FLIP's torch.compile setting"
     )
+    parser.add_argument(
+        "--vector-dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="FLIP's vector_dtype: the dtype its normalised vectors are kept in",
+    )
     parser.add_argument("--extract-images", type=int, default=64, help="ViT-B/16 images to time (0: skip)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "token_probe_speed.json")
     parser.add_argument("--worker", choices=("flip", "plain"), help=argparse.SUPPRESS)
@@ -287,6 +299,7 @@ def main() -> None:
             "weight_decay": args.weight_decay,
             "seed": args.seed,
             "compile": args.compile,
+            "vector_dtype": args.vector_dtype,
         },
         "baseline": "DataLoader(TensorDataset, shuffle) + nn.Module head (LayerNorm per batch) "
         "+ torch AdamW, "

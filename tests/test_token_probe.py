@@ -15,6 +15,7 @@ from sklearn.metrics import mean_absolute_error
 
 from flip.benchmarks import CELEBA_ATTRIBUTES
 from flip.benchmarks.base import ImageFiles, LabelledSplit, PixelArrays
+from flip.evaluation import token_head, token_probe
 from flip.evaluation.features import FeatureCache, SplitFeatures
 from flip.evaluation.linear_probe import LinearProbe
 from flip.evaluation.probe_targets import ProbeTargets
@@ -373,7 +374,7 @@ def test_honest_selection_and_test_as_published_against_an_independent_rerun():
     # the same training and the same honest figure, whatever the selection option
     assert published["summary"] == honest["summary"] and published["selected"] == honest["selected"]
     # an independent rerun: test and val accuracy after every epoch
-    z, zv, zt = (normalize_vectors_(v.clone()) for v in (x, xv, xt))
+    z, zv, zt = (normalize_vectors_(v.clone(), torch.bfloat16) for v in (x, xv, xt))  # the default
     train_targets = ProbeTargets.of(_synthetic("train", x, y=y).split)
     per_epoch = {"val": [], "test": []}
 
@@ -393,11 +394,61 @@ def test_honest_selection_and_test_as_published_against_an_independent_rerun():
     assert "as_published" not in honest
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_vectors_are_normalised_chunk_by_chunk_in_their_own_memory(dtype, monkeypatch):
+    monkeypatch.setattr(token_head, "CHUNK_BYTES", 3 * 4 * 8 * 4)  # 3 rows a chunk: 7 chunks, one short
+    stored = torch.float64 if dtype == torch.float64 else torch.float32  # float64 stays float64
+    x = 3.0 * torch.randn(20, 4, 8, generator=torch.Generator().manual_seed(0), dtype=stored) + 1.0
+    expected = F.layer_norm(x, (8,), eps=1e-5).to(dtype)
+    z = normalize_vectors_(x, dtype)
+    assert z.dtype == dtype and z.shape == x.shape
+    assert z.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # no second copy
+    torch.testing.assert_close(z, expected, rtol=0, atol=0)
+    strided = torch.randn(6, 8, 4, dtype=stored).transpose(1, 2)  # not contiguous: normalised in a copy
+    torch.testing.assert_close(
+        normalize_vectors_(strided, dtype), F.layer_norm(strided, (8,), eps=1e-5).to(dtype), rtol=0, atol=0
+    )
+
+
+def test_bfloat16_vectors_train_the_head_the_float32_ones_do():
+    """On a planted signal the head trained on bfloat16 vectors predicts as the float32 one does."""
+    (x, y), (xt, _) = _planted(1500, 0, 0.1), _planted(600, 1)
+    targets = ProbeTargets.of(_synthetic("train", x, y=y).split)
+    settings = ProbeSettings(epochs=8, lr=0.03, batch_size=64, compile=False)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        head = fit_token_probe(normalize_vectors_(x.clone(), dtype), targets, settings)
+        logits[dtype] = predict(head, normalize_vectors_(xt.clone(), dtype))
+    fp32, bf16 = logits[torch.float32], logits[torch.bfloat16]
+    assert bf16.dtype == torch.float32  # the head computes in float32 whatever the vectors' dtype
+    assert float(((fp32 > 0) == (bf16 > 0)).float().mean()) >= 0.99
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.01 * float(fp32.abs().max()))
+    assert not torch.equal(bf16, fp32)  # the vectors' dtype reached the training
+
+
+@pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_the_probe_trains_on_vectors_of_its_vector_dtype(name, dtype, monkeypatch):
+    seen = []
+    fit = token_probe.fit_token_probe
+
+    def recording(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return fit(x, *args, **kwargs)
+
+    monkeypatch.setattr(token_probe, "fit_token_probe", recording)
+    (x, y), (xt, yt) = _planted(200, 0), _planted(100, 1)
+    probe = TokenProbe("train", None, epochs=2, lr=0.03, batch_size=64, vector_dtype=name)
+    found = probe.metrics(_synthetic("train", x, y=y), _synthetic("test", xt, y=yt), None, None)
+    assert seen == [dtype] and found["settings"]["vector_dtype"] == name
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match=r"head='farl'.*\('flip', 'facer'\)"):
         TokenProbe("train", head="farl")
     with pytest.raises(ValueError, match=r"selection='test'.*honest"):
         TokenProbe("train", selection="test")
+    with pytest.raises(ValueError, match=r"vector_dtype='float16'.*'bfloat16'"):
+        TokenProbe("train", vector_dtype="float16")
 
 
 # -- end to end --------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 Both released heads (FLIP's: one LayerNorm shared by all vectors, raw learned weights;
 facer's: a LayerNorm per vector, softmax-normalised weights, dropout) start by normalising each
 vector over its width, a step with no parameters: it is done once, in place, on the cached
-vectors (`normalize_vectors_`). What is left is linear in the vectors, so a batch costs a
-gather, one pass for the weighted sum and one for its gradients (written out in
-`batch_gradients`; autograd only from the loss to the logits). Batches are index slices of one
-tensor, not a DataLoader; AdamW with FLIP's per-epoch cosine schedule to 0.
+vectors (`normalize_vectors_`), and the result may be kept in bfloat16: the loop reads every
+vector each epoch, so its cost is mostly the bytes read, while the head computes in float32.
+What is left is linear in the vectors, so a batch costs a gather, one pass for the weighted sum
+and one for its gradients (written out in `batch_gradients`; autograd only from the loss to the
+logits). Batches are index slices of one tensor, not a DataLoader; AdamW with FLIP's per-epoch
+cosine schedule to 0.
 """
 
 from __future__ import annotations
@@ -32,12 +34,39 @@ COMPILE_FROM_STEPS = 20_000
 LAYER_NORM_EPS = 1e-5  # open_clip's and FLIP's LayerNorm
 
 
-def normalize_vectors_(x: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """LayerNorm without its affine part, of every vector [..., width], in place (in row chunks,
-    so no second copy of the cached vectors is made)."""
-    for block in x.split(chunk):
-        block.copy_(F.layer_norm(block, block.shape[-1:], eps=LAYER_NORM_EPS))
-    return x
+VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHUNK_BYTES = 4 << 20  # rows normalised at a time: a chunk and its output stay in cache
+
+
+def resolve_vector_dtype(name: str) -> torch.dtype:
+    """The dtype the normalised vectors are kept in, by its config name."""
+    if name not in VECTOR_DTYPES:
+        raise ValueError(f"vector_dtype={name!r}: expected one of {tuple(VECTOR_DTYPES)}")
+    return VECTOR_DTYPES[name]
+
+
+def normalize_vectors_(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm without its affine part of every vector [..., width], in x's own memory; the
+    result in `dtype` (x's when None).
+
+    x is consumed: no second copy of the cached vectors is made. A narrower dtype (bfloat16 for
+    float32 vectors) is written over the front of x's storage, row chunk by row chunk (a chunk is
+    normalised before its narrower output is written, and that output ends before any row not yet
+    read), so every epoch reads half the bytes; x itself is then left holding meaningless values.
+    """
+    dtype = x.dtype if dtype is None else dtype
+    x = x.contiguous()
+    if dtype.itemsize > x.element_size():
+        x = x.to(dtype)
+    out = x if dtype == x.dtype else x.view(-1).view(dtype)[: x.numel()].view(x.shape)
+    row_bytes = max(1, math.prod(x.shape[1:]) * x.element_size())
+    start = 0
+    compute = torch.promote_types(x.dtype, torch.float32)  # never below float32
+    for block in x.split(max(1, CHUNK_BYTES // row_bytes)):
+        normed = F.layer_norm(block.to(compute), block.shape[-1:], eps=LAYER_NORM_EPS)
+        out[start : start + len(block)].copy_(normed)
+        start += len(block)
+    return out
 
 
 class TokenHead(nn.Module):
@@ -193,7 +222,7 @@ def predict(
         batch = x[start : start + chunk] if rows is None else x.index_select(0, rows[start : start + chunk])
         out.append(head(batch))
     head.train(was_training)
-    return torch.cat(out) if out else x.new_zeros(0, head.linear.out_features)
+    return torch.cat(out) if out else head.linear.weight.new_zeros(0, head.linear.out_features)
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from flip.evaluation.token_head import (
     fit_token_probe,
     normalize_vectors_,
     predict,
+    resolve_vector_dtype,
 )
 from flip.models import FlipModel
 from flip.models.probe_tokens import resolve_probe_blocks
@@ -108,8 +109,10 @@ class TokenProbe:
     seed: int = 0
     holdout: float = 0.2
     compile: bool | str = "auto"
+    vector_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        resolve_vector_dtype(self.vector_dtype)
         if self.head not in HEADS:
             raise ValueError(f"protocols.token_probe.head={self.head!r}: expected one of {HEADS}")
         if self.selection not in SELECTIONS:
@@ -182,9 +185,9 @@ class TokenProbe:
                     f"{test.split.label_names or list(test.split.questions)}"
                 )
         groups = subgroup_labels(test.split, subgroups)
-        device = torch.device(device)
-        x_train = normalize_vectors_(train.features.to(device, torch.float32))
-        x_test = normalize_vectors_(test.features.to(device, torch.float32))
+        device, dtype = torch.device(device), resolve_vector_dtype(self.vector_dtype)
+        x_train = normalize_vectors_(train.features.to(device, torch.float32), dtype)
+        x_test = normalize_vectors_(test.features.to(device, torch.float32), dtype)
         fit_rows: torch.Tensor | None = None
         if val is None:
             order = np.random.default_rng(self.seed + 1).permutation(len(train.split))
@@ -196,7 +199,7 @@ class TokenProbe:
             selected_on = f"held-out {self.holdout:.0%} of {train.split.split} (not refit)"
         else:
             train_targets = ProbeTargets.of(train.split, device)
-            x_val = normalize_vectors_(val.features.to(device, torch.float32))
+            x_val = normalize_vectors_(val.features.to(device, torch.float32), dtype)
             val_targets = ProbeTargets.of(val.split, device, train_targets.value_stats)
             chooser = _Tracker(x_val, None, val_targets, val.split)
             selected_on = val.split.split
@@ -241,6 +244,7 @@ class TokenProbe:
                 "weight_decay": self.weight_decay,
                 "seed": self.seed,
                 "selection": self.selection,
+                "vector_dtype": self.vector_dtype,
             },
         }
         if groups:
