@@ -37,7 +37,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.process_memory import reset_peak, status_kb  # noqa: E402
+from bench.results_io import machine, write_results  # noqa: E402
 from flip.evaluation.probe_targets import ProbeTargets  # noqa: E402
 from flip.evaluation.token_head import (  # noqa: E402
     ProbeSettings,
@@ -309,11 +309,8 @@ def main() -> None:
         "compiling); "
         "peak = the process's VmHWM, cached vectors included",
         "load_average_at_start": load,
-        "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
-        "torch": torch.__version__,
+        "machine": machine(threads=args.threads),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     header = (
         "| cached vectors | epochs | FLIP token probe | plain PyTorch loop | speedup | FLIP acc. "
         "| plain acc. | peak RSS / cached vectors (FLIP, plain) | epoch after the first (FLIP, plain) "
@@ -338,9 +335,10 @@ def main() -> None:
         )
         lines.append("")
     lines.append(
-        f"{report['device']}, torch {torch.__version__}; {report['time_method']}; load average {load}."
+        f"cpu {report['machine']['cpu']}, {args.threads} threads, torch {torch.__version__}; "
+        f"{report['time_method']}; load average {load}."
     )
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, report, "\n".join(lines))
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
 
 
