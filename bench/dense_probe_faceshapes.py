@@ -20,17 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import machine, write_results  # noqa: E402
+from bench.run_config import run_config  # noqa: E402
 from flip.checkpoint import load  # noqa: E402
-from flip.config import CONFIG_PATH  # noqa: E402
 from flip.data.faceshapes import ensure_faceshapes  # noqa: E402
 from flip.evaluation.run import evaluate_config  # noqa: E402
 from flip.models import build_model  # noqa: E402
@@ -39,25 +35,10 @@ PROBES = {"parsing": ("parsing_probe", ["mean_f1", "miou", "pixel_accuracy"]),
           "landmarks": ("landmark_probe", ["nme", "fr_0.1", "auc_0.1"])}  # fmt: skip
 
 
-def _composed(config: str, overrides: list[str], out: Path, data: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(CONFIG_PATH).resolve()), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir, cfg.paths.data_dir, cfg.paths.log_dir = (
-            str(out.parent),
-            str(data),
-            str(out / "logs"),
-        )
-        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(out)
-    HydraConfig().set_config(cfg)
-    return cfg
-
-
 def _pretrain(steps: int, out: Path, data: Path) -> Path:
     from flip.training.run import train  # Lightning's import, only when pretraining here
 
-    train(_composed("train", [f"trainer.max_steps={steps}", "evaluate=false"], out, data))
+    train(run_config("train", [f"trainer.max_steps={steps}", "evaluate=false"], out, data))
     return out / "checkpoints" / "last.ckpt"
 
 
@@ -95,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             ]  # fmt: skip
             began = time.perf_counter()
             metrics = evaluate_config(
-                model, _composed(f"eval_{protocol}", overrides, run, data), run, checkpoint=start
+                model, run_config(f"eval_{protocol}", overrides, run, data), run, checkpoint=start
             )
             result = metrics[protocol]
             rows.append(

@@ -25,16 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import machine, write_results  # noqa: E402
-from flip.config import CONFIG_PATH  # noqa: E402
+from bench.run_config import run_config  # noqa: E402
 from flip.data.faceshapes import ensure_faceshapes  # noqa: E402
 from flip.training.finetune.run import finetune  # noqa: E402
 
@@ -52,21 +47,6 @@ def _key(label: str) -> str:
     return label.replace(", ", "_").replace(" ", "_")
 
 
-def _composed(overrides: list[str], run: Path, data: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(CONFIG_PATH).resolve()), version_base="1.3"):
-        cfg = compose(config_name="finetune", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir, cfg.paths.data_dir, cfg.paths.log_dir = (
-            str(run.parent),
-            str(data),
-            str(run / "logs"),
-        )
-        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(run)
-    HydraConfig().set_config(cfg)
-    return cfg
-
-
 def _finetuned(run: Path, task: str, label: str, start: str, overrides: list[str], args) -> dict:
     saved = run / "bench_row.json"
     if saved.is_file():
@@ -78,7 +58,7 @@ def _finetuned(run: Path, task: str, label: str, start: str, overrides: list[str
         f"seed={args.seed}",
     ]  # fmt: skip
     began = time.perf_counter()
-    evaluated = finetune(_composed([*common, *overrides], run, Path(args.data)))["eval"]
+    evaluated = finetune(run_config("finetune", [*common, *overrides], run, Path(args.data)))["eval"]
     row = {
         "task": task,
         "run": label,

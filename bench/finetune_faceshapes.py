@@ -25,16 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import machine, write_results  # noqa: E402
-from flip.config import CONFIG_PATH  # noqa: E402
+from bench.run_config import run_config  # noqa: E402
 from flip.training.finetune.run import finetune  # noqa: E402
 from flip.training.run import train  # noqa: E402
 
@@ -46,21 +42,6 @@ RUNS = [
     ("pretrained, LoRA r=8", "pretrained", ["adapt=lora", "optim.lr=3e-3"], (42,)),
     ("pretrained, frozen", "pretrained", ["adapt=frozen", "optim.lr=1e-2"], (42,)),
 ]
-
-
-def _composed(config: str, overrides: list[str], run: Path, data: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(CONFIG_PATH).resolve()), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir, cfg.paths.data_dir, cfg.paths.log_dir = (
-            str(run.parent),
-            str(data),
-            str(run / "logs"),
-        )
-        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(run)
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 def _finetuned(
@@ -76,7 +57,7 @@ def _finetuned(
         f"ckpt={ckpt if start == 'pretrained' else 'null'}", f"seed={seed}",
     ]  # fmt: skip
     began = time.perf_counter()
-    results = finetune(_composed("finetune", [*common, *overrides], run, data))
+    results = finetune(run_config("finetune", [*common, *overrides], run, data))
     evaluated = results["eval"]
     row = {
         "run": label,
@@ -110,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (done and timing.is_file()):
         started = time.perf_counter()
         overrides = [f"trainer.max_steps={args.pretrain_steps}", "evaluate=false"]
-        train(_composed("train", overrides, pretrain, data))
+        train(run_config("train", overrides, pretrain, data))
         timing.write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}) + "\n")
     pretrain_s = json.loads(timing.read_text())["seconds"]
 
