@@ -295,6 +295,36 @@ def test_training_equals_autograd_and_torch_adamw_step_by_step():
             )
 
 
+def test_compiled_step_trains_as_eager_with_one_graph_for_every_training_size(caplog):
+    """compile=True trains the head eager training gives (up to rounding), and a second training
+    set of another size reuses the compiled step: the labels' row count is dynamic, so a probe
+    on one benchmark's split leaves nothing to recompile for the next (nor, through inductor's
+    on-disk cache, for the next process)."""
+    from torch._dynamo.utils import counters
+
+    v, d, a = 3, 16, 3
+
+    def fit(n: int, compile_: bool) -> TokenHead:
+        g = torch.Generator().manual_seed(n)
+        x = normalize_vectors_(torch.randn(n, v, d, generator=g))
+        y = (x[:, 1, :a] > 0).float()
+        targets = ProbeTargets("attributes", a, y, mask=torch.rand(n, a, generator=g) < 0.9)
+        settings = ProbeSettings(epochs=2, lr=0.01, batch_size=16, compile=compile_)
+        return fit_token_probe(x, targets, settings)
+
+    graphs = counters["stats"]["unique_graphs"]
+    with caplog.at_level("WARNING", logger=token_head.__name__):
+        compiled = fit(80, True)
+        after_first = counters["stats"]["unique_graphs"]
+        fit(112, True)
+    assert "compile failed" not in caplog.text
+    assert after_first == graphs + 1  # the step was compiled (not the eager fallback) ...
+    assert counters["stats"]["unique_graphs"] == after_first  # ... and not again for 112 rows
+    eager = fit(80, False)
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # -- losses by task ----------------------------------------------------------------------------
 
 

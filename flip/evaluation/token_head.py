@@ -183,17 +183,24 @@ class ProbeSettings:
     compile: bool | str = "auto"
 
 
-def _compiled_step(settings: ProbeSettings, rows: int, device: torch.device) -> Callable | None:
+def _compiled_step(settings: ProbeSettings, rows: int, targets: ProbeTargets) -> Callable | None:
     """`batch_gradients` compiled, when `settings.compile` asks for it; None otherwise.
 
-    If compiling fails (no C++ compiler on a CPU machine, say), the step falls back to eager
-    with a warning: the result differs only by rounding.
+    The labels' row count is marked dynamic: the step indexes them by the batch's rows and is
+    otherwise sized by the batch alone, so one compiled graph serves every training-set size
+    (a held-out fit and a full one, CelebA then LFWA) and inductor's on-disk cache finds it in
+    the next process instead of compiling again. If compiling fails (no C++ compiler on a CPU
+    machine, say), the step falls back to eager with a warning: the result differs only by
+    rounding.
     """
     if settings.compile not in (True, False, "auto"):
         raise ValueError(f"compile={settings.compile!r}: expected true, false or auto")
     steps = settings.epochs * (rows // settings.batch_size)
     if settings.compile is False or (settings.compile == "auto" and steps < COMPILE_FROM_STEPS):
         return None
+    for labels in (targets.y, targets.mask, targets.values, targets.value_mask):
+        if labels is not None and len(labels) > 1:  # torch.compile never treats 0 or 1 as dynamic
+            torch._dynamo.mark_dynamic(labels, 0)
     compiled = torch.compile(batch_gradients, dynamic=False)
     state = {"failed": False}
 
@@ -270,7 +277,7 @@ def fit_token_probe(
         head = TokenHead(x.shape[1], x.shape[2], targets.outputs, settings.head, settings.dropout).to(device)
         parameters = dict(head.named_parameters())
         optimizer = _adamw(list(parameters.values()), settings)
-        compiled = _compiled_step(settings, len(rows), device)
+        compiled = _compiled_step(settings, len(rows), targets)
         generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         for epoch in range(settings.epochs):
             lr = 0.5 * settings.lr * (1.0 + math.cos(math.pi * epoch / settings.epochs))
