@@ -188,8 +188,8 @@ def _compiled_step(settings: ProbeSettings, rows: int, targets: ProbeTargets) ->
 
     The labels' row count is marked dynamic: the step indexes them by the batch's rows and is
     otherwise sized by the batch alone, so one compiled graph serves every training-set size
-    (a held-out fit and a full one, CelebA then LFWA) and inductor's on-disk cache finds it in
-    the next process instead of compiling again. If compiling fails (no C++ compiler on a CPU
+    (CelebA's split, LFWA's, the held-out part of either) and inductor's on-disk cache finds it
+    in the next process instead of compiling again. If compiling fails (no C++ compiler on a CPU
     machine, say), the step falls back to eager with a warning: the result differs only by
     rounding.
     """
