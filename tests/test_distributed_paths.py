@@ -22,7 +22,7 @@ from flip.training.callbacks import ZeroShotBenchmark
 from flip.training.deepspeed import _scalar_parameters_broadcast_apart
 from flip.training.module import FlipLitModule
 
-from .helpers import COLOURS, CONF, MODEL, OPTIM, Poisoned, free_port, loss_file
+from .helpers import COLOURS, CONF, MODEL, OPTIM, Poisoned, count_filip_blocks, free_port, loss_file
 
 
 def _loss(name: str) -> dict:
@@ -293,14 +293,6 @@ def test_every_process_logs_to_a_file_of_its_own(train_config, monkeypatch, env,
 # ---------------------------------------------------------------- speed: FILIP blocks, TF32
 
 
-def _counting_blocks(monkeypatch) -> list[int]:
-    import flip.losses.filip as filip
-
-    calls, block = [], filip._block
-    monkeypatch.setattr(filip, "_block", lambda *a: calls.append(1) or block(*a))
-    return calls
-
-
 @pytest.mark.parametrize("name", ["filip", "clip_filip"])
 def test_filip_as_configured_sizes_its_blocks_from_the_batch_not_a_constant(monkeypatch, name):
     from flip.losses import build_loss
@@ -311,10 +303,10 @@ def test_filip_as_configured_sizes_its_blocks_from_the_batch_not_a_constant(monk
     image = torch.nn.functional.normalize(torch.randn(batch, tokens, dim), dim=-1).requires_grad_()
     text = torch.nn.functional.normalize(torch.randn(batch, tokens + 2, dim), dim=-1).requires_grad_()
     loss = next(t for t in build_loss(_loss(name)).modules() if isinstance(t, FilipLoss))
-    calls = _counting_blocks(monkeypatch)
+    calls = count_filip_blocks(monkeypatch)
     value = loss(image, text, torch.tensor(10.0))
     value.backward()
-    assert len(calls) == 2  # forward and backward: one block each, the whole 96 x 96 pairs fit
+    assert len(calls) == 1  # the whole 96 x 96 pairs fit one block; backward reuses its arg-maxes
     reference = FilipLoss(topk_fraction=loss.topk_fraction, chunk_size=7, exclude_sot=loss.exclude_sot)
     ref_image, ref_text = image.detach().clone().requires_grad_(), text.detach().clone().requires_grad_()
     expected = reference(ref_image, ref_text, torch.tensor(10.0))
@@ -332,7 +324,7 @@ def test_filip_blocks_shrink_to_the_free_memory_and_the_result_stays_exact(monke
     dense = filip.filip_similarity(image, text, chunk_size=1000)
     pair_bytes = 5 * 6 * 4
     monkeypatch.setattr(filip, "free_memory", lambda device: int(4 * pair_bytes * 60))  # 60 pairs a block
-    calls = _counting_blocks(monkeypatch)
+    calls = count_filip_blocks(monkeypatch)
     small = filip.filip_similarity(image, text)
     assert len(calls) == 10  # the fewest blocks of at most 60 pairs: 5 x 2 of 4 x 15 (square 7 x 7: 15)
     for got, want in zip(small, dense, strict=True):

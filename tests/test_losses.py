@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+import flip.losses.filip as filip_module
 from flip.losses import ClipLoss, CombinedLoss, FilipLoss, SigLipLoss, build_loss, filip_similarity
 from flip.losses.clip import contrastive_labels
 from flip.models.outputs import EncoderOutput
 
-from .helpers import loss_file
+from .helpers import count_filip_blocks, loss_file
 
 NEG_INF = float("-inf")
 
@@ -213,6 +214,66 @@ def test_chunked_filip_equals_dense(chunk_size):
     assert none is None and none2 is None and c_i.shape == c_t.shape == (3, 7)
     torch.testing.assert_close(c_i, s_i, atol=1e-6, rtol=0)
     torch.testing.assert_close(c_t, s_t, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "keep_bytes", "forward_blocks", "backward_blocks"),
+    [("auto", None, 1, 0), ("auto", 0, 1, 1), (3, None, 9, 9)],
+    ids=["one block: arg-maxes kept", "one block over the cap: recomputed", "nine blocks: recomputed"],
+)
+def test_backward_reuses_forwards_arg_maxes_when_the_block_is_one_and_small(
+    monkeypatch, chunk_size, keep_bytes, forward_blocks, backward_blocks
+):
+    """Recomputing the similarity in backward is the price of chunking; one small block skips it."""
+    if keep_bytes is not None:
+        monkeypatch.setattr(filip_module, "KEEP_ARG_MAXES_BYTES", keep_bytes)
+    img, txt, tmask, imask, _ = tokens(63, b=7, ni=6, nt=9, image_mask=True)
+    weights = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(64))
+    calls = count_filip_blocks(monkeypatch)
+    ours = filip_similarity(img, txt, imask, tmask, chunk_size=chunk_size)
+    assert len(calls) == forward_blocks
+    got = torch.autograd.grad((weights[0] * ours[0]).sum() + (weights[1] * ours[1]).sum(), (img, txt))
+    assert len(calls) == forward_blocks + backward_blocks
+    dense = dense_filip_sims(img, txt, tmask, imask)
+    want = torch.autograd.grad((weights[0] * dense[0]).sum() + (weights[1] * dense[1]).sum(), (img, txt))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "tolerance"),
+    [("auto", 0.0), (5, 0.01)],
+    ids=["one block: exact", "blocks recomputed: bf16 partial sums"],
+)
+def test_filip_gradient_under_cpu_autocast_goes_to_the_tokens_forward_picked(chunk_size, tolerance):
+    """Under bf16 autocast on the CPU, forward's similarities are bf16, where near-ties are common.
+
+    The gradient must be that of the maxima forward computed: backward recomputes blocks under
+    forward's autocast state. (Recomputed in float32, as `custom_fwd(device_type="cuda")` left CPU
+    runs, the arg-maxes differed and a quarter of the largest gradient went to other tokens.)
+    Blocks add their bf16 gradient products one by one: equal within 1% of the largest gradient.
+    """
+    g = torch.Generator().manual_seed(65)
+    b, ni, nt, d = 16, 16, 12, 32
+    img = leaf(F.normalize(torch.randn(b, ni, d, generator=g), dim=-1))
+    txt = leaf(F.normalize(torch.randn(b, nt, d, generator=g), dim=-1))
+    weights = torch.randn(2, b, b, generator=g)
+
+    def forwards_maxima(i, t):  # as forward computes them: one bf16 matmul, maxima, float32 means
+        sim = (i.reshape(b * ni, d) @ t.reshape(b * nt, d).T).view(b, ni, b, nt)
+        return sim.max(3).values.float().mean(1), sim.max(1).values.float().mean(2)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = filip_similarity(img, txt, chunk_size=chunk_size)
+        reference = forwards_maxima(img, txt)
+    for o, r in zip(ours, reference, strict=True):
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=0)
+    got, want = (
+        torch.autograd.grad((weights[0] * s[0]).sum() + (weights[1] * s[1]).sum(), (img, txt))
+        for s in (ours, reference)
+    )
+    for o, r in zip(got, want, strict=True):
+        torch.testing.assert_close(o, r, atol=1e-6 + tolerance * r.abs().max().item(), rtol=0)
 
 
 def test_padding_cannot_win_a_max():

@@ -77,6 +77,8 @@ def _chunks(n: int, size: int) -> list[slice]:
 AUTO = "auto"
 BLOCK_MEMORY_FRACTION = 0.25  # of the free memory, for one block: backward also holds its arg-maxes
 _CPU_FALLBACK_BYTES = 1 << 30
+# forward's arg-maxes of a one-block similarity are kept for backward up to this size (`_keeps_arg_maxes`)
+KEEP_ARG_MAXES_BYTES = 256 << 20
 
 
 def free_memory(device: torch.device) -> int:
@@ -129,12 +131,48 @@ def check_chunk_size(chunk_size: int | str) -> None:
         )
 
 
+def _autocast_state(device_type: str) -> dict:
+    """The autocast state forward ran under on `device_type`, as `torch.autocast` arguments.
+
+    Backward recomputes each block's similarities and routes the gradient to their arg-maxes:
+    it must compute them as forward did. Autograd runs backward outside the autocast context,
+    and `torch.amp.custom_fwd` restores the state on one device type only (written for CUDA,
+    it left CPU bf16 backward recomputing in float32, where near-ties pick other tokens).
+    """
+    enabled = torch.is_autocast_enabled(device_type)
+    return {"device_type": device_type, "dtype": torch.get_autocast_dtype(device_type), "enabled": enabled}
+
+
+def _max_over(sim: torch.Tensor, dim: int, keep: bool) -> tuple[torch.Tensor, tuple | None]:
+    """Maxima of a block over `dim` (empty sides at 0); with `keep`, also (arg-max, empty) for backward."""
+    if not keep:
+        return _zero_empty(sim.amax(dim)), None
+    best, at = sim.max(dim)
+    empty = best.isneginf()
+    return best.masked_fill_(empty, 0.0), (at, empty)
+
+
+def _keeps_arg_maxes(blocks: int, image: torch.Tensor, text: torch.Tensor) -> bool:
+    """Whether forward keeps its arg-maxes for backward instead of backward recomputing the block.
+
+    Only for a similarity computed in one block, and only while the arg-maxes (an int64 and a
+    bool per max, [Bi, Ni, Bt] and [Bi, Bt, Nt]) stay under `KEEP_ARG_MAXES_BYTES`: they live
+    until backward, where the block itself was freed at once. Large chunked batches recompute.
+    """
+    (bi, ni, _), (bt, nt, _) = image.shape, text.shape
+    return blocks == 1 and bi * bt * (ni + nt) * 9 <= KEEP_ARG_MAXES_BYTES
+
+
 class _LateInteraction(torch.autograd.Function):
-    """Blockwise s_I / s_T with recomputation in backward; see the module docstring."""
+    """Blockwise s_I / s_T; backward routes the gradient to the arg-max token of every max.
+
+    The arg-maxes come from forward when the similarity was one block (`_keeps_arg_maxes`), and
+    otherwise from each block recomputed; see the module docstring.
+    """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under forward's autocast state
     def forward(ctx, image, text, image_mask, text_mask, chunk_size, want_i2t, want_t2i):
+        ctx.autocast = _autocast_state(image.device.type)
         image, text = image.contiguous(), text.contiguous()
         (bi, ni, _), (bt, nt, _) = image.shape, text.shape
         image_pad = None if image_mask is None else ~image_mask
@@ -143,23 +181,37 @@ class _LateInteraction(torch.autograd.Function):
         i2t = image.new_empty(bi, bt) if want_i2t else None
         t2i = image.new_empty(bi, bt) if want_t2i else None
         row_chunk, col_chunk = _resolve_blocks(chunk_size, image, text)
-        for rows in _chunks(bi, row_chunk):
-            for cols in _chunks(bt, col_chunk):
+        row_blocks, col_blocks = _chunks(bi, row_chunk), _chunks(bt, col_chunk)
+        keep = _keeps_arg_maxes(len(row_blocks) * len(col_blocks), image, text)
+        kept = {}  # dim of the max -> (arg-max, empty), for backward
+        for rows in row_blocks:
+            for cols in col_blocks:
                 sim = _block(image[rows], text[cols], _part(image_pad, rows), _part(text_pad, cols))
+                ctx.sim_dtype = sim.dtype  # bfloat16 under autocast: backward's block gradient too
                 if want_i2t:
-                    i2t[rows, cols] = _zero_empty(sim.amax(3)).sum(1) / n_img[rows, None]
+                    best, kept[3] = _max_over(sim, 3, keep)
+                    i2t[rows, cols] = best.to(i2t.dtype).sum(1) / n_img[rows, None]
                 if want_t2i:
-                    t2i[rows, cols] = _zero_empty(sim.amax(1)).sum(2) / n_txt[None, cols]
+                    best, kept[1] = _max_over(sim, 1, keep)
+                    t2i[rows, cols] = best.to(t2i.dtype).sum(2) / n_txt[None, cols]
                 del sim  # free the block before the next one is allocated
-        ctx.save_for_backward(image, text, image_mask, text_mask)
-        ctx.blocks, ctx.want = (row_chunk, col_chunk), (want_i2t, want_t2i)
+        kept = {dim: pair for dim, pair in kept.items() if pair is not None}
+        ctx.save_for_backward(
+            image, text, image_mask, text_mask, *(t for pair in kept.values() for t in pair)
+        )
+        ctx.blocks, ctx.want, ctx.kept_dims = (row_chunk, col_chunk), (want_i2t, want_t2i), tuple(kept)
         return tuple(s for s in (i2t, t2i) if s is not None)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, *grads):
-        image, text, image_mask, text_mask = ctx.saved_tensors
+        with torch.autocast(**ctx.autocast):  # a recomputed block must equal forward's
+            return _LateInteraction._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
+        image, text, image_mask, text_mask, *kept_tensors = ctx.saved_tensors
+        kept = {dim: tuple(kept_tensors[2 * i : 2 * i + 2]) for i, dim in enumerate(ctx.kept_dims)}
         (bi, ni, d), (bt, nt, _) = image.shape, text.shape
         grads = iter(grads)
         g_i2t, g_t2i = (next(grads) if want else None for want in ctx.want)
@@ -176,23 +228,26 @@ class _LateInteraction(torch.autograd.Function):
         for rows in _chunks(bi, ctx.blocks[0]):
             for cols in _chunks(bt, ctx.blocks[1]):
                 img, txt = image[rows], text[cols]
-                sim = _block(img, txt, _part(image_pad, rows), _part(text_pad, cols))
-                scatters = []
-                if g_i2t is not None:  # d s_I(i,j) / d sim[i,k,j,r] = 1/n_i at r = argmax, k valid
-                    best, at = sim.max(3)
-                    scatters.append((3, at, g_i2t[rows, None, cols].masked_fill(best.isneginf(), 0.0)))
-                if g_t2i is not None:  # d s_T(i,j) / d sim[i,k,j,r] = 1/n_j at k = argmax, r valid
-                    best, at = sim.max(1)
-                    scatters.append((1, at, g_t2i[rows, cols, None].masked_fill(best.isneginf(), 0.0)))
-                grad = sim.zero_()  # the block's buffer is reused for its gradient
-                for dim, at, weight in scatters:
+                if kept:  # one block, whose arg-maxes forward kept
+                    grad = img.new_zeros(img.shape[0], ni, txt.shape[0], nt, dtype=ctx.sim_dtype)
+                    arg_maxes = kept
+                else:
+                    grad = _block(img, txt, _part(image_pad, rows), _part(text_pad, cols))
+                    wanted = [dim for dim, g in ((3, g_i2t), (1, g_t2i)) if g is not None]
+                    arg_maxes = {dim: _max_over(grad, dim, keep=True)[1] for dim in wanted}
+                    grad.zero_()  # the block's buffer is reused for its gradient
+                for dim, (at, empty) in arg_maxes.items():
+                    # d s_I(i,j) / d sim[i,k,j,r] = 1/n_i at r = argmax over r, k valid (dim 3);
+                    # d s_T(i,j) / d sim[i,k,j,r] = 1/n_j at k = argmax over k, r valid (dim 1)
+                    weight = g_i2t[rows, None, cols] if dim == 3 else g_t2i[rows, cols, None]
+                    weight = weight.masked_fill(empty, 0.0).to(grad.dtype)  # bfloat16 under autocast
                     grad.scatter_add_(dim, at.unsqueeze(dim), weight.unsqueeze(dim))
                 grad = grad.view(img.shape[0] * ni, txt.shape[0] * nt)
                 if need_image:
                     d_image[rows] += (grad @ txt.reshape(-1, d)).view_as(img)
                 if need_text:
                     d_text[cols] += (grad.T @ img.reshape(-1, d)).view_as(txt)
-                del sim, grad
+                del grad
         return d_image, d_text, None, None, None, None, None
 
 

@@ -32,7 +32,7 @@ from .processes import (
 )
 from .runs import TrainedRun
 from .shards import read_shards, write_caption_shards, write_img2dataset
-from .training import NaNLoss, Poisoned, csv_losses, fit_briefly, random_batch
+from .training import NaNLoss, Poisoned, count_filip_blocks, csv_losses, fit_briefly, random_batch
 
 __all__ = [
     "COLOURS",
@@ -51,6 +51,7 @@ __all__ = [
     "compose_eval",
     "compose_finetune_config",
     "compose_train_config",
+    "count_filip_blocks",
     "csv_losses",
     "eval_overrides",
     "fit_briefly",

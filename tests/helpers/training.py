@@ -68,3 +68,12 @@ def csv_losses(run: Path, version: int | None = None) -> dict[int, float]:
                 int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")
             }
     return losses
+
+
+def count_filip_blocks(monkeypatch) -> list[int]:
+    """A list that grows by one per similarity block FILIP computes (forward and backward alike)."""
+    import flip.losses.filip as filip
+
+    calls, block = [], filip._block
+    monkeypatch.setattr(filip, "_block", lambda *a: calls.append(1) or block(*a))
+    return calls
