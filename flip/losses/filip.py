@@ -10,7 +10,8 @@ large to keep (4 GB in fp32 at B=256 with ViT-B/16 and 77 text tokens, before au
 copies it). `filip_similarity` computes it in blocks of pairs, reduces each block to the two
 B x B similarities at once and keeps nothing else: the backward recomputes each block, routes
 the gradient to the arg-max token of every max, and multiplies by the tokens. Beyond the B x B
-outputs, peak memory is one block whatever the batch size.
+outputs, peak memory is one block whatever the batch size. A similarity computed in one block
+keeps its arg-maxes for backward instead, far smaller than the block (`_keeps_arg_maxes`).
 
 Blocks are sized from the batch and the memory free on the device (`chunk_size="auto"`): the
 largest that fit. A constant size makes the number of blocks grow with the square of the global
