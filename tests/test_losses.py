@@ -101,6 +101,12 @@ def naive_filip(img, txt, scale, tmask, imask=None, bias=None):
     return naive_infonce(logits_img, logits_txt)
 
 
+def weighted(sims, weights: torch.Tensor) -> torch.Tensor:
+    """One scalar from both directions' B x B similarities, each pair weighted differently, to
+    differentiate: every entry's gradient shows, not only their sum's."""
+    return (weights[0] * sims[0]).sum() + (weights[1] * sims[1]).sum()
+
+
 def dense_filip_sims(img, txt, tmask, imask=None):
     """The whole B x B x Ni x Nt tensor at once (what the chunked version must equal)."""
     sim = torch.einsum("ikd,jrd->ijkr", img, txt).masked_fill(~tmask[None, :, None, :], NEG_INF)
@@ -199,12 +205,9 @@ def test_chunked_filip_equals_dense(chunk_size):
     )  # 7 pairs: most chunks don't divide
     weights = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(62))
 
-    def reduce(sims):
-        return (weights[0] * sims[0]).sum() + (weights[1] * sims[1]).sum()
-
     assert_same(
-        lambda i, t: reduce(filip_similarity(i, t, imask, tmask, chunk_size=chunk_size)),
-        lambda i, t: reduce(dense_filip_sims(i, t, tmask, imask)),
+        lambda i, t: weighted(filip_similarity(i, t, imask, tmask, chunk_size=chunk_size), weights),
+        lambda i, t: weighted(dense_filip_sims(i, t, tmask, imask), weights),
         (img, txt),
     )
     # rectangular (local_loss) shapes and one direction at a time
@@ -232,10 +235,10 @@ def test_backward_reuses_forwards_arg_maxes_when_the_block_is_one_and_small(
     calls = count_filip_blocks(monkeypatch)
     ours = filip_similarity(img, txt, imask, tmask, chunk_size=chunk_size)
     assert len(calls) == forward_blocks
-    got = torch.autograd.grad((weights[0] * ours[0]).sum() + (weights[1] * ours[1]).sum(), (img, txt))
+    got = torch.autograd.grad(weighted(ours, weights), (img, txt))
     assert len(calls) == forward_blocks + backward_blocks
     dense = dense_filip_sims(img, txt, tmask, imask)
-    want = torch.autograd.grad((weights[0] * dense[0]).sum() + (weights[1] * dense[1]).sum(), (img, txt))
+    want = torch.autograd.grad(weighted(dense, weights), (img, txt))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 
@@ -268,10 +271,7 @@ def test_filip_gradient_under_cpu_autocast_goes_to_the_tokens_forward_picked(chu
         reference = forwards_maxima(img, txt)
     for o, r in zip(ours, reference, strict=True):
         torch.testing.assert_close(o, r, atol=1e-6, rtol=0)
-    got, want = (
-        torch.autograd.grad((weights[0] * s[0]).sum() + (weights[1] * s[1]).sum(), (img, txt))
-        for s in (ours, reference)
-    )
+    got, want = (torch.autograd.grad(weighted(s, weights), (img, txt)) for s in (ours, reference))
     for o, r in zip(got, want, strict=True):
         torch.testing.assert_close(o, r, atol=1e-6 + tolerance * r.abs().max().item(), rtol=0)
 
