@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,16 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, recall_score
 
-from flip.evaluation.linear_probe import fit_logistic_regression, fraction_indices, linear_probe, standardizer
+from flip.benchmarks.base import ImageFiles, LabelledSplit
+from flip.evaluation.features import SplitFeatures
+from flip.evaluation.linear_probe import (
+    LinearProbe,
+    fit_logistic_regression,
+    fraction_indices,
+    linear_probe,
+    standardizer,
+)
+from flip.evaluation.multitask_probe import add_question_probes
 
 
 def _planted_attributes(n: int, d: int, a: int, seed: int, noise: float = 0.3, draws: int = 1):
@@ -157,3 +168,56 @@ def test_hand_written_gradient_equals_autograd(multilabel):
     assert value.item() == pytest.approx(reference.item() + 0.15 * weight.detach().square().sum().item())
     torch.testing.assert_close(w.grad, weight.grad)
     torch.testing.assert_close(b.grad, bias.grad)
+
+
+def _attributes_with_a_question(name: str, n: int, rng: np.random.Generator) -> SplitFeatures:
+    """Features with two planted binary attributes (dimensions 0, 1) and a planted 3-way
+    question (dimensions 2..4; every tenth sample unlabelled, as bald faces have no hair colour)."""
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    shade = np.argmax(x[:, 2:5], axis=1)
+    shade[::10] = -1
+    split = LabelledSplit(
+        "synthetic",
+        name,
+        "attributes",
+        ["p", "q"],
+        (x[:, :2] > 0).astype(np.int64),
+        ImageFiles(tuple(f"{name}{i}.jpg" for i in range(n))),
+        [f"{name}{i}.jpg" for i in range(n)],
+        questions={"shade": (["a", "b", "c"], shade)},
+    )
+    return SplitFeatures(torch.as_tensor(x), split)
+
+
+def test_an_attribute_splits_questions_get_a_softmax_probe_beside_the_binary_ones():
+    rng = np.random.default_rng(6)
+    train, val, test = (
+        _attributes_with_a_question(n, k, rng) for n, k in (("train", 400), ("val", 100), ("test", 150))
+    )
+    probe = LinearProbe(train_split="train", fractions=[0.004, 0.1, 1.0], l2_grid=[1.0, 1e-2, 1e-4])
+    few = fraction_indices(400, 0.004, probe.seed)  # the 2 faces of the smallest fraction
+    train.split.questions["shade"][1][few[0]] = -1
+    metrics = probe.metrics(train, test, val, None)
+    binary = json.loads(json.dumps(metrics["summary"]))
+    add_question_probes(probe, train, test, val, metrics)
+    summary = metrics["summary"]
+    assert {k: summary[k] for k in binary} == binary  # the binary probes' figures are untouched
+    assert summary["shade_accuracy"] > 0.85 and metrics["multiclass"]["shade"]["l2_selected_on"] == "val"
+    assert (
+        summary == metrics["fractions"]["1.0"]["summary"]
+        and "shade_accuracy" in metrics["fractions"]["0.1"]["summary"]
+    )
+    # one labelled face is too few to fit: that fraction keeps its binary scores only
+    assert "shade_accuracy" not in metrics["fractions"]["0.004"]["summary"]
+    # the figure: a refit by hand with the chosen l2 on the labelled faces, scored on the labelled ones
+    y, y_test = train.split.questions["shade"][1], test.split.questions["shade"][1]
+    refit = fit_logistic_regression(
+        train.features[y >= 0], torch.as_tensor(y[y >= 0]), metrics["multiclass"]["shade"]["l2"], False, 3
+    )
+    predicted = refit.predict(test.features[y_test >= 0]).numpy()
+    assert summary["shade_accuracy"] == pytest.approx(
+        accuracy_score(y_test[y_test >= 0], predicted), abs=1e-9
+    )
+    assert summary["shade_mean_per_class_recall"] == pytest.approx(
+        recall_score(y_test[y_test >= 0], predicted, average="macro"), abs=1e-9
+    )

@@ -90,5 +90,13 @@ def test_end_of_run_evaluation_writes_zero_shot_and_linear_probe(train_config, t
     assert [b["n_train"] for b in probe["fractions"].values()] == [2, 6, 60]
     assert zeroshot["skipped"] == {"test": {}} and probe["skipped"] == {"train": {}, "val": {}, "test": {}}
     assert probe["l2"] in (1.0, 0.001) and 0 <= probe["summary"]["mean_balanced_accuracy"] <= 1
-    for name in ("per_label.png", "confusion_hair_color.png", "linear_probe/per_label.png"):
+    # FaceShapes' multi-class questions are probed too, scored as zero-shot scores them
+    assert set(probe["multiclass"]) == set(zeroshot["multiclass"]) == {"hair_color", "expression"}
+    assert {"expression_accuracy", "hair_color_mean_per_class_recall"} <= set(probe["summary"])
+    for name in (
+        "per_label.png",
+        "confusion_hair_color.png",
+        "linear_probe/per_label.png",
+        "linear_probe/confusion_expression.png",
+    ):
         assert (tmp_path / "eval" / name).stat().st_size > 1000

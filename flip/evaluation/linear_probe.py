@@ -394,7 +394,8 @@ class LinearProbe:
     `selection="test_as_published"` also reports, as `as_published`, the probe of the largest
     fraction with its l2 chosen on the test split, as the papers' code chose; `summary` stays honest.
     On a multitask split (UTKFace, FairFace) each question gets a softmax probe and each value
-    a ridge regression (flip.evaluation.multitask_probe).
+    a ridge regression (flip.evaluation.multitask_probe); an attribute split's multi-class
+    questions (FaceShapes' expression) get a softmax probe each, beside the binary probes.
     """
 
     train_split: str
@@ -433,7 +434,13 @@ class LinearProbe:
             return multitask_probe_metrics(
                 self, train, features(), val, checkpoint, model_device(model), subgroups
             )
-        return self.metrics(train, features(), val, checkpoint, model_device(model))
+        test = features()
+        metrics = self.metrics(train, test, val, checkpoint, model_device(model))
+        if test.split.questions:  # multi-class questions beside the binary attributes (FaceShapes)
+            from flip.evaluation.multitask_probe import add_question_probes
+
+            add_question_probes(self, train, test, val, metrics, model_device(model))
+        return metrics
 
     def metrics(
         self,

@@ -107,6 +107,37 @@ def _one_fraction(
     return predictions, selection
 
 
+def add_question_probes(
+    probe: LinearProbe,
+    train: SplitFeatures,
+    test: SplitFeatures,
+    val: SplitFeatures | None,
+    metrics: dict[str, Any],
+    device: torch.device | str = "cpu",
+) -> None:
+    """Adds an attribute split's multi-class questions (FaceShapes' hair colour and expression)
+    to its probe's `metrics`, scored as zero-shot scores them: `<q>_accuracy` and
+    `<q>_mean_per_class_recall` in each fraction's summary and the top level's, the largest
+    fraction's details under `multiclass`. Without them a run could not tell whether its image
+    features carry an expression that zero-shot misses, or the text side is what is missing."""
+    _check_labels(train, test)
+    predictions, selection = None, {}
+    for block in sorted(metrics["fractions"].values(), key=lambda b: b["fraction"]):
+        chosen = fraction_indices(len(train.split), block["fraction"], probe.seed)
+        labelled = [(y[chosen] >= 0).sum() for _, y in train.split.questions.values()]
+        if min(labelled) < 2:  # a few-shot fraction too small for some question: binary scores only
+            continue
+        predictions, selection = _one_fraction(probe, train, test, val, chosen, device)
+        block["summary"].update(predictions.scores())
+    if predictions is None:
+        return
+    multiclass = predictions.multiclass()
+    for name, block in multiclass.items():
+        block.update(selection[name])
+    metrics["summary"].update(predictions.scores())
+    metrics["multiclass"] = multiclass
+
+
 def multitask_probe_metrics(
     probe: LinearProbe,
     train: SplitFeatures,
