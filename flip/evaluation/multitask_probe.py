@@ -35,9 +35,14 @@ def _check_labels(train: SplitFeatures, test: SplitFeatures) -> None:
         raise ValueError(f"the train split has no labels for the value(s) {sorted(missing)}")
 
 
+MIN_LABELLED = 2  # training samples a probe needs
+
+
 def _labelled(features: torch.Tensor, labels: np.ndarray, keep: np.ndarray, what: str) -> tuple:
-    if keep.sum() < 2:
-        raise ValueError(f"{what}: {int(keep.sum())} labelled training sample(s); a probe needs at least 2")
+    if keep.sum() < MIN_LABELLED:
+        raise ValueError(
+            f"{what}: {int(keep.sum())} labelled training sample(s); a probe needs at least {MIN_LABELLED}"
+        )
     return features[torch.as_tensor(keep)], labels[keep]
 
 
@@ -121,20 +126,21 @@ def add_question_probes(
     fraction's details under `multiclass`. Without them a run could not tell whether its image
     features carry an expression that zero-shot misses, or the text side is what is missing."""
     _check_labels(train, test)
-    predictions, selection = None, {}
+    predictions, selection, scores = None, {}, {}
     for block in sorted(metrics["fractions"].values(), key=lambda b: b["fraction"]):
         chosen = fraction_indices(len(train.split), block["fraction"], probe.seed)
         labelled = [(y[chosen] >= 0).sum() for _, y in train.split.questions.values()]
-        if min(labelled) < 2:  # a few-shot fraction too small for some question: binary scores only
+        if min(labelled) < MIN_LABELLED:  # a few-shot fraction too small for a question: binary only
             continue
         predictions, selection = _one_fraction(probe, train, test, val, chosen, device)
-        block["summary"].update(predictions.scores())
+        scores = predictions.scores()
+        block["summary"].update(scores)
     if predictions is None:
         return
     multiclass = predictions.multiclass()
     for name, block in multiclass.items():
         block.update(selection[name])
-    metrics["summary"].update(predictions.scores())
+    metrics["summary"].update(scores)
     metrics["multiclass"] = multiclass
 
 
