@@ -87,6 +87,12 @@ def check_open_clip_exportable(model: FlipModel, model_cfg: dict[str, Any]) -> N
             f"model classes ({', '.join(c.__name__ for c in OPEN_CLIP_MODEL_CLASSES)}); "
             "export it with --format safetensors or onnx"
         )
+    if model.config.get("image_stem") is not None:
+        raise OpenClipExportError(
+            f"model {model.config.get('name')!r} has a convolutional image stem (model.image_stem="
+            f"{model.config['image_stem']!r}, flip.models.image_stem), which open_clip's ViT cannot build; "
+            "export it with --format safetensors (flip.load) or onnx"
+        )
     hf_model = model_cfg.get("text_cfg", {}).get("hf_model_name")
     if hf_model:
         raise OpenClipExportError(

@@ -20,6 +20,7 @@ from open_clip.factory import get_model_config
 
 from flip.models.flip_model import FlipModel
 from flip.models.hf_text import resolve_text_cfg
+from flip.models.image_stem import add_conv_stem
 
 _REQUIRED_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _registry_dir: Path | None = None
@@ -88,6 +89,7 @@ def build_model(
     image_resize_mode: str | None = None,
     fusion: Mapping[str, Any] | None = None,
     image_size: int | None = None,
+    image_stem: Mapping[str, Any] | None = None,
 ) -> FlipModel:
     """Create towers, tokenizer and transforms for `name`.
 
@@ -103,7 +105,16 @@ def build_model(
     `image_size` builds the image tower for that input size instead of the architecture's (open_clip's
     `force_image_size`; its transforms follow): how a model fine-tuned at another resolution
     (finetune.py image_size=, flip.training.finetune.resolution) is rebuilt. None: the architecture's.
+    `image_stem` ({channels}) replaces the ViT's patch projection by a convolutional stem
+    (flip.models.image_stem), newly initialised: only for a model trained from scratch.
     """
+    if image_stem is not None and (pretrained is not None or ":" in name):
+        raise ValueError(
+            f"model.image_stem={dict(image_stem)!r} with model.name={name!r}, "
+            f"model.pretrained={pretrained!r}: the stem replaces the patch projection those weights were "
+            "trained with; use it with a custom architecture trained from scratch (model.pretrained=null), "
+            "or set model.image_stem=null"
+        )
     if ":" in name and pretrained is not None:
         raise ValueError(
             f"model.pretrained={pretrained!r} with model.name={name!r}: open_clip takes the weights of an "
@@ -130,6 +141,8 @@ def build_model(
     clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, cache_dir=cache_dir, **tower_weight_flags(name), **model_kwargs
     )
+    if image_stem is not None:
+        add_conv_stem(clip.visual, image_stem)
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     config = {
         "name": name,
@@ -144,4 +157,6 @@ def build_model(
         config["image_size"] = int(image_size)
     if fusion is not None:  # likewise
         config["fusion"] = json.loads(json.dumps(dict(fusion)))
+    if image_stem is not None:  # likewise
+        config["image_stem"] = json.loads(json.dumps(dict(image_stem)))
     return FlipModel(clip, tokenizer, preprocess_train, preprocess_val, config)

@@ -19,6 +19,8 @@ TINY_ARCH = {
 }
 TINY_OVERRIDES = [
     "model.name=flip-test-tiny",
+    # the plain ViT, as TINY_ARCH builds it (tests/test_image_stem.py trains the demo's stem)
+    "model.image_stem=null",
     "model.arch.embed_dim=32",
     "model.arch.vision_cfg.image_size=32",
     "model.arch.vision_cfg.width=32",

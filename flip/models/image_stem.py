@@ -1,0 +1,74 @@
+"""A convolutional stem for open_clip's ViT: stride-2 3x3 convolutions in place of the patch projection.
+
+A ViT trained from scratch sees each patch through one linear map of its pixels, and learns
+slowly what lies in a few pixels (FaceShapes' mustache and expression at 64 px). Xiao et al.
+(2021, "Early Convolutions Help Transformers See Better", ViT_C) replace that projection with a
+few 3x3 stride-2 convolutions (batch norm, ReLU) and a 1x1 convolution to the ViT's width: the
+same token grid from overlapping receptive fields, which trains faster and more steadily for a
+few percent more compute. The stem takes the place of `visual.conv1`, so everything that reads
+the ViT's tokens (FILIP, the token, dense and parsing probes, fine-tuning at another input size)
+works unchanged. open_clip cannot build it: such a model exports to safetensors or ONNX, not to
+an open_clip folder (flip.export.open_clip_format says so).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+__all__ = ["ConvStem", "add_conv_stem"]
+
+
+class ConvStem(nn.Sequential):
+    """[B, 3, H, W] -> [B, width, H / 2^n, W / 2^n] through n stride-2 convolutions of `channels`."""
+
+    def __init__(self, channels: Sequence[int], width: int) -> None:
+        layers: list[nn.Module] = []
+        previous = 3
+        for count in channels:
+            layers += [
+                nn.Conv2d(previous, count, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(count),
+                nn.ReLU(inplace=True),
+            ]
+            previous = count
+        layers.append(nn.Conv2d(previous, width, kernel_size=1))
+        super().__init__(*layers)
+
+
+def add_conv_stem(visual: nn.Module, stem: Mapping[str, Any]) -> None:
+    """Replace the ViT `visual`'s patch projection by a `ConvStem` (`model.image_stem`: {channels}).
+
+    Its stride, 2 to the number of channel counts, must equal the patch size, so that the token
+    grid, the positional embedding and every reader of the tokens stay as open_clip built them.
+    """
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(
+            f"model.image_stem replaces a ViT's patch projection; this image tower is "
+            f"{type(visual).__name__}. Use an open_clip ViT architecture, or model.image_stem=null"
+        )
+    unknown = sorted(set(stem) - {"channels"})
+    channels = stem.get("channels")
+    if unknown or not channels or any(int(c) != c or c < 1 for c in channels):
+        raise ValueError(
+            f"model.image_stem={dict(stem)!r}: expected {{channels: [c1, c2, ...]}}, one positive "
+            f"channel count per stride-2 convolution, e.g. {{channels: [24, 48, 96]}} for patch size 8"
+        )
+    patch_h, patch_w = visual.patch_size
+    stride = 2 ** len(channels)
+    if patch_h != patch_w or stride != patch_h:
+        wanted = math.log2(patch_h) if patch_h == patch_w else None
+        hint = (
+            f"give {int(wanted)} channel counts"
+            if wanted is not None and wanted.is_integer()
+            else "a convolutional stem needs a square patch whose size is a power of 2"
+        )
+        raise ValueError(
+            f"model.image_stem.channels={list(channels)} makes a stem of stride {stride}, but the ViT's "
+            f"patch size is {patch_h}x{patch_w}: {hint}"
+        )
+    visual.conv1 = ConvStem([int(c) for c in channels], visual.conv1.out_channels)

@@ -1,0 +1,91 @@
+"""model.image_stem: a convolutional stem keeps the ViT's token grid but sees across patch borders;
+stems that cannot fit are refused; train.py trains it, flip.load rebuilds it, and the exports
+that can hold it do (open_clip's cannot, and says so)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import flip
+from flip.export import OpenClipExportError, export
+from flip.models import build_model
+from flip.models.image_stem import ConvStem
+from flip.training.run import train
+
+from .helpers import SHARDS_BASE, TINY_ARCH, compose_train_config, write_caption_shards
+
+STEM = {"channels": [8, 16, 32]}  # stride 8: the tiny test ViT's patch size
+RESNET = {**TINY_ARCH, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}}
+
+
+def _build(stem=STEM, arch=TINY_ARCH, **kwargs):
+    torch.manual_seed(0)
+    return build_model("flip-test-tiny", arch, image_stem=stem, **kwargs)
+
+
+def test_the_stem_keeps_the_token_grid_and_sees_across_patch_borders():
+    plain, stemmed = build_model("flip-test-tiny", TINY_ARCH).eval(), _build().eval()
+    assert isinstance(stemmed.clip.visual.conv1, ConvStem) and stemmed.config["image_stem"] == STEM
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert stemmed._image_with_tokens(images)[1].shape == plain._image_with_tokens(images)[1].shape
+        # a change in the top-right pixel of the first 8x8 patch: the patch projection moves that
+        # patch's embedding only; the stem's 3x3 convolutions reach the next patch's to the right too
+        changed = images.clone()
+        changed[:, :, 0, 7] += 1.0
+        for model, moved in ((plain, [[True, False]]), (stemmed, [[True, True]])):
+            before, after = model.clip.visual.conv1(images), model.clip.visual.conv1(changed)
+            assert before.shape == (2, 32, 4, 4)
+            differs = (before - after).abs().amax(dim=(0, 1)) > 1e-6
+            assert differs[:1, :2].tolist() == moved
+            assert not differs[1:].any() and not differs[:, 2:].any()
+
+
+@pytest.mark.parametrize(
+    ("stem", "arch", "kwargs", "message"),
+    [
+        ({"channels": [8, 16]}, TINY_ARCH, {}, "stride 4, but the ViT's patch size is 8x8: give 3"),
+        ({"channels": []}, TINY_ARCH, {}, "expected {channels: [c1, c2, ...]}"),
+        ({"channels": [8, 0, 32]}, TINY_ARCH, {}, "one positive channel count"),
+        ({"channel": [8, 16, 32]}, TINY_ARCH, {}, "expected {channels"),
+        (STEM, RESNET, {}, "this image tower is ModifiedResNet"),
+        # refused before anything is fetched: the stem would throw away the weights' patch projection
+        (STEM, None, {"pretrained": "openai"}, "model.pretrained='openai'"),
+    ],
+)
+def test_stems_that_cannot_fit_are_refused_naming_what_would(stem, arch, kwargs, message):
+    name = "ViT-B-32" if arch is None else "flip-test-stem-refused"
+    with pytest.raises(ValueError) as error:
+        build_model(name, arch, image_stem=stem, **kwargs)
+    assert message in str(error.value)
+
+
+@pytest.mark.slow
+def test_train_py_trains_the_stem_and_flip_load_and_safetensors_rebuild_it(tmp_path):
+    shards = Path(write_caption_shards(tmp_path / "shards", count=64, per_shard=32)[0]).parent
+    overrides = [
+        f"data.train_shards={shards}", "data.batch_size=8", "data.num_workers=0",
+        "data.samples_per_epoch=1000", "trainer.max_steps=3", "trainer.val_check_interval=null",
+        "model.image_stem={channels:[8,16,32]}",
+    ]  # fmt: skip
+    train(compose_train_config(tmp_path, overrides, SHARDS_BASE))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["hyper_parameters"]["model"]["image_stem"] == STEM
+    model = flip.load(last).eval()
+    assert isinstance(model.clip.visual.conv1, ConvStem)
+    # the batch-norm statistics were tracked while training and came back with the weights
+    stats = saved["state_dict"]["model.clip.visual.conv1.1.running_mean"]
+    assert stats.abs().sum() > 0 and torch.equal(model.clip.visual.conv1[1].running_mean, stats)
+
+    images = torch.randn(3, 3, 32, 32)
+    export(model, tmp_path / "safetensors", "safetensors")
+    with torch.no_grad():
+        reloaded = flip.load(tmp_path / "safetensors").eval()
+        torch.testing.assert_close(reloaded.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+    with pytest.raises(OpenClipExportError, match=r"model\.image_stem=.*--format safetensors"):
+        export(model, tmp_path / "open_clip", "open_clip")
+    assert not (tmp_path / "open_clip").exists()
