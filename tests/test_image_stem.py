@@ -86,6 +86,11 @@ def test_train_py_trains_the_stem_and_flip_load_and_safetensors_rebuild_it(tmp_p
     with torch.no_grad():
         reloaded = flip.load(tmp_path / "safetensors").eval()
         torch.testing.assert_close(reloaded.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+    # ONNX traces the stem like any module; the export compares onnxruntime with PyTorch itself
+    written = export(model, tmp_path / "onnx", "onnx")
+    assert {"image_encoder.onnx", "text_encoder.onnx"} <= {p.name for p in (tmp_path / "onnx").iterdir()}
+    differences = written["max_abs_difference"]
+    assert "image_batch_3" in differences and max(differences.values()) <= 1e-4
     with pytest.raises(OpenClipExportError, match=r"model\.image_stem=.*--format safetensors"):
         export(model, tmp_path / "open_clip", "open_clip")
     assert not (tmp_path / "open_clip").exists()
