@@ -51,6 +51,8 @@ def test_the_stem_keeps_the_token_grid_and_sees_across_patch_borders():
         ({"channels": []}, TINY_ARCH, {}, "expected {channels: [c1, c2, ...]}"),
         ({"channels": [8, 0, 32]}, TINY_ARCH, {}, "one positive channel count"),
         ({"channel": [8, 16, 32]}, TINY_ARCH, {}, "expected {channels"),
+        ([8, 16, 32], TINY_ARCH, {}, "expected {channels"),
+        ({"channels": [8, "16", 32]}, TINY_ARCH, {}, "one positive channel count"),
         (STEM, RESNET, {}, "this image tower is ModifiedResNet"),
         # refused before anything is fetched: the stem would throw away the weights' patch projection
         (STEM, None, {"pretrained": "openai"}, "model.pretrained='openai'"),

@@ -110,7 +110,7 @@ def build_model(
     """
     if image_stem is not None and (pretrained is not None or ":" in name):
         raise ValueError(
-            f"model.image_stem={dict(image_stem)!r} with model.name={name!r}, "
+            f"model.image_stem={image_stem!r} with model.name={name!r}, "
             f"model.pretrained={pretrained!r}: the stem replaces the patch projection those weights were "
             "trained with; use it with a custom architecture trained from scratch (model.pretrained=null), "
             "or set model.image_stem=null"

@@ -51,11 +51,11 @@ def add_conv_stem(visual: nn.Module, stem: Mapping[str, Any]) -> None:
             f"model.image_stem replaces a ViT's patch projection; this image tower is "
             f"{type(visual).__name__}. Use an open_clip ViT architecture, or model.image_stem=null"
         )
-    unknown = sorted(set(stem) - {"channels"})
-    channels = stem.get("channels")
-    if unknown or not channels or any(int(c) != c or c < 1 for c in channels):
+    channels = stem.get("channels") if isinstance(stem, Mapping) else None
+    valid = isinstance(channels, Sequence) and all(isinstance(c, int) and c >= 1 for c in channels)
+    if not valid or not channels or set(stem) != {"channels"}:
         raise ValueError(
-            f"model.image_stem={dict(stem)!r}: expected {{channels: [c1, c2, ...]}}, one positive "
+            f"model.image_stem={stem!r}: expected {{channels: [c1, c2, ...]}}, one positive "
             f"channel count per stride-2 convolution, e.g. {{channels: [24, 48, 96]}} for patch size 8"
         )
     patch_h, patch_w = visual.patch_size
