@@ -13,6 +13,7 @@ import flip
 from flip.export import OpenClipExportError, export
 from flip.models import build_model
 from flip.models.image_stem import ConvStem
+from flip.training.finetune.resolution import resized
 from flip.training.run import train
 
 from .helpers import SHARDS_BASE, TINY_ARCH, compose_train_config, write_caption_shards
@@ -21,13 +22,8 @@ STEM = {"channels": [8, 16, 32]}  # stride 8: the tiny test ViT's patch size
 RESNET = {**TINY_ARCH, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}}
 
 
-def _build(stem=STEM, arch=TINY_ARCH, **kwargs):
-    torch.manual_seed(0)
-    return build_model("flip-test-tiny", arch, image_stem=stem, **kwargs)
-
-
-def test_the_stem_keeps_the_token_grid_and_sees_across_patch_borders():
-    plain, stemmed = build_model("flip-test-tiny", TINY_ARCH).eval(), _build().eval()
+def test_the_stem_keeps_the_token_grid_and_sees_across_patch_borders(tiny_model):
+    plain, stemmed = tiny_model, build_model("flip-test-tiny", TINY_ARCH, image_stem=STEM).eval()
     assert isinstance(stemmed.clip.visual.conv1, ConvStem) and stemmed.config["image_stem"] == STEM
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -42,6 +38,16 @@ def test_the_stem_keeps_the_token_grid_and_sees_across_patch_borders():
             differs = (before - after).abs().amax(dim=(0, 1)) > 1e-6
             assert differs[:1, :2].tolist() == moved
             assert not differs[1:].any() and not differs[:, 2:].any()
+
+
+def test_a_fine_tune_at_another_input_size_keeps_the_stem_and_its_weights():
+    model = build_model("flip-test-tiny", TINY_ARCH, image_stem=STEM).eval()
+    bigger = resized(model, 48).eval()
+    assert isinstance(bigger.clip.visual.conv1, ConvStem) and bigger.config["image_stem"] == STEM
+    for key, value in model.clip.visual.conv1.state_dict().items():
+        assert torch.equal(bigger.clip.visual.conv1.state_dict()[key], value), key
+    with torch.no_grad():
+        assert bigger._image_with_tokens(torch.randn(2, 3, 48, 48))[1].shape == (2, 36, 32)  # a 6x6 grid
 
 
 @pytest.mark.parametrize(

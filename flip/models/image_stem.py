@@ -13,7 +13,6 @@ an open_clip folder (flip.export.open_clip_format says so).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,14 +60,14 @@ def add_conv_stem(visual: nn.Module, stem: Mapping[str, Any]) -> None:
     patch_h, patch_w = visual.patch_size
     stride = 2 ** len(channels)
     if patch_h != patch_w or stride != patch_h:
-        wanted = math.log2(patch_h) if patch_h == patch_w else None
+        fits = patch_h == patch_w and patch_h & (patch_h - 1) == 0  # a square power-of-2 patch
         hint = (
-            f"give {int(wanted)} channel counts"
-            if wanted is not None and wanted.is_integer()
+            f"give {patch_h.bit_length() - 1} channel counts"
+            if fits
             else "a convolutional stem needs a square patch whose size is a power of 2"
         )
         raise ValueError(
             f"model.image_stem.channels={list(channels)} makes a stem of stride {stride}, but the ViT's "
             f"patch size is {patch_h}x{patch_w}: {hint}"
         )
-    visual.conv1 = ConvStem([int(c) for c in channels], visual.conv1.out_channels)
+    visual.conv1 = ConvStem(list(channels), visual.conv1.out_channels)
