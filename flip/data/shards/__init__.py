@@ -5,7 +5,8 @@
 - `writing`: deterministic, atomic shard writes and the fingerprint that decides whether
   shards on disk are current;
 - `reading`: the safe tar reader, which decodes images, captions and `.json` only, with
-  decoders that cannot unpickle.
+  decoders that cannot unpickle;
+- `tar_stream`: the tar headers that reader walks, parsed without `tarfile`'s per-member cost.
 
 The FaceShapes generator, flip-data, the benchmark shard reader and the training pipeline
 all go through it.

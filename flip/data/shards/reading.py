@@ -33,6 +33,7 @@ from flip.data.shards.format import (
     WANTED_EXTENSIONS,
     split_member_name,
 )
+from flip.data.shards.tar_stream import READ_ERRORS, TarStream, decompressed
 
 __all__ = [
     "MemberSpan",
@@ -139,26 +140,20 @@ def iter_tar_samples(
             raise ShardError("not_a_tar", url, problem)
         key, fields = None, {}
         try:
-            with tarfile.open(fileobj=_Prefixed(head, stream), mode="r|*") as tar:
-                for member in tar:
-                    parts = split_member_name(member.name) if member.isfile() else None
-                    if parts is None:
-                        continue
-                    member_key, ext = parts
-                    if member_key != key:
-                        if fields:
-                            yield key, fields
-                        key, fields = member_key, {}
-                    if ext not in wanted or ext in fields:
-                        continue  # never read, never decoded
-                    data = b""
-                    if read_data:
-                        handle = tar.extractfile(member)
-                        data = handle.read() if handle is not None else b""
-                        if len(data) != member.size:
-                            raise EOFError(f"member {member.name!r} is cut short")
-                    fields[ext] = data
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            tar = TarStream(decompressed(_Prefixed(head, stream), head))
+            for name, is_file in tar:
+                parts = split_member_name(name) if is_file else None
+                if parts is None:
+                    continue
+                member_key, ext = parts
+                if member_key != key:
+                    if fields:
+                        yield key, fields
+                    key, fields = member_key, {}
+                if ext not in wanted or ext in fields:
+                    continue  # never read, never decoded
+                fields[ext] = tar.read() if read_data else b""
+        except READ_ERRORS as exc:
             early = isinstance(exc, EOFError) or "end of" in str(exc).lower()
             detail = "ends early" if early else "is damaged"
             raise ShardError("truncated_tar", url, f"{detail} after sample {key!r} ({exc})") from exc
