@@ -136,3 +136,18 @@ def test_a_shard_damaged_in_its_second_sample_yields_the_first_and_is_counted_da
     assert samples == [("00000", {"jpg": MEMBERS[0][1], "txt": MEMBERS[1][1]})]
     assert raised.value.reason == "truncated_tar"
     assert "is damaged after sample '00001'" in raised.value.detail
+
+
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_the_training_reader_gives_the_samples_of_a_plain_or_compressed_shard(
+    tmp_path, compression: str
+) -> None:
+    path = tmp_path / f"shard.tar{'.' + compression if compression else ''}"
+    path.write_bytes(_archive(tarfile.PAX_FORMAT, compression))
+    samples = dict(iter_tar_samples(str(path)))
+    assert samples["00000"] == {"jpg": MEMBERS[0][1], "txt": MEMBERS[1][1]}
+    assert samples["00001"] == {"jpg": MEMBERS[3][1], "txt": MEMBERS[4][1]}
+    assert samples["00002"] == {"txt": b""}
+    assert samples[f"{LONG_FOLDER}/00003"] == {"jpg": b"long name"}
+    assert samples["visage_é_顔"] == {"txt": b"non-ASCII name"}
+    assert "link" not in samples and "hard" not in samples  # links are no regular files
