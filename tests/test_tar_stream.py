@@ -138,13 +138,15 @@ def test_a_shard_damaged_in_its_second_sample_yields_the_first_and_is_counted_da
     assert "is damaged after sample '00001'" in raised.value.detail
 
 
+@pytest.mark.parametrize("piped", [False, True], ids=["file", "pipe"])
 @pytest.mark.parametrize("compression", ["", "gz"])
-def test_the_training_reader_gives_the_samples_of_a_plain_or_compressed_shard(
-    tmp_path, compression: str
+def test_the_training_reader_gives_the_samples_of_a_shard_file_or_stream(
+    tmp_path, compression, piped
 ) -> None:
+    """A local file is read from its start again; a stream (pipe:, remote) with its first block put back."""
     path = tmp_path / f"shard.tar{'.' + compression if compression else ''}"
     path.write_bytes(_archive(tarfile.PAX_FORMAT, compression))
-    samples = dict(iter_tar_samples(str(path)))
+    samples = dict(iter_tar_samples(f"pipe:cat {path}" if piped else str(path)))
     assert samples["00000"] == {"jpg": MEMBERS[0][1], "txt": MEMBERS[1][1]}
     assert samples["00001"] == {"jpg": MEMBERS[3][1], "txt": MEMBERS[4][1]}
     assert samples["00002"] == {"txt": b""}

@@ -140,7 +140,11 @@ def iter_tar_samples(
             raise ShardError("not_a_tar", url, problem)
         key, fields = None, {}
         try:
-            tar = TarStream(decompressed(_Prefixed(head, stream), head))
+            source = _Prefixed(head, stream)
+            if isinstance(stream, io.IOBase) and stream.seekable():  # a local file: from its start again
+                stream.seek(0)
+                source = stream
+            tar = TarStream(decompressed(source, head))
             for name, is_file in tar:
                 parts = split_member_name(name) if is_file else None
                 if parts is None:

@@ -113,11 +113,10 @@ class TarStream:
             count -= len(chunk)
 
     def _member_data(self, size: int) -> bytes:
-        padded = -(-size // BLOCK) * BLOCK
-        data = self._take(padded)
-        if len(data) < padded:
+        data, padding = self._take(size), -size % BLOCK
+        if len(data) < size or (padding and len(self._take(padding)) < padding):
             raise EOFError("the archive ends inside a member's data")
-        return data[:size]
+        return data
 
     def read(self) -> bytes:
         """The current member's data (empty once read)."""
