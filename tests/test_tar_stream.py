@@ -153,3 +153,29 @@ def test_the_training_reader_gives_the_samples_of_a_shard_file_or_stream(
     assert samples[f"{LONG_FOLDER}/00003"] == {"jpg": b"long name"}
     assert samples["visage_é_顔"] == {"txt": b"non-ASCII name"}
     assert "link" not in samples and "hard" not in samples  # links are no regular files
+
+
+def _with_size_field(data: bytes, field: bytes) -> bytes:
+    """The archive with its first header's size field replaced (and its checksum made to hold)."""
+    header = bytearray(data[:512])
+    header[124:136] = field
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + data[512:]
+
+
+@pytest.mark.parametrize("pax", [False, True], ids=["header", "pax-record"])
+def test_a_negative_size_is_refused_not_read_as_the_rest_of_the_archive(pax: bool) -> None:
+    if pax:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("00000.jpg")
+            info.pax_headers = {"size": "-5"}
+            tar.addfile(info, io.BytesIO(b""))
+        data = buffer.getvalue()
+    else:
+        data = _with_size_field(_archive(tarfile.GNU_FORMAT), tarfile.itn(-5, 12, tarfile.GNU_FORMAT))
+    tar = TarStream(io.BytesIO(data))
+    with pytest.raises(ValueError, match="negative size"):
+        for _ in tar:
+            tar.read()

@@ -137,6 +137,8 @@ class TarStream:
             if not _checksum_holds(block):
                 raise ValueError("a header fails its checksum")
             kind, size = block[156:157], _number(block[124:136])
+            if size < 0:  # GNU base-256 can write one; read(-n) would read the whole rest
+                raise ValueError(f"a header gives a negative size ({size})")
             if kind == _PAX_LOCAL:
                 pax.update(_pax_records(self._member_data(size)))
                 continue
@@ -151,6 +153,8 @@ class TarStream:
                 name = f"{_text(block[345:500])}/{name}"
             name = pax.get("path", long_name if long_name is not None else name)
             size = int(pax["size"]) if "size" in pax else size
+            if size < 0:
+                raise ValueError(f"a pax header gives a negative size ({size})")
             if kind == b"5" or (kind == b"\0" and name.endswith("/")):  # a folder (V7 tar: a slash)
                 kind, name = b"5", name.rstrip("/")
             if kind in _NO_DATA:
