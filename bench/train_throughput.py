@@ -196,7 +196,7 @@ def step_flops(arch: dict, batch: int) -> int:
     return counter.get_total_flops()
 
 
-def large_model_step(precision: str, batch: int, steps: int, threads: int, warmup: int = 0) -> dict:
+def large_model_step(precision: str, batch: int, steps: int, threads: int, warmup: int) -> dict:
     """Median seconds and FLOPs of FLIP's training step at ViT-B/16 + BERT-base size, at one precision.
 
     The step the Lightning module runs (forward, CLIP loss, backward, the recipe's fused AdamW

@@ -89,14 +89,17 @@ def not_a_tar(head: bytes) -> str | None:
 
 
 def _open(url: str) -> tuple[IO[bytes], bytes]:
-    """The shard as a byte stream, and its first block (which tells a tar from anything else)."""
+    """The shard as a byte stream from its start, and its first block (which tells a tar from
+    anything else): a local file is read again from its start, a stream has the block put back."""
     if "://" in url or url.startswith("pipe:"):
         from webdataset.gopen import gopen  # remote and piped shards, as training streams them
 
         stream = gopen(url, "rb")
-    else:
-        stream = open(url, "rb")  # noqa: SIM115 - closed by the caller
+        head = stream.read(_TAR_BLOCK)
+        return _Prefixed(head, stream), head
+    stream = open(url, "rb")  # noqa: SIM115 - closed by the caller
     head = stream.read(_TAR_BLOCK)
+    stream.seek(0)
     return stream, head
 
 
@@ -108,6 +111,11 @@ class _Prefixed(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.rest.close()
+        super().close()
 
     def readinto(self, buffer) -> int:
         if self.head:
@@ -140,11 +148,7 @@ def iter_tar_samples(
             raise ShardError("not_a_tar", url, problem)
         key, fields = None, {}
         try:
-            source = _Prefixed(head, stream)
-            if isinstance(stream, io.IOBase) and stream.seekable():  # a local file: from its start again
-                stream.seek(0)
-                source = stream
-            tar = TarStream(decompressed(source, head))
+            tar = TarStream(decompressed(stream, head))
             for name, is_file in tar:
                 parts = split_member_name(name) if is_file else None
                 if parts is None:

@@ -93,8 +93,7 @@ class TarStream:
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
-        self._unread = 0  # bytes of the current member not read yet, padding included
-        self._size = 0  # the current member's size, while its data can still be read
+        self._pending = 0  # the current member's size, until its data (and padding) is read or skipped
 
     def _take(self, count: int) -> bytes:
         data = self._stream.read(count)
@@ -120,15 +119,14 @@ class TarStream:
 
     def read(self) -> bytes:
         """The current member's data (empty once read)."""
-        data = self._member_data(self._size) if self._unread else b""
-        self._size = self._unread = 0
+        data, self._pending = self._member_data(self._pending), 0
         return data
 
     def __iter__(self) -> Iterator[tuple[str, bool]]:
         long_name, pax = None, {}
         while True:
-            self._skip(self._unread)
-            self._unread = 0
+            self._skip(-(-self._pending // BLOCK) * BLOCK)
+            self._pending = 0
             block = self._take(BLOCK)
             if not block or block == _ZERO_BLOCK:
                 return  # the end (with or without the end-of-archive blocks)
@@ -159,6 +157,6 @@ class TarStream:
                 kind, name = b"5", name.rstrip("/")
             if kind in _NO_DATA:
                 size = 0  # links, devices, folders: tarfile reads no data after them, whatever the size field
-            self._size, self._unread = size, -(-size // BLOCK) * BLOCK
+            self._pending = size
             long_name, pax = None, {}
             yield name, kind in _REGULAR
