@@ -93,6 +93,36 @@ def test_a_new_joint_size_keeps_the_projection_and_other_mismatches_are_refused(
         load_tower(model, "text", {"weights": "x"})
 
 
+def test_weights_trained_with_another_activation_are_refused_naming_the_switch(tmp_path):
+    """OpenAI's CLIP weights (QuickGELU) into a GELU tower fit tensor for tensor; only the
+    activation tells them apart, so that is what load_tower checks for a named source."""
+    quick = {**copy.deepcopy(TINY_ARCH), "quick_gelu": True}
+    path = tmp_path / "quick.pt"
+    torch.save(build_model("flip-test-tiny-quick", quick).clip.state_dict(), path)
+    spec = {"name": "flip-test-tiny-quick", "pretrained": str(path)}
+    with pytest.raises(ValueError, match=r"trained with QuickGELU.*uses GELU.*model\.arch\.quick_gelu=true"):
+        load_tower(build_model("flip-test-tiny", TINY_ARCH), "image", spec)
+    model = build_model("flip-test-tiny-quick", quick)
+    # the same activation: loads
+    assert load_tower(model, "text", spec) == len(_split(model.clip.state_dict())[1])
+    with pytest.raises(ValueError, match=r"trained with GELU.*uses QuickGELU.*quick_gelu=false"):
+        load_tower(model, "image", {"name": "flip-test-tiny", "pretrained": None})
+
+
+def test_the_vit_b16_bert_config_computes_what_openai_weights_were_trained_for():
+    import open_clip
+    import yaml
+    from open_clip.pretrained import get_pretrained_cfg
+
+    from .helpers import ROOT
+
+    model = yaml.safe_load((ROOT / "conf" / "model" / "vit_b16_bert.yaml").read_text())
+    init = model["image_init"]
+    assert init["name"] in open_clip.list_models()
+    trained_with = get_pretrained_cfg(init["name"], init["pretrained"])["quick_gelu"]
+    assert model["arch"].get("quick_gelu", False) == trained_with
+
+
 def test_tower_init_is_applied_by_the_module_and_kept_out_of_the_rebuild_recipe(tmp_path):
     path = tmp_path / "text.pt"
     torch.manual_seed(3)

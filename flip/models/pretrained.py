@@ -42,27 +42,55 @@ def in_tower(key: str, tower: str) -> bool:
     return not key.startswith("visual.") and key not in TEMPERATURE_KEYS
 
 
-def source_state_dict(source: Mapping[str, Any], cache_dir: str | None = None) -> dict[str, torch.Tensor]:
-    """open_clip-keyed weights of a whole model from `{name, pretrained}` or `{checkpoint}`."""
+def source_weights(
+    source: Mapping[str, Any], cache_dir: str | None = None
+) -> tuple[dict[str, torch.Tensor], torch.nn.Module | None]:
+    """open_clip-keyed weights of a whole model from `{name, pretrained}` or `{checkpoint}`, and
+    the model itself where one was built (a name), so that what the weights need beyond their
+    tensors (the activation) can be checked against the tower they go into."""
     if "checkpoint" in source:
         path = str(source["checkpoint"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tower init checkpoint {path!r} does not exist")
         raw = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(raw, dict) and "hyper_parameters" in raw and "state_dict" in raw:  # a FLIP .ckpt
-            return {
-                k[len(FLIP_PREFIX) :]: v for k, v in raw["state_dict"].items() if k.startswith(FLIP_PREFIX)
-            }
-        return load_state_dict(path, weights_only=True)
+            prefixed = raw["state_dict"].items()
+            return {k[len(FLIP_PREFIX) :]: v for k, v in prefixed if k.startswith(FLIP_PREFIX)}, None
+        return load_state_dict(path, weights_only=True), None
     if "name" in source:
         model = open_clip.create_model(
             source["name"], pretrained=source.get("pretrained"), cache_dir=cache_dir
         )
-        return model.state_dict()
+        return model.state_dict(), model
     raise ValueError(
         f"a tower init is {{name: <open_clip model>, pretrained: <tag or file>}} or {{checkpoint: <path>}}, "
         f"got {dict(source)!r}"
     )
+
+
+def tower_activation(clip: torch.nn.Module, tower: str) -> str | None:
+    """The class name of the MLP activation in an open_clip tower's blocks; None for other towers
+    (a Hugging Face text tower keeps its own in its config)."""
+    for name, module in clip.named_modules():
+        if in_tower(name, tower) and name.endswith(".mlp.gelu"):
+            return type(module).__name__
+    return None
+
+
+def check_activation(
+    model: FlipModel, source_model: torch.nn.Module, tower: str, source: Mapping[str, Any]
+) -> None:
+    """Refuse weights trained with another activation than the tower's: every tensor would fit,
+    and the tower would quietly compute something else (OpenAI's CLIP weights use QuickGELU,
+    open_clip's architectures GELU unless `quick_gelu` is set)."""
+    given, own = tower_activation(source_model, tower), tower_activation(model.clip, tower)
+    if given is not None and own is not None and given != own:
+        fix = "true" if given == "QuickGELU" else "false"
+        raise ValueError(
+            f"model.{INIT_KEYS[tower]}={dict(source)!r} was trained with {given}, and this {tower} "
+            f"tower uses {own}; set model.arch.quick_gelu={fix} so that the tower computes what its "
+            "weights were trained for"
+        )
 
 
 def is_projection(key: str) -> bool:
@@ -79,7 +107,9 @@ def load_tower(model: FlipModel, tower: str, source: Mapping[str, Any], cache_di
     """
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
-    weights = source_state_dict(source, cache_dir)
+    weights, source_model = source_weights(source, cache_dir)
+    if source_model is not None:
+        check_activation(model, source_model, tower, source)
     own = {k: v for k, v in model.clip.state_dict().items() if in_tower(k, tower)}
     given = {k: v for k, v in weights.items() if in_tower(k, tower)}
     unfit = sorted(k for k in own if k not in given or own[k].shape != given[k].shape)
