@@ -44,6 +44,33 @@ def test_token_features_pool_to_the_same_embeddings_as_open_clip(tiny_model):
     torch.testing.assert_close(out.text_tokens[torch.arange(2), eot], out.text_features, atol=1e-6, rtol=0)
 
 
+def test_open_clips_batch_first_block_holds_the_same_weights_and_computes_the_same(tiny_model):
+    """conf/model/tiny.yaml and vit_b16_bert.yaml choose `block_type: custom` for speed: a model
+    trained with torch's MultiheadAttention (or OpenAI's CLIP weights) must load into it strictly
+    and give the same features, tokens included (FILIP), with the causal text mask."""
+    import yaml
+
+    from .helpers import ROOT
+
+    arch = {
+        "embed_dim": TINY_ARCH["embed_dim"],
+        **{k: {**TINY_ARCH[k], "block_type": "custom"} for k in ("vision_cfg", "text_cfg")},
+    }
+    custom = build_model("flip-test-tiny-custom-block", arch).eval()
+    block = custom.clip.visual.transformer.resblocks[0]
+    assert not isinstance(block.attn, torch.nn.MultiheadAttention)  # the other block, not a no-op
+    custom.load_state_dict(tiny_model.state_dict(), strict=True)
+    images = torch.randn(3, 3, 32, 32)
+    text = tiny_model.tokenize(["a person wearing a hat", "smiling", "a bald head with a beard"])
+    with torch.no_grad():
+        expected, got = tiny_model(images, text, return_tokens=True), custom(images, text, return_tokens=True)
+    for name in ("image_features", "text_features", "image_tokens", "text_tokens"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=0)
+    for config in ("tiny", "vit_b16_bert"):
+        chosen = yaml.safe_load((ROOT / "conf" / "model" / f"{config}.yaml").read_text())["arch"]
+        assert chosen["vision_cfg"]["block_type"] == "custom", config
+
+
 def test_logit_scale_and_bias_initialisation_come_from_the_model_config():
     model = build_model("flip-test-tiny", TINY_ARCH, init_logit_scale=2.302585, init_logit_bias=-10.0)
     assert model.logit_scale.item() == pytest.approx(2.302585)

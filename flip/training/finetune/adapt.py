@@ -9,11 +9,12 @@
   `in_proj_weight`), and only they and the head learn. For export the adapters are merged into
   the weights (`merged`), so the result is a plain model of the original architecture.
 
-open_clip's ViT attention is torch's `nn.MultiheadAttention`, which reads its weights as
-parameters instead of calling its layers. peft adapts such a weight exactly through a
-parametrisation (`target_parameters`); its support for the attention module as a whole merges
-the adapters into the weights and subtracts them again on every forward, which leaves the
-"frozen" weights drifting by rounding, so that (and a layer inside the attention) is refused.
+open_clip's ViT attention (torch's `nn.MultiheadAttention`, or with `block_type: custom`, as
+FLIP's configs choose, open_clip's own) reads its query-key-value weight as a parameter instead
+of calling a layer. peft adapts such a weight exactly through a parametrisation
+(`target_parameters`); its support for torch's attention module as a whole merges the adapters
+into the weights and subtracts them again on every forward, which leaves the "frozen" weights
+drifting by rounding, so that (and a layer inside torch's attention) is refused.
 
 The text tower and the temperature never learn here; they stay in the model so that an export
 is a whole FLIP model (zero-shot questions, WiSE-FT with the model fine-tuning started from).
