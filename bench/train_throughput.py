@@ -72,13 +72,20 @@ PRECISIONS = {
 # the demo recipe's kernel choice for this model (conf/experiment/demo.yaml), which ~experiment drops
 DEMO_ATTENTION_KERNELS = "{bf16-mixed: [math]}"
 # ViT-B/16 image tower + a BERT-base-sized text transformer (12 x 768, 12 heads, 77 tokens), as
-# an open_clip architecture: the size of FLIP's published model, without a tokenizer download
+# an open_clip architecture: the size of FLIP's published model, without a tokenizer download;
+# open_clip's batch-first attention block, as FLIP's configs choose it (conf/model/vit_b16_bert.yaml)
 LARGE_ARCH_NAME = "flip-bench-vit-b16-bert-base"
 LARGE_ARCH = {
     "embed_dim": 512,
-    "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "mlp_ratio": 4.0},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
-}
+    "vision_cfg": {
+        "image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "mlp_ratio": 4.0,
+        "block_type": "custom",
+    },
+    "text_cfg": {
+        "context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12,
+        "block_type": "custom",
+    },
+}  # fmt: skip
 BATCH_TIME = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/.*?Batch \(t\): ([0-9.]+)")
 
 
@@ -311,7 +318,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--samples", type=int, default=2048, help="samples in the generated shards")
     parser.add_argument("--large-batch", type=int, default=16, help="batch of the ViT-B/16 + BERT-base step")
-    parser.add_argument("--large-steps", type=int, default=4, help="timed steps of it, after those left out")
+    parser.add_argument("--large-steps", type=int, default=8, help="timed steps of it, after those left out")
     parser.add_argument("--large-warmup", type=int, default=2, help="its steps left out after the first")
     args = parser.parse_args()
     if args.warmup % LOG_EVERY or args.steps % LOG_EVERY:
