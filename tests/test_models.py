@@ -2,10 +2,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from flip.models import build_model
 
-from .helpers import TINY_ARCH
+from .helpers import CONF, TINY_ARCH
 
 
 def test_custom_architecture_builds_open_clip_towers_of_the_configured_shape(tiny_model):
@@ -48,10 +49,6 @@ def test_open_clips_batch_first_block_holds_the_same_weights_and_computes_the_sa
     """conf/model/tiny.yaml and vit_b16_bert.yaml choose `block_type: custom` for speed: a model
     trained with torch's MultiheadAttention (or OpenAI's CLIP weights) must load into it strictly
     and give the same features, tokens included (FILIP), with the causal text mask."""
-    import yaml
-
-    from .helpers import ROOT
-
     arch = {
         "embed_dim": TINY_ARCH["embed_dim"],
         **{k: {**TINY_ARCH[k], "block_type": "custom"} for k in ("vision_cfg", "text_cfg")},
@@ -67,8 +64,8 @@ def test_open_clips_batch_first_block_holds_the_same_weights_and_computes_the_sa
     for name in ("image_features", "text_features", "image_tokens", "text_tokens"):
         torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=0)
     for config in ("tiny", "vit_b16_bert"):
-        chosen = yaml.safe_load((ROOT / "conf" / "model" / f"{config}.yaml").read_text())["arch"]
-        assert chosen["vision_cfg"]["block_type"] == "custom", config
+        chosen = OmegaConf.load(CONF / "model" / f"{config}.yaml").arch
+        assert chosen.vision_cfg.block_type == "custom", config
 
 
 def test_logit_scale_and_bias_initialisation_come_from_the_model_config():

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from flip.models import build_model
 from flip.models.factory import tower_weight_flags
@@ -18,6 +19,7 @@ from flip.training.optim import build_optimizer, warmup_cosine
 from flip.training.run import train
 
 from .helpers import (
+    CONF,
     MODEL,
     OPTIM,
     SHARDS_BASE,
@@ -111,16 +113,13 @@ def test_weights_trained_with_another_activation_are_refused_naming_the_switch(t
 
 def test_the_vit_b16_bert_config_computes_what_openai_weights_were_trained_for():
     import open_clip
-    import yaml
     from open_clip.pretrained import get_pretrained_cfg
 
-    from .helpers import ROOT
-
-    model = yaml.safe_load((ROOT / "conf" / "model" / "vit_b16_bert.yaml").read_text())
-    init = model["image_init"]
-    assert init["name"] in open_clip.list_models()
-    trained_with = get_pretrained_cfg(init["name"], init["pretrained"])["quick_gelu"]
-    assert model["arch"].get("quick_gelu", False) == trained_with
+    model = OmegaConf.load(CONF / "model" / "vit_b16_bert.yaml")
+    init = model.image_init
+    assert init.name in open_clip.list_models()
+    trained_with = get_pretrained_cfg(init.name, init.pretrained)["quick_gelu"]
+    assert model.arch.get("quick_gelu", False) == trained_with
 
 
 def test_tower_init_is_applied_by_the_module_and_kept_out_of_the_rebuild_recipe(tmp_path):
