@@ -17,12 +17,18 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 train: setup
 	$(PY) train.py
 
+# The suite runs on one pytest worker per core, up to 4 (pytest-xdist): most of its time is
+# subprocesses importing torch and Lightning, which a second core overlaps. Each test file stays on
+# one worker, so a module's shared fixture (a trained run, a 2-rank DDP run) is built once.
+# `pytest -n 0 tests/test_x.py` runs serially, for debugging.
+PARALLEL := -n auto --maxprocesses 4 --dist loadfile
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(PARALLEL)
 
 # the quick loop while editing: everything but the tests marked slow (training runs, subprocesses, DDP)
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PARALLEL) -m "not slow"
 
 # the GPU paths (bf16, FILIP on CUDA, DeepSpeed ZeRO-2/3 + resume, compile, MFU); exits 0 without CUDA
 gpu-check: setup
