@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 train: setup
 	$(PY) train.py
 
-# The suite runs on one pytest worker per core, up to 4 (pytest-xdist): most of its time is
-# subprocesses importing torch and Lightning, which a second core overlaps. Each test file stays on
-# one worker, so a module's shared fixture (a trained run, a 2-rank DDP run) is built once.
-# `pytest -n 0 tests/test_x.py` runs serially, for debugging.
-PARALLEL := -n auto --maxprocesses 4 --dist loadfile
+# The suite runs on one pytest worker per logical CPU, up to 4 (pytest-xdist): most of its time is
+# subprocesses importing torch and Lightning, which a second CPU overlaps. `logical`, not `auto`:
+# auto counts physical cores, one on a 2-vCPU machine whose vCPUs are a core's two hyperthreads.
+# Each test file stays on one worker, so a module's shared fixture (a trained run, a 2-rank DDP
+# run) is built once. Plain `pytest tests/test_x.py` runs in one process, for debugging.
+PARALLEL := -n logical --maxprocesses 4 --dist loadfile
 
 test: setup
 	$(PY) -m pytest $(PARALLEL)
