@@ -352,6 +352,9 @@ def test_open_clip_names_local_dir_and_files_keep_working(tmp_path, tiny_model):
     images = _images(32, n=2)
     expected = _embeddings(tiny_model, images)
     folder = load_baseline({"name": f"local-dir:{tmp_path / 'oc'}"}).model
+    # open_clip's registry is per process and the last registration of a name wins: a test that
+    # trained a variant under this name in the same worker (the demo's pooling) must not decide it
+    register_architecture("flip-test-tiny", TINY_ARCH)
     weights = load_baseline(
         {"name": "flip-test-tiny", "pretrained": str(tmp_path / "oc" / "open_clip_model.safetensors")}
     )
