@@ -240,8 +240,12 @@ def check_step_mfu(batch: int = 64, steps: int = 20) -> dict:
     }
 
 
-def run_checks(checks: dict[str, Callable[[], dict]]) -> dict[str, dict]:
-    results = {}
+def run_checks(
+    checks: dict[str, Callable[[], dict]], on_result: Callable[[dict[str, dict]], None]
+) -> dict[str, dict]:
+    """Run each check in turn; `on_result` sees the results so far after each one, so a run cut
+    short (a lease ending, a hung strategy) keeps what it measured."""
+    results: dict[str, dict] = {}
     for name, check in checks.items():
         print(f"[gpu-check] {name} ...", flush=True)
         start = time.perf_counter()
@@ -252,6 +256,7 @@ def run_checks(checks: dict[str, Callable[[], dict]]) -> dict[str, dict]:
             traceback.print_exc()
         results[name]["check_seconds"] = round(time.perf_counter() - start, 1)
         print(f"[gpu-check] {name}: {'ok' if results[name]['ok'] else 'FAILED'}", flush=True)
+        on_result(results)
     return results
 
 
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=names, help="run only these checks")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for gpu_check.json and .md (default: bench/results)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device visible to torch; nothing to check on this machine")
@@ -298,9 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"),
-            "checks": run_checks(selected),
+            "checks": {},
         }
-    write_results(RESULTS / "gpu_check", report, markdown(report))
+
+        def save(results: dict[str, dict]) -> None:
+            report["checks"] = results
+            write_results(args.out / "gpu_check", report, markdown(report))
+
+        run_checks(selected, on_result=save)
     print(markdown(report))
     failed = [name for name, result in report["checks"].items() if not result["ok"]]
     return 1 if failed else 0
