@@ -50,7 +50,7 @@ def naive_loss(image, text, mask, scale):
     sim = torch.einsum("ikd,jrd->ijkr", image, text).masked_fill(~mask[None, :, None, :], float("-inf"))
     i2t = sim.max(3).values.mean(2)
     t2i = torch.where(mask[None], sim.max(2).values, 0.0).sum(2) / mask.sum(1)
-    labels = torch.arange(image.shape[0])
+    labels = torch.arange(image.shape[0], device=image.device)
     return symmetric_cross_entropy(scale * i2t, scale * t2i.T, labels)
 
 

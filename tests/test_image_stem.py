@@ -50,6 +50,42 @@ def test_a_fine_tune_at_another_input_size_keeps_the_stem_and_its_weights():
         assert bigger._image_with_tokens(torch.randn(2, 3, 48, 48))[1].shape == (2, 36, 32)  # a 6x6 grid
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_the_stem_runs_with_parameters_cast_and_statistics_left_in_float32(training):
+    """What DeepSpeed 0.19's bf16 mode does to a module (parameters cast, buffers kept): torch's
+    batch norm refuses bf16 weights beside float32 statistics; the stem normalises in float32."""
+    torch.manual_seed(0)
+    reference = ConvStem([8, 16], 32).train(training)
+    for module in reference.modules():  # statistics away from their initial 0 and 1
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5), module.bias.data.uniform_(-0.5, 0.5)
+    cast = ConvStem([8, 16], 32).train(training)
+    cast.load_state_dict(reference.state_dict())
+    for parameter in cast.parameters():
+        parameter.data = parameter.data.bfloat16()
+    images = torch.randn(4, 3, 16, 16)
+    before = cast[1].running_mean.clone()
+
+    out = cast(images.bfloat16())
+    out.float().square().mean().backward()
+    expected = reference(images)
+    expected.square().mean().backward()
+
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), expected, atol=0.1, rtol=0.05)
+    first_cast, first_reference = cast[0].weight.grad, reference[0].weight.grad
+    assert first_cast.dtype == torch.bfloat16
+    assert torch.allclose(first_cast.float(), first_reference, atol=0.02, rtol=0.1)
+    for name, value in reference.state_dict().items():
+        if "running" in name or "num_batches" in name:
+            kept = cast.state_dict()[name]
+            assert kept.dtype == value.dtype  # float32 statistics stay float32
+            assert torch.allclose(kept.float(), value.float(), atol=0.02), name
+    # training updates the statistics (by the momentum step the reference took), eval leaves them
+    assert int(cast[1].num_batches_tracked) == int(training)
+    assert torch.equal(cast[1].running_mean, before) is not training
+
+
 @pytest.mark.parametrize(
     ("stem", "arch", "kwargs", "message"),
     [

@@ -160,6 +160,23 @@ def test_zero2_resumes_from_its_checkpoint_folder(train_config, tmp_path, deepsp
 
 
 @pytest.mark.slow
+def test_zero2_in_bf16_trains_the_demo_s_convolutional_stem(train_config, tmp_path, deepspeed_on_cpu):
+    """DeepSpeed's bf16 mode casts the weights but not the buffers: the stem's batch norms met
+    bf16 weights beside float32 statistics and the first step failed (seen on a GPU)."""
+    cfg = _deepspeed_config(
+        train_config, 2, "evaluate=false", "trainer.max_steps=2", "trainer.precision=bf16-mixed",
+        "model.image_stem={channels:[8,16,32]}",
+    )  # fmt: skip
+    train(cfg)
+    saved = consolidate(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "single.ckpt")
+    state = saved["state_dict"]
+    assert saved["global_step"] == 2
+    assert state["model.clip.visual.conv1.1.running_mean"].dtype == torch.float32
+    assert int(state["model.clip.visual.conv1.1.num_batches_tracked"]) == 2
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
 def test_under_deepspeed_a_non_finite_loss_leaves_the_weights_alone(deepspeed_on_cpu):
     from .helpers import MODEL, OPTIM, NaNLoss, fit_briefly, loss_file
 

@@ -16,10 +16,39 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["ConvStem", "add_conv_stem"]
+__all__ = ["ConvStem", "StatsInFloat32BatchNorm2d", "add_conv_stem"]
+
+
+class StatsInFloat32BatchNorm2d(nn.BatchNorm2d):
+    """Batch norm that still runs when an engine has cast its parameters but not its statistics.
+
+    DeepSpeed 0.19 in bf16/fp16 casts parameters only and leaves buffers at their dtype, so the
+    stem's batch norms would meet bf16 weights beside float32 running statistics, which torch's
+    kernels refuse. Then the normalisation runs in float32 (weights upcast, statistics kept and
+    updated in float32, as mixed-precision training keeps batch norm) and returns the input's
+    dtype. Every other case is plain `nn.BatchNorm2d`, with the same state dict.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = self.running_mean
+        if self.weight is None or stats is None or self.weight.dtype == stats.dtype:
+            return super().forward(x)
+        momentum = self.momentum
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative average, as nn.BatchNorm2d
+                momentum = 1.0 / float(self.num_batches_tracked)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.batch_norm(
+                x.float(), stats, self.running_var, self.weight.float(), self.bias.float(),
+                training=self.training, momentum=momentum or 0.0, eps=self.eps,
+            )  # fmt: skip
+        return y.to(x.dtype)
 
 
 class ConvStem(nn.Sequential):
@@ -31,7 +60,7 @@ class ConvStem(nn.Sequential):
         for count in channels:
             layers += [
                 nn.Conv2d(previous, count, kernel_size=3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(count),
+                StatsInFloat32BatchNorm2d(count),
                 nn.ReLU(inplace=True),
             ]
             previous = count
