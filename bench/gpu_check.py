@@ -275,13 +275,41 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_results(previous: Path, report: dict, rerun: set[str]) -> dict[str, dict]:
+    """The checks of an earlier report that this run does not redo, each marked with its date.
+
+    Only a report from the same device and torch is merged: figures from another machine beside
+    this one's would read as one machine's.
+    """
+    if not previous.exists():
+        return {}
+    earlier = json.loads(previous.read_text())
+    same = all(earlier.get(key) == report[key] for key in ("device", "torch", "cuda"))
+    if not same:
+        raise SystemExit(
+            f"--keep-others: {previous} is from {earlier.get('device')} / torch {earlier.get('torch')}, "
+            f"this run is on {report['device']} / torch {report['torch']}; rerun every check instead"
+        )
+    return {
+        name: {**result, "date": result.get("date", earlier.get("date"))}
+        for name, result in earlier.get("checks", {}).items()
+        if name not in rerun
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    names = ["matmul", "filip", "step_mfu", "demo", "zero2", "zero3", "compile"]
+    names = ["matmul", "filip", "step_mfu", "step_mfu_b256", "demo", "zero2", "zero3", "compile"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=names, help="run only these checks")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="folder for gpu_check.json and .md (default: bench/results)"
+    )
+    parser.add_argument(
+        "--keep-others",
+        action="store_true",
+        help="with --only: keep the other checks' results from the report already in --out (a rerun of "
+        "the checks that failed, on a machine of the same device and torch)",
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -293,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "matmul": check_matmul,
             "filip": check_filip,
             "step_mfu": check_step_mfu,
+            "step_mfu_b256": lambda: check_step_mfu(batch=256),  # large enough for the GPU's rate
             "demo": lambda: check_demo(work),
             "zero2": lambda: check_deepspeed(work, 2),
             "zero3": lambda: check_deepspeed(work, 3),
@@ -308,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"),
             "checks": {},
         }
+        kept = kept_results(args.out / "gpu_check.json", report, set(selected)) if args.keep_others else {}
 
         def save(results: dict[str, dict]) -> None:
-            report["checks"] = results
+            report["checks"] = {name: {**kept, **results}[name] for name in names if name in kept | results}
             write_results(args.out / "gpu_check", report, markdown(report))
 
         run_checks(selected, on_result=save)
