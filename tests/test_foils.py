@@ -149,6 +149,30 @@ def test_hard_negatives_config_and_its_errors():
         hard_negatives({"source": "table", "table": "/nonexistent.yaml"})
 
 
+def test_foils_of_chosen_attributes_name_every_other_value_before_repeating_one():
+    grammar = CaptionGrammar(FACESHAPES_GRAMMAR)
+    expressions = set(grammar.attributes["expression"].entries)
+    maker = hard_negatives({"source": "grammar", "per_caption": 4, "attributes": ["expression"]})
+    seen = 0
+    for index in range(40):
+        record, text = faceshapes_record(index)
+        foils = maker({"text": text, "json": record, "__seed__": index})
+        if "expression" not in {name for name, _ in record["mentions"]}:
+            assert foils == []  # nothing to change among the chosen attributes: masked out
+            continue
+        seen += 1
+        assert {f.attribute for f in foils} == {"expression"}
+        # the four other expressions, each once, each foil stating exactly that one change
+        assert sorted(f.new for f in foils) == sorted(expressions - {record["expression"]})
+        for foil in foils:
+            assert claims(grammar, foil.text) - claims(grammar, text) == {("expression", foil.new)}
+    assert seen >= 20
+    with pytest.raises(ValueError, match="attributes"):
+        hard_negatives({"attributes": []})
+    with pytest.raises(ValueError, match="attributes"):
+        hard_negatives({"attributes": "expression"})
+
+
 def test_foils_are_seeded_per_sample_and_differ_by_attribute():
     maker = FoilMaker(source="auto", per_caption=3)
     record, text = faceshapes_record(3)

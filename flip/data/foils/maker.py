@@ -32,7 +32,7 @@ __all__ = ["DEFAULT_TABLE", "SOURCES", "FoilMaker", "hard_negatives", "stable_se
 
 SOURCES = ("auto", "grammar", "table")
 DEFAULT_TABLE = Path(CONFIG_PATH) / "data" / "foils" / "default.yaml"
-_KEYS = ("source", "per_caption", "table")
+_KEYS = ("source", "per_caption", "table", "attributes")
 
 
 # CelebA labels each hair colour as an attribute of its own, with no phrase for its absence:
@@ -67,6 +67,10 @@ class FoilMaker:
     per_caption: int = 1
     table: str | None = None  # None: conf/data/foils/default.yaml
     seed: int = 0
+    # only foils that change one of these attributes (None: any). With per_caption >= the
+    # other values' count, a caption gets every other value of the attribute as a foil: the
+    # image must tell them apart, as a classifier over the attribute's captions would
+    attributes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -83,6 +87,14 @@ class FoilMaker:
             raise ValueError(
                 f"data.hard_negatives.per_caption={self.per_caption!r}; accepted: an integer >= 1"
             )
+        if self.attributes is not None:
+            names = self.attributes
+            if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(
+                    f"data.hard_negatives.attributes={names!r}; accepted: null (foils change any "
+                    f"attribute) or a non-empty list of attribute names, e.g. [expression, mustache]"
+                )
+            self.attributes = tuple(names)
         if self.source != "grammar":
             _ = self.phrase_table  # a bad table fails at start-up, not in a loader worker
 
@@ -125,20 +137,23 @@ class FoilMaker:
         return self.phrase_table.candidates(text)
 
     def pick(self, candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
-        """Up to `per_caption` distinct foils, one changed attribute after another in random order."""
+        """Up to `per_caption` distinct foils, one changed attribute after another in random order
+        (of `attributes` only, when given)."""
         by_attribute: dict[str, list[Candidate]] = {}
         for candidate in candidates:
+            if self.attributes is not None and candidate.attribute not in self.attributes:
+                continue
             if candidate.text not in {c.text for c in by_attribute.get(candidate.attribute, [])}:
                 by_attribute.setdefault(candidate.attribute, []).append(candidate)
         attributes = sorted(by_attribute)
         rng.shuffle(attributes)
         for name in attributes:
-            rng.shuffle(by_attribute[name])
+            by_attribute[name] = _new_values_first(by_attribute[name], rng)
         picked: list[Candidate] = []
         while len(picked) < self.per_caption and any(by_attribute.values()):
             for name in attributes:
                 if by_attribute[name] and len(picked) < self.per_caption:
-                    picked.append(by_attribute[name].pop())
+                    picked.append(by_attribute[name].pop(0))
         return picked
 
     def rng_for(self, sample: Mapping[str, Any]) -> random.Random:
@@ -153,9 +168,22 @@ class FoilMaker:
         return self.pick(candidates, self.rng_for(sample)) if candidates else []
 
 
+def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[Candidate]:
+    """One attribute's foils in random order, each new value's first phrasing before any value's
+    second: four foils of "looking angry" name four other expressions, not two phrasings of two."""
+    rng.shuffle(candidates)
+    seen: dict[str, int] = {}
+    rank = []
+    for candidate in candidates:
+        value = repr(candidate.new)
+        rank.append(seen.get(value, 0))
+        seen[value] = rank[-1] + 1
+    return [c for _, c in sorted(zip(rank, candidates, strict=True), key=lambda pair: pair[0])]
+
+
 def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> FoilMaker | None:
     """The FoilMaker of a `data.hard_negatives` value: null (off), a source name, or a mapping
-    with `source`, `per_caption` and `table`."""
+    with `source`, `per_caption`, `table` and `attributes`."""
     if config is None or config is False:
         return None
     if isinstance(config, str):
@@ -169,9 +197,11 @@ def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> Foi
     if unknown:
         raise ValueError(f"data.hard_negatives has unknown key(s) {unknown}; accepted: {', '.join(_KEYS)}")
     table = config.get("table")
+    attributes = config.get("attributes")
     return FoilMaker(
         source=config.get("source", "auto"),
         per_caption=config.get("per_caption", 1),
         table=None if table is None else str(table),
         seed=seed,
+        attributes=attributes if attributes is None or isinstance(attributes, str) else list(attributes),
     )
