@@ -4,10 +4,12 @@ CI and the development machines have no GPU, so everything here is what their te
 simulate: bf16 autocast on CUDA, FILIP's chunked kernel on CUDA, DeepSpeed ZeRO-2/3 through
 train.py with a resume, torch.compile, and how close a ViT-B/16 + BERT-base step comes to the
 GPU's own bf16 matmul rate. Each check runs on its own (one failing check is recorded and the
-others still run) and everything lands in `bench/results/gpu_check.json` and `.md`.
+others still run) and everything lands in `bench/results/gpu_check.json` and `.md`, rewritten
+after each check.
 
     make gpu-check                                   # = .venv/bin/python bench/gpu_check.py
     .venv/bin/python bench/gpu_check.py --only filip matmul
+    .venv/bin/python bench/gpu_check.py --only zero2 zero3 --keep-others   # rerun two, keep the rest
 
 Without CUDA it prints one line saying so and exits 0 at once.
 """

@@ -38,3 +38,24 @@ def test_report_table_names_each_check_and_its_first_error_line():
     table = markdown(report)
     assert "| matmul | yes | bf16_tflops=790.0 |" in table
     assert "| zero3 | NO | RuntimeError: engine failed |" in table
+
+
+def test_a_rerun_keeps_the_other_checks_of_the_same_machine_only(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import json
+
+    from gpu_check import kept_results
+
+    machine = {"device": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0"}
+    earlier = {
+        **machine,
+        "date": "2026-12-01",
+        "checks": {"matmul": {"ok": True, "bf16_tflops": 788.2}, "zero2": {"ok": False, "error": "x"}},
+    }
+    previous = tmp_path / "gpu_check.json"
+    assert kept_results(previous, machine, {"zero2"}) == {}  # nothing recorded yet
+    previous.write_text(json.dumps(earlier))
+    kept = kept_results(previous, machine, {"zero2"})
+    assert kept == {"matmul": {"ok": True, "bf16_tflops": 788.2, "date": "2026-12-01"}}  # zero2 is redone
+    with pytest.raises(SystemExit, match="NVIDIA A100"):
+        kept_results(previous, {**machine, "device": "NVIDIA A100"}, {"zero2"})
