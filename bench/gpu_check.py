@@ -242,9 +242,7 @@ def check_step_mfu(batch: int = 64, steps: int = 20) -> dict:
     }
 
 
-def run_checks(
-    checks: dict[str, Callable[[], dict]], on_result: Callable[[dict[str, dict]], None]
-) -> dict[str, dict]:
+def run_checks(checks: dict[str, Callable[[], dict]], on_result: Callable[[dict[str, dict]], None]) -> None:
     """Run each check in turn; `on_result` sees the results so far after each one, so a run cut
     short (a lease ending, a hung strategy) keeps what it measured."""
     results: dict[str, dict] = {}
@@ -259,7 +257,6 @@ def run_checks(
         results[name]["check_seconds"] = round(time.perf_counter() - start, 1)
         print(f"[gpu-check] {name}: {'ok' if results[name]['ok'] else 'FAILED'}", flush=True)
         on_result(results)
-    return results
 
 
 def markdown(report: dict) -> str:
@@ -342,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = kept_results(args.out / "gpu_check.json", report, set(selected)) if args.keep_others else {}
 
         def save(results: dict[str, dict]) -> None:
-            report["checks"] = {name: {**kept, **results}[name] for name in names if name in kept | results}
+            merged = {**kept, **results}
+            report["checks"] = {name: merged[name] for name in names if name in merged}
             write_results(args.out / "gpu_check", report, markdown(report))
 
         run_checks(selected, on_result=save)

@@ -197,11 +197,10 @@ def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> Foi
     if unknown:
         raise ValueError(f"data.hard_negatives has unknown key(s) {unknown}; accepted: {', '.join(_KEYS)}")
     table = config.get("table")
-    attributes = config.get("attributes")
     return FoilMaker(
         source=config.get("source", "auto"),
         per_caption=config.get("per_caption", 1),
         table=None if table is None else str(table),
         seed=seed,
-        attributes=attributes if attributes is None or isinstance(attributes, str) else list(attributes),
+        attributes=config.get("attributes"),  # FoilMaker checks it and keeps it as a tuple
     )
