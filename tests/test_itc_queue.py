@@ -272,6 +272,15 @@ def test_hard_negatives_with_no_term_that_reads_foils_are_refused_before_any_wor
     validate(train_config("loss=siglip", "data.hard_negatives=auto"))
 
 
+def test_a_foil_choice_weight_without_foils_is_refused_before_any_work(train_config):
+    weighted = "loss.terms.filip.loss.foil_choice_weight=1.0"
+    with pytest.raises(
+        ValueError, match=r"loss.terms.filip.loss.foil_choice_weight is set, but data.hard_negatives is None"
+    ):
+        validate(train_config("loss=clip_filip", weighted))
+    validate(train_config("loss=clip_filip", weighted, "data.hard_negatives=auto"))
+
+
 @pytest.mark.slow
 def test_deepspeed_zero2_trains_checkpoints_and_resumes_with_it(train_config, tmp_path, deepspeed_on_cpu):
     def run(steps: int, *more: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -66,18 +67,27 @@ def batch(n: int, rows: slice = slice(None)):
 # -- references: loops over the pairs, as the method is written down ------------------------------
 
 
-def clip_reference(out: EncoderOutput) -> torch.Tensor:
+def choice_reference(positive: torch.Tensor, foils: list[torch.Tensor]) -> torch.Tensor:
+    """-log p(own caption) among the own caption and its foils; 0 for a caption without foils."""
+    if not foils:
+        return positive * 0
+    return -torch.log_softmax(torch.stack([positive, *foils]), 0)[0]
+
+
+def clip_reference(out: EncoderOutput, choice_weight: float = 0.0) -> torch.Tensor:
     n, s = out.image_features.shape[0], out.logit_scale
-    image_terms, text_terms = [], []
+    image_terms, text_terms, choices = [], [], []
     for i in range(n):
         row = [s * out.image_features[i] @ out.text_features[j] for j in range(n)]
-        row += [
+        foils = [
             s * out.image_features[i] @ out.foil_text_features[i, f] for f in range(NF) if out.foil_mask[i, f]
         ]
-        image_terms.append(-torch.log_softmax(torch.stack(row), 0)[i])
+        image_terms.append(-torch.log_softmax(torch.stack(row + foils), 0)[i])
+        choices.append(choice_reference(row[i], foils))
         column = torch.stack([s * out.text_features[i] @ out.image_features[j] for j in range(n)])
         text_terms.append(-torch.log_softmax(column, 0)[i])
-    return (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+    contrastive = (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+    return contrastive + choice_weight * torch.stack(choices).mean()
 
 
 def siglip_reference(out: EncoderOutput) -> torch.Tensor:
@@ -103,27 +113,40 @@ def late_t2i(image_tokens, text_tokens, text_mask) -> torch.Tensor:
     return (text_tokens[text_mask] @ image_tokens.T).max(dim=1).values.mean()
 
 
-def filip_reference(out: EncoderOutput) -> torch.Tensor:
+def filip_reference(out: EncoderOutput, choice_weight: float = 0.0) -> torch.Tensor:
     n, s = out.image_features.shape[0], out.logit_scale
     it, tt, tm = out.image_tokens, out.text_tokens, out.text_token_mask
-    image_terms, text_terms = [], []
+    image_terms, text_terms, choices = [], [], []
     for i in range(n):
         row = [s * late(it[i], tt[j], tm[j]) for j in range(n)]
-        row += [
+        foils = [
             s * late(it[i], out.foil_text_tokens[i, f], out.foil_text_token_mask[i, f])
             for f in range(NF)
             if out.foil_mask[i, f]
         ]
-        image_terms.append(-torch.log_softmax(torch.stack(row), 0)[i])
+        image_terms.append(-torch.log_softmax(torch.stack(row + foils), 0)[i])
+        choices.append(choice_reference(row[i], foils))
         column = torch.stack([s * late_t2i(it[j], tt[i], tm[i]) for j in range(n)])
         text_terms.append(-torch.log_softmax(column, 0)[i])
-    return (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+    contrastive = (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+    return contrastive + choice_weight * torch.stack(choices).mean()
 
 
 REFERENCES = {
     "clip": (lambda: ClipLoss(), clip_reference, False),
     "siglip": (lambda: SigLipLoss(), siglip_reference, True),
     "filip": (lambda: FilipLoss(chunk_size=3), filip_reference, False),
+    # the foil choice term on top: the image's own caption against its foils alone
+    "clip-choice": (
+        lambda: ClipLoss(foil_choice_weight=0.7),
+        partial(clip_reference, choice_weight=0.7),
+        False,
+    ),
+    "filip-choice": (
+        lambda: FilipLoss(chunk_size=3, foil_choice_weight=0.7),
+        partial(filip_reference, choice_weight=0.7),
+        False,
+    ),
 }
 
 
@@ -157,10 +180,21 @@ def test_captions_without_foils_leave_the_loss_as_it_was():
     out = model(*batch(2 * B))
     none = EncoderOutput(**{**out.__dict__, "foil_mask": torch.zeros_like(out.foil_mask)})
     plain = EncoderOutput(**{**out.__dict__, "foil_text_features": None, "foil_text_tokens": None})
-    for loss in (ClipLoss(), FilipLoss()):
+    for loss in (
+        ClipLoss(),
+        FilipLoss(),
+        ClipLoss(foil_choice_weight=1.0),
+        FilipLoss(foil_choice_weight=1.0),
+    ):
         assert loss.loss_from_outputs(none).item() == pytest.approx(
             loss.loss_from_outputs(plain).item(), abs=1e-6
         )
+
+
+@pytest.mark.parametrize("make", [ClipLoss, FilipLoss])
+def test_a_negative_foil_choice_weight_is_refused(make):
+    with pytest.raises(ValueError, match=r"foil_choice_weight must be >= 0.*-0.5"):
+        make(foil_choice_weight=-0.5)
 
 
 # -- 2 gloo ranks ---------------------------------------------------------------------------------
@@ -178,6 +212,19 @@ CASES = {
         False,
     ),
     "filip-global-gradgather": (lambda r, w: FilipLoss(gather_with_grad=True, rank=r, world_size=w), False),
+    # the ranks hold different numbers of captions with foils (batch() fixes rows 0 and 1)
+    "clip-local-choice": (
+        lambda r, w: ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=r, world_size=w, foil_choice_weight=2.0
+        ),
+        False,
+    ),
+    "filip-local-choice": (
+        lambda r, w: FilipLoss(
+            local_loss=True, gather_with_grad=True, rank=r, world_size=w, chunk_size=3, foil_choice_weight=2.0
+        ),
+        False,
+    ),
 }
 
 

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from flip.losses.distributed import gather_features
-from flip.losses.foils import append_foil_logits, foil_rows, pooled_foil_logits
+from flip.losses.foils import (
+    append_foil_logits,
+    check_foil_choice_weight,
+    foil_choice_loss,
+    foil_rows,
+    pooled_foil_logits,
+)
 from flip.models.outputs import EncoderOutput
 
 
@@ -44,6 +50,9 @@ class ClipLoss(nn.Module):
     work. `gather_with_grad` makes DDP-averaged gradients those of the global batch; without it
     only local features get gradient (open_clip's default, scaled by 1/W for the towers, and
     partial in combination with `local_loss`).
+
+    `foil_choice_weight` adds, with attribute foils, the image's choice between its caption and
+    that caption's foils as a term of its own (`flip.losses.foils.foil_choice_loss`).
     """
 
     requires_tokens: ClassVar[bool] = False
@@ -56,10 +65,13 @@ class ClipLoss(nn.Module):
         cache_labels: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        foil_choice_weight: float = 0.0,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)
+        check_foil_choice_weight(foil_choice_weight)
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
+        self.foil_choice_weight = foil_choice_weight
         self.rank, self.world_size = rank, world_size
         self._labels: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -131,9 +143,12 @@ class ClipLoss(nn.Module):
             per_image = append_foil_logits(
                 per_image, pooled_foil_logits(rows, foils, mask, logit_scale, logit_bias)
             )
-        loss = symmetric_cross_entropy(
-            per_image, per_text, self.get_ground_truth(per_image.device, per_image.shape[0])
-        )
+        labels = self.get_ground_truth(per_image.device, per_image.shape[0])
+        loss = symmetric_cross_entropy(per_image, per_text, labels)
+        if foil_features is not None and self.foil_choice_weight:
+            loss = loss + self.foil_choice_weight * foil_choice_loss(
+                per_image, labels, foil_features.shape[1]
+            )
         return {"contrastive_loss": loss} if output_dict else loss
 
     def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:

@@ -36,7 +36,13 @@ from torch.autograd.function import once_differentiable
 
 from flip.losses.clip import check_rank, contrastive_labels, symmetric_cross_entropy
 from flip.losses.distributed import gather_features, gather_mask
-from flip.losses.foils import append_foil_logits, foil_rows, foil_token_similarity
+from flip.losses.foils import (
+    append_foil_logits,
+    check_foil_choice_weight,
+    foil_choice_loss,
+    foil_rows,
+    foil_token_similarity,
+)
 from flip.models.outputs import EncoderOutput
 
 _NEG_INF = float("-inf")
@@ -334,7 +340,8 @@ class FilipLoss(nn.Module):
     rank L2-normalised tokens. Selection is not differentiated; the kept tokens are.
 
     `local_loss` / `gather_with_grad` mean what they do in ClipLoss (token features and masks
-    are gathered instead of pooled features; labels offset by rank * B_local).
+    are gathered instead of pooled features; labels offset by rank * B_local); so does
+    `foil_choice_weight` (the choice among foils scored with FILIP's similarity).
     """
 
     requires_tokens: ClassVar[bool] = True
@@ -349,9 +356,12 @@ class FilipLoss(nn.Module):
         topk_fraction: float | None = None,
         chunk_size: int | str = AUTO,
         exclude_sot: bool = False,
+        foil_choice_weight: float = 0.0,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)
+        check_foil_choice_weight(foil_choice_weight)
+        self.foil_choice_weight = foil_choice_weight
         if topk_fraction is not None and not 0.0 < topk_fraction <= 1.0:
             raise ValueError(
                 f"topk_fraction must be in (0, 1] or None (keep all tokens), got {topk_fraction}"
@@ -439,6 +449,8 @@ class FilipLoss(nn.Module):
             per_image.shape[0], per_image.device, self.rank, self.world_size, self.local_loss
         )
         loss = symmetric_cross_entropy(per_image, per_text, labels)
+        if foil_tokens is not None and self.foil_choice_weight:
+            loss = loss + self.foil_choice_weight * foil_choice_loss(per_image, labels, foil_tokens.shape[1])
         return {"filip_loss": loss} if output_dict else loss
 
     def _foil_logits(self, image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, scale, bias):

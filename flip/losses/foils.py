@@ -23,6 +23,8 @@ from flip.losses.distributed import gather_features, gather_mask
 
 __all__ = [
     "append_foil_logits",
+    "check_foil_choice_weight",
+    "foil_choice_loss",
     "foil_rows",
     "foil_token_similarity",
     "pooled_foil_logits",
@@ -96,6 +98,31 @@ def append_foil_logits(per_image: torch.Tensor, foil_logits: torch.Tensor) -> to
     """Image->text logits [R, C] with each row's foil columns after the batch's [R, C + F]: the
     positives' columns (the labels) stay where they were."""
     return torch.cat([per_image, foil_logits.to(per_image.dtype)], dim=1)
+
+
+def check_foil_choice_weight(weight: float) -> None:
+    if not weight >= 0.0:
+        raise ValueError(f"foil_choice_weight must be >= 0 (0: no foil choice term), got {weight}")
+
+
+def foil_choice_loss(logits: torch.Tensor, labels: torch.Tensor, num_foils: int) -> torch.Tensor:
+    """Each image picking its own caption among that caption and its foils: the cross-entropy
+    over [positive, own foils] of every row that has a foil, summed and divided by all rows.
+
+    In the batch's softmax a foil is one column among B + F, and while the text tower still
+    reads "looking sad" and "looking happy" alike, the foil and the positive pull the image
+    almost equally: the attribute the foil changes gets little gradient. Weighted on its own
+    (`foil_choice_weight` of ClipLoss and FilipLoss), the choice between near-identical captions
+    is what the term trains. Divided by all rows, not by the rows with a foil, so that ranks
+    holding different numbers of foils still average to the global batch's loss.
+
+    `logits` [R, C + F]: image->text logits with each row's foil columns last (-inf where
+    none), `labels` [R]: each row's positive column.
+    """
+    choices = torch.cat([logits.gather(1, labels[:, None]), logits[:, logits.shape[1] - num_foils :]], dim=1)
+    has_foil = choices[:, 1:].isfinite().any(dim=1)
+    picked = F.cross_entropy(choices[has_foil], labels.new_zeros(int(has_foil.sum())), reduction="sum")
+    return picked / logits.shape[0]
 
 
 def siglip_foil_loss(

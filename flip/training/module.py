@@ -113,8 +113,20 @@ def check_loss_strategy(loss: Mapping[str, Any], zero_stage: int | None) -> None
 
 def check_foils_used(loss: Mapping[str, Any], hard_negatives: Any) -> None:
     """`data.hard_negatives` encodes foil captions every step; a loss with no term that reads them
-    (loss=itc_queue alone) would pay for them and learn nothing from them, so it is refused."""
+    (loss=itc_queue alone) would pay for them and learn nothing from them, so it is refused. A
+    `foil_choice_weight` without foils would silently train without the term it asks for."""
     if not hard_negatives:
+        weighted = [
+            name
+            for name, term in (loss.get("terms") or {}).items()
+            if isinstance(term, Mapping) and (term.get("loss") or {}).get("foil_choice_weight")
+        ]
+        if weighted:
+            raise ValueError(
+                f"loss.terms.{weighted[0]}.loss.foil_choice_weight is set, but data.hard_negatives is "
+                f"{hard_negatives!r}: the term chooses among foils, so give it some (e.g. "
+                "data.hard_negatives=auto) or set foil_choice_weight=0"
+            )
         return
     terms = {
         name: (term.get("loss") or {}).get("_target_")
