@@ -114,15 +114,15 @@ def foil_choice_loss(logits: torch.Tensor, labels: torch.Tensor, num_foils: int)
     almost equally: the attribute the foil changes gets little gradient. Weighted on its own
     (`foil_choice_weight` of ClipLoss and FilipLoss), the choice between near-identical captions
     is what the term trains. Divided by all rows, not by the rows with a foil, so that ranks
-    holding different numbers of foils still average to the global batch's loss.
+    holding different numbers of foils still average to the global batch's loss: a row whose
+    foil slots are all -inf chooses its positive with certainty and adds exactly 0, so the
+    plain mean over rows is that sum, with no selection of rows (nor a host sync to count them).
 
     `logits` [R, C + F]: image->text logits with each row's foil columns last (-inf where
     none), `labels` [R]: each row's positive column.
     """
     choices = torch.cat([logits.gather(1, labels[:, None]), logits[:, logits.shape[1] - num_foils :]], dim=1)
-    has_foil = choices[:, 1:].isfinite().any(dim=1)
-    picked = F.cross_entropy(choices[has_foil], labels.new_zeros(int(has_foil.sum())), reduction="sum")
-    return picked / logits.shape[0]
+    return F.cross_entropy(choices, labels.new_zeros(labels.shape[0]))
 
 
 def siglip_foil_loss(

@@ -115,12 +115,13 @@ def check_foils_used(loss: Mapping[str, Any], hard_negatives: Any) -> None:
     """`data.hard_negatives` encodes foil captions every step; a loss with no term that reads them
     (loss=itc_queue alone) would pay for them and learn nothing from them, so it is refused. A
     `foil_choice_weight` without foils would silently train without the term it asks for."""
+    term_losses = {
+        name: term.get("loss") or {}
+        for name, term in (loss.get("terms") or {}).items()
+        if isinstance(term, Mapping)
+    }
     if not hard_negatives:
-        weighted = [
-            name
-            for name, term in (loss.get("terms") or {}).items()
-            if isinstance(term, Mapping) and (term.get("loss") or {}).get("foil_choice_weight")
-        ]
+        weighted = [name for name, term_loss in term_losses.items() if term_loss.get("foil_choice_weight")]
         if weighted:
             raise ValueError(
                 f"loss.terms.{weighted[0]}.loss.foil_choice_weight is set, but data.hard_negatives is "
@@ -128,11 +129,7 @@ def check_foils_used(loss: Mapping[str, Any], hard_negatives: Any) -> None:
                 "data.hard_negatives=auto) or set foil_choice_weight=0"
             )
         return
-    terms = {
-        name: (term.get("loss") or {}).get("_target_")
-        for name, term in (loss.get("terms") or {}).items()
-        if isinstance(term, Mapping)
-    }
+    terms = {name: term_loss.get("_target_") for name, term_loss in term_losses.items()}
     if not any(target and getattr(get_class(target), "uses_foils", False) for target in terms.values()):
         raise ValueError(
             f"data.hard_negatives={hard_negatives!r}, but no term of this loss ({terms}) uses foil captions; "
