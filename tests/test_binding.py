@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.pytorch import Callback
 
 from flip.benchmarks.base import EncodedImages, LabelledSplit
 from flip.data.foils import FoilMaker
@@ -87,12 +89,30 @@ def test_a_split_without_captions_has_no_binding_and_labels_become_a_record(tiny
     assert binding_metrics(tiny_model, nothing, torch.zeros(4, 8))["n_foils"] == 0
 
 
+class RecordTermSteps(Callback):
+    """Each training step's (trainer step, the step every loss term was told) pair."""
+
+    seen: ClassVar[list[tuple[int, list[int]]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        terms = pl_module.criterion.terms.values()
+        RecordTermSteps.seen.append((trainer.global_step - 1, [term.step for term in terms]))
+
+
 @pytest.mark.slow
 def test_training_with_hard_negatives_logs_the_foil_fraction_and_reports_binding(tmp_path):
+    RecordTermSteps.seen = []
     cfg = compose_train_config(
-        tmp_path, ["data.hard_negatives={source:auto,per_caption:2}", "trainer.max_steps=3"]
-    )
+        tmp_path,
+        [
+            "data.hard_negatives={source:auto,per_caption:2}", "trainer.max_steps=3",
+            "loss.terms.filip.loss.foil_choice_weight=1.0", "loss.terms.filip.loss.foil_choice_start_step=1",
+            "+callbacks.steps={_target_: tests.test_binding.RecordTermSteps}",
+        ],
+    )  # fmt: skip
     train(cfg)
+    # the foil choice schedule reads the trainer's step: every term (clip and filip) was told it
+    assert RecordTermSteps.seen == [(0, [0, 0]), (1, [1, 1]), (2, [2, 2])]
     run = tmp_path / "run"
     rows = []
     for path in sorted((run / "csv").glob("version_*/metrics.csv")):

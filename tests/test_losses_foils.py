@@ -197,6 +197,46 @@ def test_a_negative_foil_choice_weight_is_refused(make):
         make(foil_choice_weight=-0.5)
 
 
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"foil_choice_start_step": -1}, r"foil_choice_start_step must be an integer >= 0.*-1"),
+        ({"foil_choice_ramp_steps": 2.5}, r"foil_choice_ramp_steps must be an integer >= 0.*2.5"),
+        ({"foil_choice_ramp_steps": True}, r"foil_choice_ramp_steps must be an integer >= 0.*True"),
+    ],
+)
+@pytest.mark.parametrize("make", [ClipLoss, FilipLoss])
+def test_a_foil_choice_schedule_that_is_not_a_step_count_is_refused(make, bad, match):
+    with pytest.raises(ValueError, match=match):
+        make(foil_choice_weight=1.0, **bad)
+
+
+@pytest.mark.parametrize(
+    ("make", "reference"),
+    [
+        (partial(ClipLoss), clip_reference),
+        (partial(FilipLoss, chunk_size=3), filip_reference),
+    ],
+    ids=["clip", "filip"],
+)
+def test_the_foil_choice_term_follows_its_schedule_over_the_trainers_steps(make, reference):
+    """0 before the start step, then linear up to the weight over the ramp, then the weight."""
+    loss_fn = make(foil_choice_weight=0.8, foil_choice_start_step=10, foil_choice_ramp_steps=4)
+    for step, weight in [(0, 0.0), (9, 0.0), (10, 0.0), (11, 0.2), (12, 0.4), (14, 0.8), (500, 0.8)]:
+        loss_fn.at_step(step)
+        loss, grads = loss_and_grads(loss_fn, False, 2 * B)
+        expected, expected_grads = loss_and_grads(partial(reference, choice_weight=weight), False, 2 * B)
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5), step
+        for key, grad in expected_grads.items():
+            torch.testing.assert_close(grads[key], grad, atol=1e-5, rtol=1e-4, msg=f"{step} {key}")
+    # no ramp: the whole weight from the start step on
+    sudden = make(foil_choice_weight=0.8, foil_choice_start_step=3)
+    for step, weight in [(2, 0.0), (3, 0.8)]:
+        sudden.at_step(step)
+        expected, _ = loss_and_grads(partial(reference, choice_weight=weight), False, 2 * B)
+        assert loss_and_grads(sudden, False, 2 * B)[0].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
 # -- 2 gloo ranks ---------------------------------------------------------------------------------
 
 CASES = {

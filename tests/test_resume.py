@@ -66,6 +66,10 @@ def test_resume_after_interruption_continues_with_the_next_batch_and_loss(tmp_pa
         table = tmp_path / "foils.yaml"
         table.write_text("colour: {red: [blue, green], blue: [red], green: [red], yellow: [blue]}\n")
         overrides.append(f"data.hard_negatives={{source:table,per_caption:2,table:{table}}}")
+        # the foil choice term ramping in across the interruption (weight 1 at step 3, 2 from 4 on):
+        # the resumed run weighs it by the trainer's step, as the uninterrupted run did
+        choice = "loss.terms.clip.loss.foil_choice_"
+        overrides += [f"{choice}weight=2.0", f"{choice}start_step=2", f"{choice}ramp_steps=2"]
     # with the in-memory cache, as the demo trains: the resumed process starts with an empty one
     overrides.append("data.cache_in_memory=true")
     train(compose_train_config(tmp_path / "whole", overrides, SHARDS_BASE))

@@ -10,8 +10,8 @@ from torch import nn
 
 from flip.losses.distributed import gather_features
 from flip.losses.foils import (
+    FoilChoiceSchedule,
     append_foil_logits,
-    check_foil_choice_weight,
     foil_choice_loss,
     foil_rows,
     pooled_foil_logits,
@@ -52,7 +52,8 @@ class ClipLoss(nn.Module):
     partial in combination with `local_loss`).
 
     `foil_choice_weight` adds, with attribute foils, the image's choice between its caption and
-    that caption's foils as a term of its own (`flip.losses.foils.foil_choice_loss`).
+    that caption's foils as a term of its own (`flip.losses.foils.foil_choice_loss`), from
+    `foil_choice_start_step` on, ramped in over `foil_choice_ramp_steps` (`FoilChoiceSchedule`).
     """
 
     requires_tokens: ClassVar[bool] = False
@@ -66,14 +67,22 @@ class ClipLoss(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         foil_choice_weight: float = 0.0,
+        foil_choice_start_step: int = 0,
+        foil_choice_ramp_steps: int = 0,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)
-        check_foil_choice_weight(foil_choice_weight)
+        self.foil_choice = FoilChoiceSchedule(
+            foil_choice_weight, foil_choice_start_step, foil_choice_ramp_steps
+        )
+        self.step = 0  # the trainer's optimizer step (`at_step`): the foil choice weight follows it
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
-        self.foil_choice_weight = foil_choice_weight
         self.rank, self.world_size = rank, world_size
         self._labels: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+    def at_step(self, step: int) -> None:
+        """Called by the training module before each training step's loss (the foil choice schedule)."""
+        self.step = step
 
     def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:
         key = (device, num_logits)
@@ -145,10 +154,8 @@ class ClipLoss(nn.Module):
             )
         labels = self.get_ground_truth(per_image.device, per_image.shape[0])
         loss = symmetric_cross_entropy(per_image, per_text, labels)
-        if foil_features is not None and self.foil_choice_weight:
-            loss = loss + self.foil_choice_weight * foil_choice_loss(
-                per_image, labels, foil_features.shape[1]
-            )
+        if foil_features is not None and (weight := self.foil_choice.at(self.step)):
+            loss = loss + weight * foil_choice_loss(per_image, labels, foil_features.shape[1])
         return {"contrastive_loss": loss} if output_dict else loss
 
     def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:

@@ -9,7 +9,9 @@ A term that needs the batch itself (a momentum encoder's features: `MomentumItcL
 `encode_inputs(images, text)` (its result goes to `loss_from_outputs(outputs, encoded)`) and
 `after_optimizer_step(model)` (called by the training module after each optimizer step); one
 whose state cannot live under ZeRO-3's partitioned weights sets `supports_zero3 = False`. A term
-that scores with a part of the model (the ITM head: `ItmLoss`) has `bind(model)` alone.
+that scores with a part of the model (the ITM head: `ItmLoss`) has `bind(model)` alone. A term
+whose weighting follows training (the foil choice schedule of `ClipLoss` and `FilipLoss`) has
+`at_step(step)`, called with the trainer's optimizer step before each training step's loss.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class CombinedLoss(nn.Module):
         for term in self.terms.values():
             if hasattr(term, "bind"):
                 term.bind(model)
+
+    def at_step(self, step: int) -> None:
+        for term in self.terms.values():
+            if hasattr(term, "at_step"):
+                term.at_step(step)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         for term in self.terms.values():

@@ -37,8 +37,8 @@ from torch.autograd.function import once_differentiable
 from flip.losses.clip import check_rank, contrastive_labels, symmetric_cross_entropy
 from flip.losses.distributed import gather_features, gather_mask
 from flip.losses.foils import (
+    FoilChoiceSchedule,
     append_foil_logits,
-    check_foil_choice_weight,
     foil_choice_loss,
     foil_rows,
     foil_token_similarity,
@@ -341,7 +341,7 @@ class FilipLoss(nn.Module):
 
     `local_loss` / `gather_with_grad` mean what they do in ClipLoss (token features and masks
     are gathered instead of pooled features; labels offset by rank * B_local); so does
-    `foil_choice_weight` (the choice among foils scored with FILIP's similarity).
+    `foil_choice_weight` and its schedule (the choice among foils scored with FILIP's similarity).
     """
 
     requires_tokens: ClassVar[bool] = True
@@ -357,11 +357,15 @@ class FilipLoss(nn.Module):
         chunk_size: int | str = AUTO,
         exclude_sot: bool = False,
         foil_choice_weight: float = 0.0,
+        foil_choice_start_step: int = 0,
+        foil_choice_ramp_steps: int = 0,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)
-        check_foil_choice_weight(foil_choice_weight)
-        self.foil_choice_weight = foil_choice_weight
+        self.foil_choice = FoilChoiceSchedule(
+            foil_choice_weight, foil_choice_start_step, foil_choice_ramp_steps
+        )
+        self.step = 0  # the trainer's optimizer step (`at_step`): the foil choice weight follows it
         if topk_fraction is not None and not 0.0 < topk_fraction <= 1.0:
             raise ValueError(
                 f"topk_fraction must be in (0, 1] or None (keep all tokens), got {topk_fraction}"
@@ -370,6 +374,10 @@ class FilipLoss(nn.Module):
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.rank, self.world_size = rank, world_size
         self.topk_fraction, self.chunk_size, self.exclude_sot = topk_fraction, chunk_size, exclude_sot
+
+    def at_step(self, step: int) -> None:
+        """Called by the training module before each training step's loss (the foil choice schedule)."""
+        self.step = step
 
     def text_mask(self, text_tokens: torch.Tensor, text_token_mask: torch.Tensor | None) -> torch.Tensor:
         mask = (
@@ -449,8 +457,8 @@ class FilipLoss(nn.Module):
             per_image.shape[0], per_image.device, self.rank, self.world_size, self.local_loss
         )
         loss = symmetric_cross_entropy(per_image, per_text, labels)
-        if foil_tokens is not None and self.foil_choice_weight:
-            loss = loss + self.foil_choice_weight * foil_choice_loss(per_image, labels, foil_tokens.shape[1])
+        if foil_tokens is not None and (weight := self.foil_choice.at(self.step)):
+            loss = loss + weight * foil_choice_loss(per_image, labels, foil_tokens.shape[1])
         return {"filip_loss": loss} if output_dict else loss
 
     def _foil_logits(self, image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, scale, bias):

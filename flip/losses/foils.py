@@ -16,14 +16,16 @@ its own rows with its own foils.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from flip.losses.distributed import gather_features, gather_mask
 
 __all__ = [
+    "FoilChoiceSchedule",
     "append_foil_logits",
-    "check_foil_choice_weight",
     "foil_choice_loss",
     "foil_rows",
     "foil_token_similarity",
@@ -100,9 +102,42 @@ def append_foil_logits(per_image: torch.Tensor, foil_logits: torch.Tensor) -> to
     return torch.cat([per_image, foil_logits.to(per_image.dtype)], dim=1)
 
 
-def check_foil_choice_weight(weight: float) -> None:
-    if not weight >= 0.0:
-        raise ValueError(f"foil_choice_weight must be >= 0 (0: no foil choice term), got {weight}")
+@dataclass(frozen=True)
+class FoilChoiceSchedule:
+    """The foil choice term's weight at each optimizer step: 0 before `start_step`, then rising
+    linearly to `weight` over `ramp_steps` (at once when 0).
+
+    A young text tower encodes a caption and its foil almost alike, and choosing between them
+    at full weight from the first step competes with the contrastive task the towers have not
+    learned yet: starting the term once they align keeps what it adds without slowing that.
+    The step is the trainer's (`at_step`), so a resumed run weighs the term as the run it
+    continues did.
+    """
+
+    weight: float = 0.0
+    start_step: int = 0
+    ramp_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, int | float)
+            or not self.weight >= 0.0
+        ):
+            raise ValueError(f"foil_choice_weight must be >= 0 (0: no foil choice term), got {self.weight!r}")
+        for name in ("start_step", "ramp_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"foil_choice_{name} must be an integer >= 0 (optimizer steps), got {value!r}"
+                )
+
+    def at(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
+        if not self.ramp_steps:
+            return float(self.weight)
+        return float(self.weight) * min(1.0, (step - self.start_step) / self.ramp_steps)
 
 
 def foil_choice_loss(logits: torch.Tensor, labels: torch.Tensor, num_foils: int) -> torch.Tensor:
