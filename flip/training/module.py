@@ -311,7 +311,8 @@ class FlipLitModule(L.LightningModule):
             features = self.with_foils(features, batch[2], batch[3])
             has_foil = batch[3].any(dim=1).float().mean()
             self.log("train/foil_fraction", has_foil, on_step=True, batch_size=len(images))
-        self.criterion.at_step(self.global_step)  # terms weighted by the step (the foil choice schedule)
+        if hasattr(self.criterion, "at_step"):  # terms weighted by the step (the foil choice schedule)
+            self.criterion.at_step(self.global_step)
         losses = self._losses(features, images, text)
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
         finite = self.nonfinite.check(losses, self.global_step, strategy)  # the same answer on every rank
