@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from flip.data.captions import CaptionGrammar
 from flip.data.celeba_grammar import CELEBA_GRAMMAR
 from flip.data.faceshapes import FACESHAPES_GRAMMAR, sample_attributes
 from flip.data.foils import DEFAULT_TABLE, FoilMaker, FoilTable, hard_negatives, load_table
+from flip.data.foils.grammar import Candidate
 from flip.data.transform import SampleTransform
 
 
@@ -171,6 +173,36 @@ def test_foils_of_chosen_attributes_name_every_other_value_before_repeating_one(
         hard_negatives({"attributes": []})
     with pytest.raises(ValueError, match="attributes"):
         hard_negatives({"attributes": "expression"})
+
+
+def test_attribute_weights_set_how_often_each_attribute_is_foiled():
+    # pick directly among one candidate per attribute: the first foil of each caption is drawn
+    # with probability weight / total weight, the second from the rest in the same proportion
+    weights = {"expression": 4.0, "beard": 1.0, "mustache": 3.0}
+    maker = hard_negatives({"per_caption": 1, "attributes": {**weights, "hat": 2}})
+    assert maker.attributes == ("expression", "beard", "mustache", "hat")
+    candidates = [Candidate(f"foil of {name}", name, True, False) for name in [*weights, "bangs"]]
+    draws = 4000
+    firsts = Counter(maker.pick(candidates, random.Random(i))[0].attribute for i in range(draws))
+    assert set(firsts) == set(weights)  # bangs is not listed; hat is, but the caption has none
+    total = sum(weights.values())
+    for name, weight in weights.items():
+        p = weight / total
+        assert abs(firsts[name] / draws - p) < 4 * (p * (1 - p) / draws) ** 0.5, (name, firsts)
+    # two foils: the heaviest is nearly always among them, where a list would give it 2/3
+    pairs = hard_negatives({"per_caption": 2, "attributes": {"expression": 100, "beard": 1, "mustache": 1}})
+    picked = [{f.attribute for f in pairs.pick(candidates, random.Random(i))} for i in range(500)]
+    assert sum("expression" in p for p in picked) >= 495
+    assert 200 <= sum("beard" in p for p in picked) <= 300  # the second slot is shared evenly
+    uniform = hard_negatives({"per_caption": 2, "attributes": ["expression", "beard", "mustache"]})
+    shares = [{f.attribute for f in uniform.pick(candidates, random.Random(i))} for i in range(500)]
+    assert 290 <= sum("expression" in p for p in shares) <= 375  # 2/3 of 500, +-4 sd
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, True, "4", float("nan"), float("inf")])
+def test_an_attribute_weight_that_is_not_a_positive_number_is_refused(weight):
+    with pytest.raises(ValueError, match=r"attributes\.beard=.*accepted: a weight above 0"):
+        hard_negatives({"attributes": {"expression": 2, "beard": weight}})
 
 
 def test_foils_are_seeded_per_sample_and_differ_by_attribute():

@@ -16,9 +16,10 @@ continues; without one (evaluation) by its key and caption.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,12 @@ class FoilMaker:
     seed: int = 0
     # only foils that change one of these attributes (None: any). With per_caption >= the
     # other values' count, a caption gets every other value of the attribute as a foil: the
-    # image must tell them apart, as a classifier over the attribute's captions would
-    attributes: tuple[str, ...] | None = None
+    # image must tell them apart, as a classifier over the attribute's captions would.
+    # A mapping {name: weight} also sets how often each attribute is foiled: a caption's
+    # attributes are drawn in turn with probability proportional to their weights, so that
+    # with per_caption below their number the heavier ones get the foils
+    attributes: tuple[str, ...] | Mapping[str, float] | None = None
+    weights: dict[str, float] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -89,10 +94,14 @@ class FoilMaker:
             )
         if self.attributes is not None:
             names = self.attributes
+            if isinstance(names, Mapping):
+                self.weights = _weights(names)
+                names = list(self.weights)
             if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
                 raise ValueError(
                     f"data.hard_negatives.attributes={names!r}; accepted: null (foils change any "
-                    f"attribute) or a non-empty list of attribute names, e.g. [expression, mustache]"
+                    f"attribute), a non-empty list of attribute names, e.g. [expression, mustache], "
+                    f"or a mapping of names to weights, e.g. {{expression: 4, mustache: 1}}"
                 )
             self.attributes = tuple(names)
         if self.source != "grammar":
@@ -138,7 +147,7 @@ class FoilMaker:
 
     def pick(self, candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
         """Up to `per_caption` distinct foils, one changed attribute after another in random order
-        (of `attributes` only, when given)."""
+        (of `attributes` only, when given; weighted by them when they are a mapping)."""
         by_attribute: dict[str, list[Candidate]] = {}
         for candidate in candidates:
             if self.attributes is not None and candidate.attribute not in self.attributes:
@@ -146,7 +155,10 @@ class FoilMaker:
             if candidate.text not in {c.text for c in by_attribute.get(candidate.attribute, [])}:
                 by_attribute.setdefault(candidate.attribute, []).append(candidate)
         attributes = sorted(by_attribute)
-        rng.shuffle(attributes)
+        if self.weights is None:
+            rng.shuffle(attributes)
+        else:
+            attributes = _weighted_order(attributes, self.weights, rng)
         for name in attributes:
             by_attribute[name] = _new_values_first(by_attribute[name], rng)
         picked: list[Candidate] = []
@@ -168,6 +180,31 @@ class FoilMaker:
         return self.pick(candidates, self.rng_for(sample)) if candidates else []
 
 
+def _weights(weights: Mapping[str, Any]) -> dict[str, float]:
+    """`attributes` as a mapping: each weight a finite number above 0, or the key is refused."""
+    checked = {}
+    for name, weight in weights.items():
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise ValueError(
+                f"data.hard_negatives.attributes.{name}={weight!r}; accepted: a weight above 0 "
+                f"(how often a caption's {name} is foiled relative to its other attributes)"
+            )
+        checked[str(name)] = float(weight)
+    return checked
+
+
+def _weighted_order(names: list[str], weights: Mapping[str, float], rng: random.Random) -> list[str]:
+    """`names` drawn one after another without replacement, each with probability proportional
+    to its weight among those left (Efraimidis and Spirakis: sort by u ** (1 / weight))."""
+    keys = {name: rng.random() ** (1.0 / weights[name]) for name in names}
+    return sorted(names, key=lambda name: -keys[name])
+
+
 def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[Candidate]:
     """One attribute's foils in random order, each new value's first phrasing before any value's
     second: four foils of "looking angry" name four other expressions, not two phrasings of two."""
@@ -183,7 +220,8 @@ def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[C
 
 def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> FoilMaker | None:
     """The FoilMaker of a `data.hard_negatives` value: null (off), a source name, or a mapping
-    with `source`, `per_caption`, `table` and `attributes`."""
+    with `source`, `per_caption`, `table` and `attributes` (a list of names or a mapping of
+    names to weights)."""
     if config is None or config is False:
         return None
     if isinstance(config, str):
