@@ -90,6 +90,7 @@ def build_model(
     fusion: Mapping[str, Any] | None = None,
     image_size: int | None = None,
     image_stem: Mapping[str, Any] | None = None,
+    text_length_buckets: int | None = None,
 ) -> FlipModel:
     """Create towers, tokenizer and transforms for `name`.
 
@@ -107,6 +108,9 @@ def build_model(
     (finetune.py image_size=, flip.training.finetune.resolution) is rebuilt. None: the architecture's.
     `image_stem` ({channels}) replaces the ViT's patch projection by a convolutional stem
     (flip.models.image_stem), newly initialised: only for a model trained from scratch.
+    `text_length_buckets` encodes each batch's captions in that many groups of similar length,
+    each cut to its longest caption (flip.models.length_buckets): the same features for less
+    work in open_clip's causal text tower. None or 0: the whole context for every caption.
     """
     if image_stem is not None and (pretrained is not None or ":" in name):
         raise ValueError(
@@ -159,4 +163,6 @@ def build_model(
         config["fusion"] = json.loads(json.dumps(dict(fusion)))
     if image_stem is not None:  # likewise
         config["image_stem"] = json.loads(json.dumps(dict(image_stem)))
+    if text_length_buckets:  # likewise
+        config["text_length_buckets"] = text_length_buckets
     return FlipModel(clip, tokenizer, preprocess_train, preprocess_val, config)

@@ -19,6 +19,7 @@ from torch import nn
 
 from flip.models.fusion import BertCrossFusion, ItmFusion, build_fusion
 from flip.models.hf_text import hf_text_with_tokens
+from flip.models.length_buckets import encode_in_length_buckets
 from flip.models.outputs import EncoderOutput
 from flip.models.probe_tokens import FINAL, resolve_probe_blocks
 
@@ -26,6 +27,30 @@ from flip.models.probe_tokens import FINAL, resolve_probe_blocks
 # step; clamping here too keeps the cap where the parameter cannot be written (DeepSpeed keeps
 # master weights of its own).
 MAX_LOGIT_SCALE = math.log(100)
+
+
+def _length_buckets(buckets: Any, clip: nn.Module) -> int:
+    """`model.text_length_buckets`, checked: it is exact only where padding cannot reach a
+    caption's features (a causal tower pooling at the end-of-text token or the first)."""
+    if buckets is None:
+        return 0
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0:
+        raise ValueError(
+            f"model.text_length_buckets={buckets!r}; accepted: null or 0 (off), or the number of "
+            f"groups of similar length each batch's captions are encoded in, e.g. 4"
+        )
+    if buckets == 0:
+        return 0
+    pool = getattr(clip, "text_pool_type", None)
+    if not isinstance(clip, CLIP) or clip.attn_mask is None or pool not in ("argmax", "eos", "first"):
+        tower = type(getattr(clip, "text", clip)).__name__
+        raise ValueError(
+            f"model.text_length_buckets={buckets} needs open_clip's causal text transformer pooled at "
+            f"the end-of-text token (text_cfg pool_type argmax or eos; here {tower}, causal: "
+            f"{getattr(clip, 'attn_mask', None) is not None}, pool_type: {pool}): elsewhere a "
+            f"caption's features read its padding. Set model.text_length_buckets=null"
+        )
+    return buckets
 
 
 def _pad_token_id(tokenizer: Any) -> int:
@@ -53,6 +78,7 @@ class FlipModel(nn.Module):
         self.preprocess = preprocess
         self.config = config
         self.pad_token_id = _pad_token_id(tokenizer)
+        self.text_length_buckets = _length_buckets(config.get("text_length_buckets"), clip)
         # image-text matching (model.fusion; flip.models.fusion): None for a contrastive-only model
         self.fusion: ItmFusion | BertCrossFusion | None = None
         if config.get("fusion") is not None:
@@ -101,7 +127,10 @@ class FlipModel(nn.Module):
         return self.clip.encode_image(images, normalize=normalize)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self.clip.encode_text(text, normalize=normalize)
+        if not self.text_length_buckets:
+            return self.clip.encode_text(text, normalize=normalize)
+        features = self._text_with_tokens(text, tokens=False)[0]
+        return F.normalize(features, dim=-1) if normalize else features
 
     def query(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Moved: models sit below evaluation and do not import it; ask `flip.query(model, ...)`."""
@@ -279,8 +308,11 @@ class FlipModel(nn.Module):
             pooled, tokens = pooled @ visual.proj, states @ visual.proj
         return (pooled, tokens, states) if hidden else (pooled, tokens)
 
-    def _text_with_tokens(self, text: torch.Tensor, hidden: bool = False) -> tuple[torch.Tensor, ...]:
-        """Pooled and token features, projected; with `hidden`, also the tokens before the projection."""
+    def _text_with_tokens(
+        self, text: torch.Tensor, hidden: bool = False, tokens: bool = True
+    ) -> tuple[torch.Tensor, ...]:
+        """Pooled and token features, projected; with `hidden`, also the tokens before the
+        projection; without `tokens`, the pooled features alone."""
         clip = self.clip
         if isinstance(getattr(clip, "text", None), HFTextEncoder):
             return hf_text_with_tokens(clip.text, text, hidden=hidden)
@@ -289,15 +321,24 @@ class FlipModel(nn.Module):
                 f"token features need open_clip's built-in text transformer, not {type(clip).__name__}; "
                 f"use a pooled-feature loss (clip, siglip) with this text tower"
             )
-        cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding.to(cast_dtype)
-        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
-        pooled = text_global_pool(x, text, clip.text_pool_type, eos_token_id=clip.text_eos_id)
-        projection = clip.text_projection
-        if isinstance(projection, nn.Linear):
-            out = projection(pooled), projection(x)
-        elif projection is not None:
-            out = pooled @ projection, x @ projection
-        else:
-            out = pooled, x
-        return (*out, x) if hidden else out
+
+        def encode(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            length = ids.shape[1]  # the context length, or a length bucket's
+            cast_dtype = clip.transformer.get_cast_dtype()
+            x = clip.token_embedding(ids).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+            mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length]
+            x = clip.ln_final(clip.transformer(x, attn_mask=mask))
+            pooled = text_global_pool(x, ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)
+            projection = clip.text_projection
+            if isinstance(projection, nn.Linear):
+                out = projection(pooled), projection(x) if tokens else None
+            elif projection is not None:
+                out = pooled @ projection, x @ projection if tokens else None
+            else:
+                out = pooled, x
+            out = out if tokens else out[:1]
+            return (*out, x) if hidden else out
+
+        if not self.text_length_buckets:
+            return encode(text)
+        return encode_in_length_buckets(text, self.pad_token_id, self.text_length_buckets, encode)

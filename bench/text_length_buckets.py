@@ -1,0 +1,144 @@
+"""The demo's training step with captions encoded in length buckets, against the whole context.
+
+`model.text_length_buckets` (flip/models/length_buckets.py) encodes each batch's captions in
+groups of similar length, each cut to its longest caption; the baseline is the same model
+encoding every caption over the whole 48-token context. Both steps are FLIP's module on the same
+FaceShapes batches (training step with the demo's loss, backward, fused AdamW), from the same
+weights, in one process, alternating in rounds; the first steps are left out. Each case is the
+demo recipe, with and without foil captions (`data.hard_negatives`, which the text tower also
+encodes).
+
+    .venv/bin/python bench/text_length_buckets.py
+    .venv/bin/python bench/text_length_buckets.py --rounds 2 --steps 3   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_io import machine, write_results
+from bench.run_config import run_config
+from flip.training.module import FlipLitModule, module_options
+
+CASES = {
+    "demo": ["experiment=demo"],
+    "demo, 2 foils per caption": [
+        "experiment=demo",
+        "data.hard_negatives={source:grammar,per_caption:2}",
+    ],
+}
+
+
+def build(overrides: list[str], buckets: int, work: Path, data: Path):
+    """FLIP's module and optimizer for the recipe, with `buckets` length buckets (0: off)."""
+    cfg = run_config("train", [*overrides, f"++model.text_length_buckets={buckets}"], work, data)
+    torch.manual_seed(0)
+    module = FlipLitModule(cfg.model, cfg.loss, cfg.optim, **module_options(cfg))
+    module.trainer = L.Trainer(max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    module.train()
+    module.log = module.log_dict = lambda *args, **kwargs: None  # no trainer to log to
+    return cfg, module, optimizer
+
+
+def batches_of(cfg, module: FlipLitModule, count: int) -> list:
+    datamodule = instantiate(cfg.data)
+    datamodule.use_model(module.model)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = []
+    for batch in datamodule.train_dataloader():
+        batches.append(batch)
+        if len(batches) == count:
+            return batches
+    return batches
+
+
+def step_seconds(module: FlipLitModule, optimizer, batch) -> float:
+    start = time.perf_counter()
+    out = module.training_step(batch, 0)
+    (out["loss"] if isinstance(out, dict) else out).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def measure(overrides: list[str], buckets: int, args, work: Path, data: Path) -> dict:
+    cfg, whole, whole_opt = build(overrides, 0, work / "whole", data)
+    _, bucketed, bucketed_opt = build(overrides, buckets, work / "buckets", data)
+    bucketed.load_state_dict(whole.state_dict())
+    batches = batches_of(cfg, whole, args.steps)
+    times: dict[str, list[float]] = {"whole": [], "buckets": []}
+    sides = [("whole", whole, whole_opt), ("buckets", bucketed, bucketed_opt)]
+    for _, module, optimizer in sides:  # warm-up, left out
+        for batch in batches[: args.warmup]:
+            step_seconds(module, optimizer, batch)
+    for round_ in range(args.rounds):
+        for name, module, optimizer in sides if round_ % 2 == 0 else sides[::-1]:
+            times[name] += [step_seconds(module, optimizer, batch) for batch in batches]
+    whole_s, buckets_s = statistics.median(times["whole"]), statistics.median(times["buckets"])
+    return {
+        "overrides": overrides,
+        "whole_context_s_per_step": round(whole_s, 4),
+        "length_buckets_s_per_step": round(buckets_s, 4),
+        "speedup": round(whole_s / buckets_s, 3),
+        "steps_timed_each": len(times["whole"]),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"| recipe | whole context (s/step) | {report['buckets']} length buckets (s/step) | speed-up |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in report["cases"].items():
+        whole, buckets = r["whole_context_s_per_step"], r["length_buckets_s_per_step"]
+        lines.append(f"| {name} | {whole} | {buckets} | {r['speedup']}x |")
+    m = report["machine"]
+    lines += [
+        "",
+        f"Medians of {next(iter(report['cases'].values()))['steps_timed_each']} steps each, alternating in "
+        f"{report['rounds']} rounds; {m['cpu']}, {m['threads']} threads, torch {m['torch']}, 1-min load "
+        f"average {m['load_average_1min']}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--buckets", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="batches per round and side")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--data", type=Path, default=Path("data"), help="where FaceShapes is (or is generated)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/text_length_buckets"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = {
+            name: measure(o, args.buckets, args, Path(tmp) / str(i), args.data)
+            for i, (name, o) in enumerate(CASES.items())
+        }
+    report = {"buckets": args.buckets, "rounds": args.rounds, "cases": cases, "machine": machine()}
+    write_results(args.out, report, markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""model.text_length_buckets: captions encoded in groups cut to their longest caption give the
+features and gradients of the whole context, and are refused where they would not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flip.models import build_model
+from flip.models.length_buckets import caption_lengths
+
+from .conftest import TINY_ARCH
+
+
+def captions(model, count: int = 37) -> torch.Tensor:
+    """Token ids of captions from 1 to ~20 words, in shuffled order, some at the full context."""
+    words = [
+        "a",
+        "person",
+        "with",
+        "long",
+        "hair",
+        "and",
+        "a",
+        "beard",
+        "who",
+        "looks",
+        "happy",
+        "wearing",
+        "a",
+        "hat",
+    ]
+    texts = [" ".join(words[: 1 + i % len(words)] * (1 + (i % 7 == 0) * 4)) for i in range(count)]
+    return model.tokenize(texts)[torch.randperm(count, generator=torch.Generator().manual_seed(0))]
+
+
+def twins(buckets: int):
+    """The same tiny model twice, whole context and in length buckets."""
+    torch.manual_seed(0)
+    whole = build_model("flip-test-tiny", TINY_ARCH)
+    torch.manual_seed(0)
+    bucketed = build_model("flip-test-tiny", TINY_ARCH, text_length_buckets=buckets)
+    return whole, bucketed
+
+
+def test_caption_lengths_end_at_the_last_token_that_is_not_padding():
+    text = torch.tensor([[5, 7, 9, 0, 0], [5, 0, 7, 0, 0], [5, 7, 9, 8, 6], [0, 0, 0, 0, 0]])
+    assert caption_lengths(text, 0).tolist() == [3, 3, 5, 0]
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 100])
+def test_length_buckets_give_the_whole_contexts_features_and_gradients(buckets):
+    whole, bucketed = twins(buckets)
+    text = captions(whole)
+    lengths = caption_lengths(text, whole.pad_token_id)
+    assert lengths.min() < 6 and lengths.max() == text.shape[1]  # short captions and full ones
+    mask = whole.informative_text_tokens(text)
+
+    outputs = {}
+    for name, model in (("whole", whole), ("bucketed", bucketed)):
+        pooled, tokens, hidden = model._text_with_tokens(text, hidden=True)
+        features = model.encode_text(text, normalize=True)
+        # a loss that reads the pooled and the unmasked token features (as FILIP's mask does)
+        loss = (pooled.square().sum() + (tokens * mask[..., None]).sin().sum() + features.sum()) / len(text)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outputs[name] = (pooled, tokens * mask[..., None], hidden * mask[..., None], features, grads)
+
+    (pooled, tokens, hidden, features, grads), expected = outputs["bucketed"], outputs["whole"]
+    torch.testing.assert_close(pooled, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens, expected[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, expected[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(features, expected[3], rtol=1e-5, atol=1e-5)
+    assert grads.keys() == expected[4].keys() and "token_embedding.weight" in "".join(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[4][name], rtol=1e-4, atol=1e-5, msg=name)
+    # a caption in a group of its own is encoded only as long as it is: beyond that, zeros
+    _, raw_tokens = bucketed._text_with_tokens(text)
+    beyond = torch.arange(text.shape[1]) >= lengths[:, None]
+    if buckets >= len(text):
+        assert raw_tokens[beyond].abs().max() == 0
+    assert (raw_tokens[beyond].abs().sum(-1) == 0).any() == (buckets > 1)
+
+
+def test_length_buckets_are_kept_in_the_models_config_and_refused_where_inexact():
+    model = build_model("flip-test-tiny", TINY_ARCH, text_length_buckets=4)
+    assert model.config["text_length_buckets"] == 4 and model.text_length_buckets == 4
+    assert "text_length_buckets" not in build_model("flip-test-tiny", TINY_ARCH).config
+    for bad in (-1, 2.5, "4", True):
+        with pytest.raises(ValueError, match=r"model.text_length_buckets=.*accepted: null or 0"):
+            build_model("flip-test-tiny", TINY_ARCH, text_length_buckets=bad)
+    last = {**TINY_ARCH, "text_cfg": {**TINY_ARCH["text_cfg"], "pool_type": "last"}}
+    with pytest.raises(ValueError, match="pool_type: last"):
+        build_model("flip-test-tiny-last", last, text_length_buckets=4)
