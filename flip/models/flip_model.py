@@ -31,7 +31,8 @@ MAX_LOGIT_SCALE = math.log(100)
 
 def _length_buckets(buckets: Any, clip: nn.Module) -> int:
     """`model.text_length_buckets`, checked: it is exact only where padding cannot reach a
-    caption's features (a causal tower pooling at the end-of-text token or the first)."""
+    caption's features: a Hugging Face tower (its attention and poolers mask the padding), or
+    open_clip's causal tower pooling at the end-of-text token or the first."""
     if buckets is None:
         return 0
     if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0:
@@ -41,14 +42,16 @@ def _length_buckets(buckets: Any, clip: nn.Module) -> int:
         )
     if buckets == 0:
         return 0
+    if isinstance(getattr(clip, "text", None), HFTextEncoder):
+        return buckets
     pool = getattr(clip, "text_pool_type", None)
     if not isinstance(clip, CLIP) or clip.attn_mask is None or pool not in ("argmax", "eos", "first"):
         tower = type(getattr(clip, "text", clip)).__name__
         raise ValueError(
-            f"model.text_length_buckets={buckets} needs open_clip's causal text transformer pooled at "
-            f"the end-of-text token (text_cfg pool_type argmax or eos; here {tower}, causal: "
-            f"{getattr(clip, 'attn_mask', None) is not None}, pool_type: {pool}): elsewhere a "
-            f"caption's features read its padding. Set model.text_length_buckets=null"
+            f"model.text_length_buckets={buckets} needs a Hugging Face text tower or open_clip's causal "
+            f"text transformer pooled at the end-of-text token (text_cfg pool_type argmax or eos; here "
+            f"{tower}, causal: {getattr(clip, 'attn_mask', None) is not None}, pool_type: {pool}): "
+            f"elsewhere a caption's features read its padding. Set model.text_length_buckets=null"
         )
     return buckets
 
@@ -315,7 +318,12 @@ class FlipModel(nn.Module):
         projection; without `tokens`, the pooled features alone."""
         clip = self.clip
         if isinstance(getattr(clip, "text", None), HFTextEncoder):
-            return hf_text_with_tokens(clip.text, text, hidden=hidden)
+            if not self.text_length_buckets:
+                return hf_text_with_tokens(clip.text, text, hidden=hidden)
+            return encode_in_length_buckets(
+                text, self.pad_token_id, self.text_length_buckets,
+                lambda ids: hf_text_with_tokens(clip.text, ids, hidden=hidden),
+            )  # fmt: skip
         if not isinstance(clip, CLIP):
             raise ValueError(
                 f"token features need open_clip's built-in text transformer, not {type(clip).__name__}; "
