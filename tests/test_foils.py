@@ -175,6 +175,29 @@ def test_foils_of_chosen_attributes_name_every_other_value_before_repeating_one(
         hard_negatives({"attributes": "expression"})
 
 
+def test_every_attributes_new_values_come_before_a_second_phrasing_of_any():
+    # four other expressions and the one other value of each binary attribute, never a second
+    # phrasing of "without a beard" while an expression is left unnamed
+    chosen = ["expression", "beard", "mustache", "bangs"]
+    maker = hard_negatives({"source": "grammar", "per_caption": 8, "attributes": chosen})
+    seen = 0
+    for index in range(200):
+        record, text = faceshapes_record(index)
+        stated = {name for name, _ in record["mentions"]} & set(chosen)
+        if "expression" not in stated or len(stated) < 2:
+            continue
+        seen += 1
+        foils = maker({"text": text, "json": record, "__seed__": index})
+        # the other values this caption's phrases can be changed to
+        values = {(c.attribute, repr(c.new)) for c in maker.candidates(text, record) if c.attribute in chosen}
+        counts = Counter(name for name, _ in values)
+        assert counts["expression"] == 4 and set(counts.values()) <= {1, 4}
+        first = foils[: len(values)]
+        assert {(f.attribute, repr(f.new)) for f in first} == values  # each named once, first
+        assert len(foils) == 8  # second phrasings fill the rest
+    assert seen >= 20
+
+
 def test_attribute_weights_set_how_often_each_attribute_is_foiled():
     # pick directly among one candidate per attribute: the first foil of each caption is drawn
     # with probability weight / total weight, the second from the rest in the same proportion

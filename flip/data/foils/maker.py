@@ -147,7 +147,8 @@ class FoilMaker:
 
     def pick(self, candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
         """Up to `per_caption` distinct foils, one changed attribute after another in random order
-        (of `attributes` only, when given; weighted by them when they are a mapping)."""
+        (of `attributes` only, when given; weighted by them when they are a mapping), every new
+        value of every attribute before a second phrasing of any."""
         by_attribute: dict[str, list[Candidate]] = {}
         for candidate in candidates:
             if self.attributes is not None and candidate.attribute not in self.attributes:
@@ -159,14 +160,17 @@ class FoilMaker:
             rng.shuffle(attributes)
         else:
             attributes = _weighted_order(attributes, self.weights, rng)
-        for name in attributes:
-            by_attribute[name] = _new_values_first(by_attribute[name], rng)
-        picked: list[Candidate] = []
-        while len(picked) < self.per_caption and any(by_attribute.values()):
-            for name in attributes:
-                if by_attribute[name] and len(picked) < self.per_caption:
-                    picked.append(by_attribute[name].pop(0))
-        return picked
+        # every attribute's new values (rank 0: a value's first phrasing) before any value's
+        # second phrasing: round after round over the attributes within each rank
+        queue = []
+        for order, name in enumerate(attributes):
+            ranked = _new_values_first(by_attribute[name], rng)
+            rounds: dict[int, int] = {}
+            for rank, candidate in ranked:
+                queue.append(((rank, rounds.get(rank, 0), order), candidate))
+                rounds[rank] = rounds.get(rank, 0) + 1
+        queue.sort(key=lambda item: item[0])
+        return [candidate for _, candidate in queue[: self.per_caption]]
 
     def rng_for(self, sample: Mapping[str, Any]) -> random.Random:
         seed = sample.get("__seed__")
@@ -205,9 +209,10 @@ def _weighted_order(names: list[str], weights: Mapping[str, float], rng: random.
     return sorted(names, key=lambda name: -keys[name])
 
 
-def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[Candidate]:
-    """One attribute's foils in random order, each new value's first phrasing before any value's
-    second: four foils of "looking angry" name four other expressions, not two phrasings of two."""
+def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[tuple[int, Candidate]]:
+    """One attribute's foils in random order, each with its rank (0 for a new value's first
+    phrasing, 1 for its second, ...), each new value's first phrasing before any value's second:
+    four foils of "looking angry" name four other expressions, not two phrasings of two."""
     rng.shuffle(candidates)
     seen: dict[str, int] = {}
     rank = []
@@ -215,7 +220,7 @@ def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[C
         value = repr(candidate.new)
         rank.append(seen.get(value, 0))
         seen[value] = rank[-1] + 1
-    return [c for _, c in sorted(zip(rank, candidates, strict=True), key=lambda pair: pair[0])]
+    return sorted(zip(rank, candidates, strict=True), key=lambda pair: pair[0])
 
 
 def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> FoilMaker | None:
