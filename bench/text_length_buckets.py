@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_io import machine, write_results
 from bench.run_config import run_config
 from flip.training.module import FlipLitModule, module_options
+from flip.training.optim import build_optimizer
 
 CASES = {
     "demo": ["experiment=demo"],
@@ -44,9 +46,9 @@ def build(overrides: list[str], buckets: int, work: Path, data: Path):
     cfg = run_config("train", [*overrides, f"++model.text_length_buckets={buckets}"], work, data)
     torch.manual_seed(0)
     module = FlipLitModule(cfg.model, cfg.loss, cfg.optim, **module_options(cfg))
+    # training_step asks the trainer for the world size; the optimizer needs no schedule here
     module.trainer = L.Trainer(max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False)
-    optimizer = module.configure_optimizers()
-    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    optimizer = build_optimizer(module.model, cfg.optim)
     module.train()
     module.log = module.log_dict = lambda *args, **kwargs: None  # no trainer to log to
     return cfg, module, optimizer
@@ -57,12 +59,7 @@ def batches_of(cfg, module: FlipLitModule, count: int) -> list:
     datamodule.use_model(module.model)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    batches = []
-    for batch in datamodule.train_dataloader():
-        batches.append(batch)
-        if len(batches) == count:
-            return batches
-    return batches
+    return list(islice(datamodule.train_dataloader(), count))
 
 
 def step_seconds(module: FlipLitModule, optimizer, batch) -> float:

@@ -337,15 +337,14 @@ class FlipModel(nn.Module):
             mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length]
             x = clip.ln_final(clip.transformer(x, attn_mask=mask))
             pooled = text_global_pool(x, ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)
+            out = (project(pooled), project(x)) if tokens else (project(pooled),)
+            return (*out, x) if hidden else out
+
+        def project(features: torch.Tensor) -> torch.Tensor:
             projection = clip.text_projection
             if isinstance(projection, nn.Linear):
-                out = projection(pooled), projection(x) if tokens else None
-            elif projection is not None:
-                out = pooled @ projection, x @ projection if tokens else None
-            else:
-                out = pooled, x
-            out = out if tokens else out[:1]
-            return (*out, x) if hidden else out
+                return projection(features)
+            return features if projection is None else features @ projection
 
         if not self.text_length_buckets:
             return encode(text)

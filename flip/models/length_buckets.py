@@ -35,12 +35,11 @@ def encode_in_length_buckets(
     Per-token outputs come back padded with zeros to `text`'s length, in `text`'s order.
     """
     length = text.shape[1]
-    order = torch.argsort(caption_lengths(text, pad_token_id), stable=True)
+    lengths = caption_lengths(text, pad_token_id)
+    order = torch.argsort(lengths, stable=True)
     groups = [group for group in order.tensor_split(min(buckets, len(order))) if len(group)]
-    # one host sync for every group's length
-    longest = caption_lengths(text[order], pad_token_id)
-    ends = torch.tensor([len(g) for g in groups]).cumsum(0) - 1
-    cuts = [max(int(n), 1) for n in longest[ends.to(longest.device)].tolist()]
+    # a group's longest caption is its last; one host sync for every group's length
+    cuts = [max(int(n), 1) for n in lengths[torch.stack([group[-1] for group in groups])].tolist()]
     parts = [encode(text[group, :cut]) for group, cut in zip(groups, cuts, strict=True)]
     restore = torch.argsort(order)
     outputs = []
