@@ -84,6 +84,16 @@ def test_length_buckets_give_the_whole_contexts_features_and_gradients(tower, bu
     assert (raw_tokens[beyond].abs().sum(-1) == 0).any() == (buckets > 1)
 
 
+def test_a_batch_looks_its_token_embeddings_up_once_whatever_the_buckets():
+    # each lookup's backward fills a gradient the size of the vocabulary's table: once per batch
+    model = build_model("flip-test-tiny", TINY_ARCH, text_length_buckets=5)
+    calls = []
+    model.clip.token_embedding.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    text = captions(model)
+    _, tokens = model._text_with_tokens(text)
+    assert calls == [text.shape] and tokens.shape[:2] == text.shape
+
+
 def test_length_buckets_are_kept_in_the_models_config_and_refused_where_inexact():
     model = build_model("flip-test-tiny", TINY_ARCH, text_length_buckets=4)
     assert model.config["text_length_buckets"] == 4 and model.text_length_buckets == 4

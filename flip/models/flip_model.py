@@ -322,7 +322,7 @@ class FlipModel(nn.Module):
                 return hf_text_with_tokens(clip.text, text, hidden=hidden)
             return encode_in_length_buckets(
                 text, self.pad_token_id, self.text_length_buckets,
-                lambda ids: hf_text_with_tokens(clip.text, ids, hidden=hidden),
+                lambda rows, cut: hf_text_with_tokens(clip.text, text[rows, :cut], hidden=hidden),
             )  # fmt: skip
         if not isinstance(clip, CLIP):
             raise ValueError(
@@ -330,10 +330,11 @@ class FlipModel(nn.Module):
                 f"use a pooled-feature loss (clip, siglip) with this text tower"
             )
 
-        def encode(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cast_dtype = clip.transformer.get_cast_dtype()
+
+        def encode(ids: torch.Tensor, embedded: torch.Tensor) -> tuple[torch.Tensor, ...]:
             length = ids.shape[1]  # the context length, or a length bucket's
-            cast_dtype = clip.transformer.get_cast_dtype()
-            x = clip.token_embedding(ids).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+            x = embedded.to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
             mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length]
             x = clip.ln_final(clip.transformer(x, attn_mask=mask))
             pooled = text_global_pool(x, ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)
@@ -346,6 +347,12 @@ class FlipModel(nn.Module):
                 return projection(features)
             return features if projection is None else features @ projection
 
+        # one lookup for the whole batch, sliced per bucket: each lookup's backward writes a dense
+        # gradient the size of the vocabulary's table, so one per bucket multiplied that cost
+        embedded = clip.token_embedding(text)
         if not self.text_length_buckets:
-            return encode(text)
-        return encode_in_length_buckets(text, self.pad_token_id, self.text_length_buckets, encode)
+            return encode(text, embedded)
+        return encode_in_length_buckets(
+            text, self.pad_token_id, self.text_length_buckets,
+            lambda rows, cut: encode(text[rows, :cut], embedded[rows, :cut]),
+        )  # fmt: skip

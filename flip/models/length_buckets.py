@@ -27,12 +27,14 @@ def encode_in_length_buckets(
     text: torch.Tensor,
     pad_token_id: int,
     buckets: int,
-    encode: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    encode: Callable[[torch.Tensor, int], tuple[torch.Tensor, ...]],
 ) -> tuple[torch.Tensor, ...]:
-    """`encode(text)` computed on `buckets` groups of captions of similar length.
+    """`encode` computed on `buckets` groups of captions of similar length.
 
-    `encode` maps token ids [n, L] to a tuple of pooled [n, D] and per-token [n, L, D] tensors.
-    Per-token outputs come back padded with zeros to `text`'s length, in `text`'s order.
+    `encode(rows, cut)` encodes the captions `text[rows, :cut]` (it gets the rows, not the ids, so
+    that it can slice what it computed once for the whole batch, such as the token embeddings) and
+    returns a tuple of pooled [n, D] and per-token [n, cut, D] tensors. Per-token outputs come
+    back padded with zeros to `text`'s length, in `text`'s order.
     """
     length = text.shape[1]
     lengths = caption_lengths(text, pad_token_id)
@@ -40,7 +42,7 @@ def encode_in_length_buckets(
     groups = [group for group in order.tensor_split(min(buckets, len(order))) if len(group)]
     # a group's longest caption is its last; one host sync for every group's length
     cuts = [max(int(n), 1) for n in lengths[torch.stack([group[-1] for group in groups])].tolist()]
-    parts = [encode(text[group, :cut]) for group, cut in zip(groups, cuts, strict=True)]
+    parts = [encode(group, cut) for group, cut in zip(groups, cuts, strict=True)]
     restore = torch.argsort(order)
     outputs = []
     for pieces in zip(*parts, strict=True):
