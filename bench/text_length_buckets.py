@@ -18,19 +18,14 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
-from itertools import islice
 from pathlib import Path
 
-import lightning as L
 import torch
-from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.demo_step import batches_of, step_seconds
+from bench.demo_step import build as build_step
 from bench.results_io import machine, write_results
-from bench.run_config import run_config
-from flip.training.module import FlipLitModule, module_options
-from flip.training.optim import build_optimizer
 
 CASES = {
     "demo": ["experiment=demo"],
@@ -43,32 +38,7 @@ CASES = {
 
 def build(overrides: list[str], buckets: int, work: Path, data: Path):
     """FLIP's module and optimizer for the recipe, with `buckets` length buckets (0: off)."""
-    cfg = run_config("train", [*overrides, f"++model.text_length_buckets={buckets}"], work, data)
-    torch.manual_seed(0)
-    module = FlipLitModule(cfg.model, cfg.loss, cfg.optim, **module_options(cfg))
-    # training_step asks the trainer for the world size; the optimizer needs no schedule here
-    module.trainer = L.Trainer(max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False)
-    optimizer = build_optimizer(module.model, cfg.optim)
-    module.train()
-    module.log = module.log_dict = lambda *args, **kwargs: None  # no trainer to log to
-    return cfg, module, optimizer
-
-
-def batches_of(cfg, module: FlipLitModule, count: int) -> list:
-    datamodule = instantiate(cfg.data)
-    datamodule.use_model(module.model)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return list(islice(datamodule.train_dataloader(), count))
-
-
-def step_seconds(module: FlipLitModule, optimizer, batch) -> float:
-    start = time.perf_counter()
-    out = module.training_step(batch, 0)
-    (out["loss"] if isinstance(out, dict) else out).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return build_step([*overrides, f"++model.text_length_buckets={buckets}"], work, data)
 
 
 def measure(overrides: list[str], buckets: int, args, work: Path, data: Path) -> dict:

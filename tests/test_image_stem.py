@@ -40,6 +40,25 @@ def test_the_stem_keeps_the_token_grid_and_sees_across_patch_borders(tiny_model)
             assert not differs[1:].any() and not differs[:, 2:].any()
 
 
+def test_the_stem_computes_channels_last_what_the_usual_layout_computes():
+    torch.manual_seed(0)
+    stem = ConvStem([8, 16, 32], 32).train()
+    twin = ConvStem([8, 16, 32], 32).train()
+    twin.load_state_dict(stem.state_dict())
+    images = torch.randn(6, 3, 32, 32)
+    out = stem(images)
+    expected = torch.nn.Sequential.forward(twin, images)  # every layer in the usual (NCHW) layout
+    assert out.is_contiguous(memory_format=torch.channels_last) and expected.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sin().sum().backward()
+    expected.sin().sum().backward()
+    for (name, p), q in zip(stem.named_parameters(), twin.parameters(), strict=True):
+        assert p.grad.is_contiguous()  # checkpoints and exports see the usual layout
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for key, value in stem.state_dict().items():  # the batch norms' statistics too
+        torch.testing.assert_close(value, twin.state_dict()[key], msg=key)
+
+
 def test_a_fine_tune_at_another_input_size_keeps_the_stem_and_its_weights():
     model = build_model("flip-test-tiny", TINY_ARCH, image_stem=STEM).eval()
     bigger = resized(model, 48).eval()

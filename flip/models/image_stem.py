@@ -67,6 +67,14 @@ class ConvStem(nn.Sequential):
         layers.append(nn.Conv2d(previous, width, kernel_size=1))
         super().__init__(*layers)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutions on a channels-last copy of the images: on the CPU, oneDNN computes
+        these small-channel convolutions and their gradients faster in that layout
+        (bench/image_stem_layout.py). The output stays channels last, which is the layout the
+        ViT's flatten to [B, tokens, width] reads without a copy; the weights keep their usual
+        layout, so checkpoints and exports do not change."""
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
+
 
 def add_conv_stem(visual: nn.Module, stem: Mapping[str, Any]) -> None:
     """Replace the ViT `visual`'s patch projection by a `ConvStem` (`model.image_stem`: {channels}).

@@ -1,0 +1,51 @@
+"""FLIP's training step on the demo's batches, outside a trainer: what the step benches time.
+
+The step is the module's `training_step` with the recipe's loss, backward and the optimizer's
+step, on FaceShapes batches from the recipe's own loader; nothing is logged (no trainer to log to).
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import islice
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from bench.run_config import run_config
+from flip.training.module import FlipLitModule, module_options
+from flip.training.optim import build_optimizer
+
+
+def build(overrides: list[str], work: Path, data: Path):
+    """(config, module, optimizer) for the recipe `overrides`, from seed 0's initial weights."""
+    cfg = run_config("train", overrides, work, data)
+    torch.manual_seed(0)
+    module = FlipLitModule(cfg.model, cfg.loss, cfg.optim, **module_options(cfg))
+    # training_step asks the trainer for the world size; the optimizer needs no schedule here
+    module.trainer = L.Trainer(max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False)
+    optimizer = build_optimizer(module.model, cfg.optim)
+    module.train()
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    return cfg, module, optimizer
+
+
+def batches_of(cfg, module: FlipLitModule, count: int) -> list:
+    """The recipe's first `count` training batches (FaceShapes generated under data_dir if absent)."""
+    datamodule = instantiate(cfg.data)
+    datamodule.use_model(module.model)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return list(islice(datamodule.train_dataloader(), count))
+
+
+def step_seconds(module: FlipLitModule, optimizer, batch) -> float:
+    """Wall seconds of one training step: forward and loss, backward, optimizer step."""
+    start = time.perf_counter()
+    out = module.training_step(batch, 0)
+    (out["loss"] if isinstance(out, dict) else out).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
