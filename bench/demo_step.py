@@ -6,6 +6,7 @@ step, on FaceShapes batches from the recipe's own loader; nothing is logged (no 
 
 from __future__ import annotations
 
+import argparse
 import time
 from itertools import islice
 from pathlib import Path
@@ -49,3 +50,17 @@ def step_seconds(module: FlipLitModule, optimizer, batch) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def step_bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options every step bench shares: batches per round, rounds, warm-up, threads, data, output."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6, help="demo steps per round and side")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--data", type=Path, default=Path("data"), help="where FaceShapes is (or is generated)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser

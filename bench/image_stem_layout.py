@@ -15,7 +15,6 @@ one process, the first steps left out:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.demo_step import batches_of, build, step_seconds
+from bench.demo_step import batches_of, build, step_bench_parser, step_seconds
 from bench.results_io import machine, write_results
 from flip.models.image_stem import ConvStem
 
@@ -117,18 +116,8 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=6, help="demo steps per round and side")
+    parser = step_bench_parser(__doc__, "bench/results/image_stem_layout")
     parser.add_argument("--stem-calls", type=int, default=10, help="stem calls per round and side")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--data", type=Path, default=Path("data"), help="where FaceShapes is (or is generated)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/image_stem_layout"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cases = {"the stem, forward + backward (batch 128, 64 px)": summary(stem_alone(args))}

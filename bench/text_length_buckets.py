@@ -14,7 +14,6 @@ encodes).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.demo_step import batches_of, step_seconds
+from bench.demo_step import batches_of, step_bench_parser, step_seconds
 from bench.demo_step import build as build_step
 from bench.results_io import machine, write_results
 
@@ -83,18 +82,8 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = step_bench_parser(__doc__, "bench/results/text_length_buckets")
     parser.add_argument("--buckets", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6, help="batches per round and side")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--data", type=Path, default=Path("data"), help="where FaceShapes is (or is generated)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/text_length_buckets"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
