@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from itertools import islice
+from collections.abc import Callable
+from itertools import cycle, islice
 from pathlib import Path
 
 import lightning as L
@@ -50,6 +51,26 @@ def step_seconds(module: FlipLitModule, optimizer, batch) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def cycling_steps(module: FlipLitModule, optimizer, batches: list) -> Callable[[], float]:
+    """A call that times one step on the next of `batches`, going round them."""
+    upcoming = cycle(batches)
+    return lambda: step_seconds(module, optimizer, next(upcoming))
+
+
+def alternate(run: dict[str, Callable[[], float]], rounds: int, per_round: int, warmup: int) -> dict:
+    """{side: seconds of each timed call of `run[side]`}: `warmup` untimed calls per side, then
+    `rounds` rounds of `per_round` calls per side, the sides' order reversed every other round."""
+    sides = list(run)
+    for side in sides:
+        for _ in range(warmup):
+            run[side]()
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for round_ in range(rounds):
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            times[side] += [run[side]() for _ in range(per_round)]
+    return times
 
 
 def step_bench_parser(doc: str, out: str) -> argparse.ArgumentParser:

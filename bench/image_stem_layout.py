@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.demo_step import batches_of, build, step_bench_parser, step_seconds
+from bench.demo_step import alternate, batches_of, build, cycling_steps, step_bench_parser
 from bench.results_io import machine, write_results
 from flip.models.image_stem import ConvStem
 
@@ -39,23 +39,12 @@ def in_usual_layout(stem: ConvStem) -> ConvStem:
     return stem
 
 
-def alternate(run: dict, rounds: int, per_round: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of `run[side]()` per call, sides alternating in order each round."""
-    for side in SIDES:
-        for _ in range(warmup):
-            run[side]()
-    times: dict[str, list[float]] = {side: [] for side in SIDES}
-    for round_ in range(rounds):
-        for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
-            times[side] += [run[side]() for _ in range(per_round)]
-    return times
-
-
 def stem_alone(args) -> dict[str, list[float]]:
     torch.manual_seed(0)
-    stems = {SIDES[1]: ConvStem([24, 48, 96], 96).train()}
-    stems[SIDES[0]] = in_usual_layout(ConvStem([24, 48, 96], 96).train())
-    stems[SIDES[0]].load_state_dict(stems[SIDES[1]].state_dict())
+    channels_last = ConvStem([24, 48, 96], 96).train()
+    usual = in_usual_layout(ConvStem([24, 48, 96], 96).train())
+    usual.load_state_dict(channels_last.state_dict())
+    stems = {SIDES[0]: usual, SIDES[1]: channels_last}  # alternate() takes the sides in this order
     images = torch.randn(128, 3, 64, 64)
 
     def seconds(stem: ConvStem) -> float:
@@ -75,16 +64,10 @@ def demo_step(args, work: Path) -> dict[str, list[float]]:
     usual.load_state_dict(channels_last.state_dict())
     in_usual_layout(usual.model.clip.visual.conv1)
     batches = batches_of(cfg, usual, args.steps)
-    cursor = {side: 0 for side in SIDES}
-    sides = {SIDES[0]: (usual, usual_opt), SIDES[1]: (channels_last, channels_last_opt)}
-
-    def seconds(side: str) -> float:
-        module, optimizer = sides[side]
-        batch = batches[cursor[side] % len(batches)]
-        cursor[side] += 1
-        return step_seconds(module, optimizer, batch)
-
-    run = {side: (lambda side=side: seconds(side)) for side in SIDES}
+    run = {
+        SIDES[0]: cycling_steps(usual, usual_opt, batches),
+        SIDES[1]: cycling_steps(channels_last, channels_last_opt, batches),
+    }
     return alternate(run, args.rounds, args.steps, args.warmup)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.demo_step import batches_of, step_bench_parser, step_seconds
+from bench.demo_step import alternate, batches_of, cycling_steps, step_bench_parser
 from bench.demo_step import build as build_step
 from bench.results_io import machine, write_results
 
@@ -45,14 +45,11 @@ def measure(overrides: list[str], buckets: int, args, work: Path, data: Path) ->
     _, bucketed, bucketed_opt = build(overrides, buckets, work / "buckets", data)
     bucketed.load_state_dict(whole.state_dict())
     batches = batches_of(cfg, whole, args.steps)
-    times: dict[str, list[float]] = {"whole": [], "buckets": []}
-    sides = [("whole", whole, whole_opt), ("buckets", bucketed, bucketed_opt)]
-    for _, module, optimizer in sides:  # warm-up, left out
-        for batch in batches[: args.warmup]:
-            step_seconds(module, optimizer, batch)
-    for round_ in range(args.rounds):
-        for name, module, optimizer in sides if round_ % 2 == 0 else sides[::-1]:
-            times[name] += [step_seconds(module, optimizer, batch) for batch in batches]
+    run = {
+        "whole": cycling_steps(whole, whole_opt, batches),
+        "buckets": cycling_steps(bucketed, bucketed_opt, batches),
+    }
+    times = alternate(run, args.rounds, len(batches), args.warmup)
     whole_s, buckets_s = statistics.median(times["whole"]), statistics.median(times["buckets"])
     return {
         "overrides": overrides,
