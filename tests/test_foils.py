@@ -259,3 +259,63 @@ def test_a_batch_carries_foil_tokens_and_the_mask_of_captions_that_got_one(tiny_
     expected = [f.text for f in maker({"text": texts[0], "__seed__": 0})]
     assert torch.equal(foil_tokens[0], tiny_model.tokenizer(expected))
     assert torch.equal(foil_tokens[1], tiny_model.tokenizer(["", ""]))
+
+
+def test_a_fraction_of_the_captions_get_foils_drawn_by_their_seed():
+    record, text = faceshapes_record(5)
+    everyone = FoilMaker(source="grammar", per_caption=2)
+    half = hard_negatives({"source": "grammar", "per_caption": 2, "fraction": 0.5})
+    samples = [{"text": text, "json": record, "__seed__": seed} for seed in range(2000)]
+    assert all(len(everyone(s)) == 2 for s in samples)
+    picked = [half(s) for s in samples]
+    share = sum(bool(p) for p in picked) / len(samples)
+    assert abs(share - 0.5) < 4 * (0.25 / len(samples)) ** 0.5
+    assert all(len(p) in (0, 2) for p in picked)  # a caption gets all its foils or none
+    assert [half(s) for s in samples[:50]] == picked[:50]  # the same draw for the same seed
+    assert pickle.loads(pickle.dumps(half))(samples[7]) == picked[7]
+
+
+@pytest.mark.parametrize("fraction", [0, 0.0, -0.5, 1.5, True, "half", float("nan")])
+def test_a_fraction_outside_zero_to_one_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"fraction=.*accepted: a number in \(0, 1\]"):
+        hard_negatives({"fraction": fraction})
+
+
+def test_only_the_foils_that_exist_are_encoded_with_the_same_features_and_gradients(tiny_model):
+    batch, count = 3, 4
+    captions = [faceshapes_record(i)[1] for i in range(batch * count)]
+    foils = tiny_model.tokenizer(captions).view(batch, count, -1)
+    mask = torch.tensor([[True, True, False, False], [False] * 4, [True, False, True, True]])
+    for return_tokens in (False, True):
+        tiny_model.zero_grad()
+        dense = tiny_model.encode_foils(foils, return_tokens)
+        dense_grads = _foil_grads(tiny_model, dense, mask)
+        tiny_model.zero_grad()
+        sparse = tiny_model.encode_foils(foils, return_tokens, mask)
+        sparse_grads = _foil_grads(tiny_model, sparse, mask)
+        assert set(sparse) == set(dense)
+        for name, value in sparse.items():
+            assert value.shape == dense[name].shape, name
+            torch.testing.assert_close(value[mask], dense[name][mask], atol=1e-5, rtol=1e-5)
+            assert not value[~mask].any(), name  # a missing foil is zeros (False), never encoded
+        for name, grad in dense_grads.items():
+            torch.testing.assert_close(sparse_grads[name], grad, atol=1e-5, rtol=1e-4)
+    counted = []
+    handle = tiny_model.clip.token_embedding.register_forward_hook(
+        lambda _m, args, _o: counted.append(args[0].shape[0])
+    )
+    try:
+        tiny_model.encode_foils(foils, False, mask)
+        none = tiny_model.encode_foils(foils, False, torch.zeros_like(mask))
+    finally:
+        handle.remove()
+    assert counted == [int(mask.sum()), 1]  # a batch without foils still has the outputs' shapes
+    assert none["foil_text_features"].shape == (batch, count, dense["foil_text_features"].shape[-1])
+
+
+def _foil_grads(model, encoded: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of the text tower from a loss on the foils that exist only."""
+    loss = sum((value[mask].float() * torch.linspace(-1, 1, value[mask].numel()).view_as(value[mask])).sum()
+               for value in encoded.values() if value.is_floating_point())  # fmt: skip
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -164,20 +164,33 @@ class FlipModel(nn.Module):
             **extra,
         )
 
-    def encode_foils(self, foils: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor]:
+    def encode_foils(
+        self, foils: torch.Tensor, return_tokens: bool = False, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The `EncoderOutput` foil fields of foil token ids [B, F, L] (`data.hard_negatives`):
-        encoded as captions are, so a foil and its caption differ only by their words."""
+        encoded as captions are, so a foil and its caption differ only by their words.
+
+        With `mask` [B, F], only the foils that exist are encoded (captions with fewer foils
+        than slots, `fraction` below 1): the others are zeros, which every loss masks out."""
         batch, count, length = foils.shape
         text = foils.reshape(batch * count, length)
+        present = None if mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+        if present is not None:
+            # at least one row, so that a batch without foils keeps the outputs' shapes
+            present = present if present.numel() else present.new_zeros(1)
+            text = text[present]
         if not return_tokens:
-            features = F.normalize(self.encode_text(text), dim=-1)
-            return {"foil_text_features": features.view(batch, count, -1)}
-        features, tokens = self._text_with_tokens(text)
-        return {
-            "foil_text_features": F.normalize(features, dim=-1).view(batch, count, -1),
-            "foil_text_tokens": F.normalize(tokens, dim=-1).view(batch, count, tokens.shape[1], -1),
-            "foil_text_token_mask": self.informative_text_tokens(text).view(batch, count, -1),
-        }
+            encoded = {"foil_text_features": F.normalize(self.encode_text(text), dim=-1)}
+        else:
+            features, tokens = self._text_with_tokens(text)
+            encoded = {
+                "foil_text_features": F.normalize(features, dim=-1),
+                "foil_text_tokens": F.normalize(tokens, dim=-1),
+                "foil_text_token_mask": self.informative_text_tokens(text),
+            }
+        if present is not None:
+            encoded = {name: _scatter_rows(value, present, batch * count) for name, value in encoded.items()}
+        return {name: value.view(batch, count, *value.shape[1:]) for name, value in encoded.items()}
 
     def hidden_states(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None) -> tuple:
         """The unprojected token states the ITM fusion reads: (image [B, Ni, Wi] or None, text
@@ -356,3 +369,8 @@ class FlipModel(nn.Module):
             text, self.pad_token_id, self.text_length_buckets,
             lambda rows, cut: encode(text[rows, :cut], embedded[rows, :cut]),
         )  # fmt: skip
+
+
+def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    """`rows` [N, ...] placed at `index` of a zero (False) tensor [total, ...]; differentiable."""
+    return rows.new_zeros((total, *rows.shape[1:])).index_copy(0, index, rows)

@@ -295,11 +295,13 @@ class FlipLitModule(L.LightningModule):
         `micro_batches` parts as the batch is (`forward`)."""
         tokens = self.criterion.requires_tokens
         if self.micro_batches == 1 or not torch.is_grad_enabled():
-            encoded = self.model.encode_foils(foils, tokens)
+            encoded = self.model.encode_foils(foils, tokens, mask)
         else:
             parts = [
-                checkpoint(self.model.encode_foils, part, tokens, use_reentrant=False)
-                for part in foils.chunk(self.micro_batches)
+                checkpoint(self.model.encode_foils, part, tokens, part_mask, use_reentrant=False)
+                for part, part_mask in zip(
+                    foils.chunk(self.micro_batches), mask.chunk(self.micro_batches), strict=True
+                )
             ]
             encoded = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         return replace(features, foil_mask=mask, **encoded)

@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_TABLE", "SOURCES", "FoilMaker", "hard_negatives", "stable_se
 
 SOURCES = ("auto", "grammar", "table")
 DEFAULT_TABLE = Path(CONFIG_PATH) / "data" / "foils" / "default.yaml"
-_KEYS = ("source", "per_caption", "table", "attributes")
+_KEYS = ("source", "per_caption", "table", "attributes", "fraction")
 
 
 # CelebA labels each hair colour as an attribute of its own, with no phrase for its absence:
@@ -75,6 +75,10 @@ class FoilMaker:
     # attributes are drawn in turn with probability proportional to their weights, so that
     # with per_caption below their number the heavier ones get the foils
     attributes: tuple[str, ...] | Mapping[str, float] | None = None
+    # the share of captions that get foils at all, each drawn by its sample's seed: the text
+    # tower encodes only the foils that exist, so 0.5 halves what foils cost a step (and the
+    # gradient they give, which the choice term's weight can make up)
+    fraction: float = 1.0
     weights: dict[str, float] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +95,15 @@ class FoilMaker:
         ):
             raise ValueError(
                 f"data.hard_negatives.per_caption={self.per_caption!r}; accepted: an integer >= 1"
+            )
+        if (
+            isinstance(self.fraction, bool)
+            or not isinstance(self.fraction, int | float)
+            or not 0.0 < self.fraction <= 1.0
+        ):
+            raise ValueError(
+                f"data.hard_negatives.fraction={self.fraction!r}; accepted: a number in (0, 1], the "
+                f"share of captions that get foils (1: every caption that has one)"
             )
         if self.attributes is not None:
             names = self.attributes
@@ -180,8 +193,11 @@ class FoilMaker:
 
     def __call__(self, sample: Mapping[str, Any]) -> list[Candidate]:
         """The foils of one decoded sample ({"text", "json"?, "__seed__"?})."""
+        rng = self.rng_for(sample)
+        if self.fraction < 1.0 and rng.random() >= self.fraction:
+            return []
         candidates = self.candidates(sample["text"], sample.get("json"))
-        return self.pick(candidates, self.rng_for(sample)) if candidates else []
+        return self.pick(candidates, rng) if candidates else []
 
 
 def _weights(weights: Mapping[str, Any]) -> dict[str, float]:
@@ -225,8 +241,8 @@ def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[t
 
 def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> FoilMaker | None:
     """The FoilMaker of a `data.hard_negatives` value: null (off), a source name, or a mapping
-    with `source`, `per_caption`, `table` and `attributes` (a list of names or a mapping of
-    names to weights)."""
+    with `source`, `per_caption`, `table`, `attributes` (a list of names or a mapping of
+    names to weights) and `fraction`."""
     if config is None or config is False:
         return None
     if isinstance(config, str):
@@ -246,4 +262,5 @@ def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> Foi
         table=None if table is None else str(table),
         seed=seed,
         attributes=config.get("attributes"),  # FoilMaker checks it and keeps it as a tuple
+        fraction=config.get("fraction", 1.0),
     )
