@@ -299,7 +299,9 @@ def test_only_the_foils_that_exist_are_encoded_with_the_same_features_and_gradie
             torch.testing.assert_close(value[mask], dense[name][mask], atol=1e-5, rtol=1e-5)
             assert not value[~mask].any(), name  # a missing foil is zeros (False), never encoded
         for name, grad in dense_grads.items():
-            torch.testing.assert_close(sparse_grads[name], grad, atol=1e-5, rtol=1e-4)
+            # as in test_length_buckets: the embedding's gradient sums terms that can cancel
+            atol = max(1e-5, 1e-6 * grad.abs().max().item())
+            torch.testing.assert_close(sparse_grads[name], grad, atol=atol, rtol=1e-4, msg=name)
     counted = []
     handle = tiny_model.clip.token_embedding.register_forward_hook(
         lambda _m, args, _o: counted.append(args[0].shape[0])

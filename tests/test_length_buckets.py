@@ -75,7 +75,10 @@ def test_length_buckets_give_the_whole_contexts_features_and_gradients(tower, bu
     torch.testing.assert_close(features, expected[3], rtol=1e-5, atol=1e-5)
     assert grads.keys() == expected[4].keys() and any("embedding" in name for name in grads)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected[4][name], rtol=1e-4, atol=1e-5, msg=name)
+        # an element of the embedding's gradient sums the terms of every occurrence of its token,
+        # which can cancel: its rounding scales with the largest terms, not with the sum
+        atol = max(1e-5, 1e-6 * expected[4][name].abs().max().item())
+        torch.testing.assert_close(grad, expected[4][name], rtol=1e-4, atol=atol, msg=name)
     # a caption in a group of its own is encoded only as long as it is: beyond that, zeros
     _, raw_tokens = bucketed._text_with_tokens(text)
     beyond = torch.arange(text.shape[1]) >= lengths[:, None]
