@@ -308,7 +308,7 @@ def _module_loss_and_grads(loss_name: str, micro_batches: int, images, text, foi
     torch.manual_seed(0)
     loss_cfg, model_settings = loss_file(loss_name)
     module = FlipLitModule({**MODEL, **model_settings}, loss_cfg, OPTIM, micro_batches=micro_batches)
-    features = module.with_foils(module(images, text), foils, mask)
+    features = module(images, text, foils, mask)
     assert features.foil_text_features.shape[:2] == mask.shape
     assert (features.foil_text_tokens is not None) == module.criterion.requires_tokens
     losses = module.criterion(features)

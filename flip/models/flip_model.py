@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,7 +17,18 @@ from open_clip.hf_model import HFTextEncoder
 from open_clip.model import CLIP
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from flip.models.foil_prefix import (
+    attend_mask,
+    block_keys_values,
+    first_differences,
+    shares_foil_prefixes,
+    split_heads,
+    suffix_block,
+    suffixes,
+    tokens_with_prefix,
+)
 from flip.models.fusion import BertCrossFusion, ItmFusion, build_fusion
 from flip.models.hf_text import hf_text_with_tokens
 from flip.models.length_buckets import encode_in_length_buckets
@@ -142,10 +154,26 @@ class FlipModel(nn.Module):
             "(same arguments, model first)"
         )
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> EncoderOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        return_tokens: bool = False,
+        foils: torch.Tensor | None = None,
+        foil_mask: torch.Tensor | None = None,
+        foil_tokens: bool | None = None,
+    ) -> EncoderOutput:
+        """Features of a batch; with `foils` [B, F, L] (`data.hard_negatives`) and their `foil_mask`
+        [B, F], the foil fields too, each foil encoded from where it leaves its caption where the
+        tower allows it (`flip.models.foil_prefix`), else whole (`encode_foils`). The foils' token
+        features come with `foil_tokens` (None: with the captions', `return_tokens`)."""
+        share = foils is not None and self.shares_foil_prefixes
+        layers = 2 * len(self.clip.transformer.resblocks) if share else 0
+        extra: dict[str, Any] = {}
         if return_tokens:
             image_features, image_tokens, image_hidden = self._image_with_tokens(images, hidden=True)
-            text_features, text_tokens, text_hidden = self._text_with_tokens(text, hidden=True)
+            encoded = self._text_with_tokens(text, hidden=True, keys_values=share)
+            text_features, text_tokens, text_hidden = encoded[:3]
             extra = {
                 "image_tokens": F.normalize(image_tokens, dim=-1),
                 "text_tokens": F.normalize(text_tokens, dim=-1),
@@ -154,8 +182,22 @@ class FlipModel(nn.Module):
             if self.fusion is not None:  # what the ITM loss fuses, from the same pass
                 extra.update(image_hidden=image_hidden, text_hidden=text_hidden, text_ids=text)
         else:
-            image_features, text_features = self.encode_image(images), self.encode_text(text)
-            extra = {}
+            image_features = self.encode_image(images)
+            if share:
+                encoded = self._text_with_tokens(text, tokens=False, keys_values=True)
+                text_features, text_tokens = encoded[0], None
+            else:
+                text_features = self.encode_text(text)
+        if foils is not None:
+            mask = foil_mask
+            if mask is None:
+                mask = torch.ones(foils.shape[:2], dtype=torch.bool, device=foils.device)
+            if share:
+                caption_tokens = text_tokens if foil_tokens is not False else None
+                extra.update(self._encode_foil_suffixes(foils, mask, text, caption_tokens, encoded[-layers:]))
+            else:
+                extra.update(self.encode_foils(foils, return_tokens and foil_tokens is not False, mask))
+            extra["foil_mask"] = mask
         return EncoderOutput(
             image_features=F.normalize(image_features, dim=-1),
             text_features=F.normalize(text_features, dim=-1),
@@ -167,18 +209,13 @@ class FlipModel(nn.Module):
     def encode_foils(
         self, foils: torch.Tensor, return_tokens: bool = False, mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """The `EncoderOutput` foil fields of foil token ids [B, F, L] (`data.hard_negatives`):
-        encoded as captions are, so a foil and its caption differ only by their words.
+        """The `EncoderOutput` foil fields of foil token ids [B, F, L] (`data.hard_negatives`),
+        each foil encoded whole, as a caption is: a foil and its caption differ only by their
+        words. `forward` with `foils` gives the same fields for less work where the tower is causal.
 
         With `mask` [B, F], only the foils that exist are encoded (captions with fewer foils
         than slots, `fraction` below 1): the others are zeros, which every loss masks out."""
-        batch, count, length = foils.shape
-        text = foils.reshape(batch * count, length)
-        present = None if mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
-        if present is not None:
-            # at least one row, so that a batch without foils keeps the outputs' shapes
-            present = present if present.numel() else present.new_zeros(1)
-            text = text[present]
+        text, _, present = _foil_rows(foils, mask)
         if not return_tokens:
             encoded = {"foil_text_features": F.normalize(self.encode_text(text), dim=-1)}
         else:
@@ -188,9 +225,70 @@ class FlipModel(nn.Module):
                 "foil_text_tokens": F.normalize(tokens, dim=-1),
                 "foil_text_token_mask": self.informative_text_tokens(text),
             }
-        if present is not None:
-            encoded = {name: _scatter_rows(value, present, batch * count) for name, value in encoded.items()}
-        return {name: value.view(batch, count, *value.shape[1:]) for name, value in encoded.items()}
+        return _foil_fields(encoded, present, foils.shape)
+
+    @property
+    def shares_foil_prefixes(self) -> bool:
+        """Whether `forward` encodes foils from where they leave their captions (exact in a causal
+        tower pooled at the end-of-text token, `flip.models.foil_prefix`)."""
+        return shares_foil_prefixes(self.clip)
+
+    def _encode_foil_suffixes(
+        self,
+        foils: torch.Tensor,
+        mask: torch.Tensor,
+        captions: torch.Tensor,
+        caption_tokens: torch.Tensor | None,
+        keys_values: Sequence[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The foil fields (`encode_foils`), each foil's suffix run on its caption's keys and values
+        `keys_values` ([N, L, W] keys then values, block after block) of the positions before."""
+        clip = self.clip
+        rows, owners, present = _foil_rows(foils, mask)
+        starts = first_differences(rows, captions[owners])
+        suffix_ids = suffixes(rows, starts, self.pad_token_id)
+        blocks = clip.transformer.resblocks
+        heads = [block.attn.num_heads for block in blocks]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        context = clip.positional_embedding.shape[0]
+        embedded = clip.token_embedding(suffix_ids)
+        tokens = caption_tokens is not None
+
+        def encode(group: torch.Tensor, cut: int) -> tuple[torch.Tensor, ...]:
+            group_starts, own = starts[group], owners[group]
+            past = int(group_starts.max())
+            positions = group_starts[:, None] + torch.arange(cut, device=group.device)
+            positions = positions.clamp(max=context - 1)  # past the context: padding, read by none
+            x = embedded[:, :cut].index_select(0, group).to(cast_dtype)
+            # a lookup, not indexing: its backward sums the many repeats of each position cheaply
+            x = x + F.embedding(positions, clip.positional_embedding).to(cast_dtype)
+            attend = attend_mask(group_starts, past, cut)
+            for number, block in enumerate(blocks):
+                keys, values = (
+                    split_heads(keys_values[2 * number + i][:, :past].index_select(0, own), heads[number])
+                    for i in (0, 1)
+                )
+                x = self._maybe_checkpoint(suffix_block, block, x, keys, values, attend)
+            x = clip.ln_final(x)
+            ids = suffix_ids[group, :cut]
+            pooled = text_global_pool(x, ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)
+            return (self._project_text(pooled), *([self._project_text(x)] if tokens else []))
+
+        buckets = max(1, self.text_length_buckets)  # suffixes differ in length more than captions
+        out = encode_in_length_buckets(suffix_ids, self.pad_token_id, buckets, encode)
+        encoded = {"foil_text_features": F.normalize(out[0], dim=-1)}
+        if tokens:
+            whole = tokens_with_prefix(caption_tokens.index_select(0, owners), out[1], starts)
+            encoded["foil_text_tokens"] = F.normalize(whole, dim=-1)
+            encoded["foil_text_token_mask"] = self.informative_text_tokens(rows)
+        return _foil_fields(encoded, present, foils.shape)
+
+    def _maybe_checkpoint(self, function: Callable, *args: Any) -> torch.Tensor:
+        """`function(*args)`, its activations recomputed in backward when the text tower's are
+        (`grad_checkpointing`)."""
+        if self.clip.transformer.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
 
     def hidden_states(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None) -> tuple:
         """The unprojected token states the ITM fusion reads: (image [B, Ni, Wi] or None, text
@@ -325,10 +423,12 @@ class FlipModel(nn.Module):
         return (pooled, tokens, states) if hidden else (pooled, tokens)
 
     def _text_with_tokens(
-        self, text: torch.Tensor, hidden: bool = False, tokens: bool = True
+        self, text: torch.Tensor, hidden: bool = False, tokens: bool = True, keys_values: bool = False
     ) -> tuple[torch.Tensor, ...]:
         """Pooled and token features, projected; with `hidden`, also the tokens before the
-        projection; without `tokens`, the pooled features alone."""
+        projection; without `tokens`, the pooled features alone. With `keys_values` (open_clip's
+        tower only), then each block's keys and values [N, L, W] (what a foil's suffix reads,
+        `flip.models.foil_prefix`)."""
         clip = self.clip
         if isinstance(getattr(clip, "text", None), HFTextEncoder):
             if not self.text_length_buckets:
@@ -349,16 +449,17 @@ class FlipModel(nn.Module):
             length = ids.shape[1]  # the context length, or a length bucket's
             x = embedded.to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
             mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length]
-            x = clip.ln_final(clip.transformer(x, attn_mask=mask))
+            cached: list[torch.Tensor] = []
+            if keys_values:  # block by block, keeping what each computed its attention from
+                for block in clip.transformer.resblocks:
+                    cached += block_keys_values(block, x)
+                    x = self._maybe_checkpoint(partial(block, attn_mask=mask), x)
+            else:
+                x = clip.transformer(x, attn_mask=mask)
+            x = clip.ln_final(x)
             pooled = text_global_pool(x, ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)
-            out = (project(pooled), project(x)) if tokens else (project(pooled),)
-            return (*out, x) if hidden else out
-
-        def project(features: torch.Tensor) -> torch.Tensor:
-            projection = clip.text_projection
-            if isinstance(projection, nn.Linear):
-                return projection(features)
-            return features if projection is None else features @ projection
+            out = (self._project_text(pooled), *([self._project_text(x)] if tokens else []))
+            return (*out, x, *cached) if hidden else (*out, *cached)
 
         # one lookup for the whole batch, sliced per bucket: each lookup's backward writes a dense
         # gradient the size of the vocabulary's table, so one per bucket multiplied that cost
@@ -369,6 +470,39 @@ class FlipModel(nn.Module):
             text, self.pad_token_id, self.text_length_buckets,
             lambda rows, cut: encode(text[rows, :cut], embedded[rows, :cut]),
         )  # fmt: skip
+
+    def _project_text(self, features: torch.Tensor) -> torch.Tensor:
+        projection = self.clip.text_projection
+        if isinstance(projection, nn.Linear):
+            return projection(features)
+        return features if projection is None else features @ projection
+
+
+def _foil_rows(
+    foils: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The foils [B, F, L] to encode, as rows [N, L], each row's caption (its index in the batch),
+    and where the rows go among the B * F slots (None: every slot, in order). With `mask`
+    [B, F], only the foils that exist, and at least one row so that a batch without foils keeps
+    the outputs' shapes."""
+    batch, count, length = foils.shape
+    rows = foils.reshape(batch * count, length)
+    owners = torch.arange(batch, device=foils.device).repeat_interleave(count)
+    present = None if mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+    if present is None:
+        return rows, owners, None
+    present = present if present.numel() else present.new_zeros(1)
+    return rows[present], owners[present], present
+
+
+def _foil_fields(
+    encoded: dict[str, torch.Tensor], present: torch.Tensor | None, shape: torch.Size
+) -> dict[str, torch.Tensor]:
+    """Encoded foil rows (`_foil_rows`) back in their [B, F, ...] slots, zeros where none was."""
+    batch, count = shape[0], shape[1]
+    if present is not None:
+        encoded = {name: _scatter_rows(value, present, batch * count) for name, value in encoded.items()}
+    return {name: value.view(batch, count, *value.shape[1:]) for name, value in encoded.items()}
 
 
 def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:

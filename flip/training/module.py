@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any
 
 import lightning as L
@@ -254,20 +254,31 @@ class FlipLitModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return [AttentionKernels(self.attention_kernels)] if self.attention_kernels else []
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor) -> EncoderOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        foils: torch.Tensor | None = None,
+        foil_mask: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """The batch's features, with its foil captions [B, F, L] and their mask [B, F] when given
+        (`data.hard_negatives`), in `micro_batches` parts whose activations backward recomputes."""
         tokens = self.criterion.requires_tokens
         if self.micro_batches == 1 or not torch.is_grad_enabled():
-            return self.model(images, text, return_tokens=tokens)
+            return self.model(images, text, tokens, foils, foil_mask)
         if images.shape[0] % self.micro_batches:
             raise ValueError(
                 f"a batch of {images.shape[0]} does not split into micro_batches={self.micro_batches} "
                 "equal parts; make data.batch_size a multiple of it"
             )
+        chunks = [t.chunk(self.micro_batches) for t in (images, text)]
+        chunks += [
+            [None] * self.micro_batches if t is None else t.chunk(self.micro_batches)
+            for t in (foils, foil_mask)
+        ]
         parts = [
-            checkpoint(self.model, image_part, text_part, tokens, use_reentrant=False)
-            for image_part, text_part in zip(
-                images.chunk(self.micro_batches), text.chunk(self.micro_batches), strict=True
-            )
+            checkpoint(self.model, image_part, text_part, tokens, foil_part, mask_part, use_reentrant=False)
+            for image_part, text_part, foil_part, mask_part in zip(*chunks, strict=True)
         ]
         # the temperature is one parameter: take it from one part so its gradient counts once
         joined = {"logit_scale": parts[0].logit_scale, "logit_bias": parts[0].logit_bias}
@@ -290,27 +301,10 @@ class FlipLitModule(L.LightningModule):
             return self.criterion(features, images, text)
         return self.criterion(features)
 
-    def with_foils(self, features: EncoderOutput, foils: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
-        """`features` with the batch's foil captions [B, F, L] encoded (`data.hard_negatives`), in
-        `micro_batches` parts as the batch is (`forward`)."""
-        tokens = self.criterion.requires_tokens
-        if self.micro_batches == 1 or not torch.is_grad_enabled():
-            encoded = self.model.encode_foils(foils, tokens, mask)
-        else:
-            parts = [
-                checkpoint(self.model.encode_foils, part, tokens, part_mask, use_reentrant=False)
-                for part, part_mask in zip(
-                    foils.chunk(self.micro_batches), mask.chunk(self.micro_batches), strict=True
-                )
-            ]
-            encoded = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-        return replace(features, foil_mask=mask, **encoded)
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
-        features = self(images, text)
-        if len(batch) > 2:  # foil token ids and mask (data.hard_negatives)
-            features = self.with_foils(features, batch[2], batch[3])
+        features = self(images, text, *batch[2:4])  # foil token ids and mask (data.hard_negatives)
+        if len(batch) > 2:
             has_foil = batch[3].any(dim=1).float().mean()
             self.log("train/foil_fraction", has_foil, on_step=True, batch_size=len(images))
         if hasattr(self.criterion, "at_step"):  # terms weighted by the step (the foil choice schedule)
