@@ -185,6 +185,21 @@ def test_gradient_checkpointing_is_set_in_both_towers_and_changes_no_gradient():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("towers", [("vision",), ("text",), ("vision", "text")])
+def test_gradient_checkpointing_of_custom_blocks_is_refused_with_the_setting_that_works(towers):
+    # open_clip's checkpoint calls each block with its default block's arguments (a TypeError in
+    # the first forward of a batch-first custom block, the demo's): refused when the module is built
+    arch = {
+        **MODEL["arch"],
+        **{f"{t}_cfg": {**MODEL["arch"][f"{t}_cfg"], "block_type": "custom"} for t in towers},
+    }
+    model = {**MODEL, "arch": arch}
+    FlipLitModule(model, CLIP_LOSS, OPTIM)  # without checkpointing the blocks are fine
+    expected = " and ".join(f"model.arch.{t}_cfg.block_type=default" for t in towers)
+    with pytest.raises(ValueError, match=rf"grad_checkpointing=true: .* set {expected} "):
+        FlipLitModule(model, CLIP_LOSS, OPTIM, grad_checkpointing=True)
+
+
 @pytest.mark.slow
 def test_compile_runs_the_towers_through_torch_compile():
     module = FlipLitModule(MODEL, CLIP_LOSS, OPTIM, compile={"backend": "eager"})

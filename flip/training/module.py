@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
+from open_clip.transformer import CustomResidualAttentionBlock
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flip.config import plain
@@ -44,6 +46,24 @@ def module_options(cfg: DictConfig) -> dict[str, Any]:
         "float32_matmul_precision": cfg.get("float32_matmul_precision", "high"),
         "attention_kernels": plain(cfg.get("attention_kernels")),
     }
+
+
+def check_checkpointable(model: nn.Module) -> None:
+    """`grad_checkpointing` through open_clip: its transformer recomputes each block with the
+    arguments of its default block, which its batch-first `block_type: custom` block does not
+    take (a TypeError in the first forward); refused at start-up with the setting that works."""
+    towers = []
+    for name, module in model.named_modules():
+        if isinstance(module, CustomResidualAttentionBlock):
+            tower = "vision" if ".visual." in name else "text"
+            towers += [] if tower in towers else [tower]
+    if towers:
+        settings = " and ".join(f"model.arch.{tower}_cfg.block_type=default" for tower in towers)
+        raise ValueError(
+            f"grad_checkpointing=true: open_clip cannot recompute this model's block_type=custom blocks "
+            f"({' and '.join(towers)} tower; its checkpoint passes them arguments they do not take): set "
+            f"{settings} (the same weights under the same names), or grad_checkpointing=false"
+        )
 
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -227,6 +247,7 @@ class FlipLitModule(L.LightningModule):
                 load_tower(self.model, tower, model[key])
         lock_towers(self.model, optim)
         if grad_checkpointing:
+            check_checkpointable(self.model)
             self.model.clip.set_grad_checkpointing(True)
         # rank and world size are known only once the trainer has set up the processes
         self.criterion = build_loss(loss)
