@@ -244,8 +244,8 @@ def test_a_documented_command_composes_into_the_recipe_it_runs(command, tmp_path
             for key in RECIPE_KEYS:
                 if not _overrides_key(job, key):
                     assert _select(cfg, key) == _select(alone, key), f"{command}: {key} is not the recipe's"
-        else:  # or a recipe's tiny twin (experiment=<recipe>_tiny), which exists to run here
-            assert recipe == "demo" or str(recipe).endswith("_tiny"), (
+        else:  # or a demo variant (experiment=demo_<what>) or a recipe's tiny twin (<recipe>_tiny)
+            assert recipe == "demo" or str(recipe).startswith("demo_") or str(recipe).endswith("_tiny"), (
                 f"{command}: a demo variation runs on FaceShapes with the demo recipe"
             )
 

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from flip.data.captions import CaptionGrammar
 from flip.data.celeba_grammar import CELEBA_GRAMMAR
@@ -18,6 +19,7 @@ from flip.data.foils import DEFAULT_TABLE, FoilMaker, FoilTable, hard_negatives,
 from flip.data.foils.grammar import Candidate
 from flip.data.transform import SampleTransform
 
+from .helpers import compose_train_config
 from .helpers.gradients import assert_gradients_close
 
 
@@ -320,3 +322,20 @@ def _foil_grads(model, encoded: dict, mask: torch.Tensor) -> dict[str, torch.Ten
                for value in encoded.values() if value.is_floating_point())  # fmt: skip
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_the_demo_foils_experiment_is_the_demo_with_the_documented_foil_recipe(tmp_path):
+    # experiment=demo_foils stands for the override line docs/training.md measured on the demo
+    recipe = [
+        "data.hard_negatives={source:grammar,per_caption:8,attributes:[expression,beard,mustache,bangs,long_hair],fraction:1.0}",
+        *(f"loss.terms.{t}.loss.foil_choice_{k}={v}" for t in ("clip", "filip")
+          for k, v in (("weight", 3.0), ("start_step", 300), ("ramp_steps", 300))),
+    ]  # fmt: skip
+    experiment = compose_train_config(tmp_path, ["experiment=demo_foils"], base=[])
+    overridden = compose_train_config(tmp_path, recipe, base=[])
+    settings = [
+        {k: v for k, v in OmegaConf.to_container(c).items() if k != "hydra"} for c in (experiment, overridden)
+    ]
+    assert settings[0] == settings[1]
+    demo = compose_train_config(tmp_path, [], base=[])
+    assert demo.data.hard_negatives is None and experiment.data.hard_negatives.per_caption == 8
