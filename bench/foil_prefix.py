@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.demo_step import alternate, batches_of, build, cycling_steps, step_bench_parser
-from bench.results_io import machine, write_results
+from bench.results_io import machine, machine_line, write_results
 from flip.data.foils import FoilMaker
 from flip.models import build_model
 from flip.models.flip_model import FlipModel
@@ -164,11 +164,9 @@ def markdown(report: dict) -> str:
             f"| {name} | {r['foils_per_caption']} | {r['whole_foils_s']} | {r['from_the_difference_s']} | "
             f"{r['speedup']}x |"
         )
-    m = report["machine"]
     lines += [
         "",
-        f"Medians, alternating in {report['rounds']} rounds; float32; {m['cpu']}, {m['threads']} threads, "
-        f"torch {m['torch']}, 1-min load average {m['load_average_1min']}.",
+        f"Medians, alternating in {report['rounds']} rounds; float32; {machine_line(report['machine'])}.",
     ]
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.demo_step import alternate, batches_of, build, cycling_steps, step_bench_parser
-from bench.results_io import machine, write_results
+from bench.results_io import machine, machine_line, write_results
 from flip.models.image_stem import ConvStem
 
 SIDES = ("usual layout", "channels last")
@@ -88,12 +88,11 @@ def markdown(report: dict) -> str:
     ]
     for name, r in report["cases"].items():
         lines.append(f"| {name} | {r['usual_layout_ms']} | {r['channels_last_ms']} | {r['speedup']}x |")
-    m = report["machine"]
     counts = ", ".join(f"{r['calls_timed_each']} ({name})" for name, r in report["cases"].items())
     lines += [
         "",
-        f"Medians of {counts} calls each, alternating in {report['rounds']} rounds; {m['cpu']}, "
-        f"{m['threads']} threads, torch {m['torch']}, 1-min load average {m['load_average_1min']}.",
+        f"Medians of {counts} calls each, alternating in {report['rounds']} rounds; "
+        f"{machine_line(report['machine'])}.",
     ]
     return "\n".join(lines)
 

@@ -48,6 +48,14 @@ def machine(threads: int | None = None, **versions: str) -> dict[str, Any]:
     }
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """The `machine` block as a Markdown table's footnote reads it."""
+    return (
+        f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
+        f"1-min load average {machine['load_average_1min']}"
+    )
+
+
 def write_results(stem: str | os.PathLike, report: dict[str, Any], markdown: str | None = None) -> None:
     """<stem>.json (the report) and, when given, <stem>.md (the table), each replaced atomically."""
     stem = Path(stem)

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.demo_step import alternate, batches_of, cycling_steps, step_bench_parser
 from bench.demo_step import build as build_step
-from bench.results_io import machine, write_results
+from bench.results_io import machine, machine_line, write_results
 
 CASES = {
     "demo": ["experiment=demo"],
@@ -68,12 +68,10 @@ def markdown(report: dict) -> str:
     for name, r in report["cases"].items():
         whole, buckets = r["whole_context_s_per_step"], r["length_buckets_s_per_step"]
         lines.append(f"| {name} | {whole} | {buckets} | {r['speedup']}x |")
-    m = report["machine"]
     lines += [
         "",
         f"Medians of {next(iter(report['cases'].values()))['steps_timed_each']} steps each, alternating in "
-        f"{report['rounds']} rounds; {m['cpu']}, {m['threads']} threads, torch {m['torch']}, 1-min load "
-        f"average {m['load_average_1min']}.",
+        f"{report['rounds']} rounds; {machine_line(report['machine'])}.",
     ]
     return "\n".join(lines)
 
