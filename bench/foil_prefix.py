@@ -2,10 +2,10 @@
 
 With attribute hard negatives (`data.hard_negatives`) each caption's foils go through the text
 tower too: eight foils make nine captions per image. In open_clip's causal tower a foil's states
-before its changed phrase are its caption's, so FLIP's model runs only each foil's suffix on
-the caption's keys and values (flip/models/foil_prefix.py). The baseline is the same model
-encoding every foil whole (`FlipModel.encode_foils`, what it did before), from the same weights,
-in one process, alternating in rounds; the first calls are left out. Two measurements:
+before its changed phrase are its caption's, so with `model.foil_prefix_sharing=true` FLIP's
+model runs only each foil's suffix on the caption's keys and values (flip/models/foil_prefix.py).
+The baseline is the same model encoding every foil whole (the default, false), from the same
+weights, in one process, alternating in rounds; the first calls are left out. Measured:
 
 - the demo's training step (the module's training step with the recipe's loss, backward, fused
   AdamW, float32) on the same FaceShapes batches, with eight foils and with two;
@@ -34,7 +34,6 @@ from bench.demo_step import alternate, batches_of, build, cycling_steps, step_be
 from bench.results_io import machine, machine_line, write_results
 from flip.data.foils import FoilMaker
 from flip.models import build_model
-from flip.models.flip_model import FlipModel
 
 FIVE = ("expression", "beard", "mustache", "bangs", "long_hair")
 CASES = {
@@ -51,14 +50,6 @@ TEXT_TOWER = "ViT-B-16"
 TEXT_CAPTIONS = 32
 
 
-class WholeFoils(FlipModel):
-    """The baseline: FLIP's model encoding every foil whole, as a caption."""
-
-    @property
-    def shares_foil_prefixes(self) -> bool:
-        return False
-
-
 def medians(times: dict[str, list[float]], foils_per_caption: float, what: str) -> dict:
     whole_s, shared_s = statistics.median(times["whole"]), statistics.median(times["shared"])
     return {
@@ -72,10 +63,9 @@ def medians(times: dict[str, list[float]], foils_per_caption: float, what: str) 
 
 
 def demo_step(overrides: list[str], args, work: Path) -> dict:
-    cfg, shared, shared_opt = build(overrides, work / "shared", args.data)
-    _, whole, whole_opt = build(overrides, work / "whole", args.data)
-    whole.load_state_dict(shared.state_dict())
-    whole.model.__class__ = WholeFoils
+    cfg, whole, whole_opt = build(overrides, work / "whole", args.data)
+    _, shared, shared_opt = build([*overrides, "model.foil_prefix_sharing=true"], work / "shared", args.data)
+    shared.load_state_dict(whole.state_dict())
     assert shared.model.shares_foil_prefixes and not whole.model.shares_foil_prefixes
     batches = batches_of(cfg, shared, args.steps)
     run = {
@@ -109,7 +99,7 @@ def faceshapes_foils(data: Path, count: int) -> tuple[list[str], list[list[str]]
 def text_side(args) -> dict:
     captions, foils = faceshapes_foils(args.data, TEXT_CAPTIONS)
     torch.manual_seed(0)
-    model = build_model(TEXT_TOWER, text_length_buckets=4).train()
+    model = build_model(TEXT_TOWER, text_length_buckets=4, foil_prefix_sharing=True).train()
     text = model.tokenize(captions)
     width = max(len(f) for f in foils)
     mask = torch.tensor([[i < len(f) for i in range(width)] for f in foils])

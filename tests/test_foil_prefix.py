@@ -49,7 +49,9 @@ def _arch(block_type: str) -> dict:
 
 def _model(block_type: str, buckets: int):
     torch.manual_seed(0)
-    return build_model("flip-test-tiny", _arch(block_type), text_length_buckets=buckets).eval()
+    return build_model(
+        "flip-test-tiny", _arch(block_type), text_length_buckets=buckets, foil_prefix_sharing=True
+    ).eval()
 
 
 def _inputs(model):
@@ -144,15 +146,27 @@ def test_first_differences_suffixes_and_tokens_with_prefix():
     assert whole.tolist() == [[0, 1, -1, -2, -3], [5, 6, 7, -6, -7], [-11, -12, -13, -14, -15]]
 
 
-def test_towers_where_reuse_is_not_exact_encode_foils_whole():
+def test_sharing_is_off_unless_asked_and_refused_where_it_would_not_be_exact():
+    torch.manual_seed(0)
+    default = build_model("flip-test-tiny", _arch("custom")).eval()
+    assert not default.shares_foil_prefixes and "foil_prefix_sharing" not in default.config
+    shared = _model("custom", 0)
+    assert shared.config["foil_prefix_sharing"] is True  # a checkpoint rebuilds it as it trained
+    images, text, foils, mask = _inputs(default)
+    seen = []
+    handle = default.clip.token_embedding.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            default(images, text, foils=foils, foil_mask=mask)
+    finally:
+        handle.remove()
+    assert torch.equal(seen[1], foils[mask])  # off: every foil encoded whole
+
     first = {**TINY_ARCH, "text_cfg": {**TINY_ARCH["text_cfg"], "pool_type": "first"}}
     bidirectional = {**TINY_ARCH, "text_cfg": {**TINY_ARCH["text_cfg"], "no_causal_mask": True}}
     for arch in (first, bidirectional):
-        torch.manual_seed(0)
-        model = build_model("flip-test-tiny", arch).eval()
-        assert not shares_foil_prefixes(model.clip)
-        images, text, foils, mask = _inputs(model)
-        with torch.no_grad():
-            shared = model(images, text, foils=foils, foil_mask=mask)
-            whole = model.encode_foils(foils, False, mask)
-        torch.testing.assert_close(shared.foil_text_features, whole["foil_text_features"])
+        assert not shares_foil_prefixes(build_model("flip-test-tiny", arch).clip)
+        with pytest.raises(ValueError, match=r"foil_prefix_sharing=true needs open_clip's causal text"):
+            build_model("flip-test-tiny", arch, foil_prefix_sharing=True)
+    with pytest.raises(ValueError, match=r"foil_prefix_sharing='yes'; accepted: true .* or false"):
+        build_model("flip-test-tiny", TINY_ARCH, foil_prefix_sharing="yes")

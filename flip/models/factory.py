@@ -91,6 +91,7 @@ def build_model(
     image_size: int | None = None,
     image_stem: Mapping[str, Any] | None = None,
     text_length_buckets: int | None = None,
+    foil_prefix_sharing: bool = False,
 ) -> FlipModel:
     """Create towers, tokenizer and transforms for `name`.
 
@@ -111,6 +112,9 @@ def build_model(
     `text_length_buckets` encodes each batch's captions in that many groups of similar length,
     each cut to its longest caption (flip.models.length_buckets): the same features for less
     work in open_clip's causal text tower. None or 0: the whole context for every caption.
+    `foil_prefix_sharing` encodes each foil caption (`data.hard_negatives`) from its first token
+    that differs from its caption, on the caption's keys and values (flip.models.foil_prefix):
+    the same features for less work where the text tower is the larger part of a step.
     """
     if image_stem is not None and (pretrained is not None or ":" in name):
         raise ValueError(
@@ -165,4 +169,6 @@ def build_model(
         config["image_stem"] = json.loads(json.dumps(dict(image_stem)))
     if text_length_buckets:  # likewise
         config["text_length_buckets"] = text_length_buckets
+    if foil_prefix_sharing:  # likewise
+        config["foil_prefix_sharing"] = foil_prefix_sharing
     return FlipModel(clip, tokenizer, preprocess_train, preprocess_val, config)

@@ -68,6 +68,25 @@ def _length_buckets(buckets: Any, clip: nn.Module) -> int:
     return buckets
 
 
+def _foil_prefix_sharing(setting: Any, clip: nn.Module) -> bool:
+    """`model.foil_prefix_sharing`, checked: reusing a caption's states for its foils is exact only
+    in open_clip's causal text transformer pooled at the end-of-text token."""
+    if not isinstance(setting, bool):
+        raise ValueError(
+            f"model.foil_prefix_sharing={setting!r}; accepted: true (foils encoded from their first "
+            f"changed token) or false (each foil encoded whole)"
+        )
+    if setting and not shares_foil_prefixes(clip):
+        tower = type(getattr(clip, "text", clip)).__name__
+        raise ValueError(
+            f"model.foil_prefix_sharing=true needs open_clip's causal text transformer pooled at the "
+            f"end-of-text token (text_cfg pool_type argmax or eos) with open_clip's residual blocks "
+            f"(here {tower}, pool_type: {getattr(clip, 'text_pool_type', None)}): elsewhere a foil's "
+            f"first states are not its caption's. Set model.foil_prefix_sharing=false"
+        )
+    return setting
+
+
 def _pad_token_id(tokenizer: Any) -> int:
     """open_clip's BPE tokenizer pads with 0; Hugging Face tokenizers say what they pad with."""
     hf = getattr(tokenizer, "tokenizer", None)
@@ -94,6 +113,7 @@ class FlipModel(nn.Module):
         self.config = config
         self.pad_token_id = _pad_token_id(tokenizer)
         self.text_length_buckets = _length_buckets(config.get("text_length_buckets"), clip)
+        self.foil_prefix_sharing = _foil_prefix_sharing(config.get("foil_prefix_sharing", False), clip)
         # image-text matching (model.fusion; flip.models.fusion): None for a contrastive-only model
         self.fusion: ItmFusion | BertCrossFusion | None = None
         if config.get("fusion") is not None:
@@ -229,9 +249,9 @@ class FlipModel(nn.Module):
 
     @property
     def shares_foil_prefixes(self) -> bool:
-        """Whether `forward` encodes foils from where they leave their captions (exact in a causal
-        tower pooled at the end-of-text token, `flip.models.foil_prefix`)."""
-        return shares_foil_prefixes(self.clip)
+        """Whether `forward` encodes foils from where they leave their captions
+        (`model.foil_prefix_sharing`, checked against the tower when the model is built)."""
+        return self.foil_prefix_sharing
 
     def _encode_foil_suffixes(
         self,
