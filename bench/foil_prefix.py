@@ -66,7 +66,7 @@ def demo_step(overrides: list[str], args, work: Path) -> dict:
     cfg, whole, whole_opt = build(overrides, work / "whole", args.data)
     _, shared, shared_opt = build([*overrides, "model.foil_prefix_sharing=true"], work / "shared", args.data)
     shared.load_state_dict(whole.state_dict())
-    assert shared.model.shares_foil_prefixes and not whole.model.shares_foil_prefixes
+    assert shared.model.foil_prefix_sharing and not whole.model.foil_prefix_sharing
     batches = batches_of(cfg, shared, args.steps)
     run = {
         "whole": cycling_steps(whole, whole_opt, batches),

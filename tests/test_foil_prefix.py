@@ -93,7 +93,7 @@ def test_foils_from_their_first_difference_equal_foils_encoded_whole(
 ):
     model = _model(block_type, buckets)
     model.clip.set_grad_checkpointing(checkpointed)  # blocks recomputed in backward (grad_checkpointing)
-    assert model.shares_foil_prefixes
+    assert model.foil_prefix_sharing
     images, text, foils, mask = _inputs(model)
 
     shared = model(images, text, return_tokens, foils=foils, foil_mask=mask)
@@ -149,7 +149,7 @@ def test_first_differences_suffixes_and_tokens_with_prefix():
 def test_sharing_is_off_unless_asked_and_refused_where_it_would_not_be_exact():
     torch.manual_seed(0)
     default = build_model("flip-test-tiny", _arch("custom")).eval()
-    assert not default.shares_foil_prefixes and "foil_prefix_sharing" not in default.config
+    assert not default.foil_prefix_sharing and "foil_prefix_sharing" not in default.config
     shared = _model("custom", 0)
     assert shared.config["foil_prefix_sharing"] is True  # a checkpoint rebuilds it as it trained
     images, text, foils, mask = _inputs(default)

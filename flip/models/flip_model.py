@@ -58,12 +58,11 @@ def _length_buckets(buckets: Any, clip: nn.Module) -> int:
         return buckets
     pool = getattr(clip, "text_pool_type", None)
     if not isinstance(clip, CLIP) or clip.attn_mask is None or pool not in ("argmax", "eos", "first"):
-        tower = type(getattr(clip, "text", clip)).__name__
         raise ValueError(
             f"model.text_length_buckets={buckets} needs a Hugging Face text tower or open_clip's causal "
             f"text transformer pooled at the end-of-text token (text_cfg pool_type argmax or eos; here "
-            f"{tower}, causal: {getattr(clip, 'attn_mask', None) is not None}, pool_type: {pool}): "
-            f"elsewhere a caption's features read its padding. Set model.text_length_buckets=null"
+            f"{_text_tower(clip)}): elsewhere a caption's features read its padding. Set "
+            f"model.text_length_buckets=null"
         )
     return buckets
 
@@ -77,14 +76,20 @@ def _foil_prefix_sharing(setting: Any, clip: nn.Module) -> bool:
             f"changed token) or false (each foil encoded whole)"
         )
     if setting and not shares_foil_prefixes(clip):
-        tower = type(getattr(clip, "text", clip)).__name__
         raise ValueError(
             f"model.foil_prefix_sharing=true needs open_clip's causal text transformer pooled at the "
             f"end-of-text token (text_cfg pool_type argmax or eos) with open_clip's residual blocks "
-            f"(here {tower}, pool_type: {getattr(clip, 'text_pool_type', None)}): elsewhere a foil's "
-            f"first states are not its caption's. Set model.foil_prefix_sharing=false"
+            f"(here {_text_tower(clip)}): elsewhere a foil's first states are not its caption's. Set "
+            f"model.foil_prefix_sharing=false"
         )
     return setting
+
+
+def _text_tower(clip: nn.Module) -> str:
+    """What a text-tower setting's error says of the tower it was refused for."""
+    tower = type(getattr(clip, "text", clip)).__name__
+    causal = getattr(clip, "attn_mask", None) is not None
+    return f"{tower}, causal: {causal}, pool_type: {getattr(clip, 'text_pool_type', None)}"
 
 
 def _pad_token_id(tokenizer: Any) -> int:
@@ -181,13 +186,11 @@ class FlipModel(nn.Module):
         return_tokens: bool = False,
         foils: torch.Tensor | None = None,
         foil_mask: torch.Tensor | None = None,
-        foil_tokens: bool | None = None,
     ) -> EncoderOutput:
         """Features of a batch; with `foils` [B, F, L] (`data.hard_negatives`) and their `foil_mask`
-        [B, F], the foil fields too, each foil encoded from where it leaves its caption where the
-        tower allows it (`flip.models.foil_prefix`), else whole (`encode_foils`). The foils' token
-        features come with `foil_tokens` (None: with the captions', `return_tokens`)."""
-        share = foils is not None and self.shares_foil_prefixes
+        [B, F], the foil fields too: each foil encoded from where it leaves its caption with
+        `model.foil_prefix_sharing` (`flip.models.foil_prefix`), else whole (`encode_foils`)."""
+        share = foils is not None and self.foil_prefix_sharing
         layers = 2 * len(self.clip.transformer.resblocks) if share else 0
         extra: dict[str, Any] = {}
         if return_tokens:
@@ -213,10 +216,9 @@ class FlipModel(nn.Module):
             if mask is None:
                 mask = torch.ones(foils.shape[:2], dtype=torch.bool, device=foils.device)
             if share:
-                caption_tokens = text_tokens if foil_tokens is not False else None
-                extra.update(self._encode_foil_suffixes(foils, mask, text, caption_tokens, encoded[-layers:]))
+                extra.update(self._encode_foil_suffixes(foils, mask, text, text_tokens, encoded[-layers:]))
             else:
-                extra.update(self.encode_foils(foils, return_tokens and foil_tokens is not False, mask))
+                extra.update(self.encode_foils(foils, return_tokens, mask))
             extra["foil_mask"] = mask
         return EncoderOutput(
             image_features=F.normalize(image_features, dim=-1),
@@ -246,12 +248,6 @@ class FlipModel(nn.Module):
                 "foil_text_token_mask": self.informative_text_tokens(text),
             }
         return _foil_fields(encoded, present, foils.shape)
-
-    @property
-    def shares_foil_prefixes(self) -> bool:
-        """Whether `forward` encodes foils from where they leave their captions
-        (`model.foil_prefix_sharing`, checked against the tower when the model is built)."""
-        return self.foil_prefix_sharing
 
     def _encode_foil_suffixes(
         self,
