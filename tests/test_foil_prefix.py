@@ -160,7 +160,8 @@ def test_sharing_is_off_unless_asked_and_refused_where_it_would_not_be_exact():
             default(images, text, foils=foils, foil_mask=mask)
     finally:
         handle.remove()
-    assert torch.equal(seen[1], foils[mask])  # off: every foil encoded whole
+    # off: every foil encoded whole (each distinct one once, in any order)
+    assert sorted(map(tuple, seen[1].tolist())) == sorted(set(map(tuple, foils[mask].tolist())))
 
     first = {**TINY_ARCH, "text_cfg": {**TINY_ARCH["text_cfg"], "pool_type": "first"}}
     bidirectional = {**TINY_ARCH, "text_cfg": {**TINY_ARCH["text_cfg"], "no_causal_mask": True}}

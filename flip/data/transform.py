@@ -18,6 +18,7 @@ by a resize with a fractional box, so only the resampling differs from the full 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -116,7 +117,7 @@ class SampleTransform:
                 prepared = self._augment(sample), sample["text"]
         if self.foils is None:
             return prepared
-        return (*prepared, [foil.text for foil in self.foils(sample)])
+        return (*prepared, [None if foil is None else foil.text for foil in self.foils(sample)])
 
     def _augment(self, sample: dict):
         image, full_size = sample["image"], sample.get("full_size")
@@ -149,11 +150,14 @@ class SampleTransform:
     def _tokenize_with_foils(
         self, texts: list[str], foils: Sequence[list[str]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token ids of the captions and of their foils [B, F, L] (F: this maker's `per_caption`,
-        missing foils as empty captions), and the mask of the foils that exist [B, F]."""
-        width = self.foils.per_caption
-        mask = torch.tensor([[i < len(f) for i in range(width)] for f in foils], dtype=torch.bool)
-        padded = [f[i] if i < len(f) else "" for f in foils for i in range(width)]
+        """Token ids of the captions and of their foils [B, F, L] (F: the maker's slots per caption,
+        missing foils as empty captions), and the mask of the foils that exist: [B, F], or
+        [B, groups, values] for statement groups (`form: statement`), which tells the loss so."""
+        shape = self.foils.slot_shape
+        width = math.prod(shape)
+        present = [[i < len(f) and f[i] is not None for i in range(width)] for f in foils]
+        mask = torch.tensor(present, dtype=torch.bool).view(len(texts), *shape)
+        padded = [f[i] if i < len(f) and f[i] is not None else "" for f in foils for i in range(width)]
         tokens = self._tokenize(texts + padded)
         return tokens[: len(texts)], tokens[len(texts) :].view(len(texts), width, -1), mask
 

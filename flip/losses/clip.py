@@ -14,7 +14,9 @@ from flip.losses.foils import (
     append_foil_logits,
     foil_choice_loss,
     foil_rows,
+    is_statements,
     pooled_foil_logits,
+    statement_choice_loss,
 )
 from flip.models.outputs import EncoderOutput
 
@@ -137,7 +139,8 @@ class ClipLoss(nn.Module):
         foil_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """`foil_features` [B, F, D] (masked by `foil_mask` [B, F]): attribute foils of each caption,
-        extra negatives in their own image's row only (`flip.losses.foils`)."""
+        extra negatives in their own image's row only (`flip.losses.foils`). With `foil_mask`
+        [B, G, V] they are statement groups, scored by the choice term alone."""
         per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
         if foil_features is not None:
             rows, foils, mask = foil_rows(
@@ -149,13 +152,16 @@ class ClipLoss(nn.Module):
                 rank=self.rank,
                 world_size=self.world_size,
             )
-            per_image = append_foil_logits(
-                per_image, pooled_foil_logits(rows, foils, mask, logit_scale, logit_bias)
-            )
+            foil_logits = pooled_foil_logits(rows, foils, mask.flatten(1), logit_scale, logit_bias)
+            if not is_statements(mask):  # a statement group leads with a positive
+                per_image = append_foil_logits(per_image, foil_logits)
         labels = self.get_ground_truth(per_image.device, per_image.shape[0])
         loss = symmetric_cross_entropy(per_image, per_text, labels)
         if foil_features is not None and (weight := self.foil_choice.at(self.step)):
-            loss = loss + weight * foil_choice_loss(per_image, labels, foil_features.shape[1])
+            if is_statements(mask):
+                loss = loss + weight * statement_choice_loss(foil_logits, mask)
+            else:
+                loss = loss + weight * foil_choice_loss(per_image, labels, foil_features.shape[1])
         return {"contrastive_loss": loss} if output_dict else loss
 
     def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:

@@ -42,6 +42,8 @@ from flip.losses.foils import (
     foil_choice_loss,
     foil_rows,
     foil_token_similarity,
+    is_statements,
+    statement_choice_loss,
 )
 from flip.models.outputs import EncoderOutput
 
@@ -416,7 +418,8 @@ class FilipLoss(nn.Module):
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """`foil_tokens` [B, F, Nt, D] (`foil_token_mask` [B, F, Nt], `foil_mask` [B, F]): attribute
         foils of each caption, token-level extra negatives in their own image's row only
-        (`flip.losses.foils`), scored with the image tokens the batch's pairs are scored with."""
+        (`flip.losses.foils`), scored with the image tokens the batch's pairs are scored with.
+        With `foil_mask` [B, G, V] they are statement groups, scored by the choice term alone."""
         text_mask, image_mask = self.text_mask(text_tokens, text_token_mask), image_token_mask
         if image_mask is not None:
             image_mask = image_mask.bool()
@@ -447,18 +450,20 @@ class FilipLoss(nn.Module):
         if logit_bias is not None:
             per_image, per_text = per_image + logit_bias, per_text + logit_bias
         if foil_tokens is not None:
-            per_image = append_foil_logits(
-                per_image,
-                self._foil_logits(
-                    image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, logit_scale, logit_bias
-                ),
+            foil_logits, foil_mask = self._foil_logits(
+                image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, logit_scale, logit_bias
             )
+            if not is_statements(foil_mask):  # a statement group leads with a positive
+                per_image = append_foil_logits(per_image, foil_logits)
         labels = contrastive_labels(
             per_image.shape[0], per_image.device, self.rank, self.world_size, self.local_loss
         )
         loss = symmetric_cross_entropy(per_image, per_text, labels)
         if foil_tokens is not None and (weight := self.foil_choice.at(self.step)):
-            loss = loss + weight * foil_choice_loss(per_image, labels, foil_tokens.shape[1])
+            if is_statements(foil_mask):
+                loss = loss + weight * statement_choice_loss(foil_logits, foil_mask)
+            else:
+                loss = loss + weight * foil_choice_loss(per_image, labels, foil_tokens.shape[1])
         return {"filip_loss": loss} if output_dict else loss
 
     def _foil_logits(self, image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, scale, bias):
@@ -482,7 +487,7 @@ class FilipLoss(nn.Module):
         logits = scale * foil_token_similarity(rows, image_mask, foils, token_mask)
         if bias is not None:
             logits = logits + bias
-        return logits.masked_fill(~mask.bool(), float("-inf"))
+        return logits.masked_fill(~mask.flatten(1).bool(), float("-inf")), mask
 
     def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:
         if outputs.image_tokens is None or outputs.text_tokens is None:

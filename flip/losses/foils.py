@@ -12,6 +12,12 @@ slot that a caption could not fill is masked out (-inf logit, or no SigLIP term)
 Under DDP, a loss whose every rank scores the whole global batch (`local_loss=False`) needs
 every image's foils, gathered in rank order as the images are; otherwise each rank scores
 its own rows with its own foils.
+
+Statements (`data.hard_negatives.form=statement`, `flip.data.foils.statements`) come in the
+same slots with a mask [B, groups, values]: each group is led by the statement of what the
+caption says and holds the same words for the attribute's other values. Its first slot is a
+positive, so statements never join the batch's softmax; they are scored by the choice term
+alone (`statement_choice_loss`), and by SigLIP as one positive and several negative pairs.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ __all__ = [
     "foil_choice_loss",
     "foil_rows",
     "foil_token_similarity",
+    "is_statements",
     "pooled_foil_logits",
     "siglip_foil_loss",
+    "statement_choice_loss",
 ]
 
 _NEG_INF = float("-inf")
@@ -160,6 +168,29 @@ def foil_choice_loss(logits: torch.Tensor, labels: torch.Tensor, num_foils: int)
     return F.cross_entropy(choices, labels.new_zeros(labels.shape[0]))
 
 
+def is_statements(foil_mask: torch.Tensor | None) -> bool:
+    """Whether foil slots hold statement groups: their mask is [B, groups, values]."""
+    return foil_mask is not None and foil_mask.dim() == 3
+
+
+def statement_choice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each image choosing, in each of its statement groups, the statement of what its caption
+    says: the cross-entropy over the group's logits (the positive first), summed over the groups
+    present and divided by all rows, as `foil_choice_loss` is (ranks holding different numbers
+    of groups average to the global batch's loss).
+
+    `logits` [R, G * V]: each image against its own statements, -inf in empty slots; `mask`
+    [R, G, V].
+    """
+    rows, groups, values = mask.shape
+    logits = logits.reshape(rows * groups, values).float()
+    present = mask.reshape(rows * groups, values)[:, 0].bool()
+    # an absent group's logits are all -inf: zeros keep its (unused) cross-entropy finite
+    logits = logits.masked_fill(~present[:, None], 0.0)
+    chosen = F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
+    return (chosen * present).sum() / rows
+
+
 def siglip_foil_loss(
     image_features: torch.Tensor,
     foil_features: torch.Tensor,
@@ -168,11 +199,16 @@ def siglip_foil_loss(
     logit_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """SigLIP's negative-pair term for every (image, own foil) pair, divided by the local batch
-    size as its other terms are."""
-    logits = pooled_foil_logits(
-        image_features, foil_features, torch.ones_like(foil_mask), logit_scale, logit_bias
-    )
-    terms = -F.logsigmoid(-logits) * foil_mask.to(logits.dtype)
+    size as its other terms are. Statement groups (mask [B, G, V]): the first of each group is a
+    positive pair, the others negative ones."""
+    flat = foil_mask.flatten(1)
+    logits = pooled_foil_logits(image_features, foil_features, torch.ones_like(flat), logit_scale, logit_bias)
+    sign = -torch.ones_like(logits)
+    if is_statements(foil_mask):
+        sign = sign.view(foil_mask.shape)
+        sign[:, :, 0] = 1.0
+        sign = sign.flatten(1)
+    terms = -F.logsigmoid(sign * logits) * flat.to(logits.dtype)
     return terms.sum() / image_features.shape[0]
 
 

@@ -39,6 +39,8 @@ class SigLipLoss(nn.Module):
 
     requires_tokens: ClassVar[bool] = False
     uses_foils: ClassVar[bool] = True  # data.hard_negatives: foils are extra negatives here
+    # form=statement: each statement is a pair of its own (positive or negative), no choice term needed
+    scores_statements: ClassVar[bool] = True
 
     def __init__(
         self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str = "bidir"
@@ -93,7 +95,8 @@ class SigLipLoss(nn.Module):
         foil_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """`foil_features` [B, F, D] (masked by `foil_mask` [B, F]): attribute foils of each caption,
-        one more negative pair each with its own image (`flip.losses.foils`)."""
+        one more negative pair each with its own image (`flip.losses.foils`); with `foil_mask`
+        [B, G, V], statement groups: a positive pair for each group's first, negative for the rest."""
         loss = self._loss(image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
             for term in self._negatives(image_features, text_features, logit_scale, logit_bias):

@@ -235,18 +235,23 @@ class FlipModel(nn.Module):
         each foil encoded whole, as a caption is: a foil and its caption differ only by their
         words. `forward` with `foils` gives the same fields for less work where the tower is causal.
 
-        With `mask` [B, F], only the foils that exist are encoded (captions with fewer foils
-        than slots, `fraction` below 1): the others are zeros, which every loss masks out."""
+        With `mask` [B, F] (or [B, groups, values]), only the foils that exist are encoded
+        (captions with fewer foils than slots, `fraction` below 1): the others are zeros, which
+        every loss masks out. Each distinct foil is encoded once: statements
+        (`flip.data.foils.statements`) repeat across a batch, and a row's features depend on its
+        tokens alone."""
         text, _, present = _foil_rows(foils, mask)
+        distinct, copies = torch.unique(text, dim=0, return_inverse=True)
         if not return_tokens:
-            encoded = {"foil_text_features": F.normalize(self.encode_text(text), dim=-1)}
+            encoded = {"foil_text_features": F.normalize(self.encode_text(distinct), dim=-1)}
         else:
-            features, tokens = self._text_with_tokens(text)
+            features, tokens = self._text_with_tokens(distinct)
             encoded = {
                 "foil_text_features": F.normalize(features, dim=-1),
                 "foil_text_tokens": F.normalize(tokens, dim=-1),
-                "foil_text_token_mask": self.informative_text_tokens(text),
+                "foil_text_token_mask": self.informative_text_tokens(distinct),
             }
+        encoded = {name: value[copies] for name, value in encoded.items()}
         return _foil_fields(encoded, present, foils.shape)
 
     def _encode_foil_suffixes(

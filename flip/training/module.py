@@ -134,7 +134,8 @@ def check_loss_strategy(loss: Mapping[str, Any], zero_stage: int | None) -> None
 def check_foils_used(loss: Mapping[str, Any], hard_negatives: Any) -> None:
     """`data.hard_negatives` encodes foil captions every step; a loss with no term that reads them
     (loss=itc_queue alone) would pay for them and learn nothing from them, so it is refused. A
-    `foil_choice_weight` without foils would silently train without the term it asks for."""
+    `foil_choice_weight` without foils would silently train without the term it asks for, and
+    statements (`form: statement`) without a term that scores them would teach nothing."""
     term_losses = {
         name: term.get("loss") or {}
         for name, term in (loss.get("terms") or {}).items()
@@ -155,6 +156,20 @@ def check_foils_used(loss: Mapping[str, Any], hard_negatives: Any) -> None:
             f"data.hard_negatives={hard_negatives!r}, but no term of this loss ({terms}) uses foil captions; "
             "the clip, siglip and filip terms do (e.g. loss=clip_filip), or set data.hard_negatives=null"
         )
+    if isinstance(hard_negatives, Mapping) and hard_negatives.get("form") == "statement":
+        scoring = [
+            name
+            for name, term_loss in term_losses.items()
+            if term_loss.get("foil_choice_weight")
+            or (terms[name] and getattr(get_class(terms[name]), "scores_statements", False))
+        ]
+        if not scoring:
+            raise ValueError(
+                f"data.hard_negatives.form=statement, but no term of this loss ({terms}) scores statements: "
+                "they lead with a positive and are scored by the choice term alone, so set "
+                "foil_choice_weight above 0 on a clip or filip term (e.g. loss.terms.clip.loss."
+                "foil_choice_weight=2.0), or use a siglip term"
+            )
 
 
 def zero_stage(trainer_cfg: Mapping[str, Any]) -> int | None:

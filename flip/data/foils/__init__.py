@@ -1,12 +1,13 @@
 """Attribute foils (a caption with exactly one attribute changed): hard negatives, binding metric."""
 
 from flip.data.foils.grammar import Candidate, GrammarFoils
-from flip.data.foils.maker import DEFAULT_TABLE, SOURCES, FoilMaker, hard_negatives, stable_seed
+from flip.data.foils.maker import DEFAULT_TABLE, FORMS, SOURCES, FoilMaker, hard_negatives, stable_seed
 from flip.data.foils.phrases import find_phrases, replace_span
 from flip.data.foils.table import FoilTable, load_table
 
 __all__ = [
     "DEFAULT_TABLE",
+    "FORMS",
     "SOURCES",
     "Candidate",
     "FoilMaker",

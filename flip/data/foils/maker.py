@@ -27,13 +27,17 @@ from typing import Any
 from flip.config import CONFIG_PATH
 from flip.data.captions import CaptionGrammar
 from flip.data.foils.grammar import Candidate, GrammarFoils
+from flip.data.foils.statements import group_size, statement_groups
 from flip.data.foils.table import FoilTable, load_table
 
-__all__ = ["DEFAULT_TABLE", "SOURCES", "FoilMaker", "hard_negatives", "stable_seed"]
+__all__ = ["DEFAULT_TABLE", "FORMS", "SOURCES", "FoilMaker", "hard_negatives", "stable_seed"]
 
 SOURCES = ("auto", "grammar", "table")
+# caption: the caption with one attribute changed; statement: an attribute said alone, in a group
+# with its other values (flip.data.foils.statements)
+FORMS = ("caption", "statement")
 DEFAULT_TABLE = Path(CONFIG_PATH) / "data" / "foils" / "default.yaml"
-_KEYS = ("source", "per_caption", "table", "attributes", "fraction")
+_KEYS = ("source", "per_caption", "table", "attributes", "fraction", "form")
 
 
 # CelebA labels each hair colour as an attribute of its own, with no phrase for its absence:
@@ -79,6 +83,10 @@ class FoilMaker:
     # tower encodes only the foils that exist, so 0.5 halves what foils cost a step (and the
     # gradient they give, which the choice term's weight can make up)
     fraction: float = 1.0
+    # caption: `per_caption` foils, each the caption with one attribute changed; statement:
+    # `per_caption` groups, each an attribute the caption states said alone and then with each
+    # of its other values (`flip.data.foils.statements`), for the grammar's records only
+    form: str = "caption"
     weights: dict[str, float] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +113,16 @@ class FoilMaker:
                 f"data.hard_negatives.fraction={self.fraction!r}; accepted: a number in (0, 1], the "
                 f"share of captions that get foils (1: every caption that has one)"
             )
+        if self.form not in FORMS:
+            raise ValueError(
+                f"data.hard_negatives.form={self.form!r}; accepted: caption (the caption with one "
+                f"attribute changed) or statement (one attribute said alone, against its other values)"
+            )
+        if self.form == "statement" and self.source != "grammar":
+            raise ValueError(
+                f"data.hard_negatives.form=statement needs source=grammar, not {self.source!r}: a "
+                f"statement says what the sample's .json says its caption states (its `mentions`)"
+            )
         if self.attributes is not None:
             names = self.attributes
             if isinstance(names, Mapping):
@@ -119,6 +137,19 @@ class FoilMaker:
             self.attributes = tuple(names)
         if self.source != "grammar":
             _ = self.phrase_table  # a bad table fails at start-up, not in a loader worker
+
+    @property
+    def slot_shape(self) -> tuple[int, ...]:
+        """The foil slots of each caption: (per_caption,) foils, or (per_caption, values) statements,
+        `values` the most any allowed attribute has (a group with fewer leaves slots empty)."""
+        if self.form == "caption":
+            return (self.per_caption,)
+        return (self.per_caption, self.group_size)
+
+    @cached_property
+    def group_size(self) -> int:
+        names = None if self.attributes is None else tuple(self.attributes)
+        return max(group_size(foils.grammar, names) for foils in self.grammars.values())
 
     @property
     def needs_json(self) -> bool:
@@ -191,11 +222,32 @@ class FoilMaker:
             return random.Random(stable_seed("foils", self.seed, sample.get("__key__", ""), sample["text"]))
         return random.Random(stable_seed("foils", self.seed, seed))
 
-    def __call__(self, sample: Mapping[str, Any]) -> list[Candidate]:
-        """The foils of one decoded sample ({"text", "json"?, "__seed__"?})."""
+    def statements(self, record: Mapping[str, Any] | None, rng: random.Random) -> list[Candidate | None]:
+        """The statement groups of a record (`form: statement`), flat, None in empty slots."""
+        grammar = self._grammar_for(record) if isinstance(record, Mapping) else None
+        mentions = record.get("mentions") if grammar is not None else None
+        if not isinstance(mentions, list):
+            return []
+        allowed = self.attributes
+        claimed = [
+            (str(m[0]), m[1])
+            for m in mentions
+            if isinstance(m, list | tuple) and len(m) == 2 and (allowed is None or m[0] in allowed)
+        ]
+        values = grammar._record(record)
+        if values is None:
+            return []
+        count, size = self.slot_shape
+        return statement_groups(grammar, values, claimed, count, size, rng, self.weights)
+
+    def __call__(self, sample: Mapping[str, Any]) -> list[Candidate | None]:
+        """The foils of one decoded sample ({"text", "json"?, "__seed__"?}); with `form: statement`
+        its statement groups, None in the slots a group leaves empty."""
         rng = self.rng_for(sample)
         if self.fraction < 1.0 and rng.random() >= self.fraction:
             return []
+        if self.form == "statement":
+            return self.statements(sample.get("json"), rng)
         candidates = self.candidates(sample["text"], sample.get("json"))
         return self.pick(candidates, rng) if candidates else []
 
@@ -242,7 +294,7 @@ def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[t
 def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> FoilMaker | None:
     """The FoilMaker of a `data.hard_negatives` value: null (off), a source name, or a mapping
     with `source`, `per_caption`, `table`, `attributes` (a list of names or a mapping of
-    names to weights) and `fraction`."""
+    names to weights), `fraction` and `form`."""
     if config is None or config is False:
         return None
     if isinstance(config, str):
@@ -263,4 +315,5 @@ def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> Foi
         seed=seed,
         attributes=config.get("attributes"),  # FoilMaker checks it and keeps it as a tuple
         fraction=config.get("fraction", 1.0),
+        form=config.get("form", "caption"),
     )

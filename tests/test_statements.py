@@ -1,0 +1,340 @@
+"""Statements (`data.hard_negatives.form=statement`): one attribute a caption states, said alone,
+in a group with its other values; the losses against loop references, on 2 gloo ranks too."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from flip.data.captions import CaptionGrammar
+from flip.data.faceshapes import FACESHAPES_GRAMMAR
+from flip.data.foils import FoilMaker, hard_negatives
+from flip.data.transform import SampleTransform
+from flip.losses import ClipLoss, FilipLoss, SigLipLoss
+from flip.models.outputs import EncoderOutput
+from flip.training.module import check_foils_used
+
+from .helpers import free_port
+from .helpers.gradients import assert_gradients_close
+from .test_foils import claims, faceshapes_record
+from .test_losses_foils import IN, NI, NT, Towers, late, late_t2i
+
+B, G, V = 4, 2, 3
+
+# -- the data: what a statement says --------------------------------------------------------------
+
+
+def test_each_group_states_a_claimed_value_first_and_then_the_attributes_other_values():
+    grammar = CaptionGrammar(FACESHAPES_GRAMMAR)
+    maker = FoilMaker(source="grammar", per_caption=3, form="statement")
+    assert maker.slot_shape == (3, 5)  # expression and hair colour have five values
+    stated = Counter()
+    for index in range(80):
+        record, text = faceshapes_record(index)
+        claimed = {(name, value) for name, value in record["mentions"]}
+        slots = maker({"text": text, "json": record, "__seed__": index})
+        assert len(slots) % 5 == 0 and 0 < len(slots) <= 15
+        groups = [slots[i : i + 5] for i in range(0, len(slots), 5)]
+        assert len({group[0].attribute for group in groups}) == len(groups)  # one group per attribute
+        for group in groups:
+            first, *others = [slot for slot in group if slot is not None]
+            assert group.index(None) == len(others) + 1 if None in group else len(others) == 4
+            # the lead says what the caption says, read back with the grammar's own words
+            assert (first.attribute, first.old) in claimed and first.new == first.old
+            assert claims(grammar, first.text) == {(first.attribute, first.old)}, first.text
+            values = set(grammar.attributes[first.attribute].entries) - {first.old}
+            assert {slot.new for slot in others} == values  # every other value, once each
+            for slot in others:
+                assert claims(grammar, slot.text) == {(slot.attribute, slot.new)}, slot.text
+                # the same noun phrase around the changed words
+                assert slot.text.split()[:2] == first.text.split()[:2]
+            assert len(first.text.split()) <= 8  # a noun phrase, not a caption
+            stated[first.attribute] += 1
+    assert len(stated) >= 10  # groups drawn among every attribute the captions state
+
+
+def test_statements_follow_the_attribute_weights_and_the_samples_seed():
+    record, text = next(
+        (record, text)
+        for record, text in map(faceshapes_record, range(100))
+        if {"expression", "hat"} <= {name for name, _ in record["mentions"]}
+    )
+    other = "hat"
+    maker = hard_negatives(
+        {
+            "source": "grammar",
+            "per_caption": 1,
+            "form": "statement",
+            "attributes": {"expression": 9, other: 1},
+        }
+    )
+    leads = [maker({"text": text, "json": record, "__seed__": seed})[0].attribute for seed in range(400)]
+    share = leads.count("expression") / len(leads)
+    assert 0.84 < share < 0.96  # 0.9
+    assert set(leads) == {"expression", other}  # only the allowed attributes
+    again = [maker({"text": text, "json": record, "__seed__": seed})[0].attribute for seed in range(400)]
+    assert again == leads
+
+
+def test_statement_settings_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match=r"form='sentence'; accepted: caption .* or statement"):
+        hard_negatives({"form": "sentence"})
+    with pytest.raises(ValueError, match=r"form=statement needs source=grammar, not 'table'"):
+        hard_negatives({"source": "table", "form": "statement"})
+    clip_filip = {
+        "terms": {
+            "clip": {"loss": {"_target_": "flip.losses.ClipLoss", "foil_choice_weight": 0.0}},
+            "filip": {"loss": {"_target_": "flip.losses.FilipLoss"}},
+        }
+    }
+    statements = {"source": "grammar", "form": "statement"}
+    with pytest.raises(ValueError, match=r"no term of this loss .* scores statements.*foil_choice_weight"):
+        check_foils_used(clip_filip, statements)
+    clip_filip["terms"]["filip"]["loss"]["foil_choice_weight"] = 1.0
+    check_foils_used(clip_filip, statements)
+    check_foils_used({"terms": {"siglip": {"loss": {"_target_": "flip.losses.SigLipLoss"}}}}, statements)
+
+
+def test_a_batch_of_statements_carries_a_mask_per_group_and_value(tiny_model):
+    from PIL import Image
+
+    maker = FoilMaker(source="grammar", per_caption=2, form="statement", attributes=["expression", "beard"])
+    transform = SampleTransform(tiny_model.preprocess_train, tiny_model.tokenizer, foils=maker)
+    samples = []
+    for index in range(3):
+        record, text = faceshapes_record(index)
+        samples.append({"image": Image.new("RGB", (32, 32)), "text": text, "json": record, "__seed__": index})
+    samples[2]["json"] = {**samples[2]["json"], "mentions": []}  # states nothing it could say alone
+    _, tokens, foil_tokens, mask = transform.collate([transform.prepare(s) for s in samples])
+    assert mask.shape == (3, 2, 5) and foil_tokens.shape == (3, 10, tokens.shape[1])
+    assert not mask[2].any()
+    for index in range(2):
+        slots = maker(samples[index])
+        present = [slot is not None for slot in slots] + [False] * (10 - len(slots))
+        assert mask[index].flatten().tolist() == present
+        texts = [slot.text if slot is not None else "" for slot in slots] + [""] * (10 - len(slots))
+        assert torch.equal(foil_tokens[index], tiny_model.tokenizer(texts))
+
+
+def test_repeated_foils_are_encoded_once_with_the_same_features_and_gradients(tiny_model):
+    words = ["a person who looks sad", "a person who looks happy", "a face with a beard"]
+    rows = [words[i % 3] for i in range(12)]
+    foils = tiny_model.tokenizer(rows).view(3, 4, -1)
+    counted = []
+    handle = tiny_model.clip.token_embedding.register_forward_hook(
+        lambda _m, args, _o: counted.append(args[0].shape[0])
+    )
+    try:
+        for return_tokens in (False, True):
+            tiny_model.zero_grad()
+            counted.clear()
+            encoded = tiny_model.encode_foils(foils, return_tokens)
+            assert sum(counted) == 3  # three distinct rows, each encoded once
+            weights = torch.linspace(-1, 1, 12)[:, None]
+            features = encoded["foil_text_features"].reshape(12, -1)
+            (features.float() * weights).sum().backward()
+            grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+            tiny_model.zero_grad()
+            alone = [F.normalize(tiny_model.encode_text(tiny_model.tokenizer([row])), dim=-1) for row in rows]
+            (torch.cat(alone).float() * weights).sum().backward()
+            expected = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+            torch.testing.assert_close(features, torch.cat(alone).detach(), atol=1e-5, rtol=1e-5)
+            assert_gradients_close(grads, expected)
+    finally:
+        handle.remove()
+
+
+# -- the losses: references written as loops over the groups ---------------------------------------
+
+
+def statement_batch(n: int, rows: slice = slice(None)):
+    g = torch.Generator().manual_seed(11)
+    images, texts = torch.randn(n, NI, IN, generator=g), torch.randn(n, NT, IN, generator=g)
+    mask = torch.arange(NT)[None] < torch.randint(2, NT + 1, (n,), generator=g)[:, None]
+    foils = torch.randn(n, G * V, NT, IN, generator=g)
+    foil_token_mask = (
+        torch.arange(NT)[None, None] < torch.randint(2, NT + 1, (n, G * V), generator=g)[..., None]
+    )
+    # a group holds its lead and 1 or 2 more values (V: the largest), or is absent
+    sizes = torch.randint(2, V + 1, (n, G), generator=g) * (torch.rand(n, G, generator=g) < 0.75)
+    sizes[0], sizes[1] = 0, V  # a caption with no group, one with both full
+    foil_mask = torch.arange(V)[None, None] < sizes[..., None]
+    return tuple(t[rows] for t in (images, texts, mask, foils, foil_token_mask, foil_mask))
+
+
+def groups_of(out: EncoderOutput, i: int, score) -> list[list[torch.Tensor]]:
+    """Each present group of row i as its slots' logits, the lead first."""
+    found = []
+    for group in range(G):
+        slots = [group * V + v for v in range(V) if out.foil_mask[i, group, v]]
+        if slots:
+            found.append([score(i, slot) for slot in slots])
+    return found
+
+
+def plain_contrastive(out: EncoderOutput, pair) -> torch.Tensor:
+    n = out.image_features.shape[0]
+    image_terms = [-torch.log_softmax(torch.stack([pair(i, j) for j in range(n)]), 0)[i] for i in range(n)]
+    text_terms = [-torch.log_softmax(torch.stack([pair(j, i) for j in range(n)]), 0)[i] for i in range(n)]
+    return (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+
+
+def choice(out: EncoderOutput, score, weight: float) -> torch.Tensor:
+    n = out.image_features.shape[0]
+    total = 0.0
+    for i in range(n):
+        for logits in groups_of(out, i, score):
+            total = total - torch.log_softmax(torch.stack(logits), 0)[0]
+    return weight * total / n
+
+
+def clip_statements(out: EncoderOutput, weight: float) -> torch.Tensor:
+    s = out.logit_scale
+    flat = out.foil_text_features
+
+    def pair(i, j):
+        return s * out.image_features[i] @ out.text_features[j]
+
+    return plain_contrastive(out, pair) + choice(
+        out, lambda i, f: s * out.image_features[i] @ flat[i, f], weight
+    )
+
+
+def filip_statements(out: EncoderOutput, weight: float) -> torch.Tensor:
+    s, it = out.logit_scale, out.image_tokens
+
+    def pair(i, j):
+        return s * late(it[i], out.text_tokens[j], out.text_token_mask[j])
+
+    n = out.image_features.shape[0]
+    image_terms = [-torch.log_softmax(torch.stack([pair(i, j) for j in range(n)]), 0)[i] for i in range(n)]
+    text_terms = []
+    for i in range(n):
+        column = [s * late_t2i(it[j], out.text_tokens[i], out.text_token_mask[i]) for j in range(n)]
+        text_terms.append(-torch.log_softmax(torch.stack(column), 0)[i])
+    contrastive = (torch.stack(image_terms).mean() + torch.stack(text_terms).mean()) / 2
+
+    def score(i, f):
+        return s * late(it[i], out.foil_text_tokens[i, f], out.foil_text_token_mask[i, f])
+
+    return contrastive + choice(out, score, weight)
+
+
+def siglip_statements(out: EncoderOutput, weight: float) -> torch.Tensor:
+    n, s, b = out.image_features.shape[0], out.logit_scale, out.logit_bias
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = s * out.image_features[i] @ out.text_features[j] + b
+            total = total - F.logsigmoid(z if i == j else -z)
+        for logits in groups_of(
+            out, i, lambda i, f: s * out.image_features[i] @ out.foil_text_features[i, f] + b
+        ):
+            total = total - F.logsigmoid(logits[0]) - sum(F.logsigmoid(-z) for z in logits[1:])
+    return total / n
+
+
+REFERENCES = {
+    "clip": (lambda: ClipLoss(foil_choice_weight=0.7), lambda out: clip_statements(out, 0.7), False),
+    "filip": (
+        lambda: FilipLoss(chunk_size=3, foil_choice_weight=0.7),
+        lambda out: filip_statements(out, 0.7),
+        False,
+    ),
+    "siglip": (lambda: SigLipLoss(), lambda out: siglip_statements(out, 0.0), True),
+    # without the choice term statements add nothing to the clip loss (refused at start-up)
+    "clip-no-choice": (lambda: ClipLoss(), lambda out: clip_statements(out, 0.0), False),
+}
+
+
+def loss_and_grads(loss_fn, siglip: bool, n: int, rows: slice = slice(None)):
+    model = Towers(siglip)
+    out = model(*statement_batch(n, rows))
+    loss = loss_fn.loss_from_outputs(out) if hasattr(loss_fn, "loss_from_outputs") else loss_fn(out)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_statement_groups_are_scored_as_the_reference_computes(name):
+    make, reference, siglip = REFERENCES[name]
+    loss, grads = loss_and_grads(make(), siglip, 2 * B)
+    expected, expected_grads = loss_and_grads(reference, siglip, 2 * B)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_a_lead_statement_is_the_positive_of_its_group():
+    """Swapping a group's lead with another of its values changes the choice term: the lead is
+    the answer, not one negative among others."""
+    model = Towers()
+    out = model(*statement_batch(2 * B))
+    loss = ClipLoss(foil_choice_weight=1.0).loss_from_outputs(out)
+    order = list(range(G * V))
+    order[0], order[1] = 1, 0  # row 1's first group is full: its lead is now a foil
+    swapped = EncoderOutput(**{**out.__dict__, "foil_text_features": out.foil_text_features[:, order]})
+    assert abs(ClipLoss(foil_choice_weight=1.0).loss_from_outputs(swapped).item() - loss.item()) > 1e-3
+
+
+# -- 2 gloo ranks ---------------------------------------------------------------------------------
+
+CASES = {
+    "clip-local": (
+        lambda r, w: ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=r, world_size=w, foil_choice_weight=2.0
+        ),
+        False,
+    ),
+    "clip-global": (
+        lambda r, w: ClipLoss(gather_with_grad=True, rank=r, world_size=w, foil_choice_weight=2.0),
+        False,
+    ),
+    "filip-global": (
+        lambda r, w: FilipLoss(
+            gather_with_grad=True, rank=r, world_size=w, chunk_size=3, foil_choice_weight=2.0
+        ),
+        False,
+    ),
+    "siglip": (lambda r, w: SigLipLoss(rank=r, world_size=w), True),
+}
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    rows, results = slice(rank * B, (rank + 1) * B), {}
+    for name, (make, siglip) in CASES.items():
+        loss, grads = loss_and_grads(make(rank, world), siglip, world * B, rows)
+        for t in (loss, *grads.values()):  # what DDP does to gradients
+            dist.all_reduce(t)
+            t /= world
+        results[name] = {"loss": loss, "grads": grads}
+    if rank == 0:
+        torch.save(results, path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_statements_equal_one_process_on_the_global_batch(tmp_path):
+    path = str(Path(tmp_path) / "results.pt")
+    mp.spawn(_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    got = torch.load(path)
+    for name, (make, siglip) in CASES.items():
+        loss, grads = loss_and_grads(make(0, 1), siglip, 2 * B)
+        assert got[name]["loss"].item() == pytest.approx(loss.item(), abs=1e-5), name
+        for key, grad in grads.items():
+            torch.testing.assert_close(got[name]["grads"][key], grad, atol=1e-4, rtol=0, msg=f"{name}: {key}")
