@@ -19,9 +19,9 @@ from flip.data.foils import FoilMaker, hard_negatives
 from flip.data.transform import SampleTransform
 from flip.losses import ClipLoss, FilipLoss, SigLipLoss
 from flip.models.outputs import EncoderOutput
-from flip.training.module import check_foils_used
+from flip.training.module import FlipLitModule, check_foils_used
 
-from .helpers import free_port
+from .helpers import MODEL, OPTIM, free_port, loss_file
 from .helpers.gradients import assert_gradients_close
 from .test_foils import claims, faceshapes_record
 from .test_losses_foils import IN, NI, NT, Towers, late, late_t2i
@@ -338,3 +338,36 @@ def test_two_ranks_with_statements_equal_one_process_on_the_global_batch(tmp_pat
         assert got[name]["loss"].item() == pytest.approx(loss.item(), abs=1e-5), name
         for key, grad in grads.items():
             torch.testing.assert_close(got[name]["grads"][key], grad, atol=1e-4, rtol=0, msg=f"{name}: {key}")
+
+
+# -- the training module: foils cut to the positions they use --------------------------------------
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_foils_are_cut_after_their_last_used_position_with_the_same_features_and_loss(micro_batches):
+    loss_cfg, _ = loss_file("clip_filip")
+    for term in loss_cfg["terms"].values():
+        term["loss"]["foil_choice_weight"] = 1.0
+    torch.manual_seed(0)
+    module = FlipLitModule({**MODEL, "text_length_buckets": 2}, loss_cfg, OPTIM, micro_batches=micro_batches)
+    words = ["a person who looks sad", "a face with a beard", "an individual wearing a hat"]
+    text = module.model.tokenize([f"a photo of a person with bangs and {w}" for w in words + words[:1]])
+    foils = module.model.tokenize([words[i % 3] for i in range(4 * 2 * 2)]).view(4, 4, -1)
+    mask = torch.tensor([[True, True, False, False], [True, False, True, True]] * 2).view(4, 2, 2)
+    images = torch.randn(4, 3, 32, 32)
+    longest = int((foils != 0).sum(-1).max())
+    assert module.model.trim_foils(foils).shape[-1] == longest < foils.shape[-1]
+    cut = module(images, text, foils, mask)
+    whole = module.model(images, text, True, foils, mask)  # the model alone does not cut
+    assert cut.foil_text_tokens.shape[2] == longest
+    torch.testing.assert_close(cut.foil_text_features, whole.foil_text_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cut.foil_text_tokens, whole.foil_text_tokens[:, :, :longest], atol=1e-5, rtol=1e-5
+    )
+    assert not whole.foil_text_token_mask[:, :, longest:].any()  # what was cut was padding
+    cut_loss, whole_loss = module.criterion(cut)["loss"], module.criterion(whole)["loss"]
+    assert cut_loss.item() == pytest.approx(whole_loss.item(), abs=1e-5)
+    # a tower where padding reaches the features keeps every position
+    torch.manual_seed(0)
+    plain = FlipLitModule(MODEL, loss_cfg, OPTIM)
+    assert plain.model.trim_foils(foils) is foils

@@ -228,6 +228,17 @@ class FlipModel(nn.Module):
             **extra,
         )
 
+    def trim_foils(self, foils: torch.Tensor) -> torch.Tensor:
+        """Foil token ids [..., L] cut after the last position any foil uses, where padding cannot
+        change a feature (the towers `text_length_buckets` accepts) and the foils are encoded
+        whole: statements fill a fraction of the context, and the token features FILIP scores
+        them with, [B, F, L, D], shrink with it. Cut once per batch, before any micro-batching, so
+        that every part has the same length."""
+        if not self.text_length_buckets or self.foil_prefix_sharing or foils.shape[-1] < 2:
+            return foils
+        used = (foils != self.pad_token_id).reshape(-1, foils.shape[-1]).any(0).nonzero()
+        return foils[..., : int(used.max()) + 1] if used.numel() else foils[..., :1]
+
     def encode_foils(
         self, foils: torch.Tensor, return_tokens: bool = False, mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

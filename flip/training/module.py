@@ -300,6 +300,8 @@ class FlipLitModule(L.LightningModule):
         """The batch's features, with its foil captions [B, F, L] and their mask [B, F] when given
         (`data.hard_negatives`), in `micro_batches` parts whose activations backward recomputes."""
         tokens = self.criterion.requires_tokens
+        if foils is not None:
+            foils = self.model.trim_foils(foils)
         if self.micro_batches == 1 or not torch.is_grad_enabled():
             return self.model(images, text, tokens, foils, foil_mask)
         if images.shape[0] % self.micro_batches:
