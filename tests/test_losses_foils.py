@@ -4,14 +4,10 @@ references on random inputs, and on 2 gloo ranks against one process on the glob
 from __future__ import annotations
 
 import math
-from datetime import timedelta
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,7 +16,8 @@ from flip.models import build_model
 from flip.models.outputs import EncoderOutput
 from flip.training.module import FlipLitModule
 
-from .helpers import MODEL, OPTIM, TINY_ARCH, free_port, loss_file
+from .helpers import MODEL, OPTIM, TINY_ARCH, loss_file
+from .helpers.ranks import assert_two_ranks_equal_one_process
 
 B, NF, NI, NT, IN, D = 4, 2, 5, 6, 12, 8
 
@@ -268,37 +265,9 @@ CASES = {
 }
 
 
-def _worker(rank: int, world: int, port: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    rows, results = slice(rank * B, (rank + 1) * B), {}
-    for name, (make, siglip) in CASES.items():
-        loss, grads = loss_and_grads(make(rank, world), siglip, world * B, rows)
-        for t in (loss, *grads.values()):  # what DDP does to gradients
-            dist.all_reduce(t)
-            t /= world
-        results[name] = {"loss": loss, "grads": grads}
-    if rank == 0:
-        torch.save(results, path)
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_ranks_with_foils_equal_one_process_on_the_global_batch(tmp_path):
-    path = str(Path(tmp_path) / "results.pt")
-    mp.spawn(_worker, args=(2, free_port(), path), nprocs=2, join=True)
-    got = torch.load(path)
-    for name, (make, siglip) in CASES.items():
-        loss, grads = loss_and_grads(make(0, 1), siglip, 2 * B)
-        assert got[name]["loss"].item() == pytest.approx(loss.item(), abs=1e-5), name
-        for key, grad in grads.items():
-            torch.testing.assert_close(got[name]["grads"][key], grad, atol=1e-4, rtol=0, msg=f"{name}: {key}")
+    assert_two_ranks_equal_one_process("tests.test_losses_foils", tmp_path)
 
 
 # -- the training module: foils encoded as captions are, in micro-batches too ----------------------

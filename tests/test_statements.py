@@ -4,14 +4,11 @@ in a group with its other values; the losses against loop references, on 2 gloo 
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from flip.data.captions import CaptionGrammar
 from flip.data.faceshapes import FACESHAPES_GRAMMAR
@@ -21,8 +18,9 @@ from flip.losses import ClipLoss, FilipLoss, SigLipLoss
 from flip.models.outputs import EncoderOutput
 from flip.training.module import FlipLitModule, check_foils_used
 
-from .helpers import MODEL, OPTIM, free_port, loss_file
+from .helpers import MODEL, OPTIM, compose_train_config, loss_file
 from .helpers.gradients import assert_gradients_close
+from .helpers.ranks import assert_two_ranks_equal_one_process
 from .test_foils import claims, faceshapes_record
 from .test_losses_foils import IN, NI, NT, Towers, late, late_t2i
 
@@ -307,37 +305,9 @@ CASES = {
 }
 
 
-def _worker(rank: int, world: int, port: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    rows, results = slice(rank * B, (rank + 1) * B), {}
-    for name, (make, siglip) in CASES.items():
-        loss, grads = loss_and_grads(make(rank, world), siglip, world * B, rows)
-        for t in (loss, *grads.values()):  # what DDP does to gradients
-            dist.all_reduce(t)
-            t /= world
-        results[name] = {"loss": loss, "grads": grads}
-    if rank == 0:
-        torch.save(results, path)
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_ranks_with_statements_equal_one_process_on_the_global_batch(tmp_path):
-    path = str(Path(tmp_path) / "results.pt")
-    mp.spawn(_worker, args=(2, free_port(), path), nprocs=2, join=True)
-    got = torch.load(path)
-    for name, (make, siglip) in CASES.items():
-        loss, grads = loss_and_grads(make(0, 1), siglip, 2 * B)
-        assert got[name]["loss"].item() == pytest.approx(loss.item(), abs=1e-5), name
-        for key, grad in grads.items():
-            torch.testing.assert_close(got[name]["grads"][key], grad, atol=1e-4, rtol=0, msg=f"{name}: {key}")
+    assert_two_ranks_equal_one_process("tests.test_statements", tmp_path)
 
 
 # -- the training module: foils cut to the positions they use --------------------------------------
@@ -371,3 +341,21 @@ def test_foils_are_cut_after_their_last_used_position_with_the_same_features_and
     torch.manual_seed(0)
     plain = FlipLitModule(MODEL, loss_cfg, OPTIM)
     assert plain.model.trim_foils(foils) is foils
+
+
+def test_the_demo_statements_experiment_is_the_demo_with_the_measured_statement_recipe(tmp_path):
+    # experiment=demo_statements stands for the override line of the runs docs/training.md measured
+    weights = "expression:6,beard:2,mustache:2,bangs:2,long_hair:1,hat:1,eyeglasses:1,sunglasses:1,"
+    weights += "earrings:1,bald:1,lipstick:1,rosy_cheeks:1,hair_color:1"
+    recipe = [
+        f"data.hard_negatives={{source:grammar,form:statement,per_caption:3,attributes:{{{weights}}}}}",
+        *(f"loss.terms.{t}.loss.foil_choice_{k}={v}" for t in ("clip", "filip")
+          for k, v in (("weight", 3.0), ("ramp_steps", 200))),
+    ]  # fmt: skip
+    experiment = compose_train_config(tmp_path, ["experiment=demo_statements"], base=[])
+    overridden = compose_train_config(tmp_path, recipe, base=[])
+    settings = [
+        {k: v for k, v in OmegaConf.to_container(c).items() if k != "hydra"} for c in (experiment, overridden)
+    ]
+    assert settings[0] == settings[1]
+    assert hard_negatives(OmegaConf.to_container(experiment.data.hard_negatives)).slot_shape == (3, 5)
