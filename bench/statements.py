@@ -1,0 +1,90 @@
+"""What a training step costs with statements, with whole-caption foils, and with neither.
+
+Issue 19 asks for attribute hard negatives within the demo's time. Whole-caption foils
+(`experiment=demo_foils`: eight per caption) make the text tower encode nine captions per image;
+statements (`experiment=demo_statements`: `data.hard_negatives.form=statement`, three groups of
+short noun phrases per caption) encode each distinct statement once, cut to the positions statements
+use. The baseline is the demo's step (`experiment=demo`, CLIP + FILIP, no foils). Each
+recipe is the module's training step with its loss, backward and fused AdamW, in float32, on the
+recipe's own FaceShapes batches, from the same initial weights, in one process, alternating in
+rounds; the first calls are left out. What the data loader spends making statements is not in
+it: the training runs' minutes in docs/training.md are.
+
+    .venv/bin/python bench/statements.py
+    .venv/bin/python bench/statements.py --rounds 2 --steps 3   # quick check
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.demo_step import alternate, batches_of, build, cycling_steps, step_bench_parser
+from bench.results_io import machine, machine_line, write_results
+
+BASELINE = "demo"
+RECIPES = {
+    BASELINE: "CLIP + FILIP, no foils",
+    "demo_statements": "statements: 3 groups per caption",
+    "demo_foils": "whole-caption foils: 8 per caption",
+}
+
+
+def main() -> None:
+    parser = step_bench_parser(__doc__, "bench/results/statements")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run, texts_per_image = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in RECIPES:
+            cfg, module, optimizer = build([f"experiment={name}"], Path(tmp) / name, args.data)
+            batches = batches_of(cfg, module, args.steps)
+            run[name] = cycling_steps(module, optimizer, batches)
+            foils = [b[3].flatten(1).sum(1).float() for b in batches if len(b) > 3]
+            texts_per_image[name] = 1 + (float(torch.cat(foils).mean()) if foils else 0.0)
+        times = alternate(run, args.rounds, args.steps, args.warmup)
+    base = statistics.median(times[BASELINE])
+    report = {
+        "baseline": BASELINE,
+        "rounds": args.rounds,
+        "recipes": {
+            name: {
+                "what": what,
+                "texts_per_image": round(texts_per_image[name], 2),
+                "step_s": round(statistics.median(times[name]), 4),
+                "vs_baseline": round(statistics.median(times[name]) / base, 3),
+                "timed_each": len(times[name]),
+            }
+            for name, what in RECIPES.items()
+        },
+        "machine": machine(),
+    }
+    write_results(args.out, report, markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "| recipe | what the text tower adds | texts per image | s per step | vs baseline |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, r in report["recipes"].items():
+        lines.append(
+            f"| `experiment={name}` | {r['what']} | {r['texts_per_image']} | {r['step_s']} | "
+            f"{r['vs_baseline']}x |"
+        )
+    lines += [
+        "",
+        f"Medians, alternating in {report['rounds']} rounds; float32; baseline "
+        f"`experiment={report['baseline']}`; {machine_line(report['machine'])}.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
