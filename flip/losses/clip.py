@@ -11,12 +11,10 @@ from torch import nn
 from flip.losses.distributed import gather_features
 from flip.losses.foils import (
     FoilChoiceSchedule,
-    append_foil_logits,
-    foil_choice_loss,
+    choice_loss,
     foil_rows,
-    is_statements,
     pooled_foil_logits,
-    statement_choice_loss,
+    with_foil_columns,
 )
 from flip.models.outputs import EncoderOutput
 
@@ -153,15 +151,11 @@ class ClipLoss(nn.Module):
                 world_size=self.world_size,
             )
             foil_logits = pooled_foil_logits(rows, foils, mask.flatten(1), logit_scale, logit_bias)
-            if not is_statements(mask):  # a statement group leads with a positive
-                per_image = append_foil_logits(per_image, foil_logits)
+            per_image = with_foil_columns(per_image, foil_logits, mask)
         labels = self.get_ground_truth(per_image.device, per_image.shape[0])
         loss = symmetric_cross_entropy(per_image, per_text, labels)
         if foil_features is not None and (weight := self.foil_choice.at(self.step)):
-            if is_statements(mask):
-                loss = loss + weight * statement_choice_loss(foil_logits, mask)
-            else:
-                loss = loss + weight * foil_choice_loss(per_image, labels, foil_features.shape[1])
+            loss = loss + weight * choice_loss(per_image, labels, foil_logits, mask)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def loss_from_outputs(self, outputs: EncoderOutput) -> torch.Tensor:

@@ -38,12 +38,10 @@ from flip.losses.clip import check_rank, contrastive_labels, symmetric_cross_ent
 from flip.losses.distributed import gather_features, gather_mask
 from flip.losses.foils import (
     FoilChoiceSchedule,
-    append_foil_logits,
-    foil_choice_loss,
+    choice_loss,
     foil_rows,
     foil_token_similarity,
-    is_statements,
-    statement_choice_loss,
+    with_foil_columns,
 )
 from flip.models.outputs import EncoderOutput
 
@@ -453,17 +451,13 @@ class FilipLoss(nn.Module):
             foil_logits, foil_mask = self._foil_logits(
                 image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, logit_scale, logit_bias
             )
-            if not is_statements(foil_mask):  # a statement group leads with a positive
-                per_image = append_foil_logits(per_image, foil_logits)
+            per_image = with_foil_columns(per_image, foil_logits, foil_mask)
         labels = contrastive_labels(
             per_image.shape[0], per_image.device, self.rank, self.world_size, self.local_loss
         )
         loss = symmetric_cross_entropy(per_image, per_text, labels)
         if foil_tokens is not None and (weight := self.foil_choice.at(self.step)):
-            if is_statements(foil_mask):
-                loss = loss + weight * statement_choice_loss(foil_logits, foil_mask)
-            else:
-                loss = loss + weight * foil_choice_loss(per_image, labels, foil_tokens.shape[1])
+            loss = loss + weight * choice_loss(per_image, labels, foil_logits, foil_mask)
         return {"filip_loss": loss} if output_dict else loss
 
     def _foil_logits(self, image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, scale, bias):

@@ -32,6 +32,7 @@ from flip.losses.distributed import gather_features, gather_mask
 __all__ = [
     "FoilChoiceSchedule",
     "append_foil_logits",
+    "choice_loss",
     "foil_choice_loss",
     "foil_rows",
     "foil_token_similarity",
@@ -39,6 +40,7 @@ __all__ = [
     "pooled_foil_logits",
     "siglip_foil_loss",
     "statement_choice_loss",
+    "with_foil_columns",
 ]
 
 _NEG_INF = float("-inf")
@@ -189,6 +191,22 @@ def statement_choice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     logits = logits.masked_fill(~present[:, None], 0.0)
     chosen = F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
     return (chosen * present).sum() / rows
+
+
+def with_foil_columns(per_image: torch.Tensor, foil_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The batch's image->text logits with each row's foil columns (`append_foil_logits`); with
+    statement groups, as they were: a group leads with a positive, which is no negative."""
+    return per_image if is_statements(mask) else append_foil_logits(per_image, foil_logits)
+
+
+def choice_loss(
+    per_image: torch.Tensor, labels: torch.Tensor, foil_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The choice term of either form: each image's caption among its foils (`foil_choice_loss`,
+    on `with_foil_columns`' logits) or its statement in each group (`statement_choice_loss`)."""
+    if is_statements(mask):
+        return statement_choice_loss(foil_logits, mask)
+    return foil_choice_loss(per_image, labels, foil_logits.shape[1])
 
 
 def siglip_foil_loss(
