@@ -147,22 +147,29 @@ REFERENCES = {
 }
 
 
-def loss_and_grads(loss_fn, siglip: bool, n: int, rows: slice = slice(None)):
+def loss_and_grads(loss_fn, siglip: bool, n: int, rows: slice = slice(None), make_batch=batch):
     model = Towers(siglip)
-    out = model(*batch(n, rows))
+    out = model(*make_batch(n, rows))
     loss = loss_fn(out) if not hasattr(loss_fn, "loss_from_outputs") else loss_fn.loss_from_outputs(out)
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", list(REFERENCES))
-def test_foils_are_extra_negatives_of_their_own_image_as_the_reference_computes(name):
-    make, reference, siglip = REFERENCES[name]
-    loss, grads = loss_and_grads(make(), siglip, 2 * B)
-    expected, expected_grads = loss_and_grads(reference, siglip, 2 * B)
+def assert_loss_is_the_references(make, reference, siglip: bool, make_batch=batch) -> torch.Tensor:
+    """The loss `make()` builds and every gradient equal the loop reference's, on 2 x B rows;
+    returns that loss."""
+    loss, grads = loss_and_grads(make(), siglip, 2 * B, make_batch=make_batch)
+    expected, expected_grads = loss_and_grads(reference, siglip, 2 * B, make_batch=make_batch)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     for key, grad in expected_grads.items():
         torch.testing.assert_close(grads[key], grad, atol=1e-5, rtol=1e-4, msg=key)
+    return loss
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_foils_are_extra_negatives_of_their_own_image_as_the_reference_computes(name):
+    make, reference, siglip = REFERENCES[name]
+    loss = assert_loss_is_the_references(make, reference, siglip)
     # and the foils count: without them the loss is another one
     model = Towers(siglip)
     out = model(*batch(2 * B))

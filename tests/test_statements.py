@@ -4,6 +4,7 @@ in a group with its other values; the losses against loop references, on 2 gloo 
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from .helpers import MODEL, OPTIM, compose_train_config, loss_file
 from .helpers.gradients import assert_gradients_close
 from .helpers.ranks import assert_two_ranks_equal_one_process
 from .test_foils import claims, faceshapes_record
-from .test_losses_foils import IN, NI, NT, Towers, late, late_t2i
+from .test_losses_foils import IN, NI, NT, Towers, assert_loss_is_the_references, late, late_t2i
+from .test_losses_foils import loss_and_grads as foil_loss_and_grads
 
 B, G, V = 4, 2, 3
 
@@ -252,22 +254,13 @@ REFERENCES = {
 }
 
 
-def loss_and_grads(loss_fn, siglip: bool, n: int, rows: slice = slice(None)):
-    model = Towers(siglip)
-    out = model(*statement_batch(n, rows))
-    loss = loss_fn.loss_from_outputs(out) if hasattr(loss_fn, "loss_from_outputs") else loss_fn(out)
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+# the 2-rank check (`CASES`) calls this with the foil tests' signature
+loss_and_grads = partial(foil_loss_and_grads, make_batch=statement_batch)
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_statement_groups_are_scored_as_the_reference_computes(name):
-    make, reference, siglip = REFERENCES[name]
-    loss, grads = loss_and_grads(make(), siglip, 2 * B)
-    expected, expected_grads = loss_and_grads(reference, siglip, 2 * B)
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    for key, grad in expected_grads.items():
-        torch.testing.assert_close(grads[key], grad, atol=1e-5, rtol=1e-4, msg=key)
+    assert_loss_is_the_references(*REFERENCES[name], make_batch=statement_batch)
 
 
 def test_a_lead_statement_is_the_positive_of_its_group():
