@@ -227,7 +227,7 @@ def filip_statements(out: EncoderOutput, weight: float) -> torch.Tensor:
     return contrastive + choice(out, score, weight)
 
 
-def siglip_statements(out: EncoderOutput, weight: float) -> torch.Tensor:
+def siglip_statements(out: EncoderOutput) -> torch.Tensor:
     n, s, b = out.image_features.shape[0], out.logit_scale, out.logit_bias
     total = 0.0
     for i in range(n):
@@ -248,7 +248,7 @@ REFERENCES = {
         lambda out: filip_statements(out, 0.7),
         False,
     ),
-    "siglip": (lambda: SigLipLoss(), lambda out: siglip_statements(out, 0.0), True),
+    "siglip": (lambda: SigLipLoss(), siglip_statements, True),
     # without the choice term statements add nothing to the clip loss (refused at start-up)
     "clip-no-choice": (lambda: ClipLoss(), lambda out: clip_statements(out, 0.0), False),
 }
