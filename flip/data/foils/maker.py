@@ -30,14 +30,17 @@ from flip.data.foils.grammar import Candidate, GrammarFoils
 from flip.data.foils.statements import group_size, statement_groups
 from flip.data.foils.table import FoilTable, load_table
 
-__all__ = ["DEFAULT_TABLE", "FORMS", "SOURCES", "FoilMaker", "hard_negatives", "stable_seed"]
+__all__ = ["DEFAULT_TABLE", "FORMS", "SOURCES", "WORDINGS", "FoilMaker", "hard_negatives", "stable_seed"]
 
 SOURCES = ("auto", "grammar", "table")
 # caption: the caption with one attribute changed; statement: an attribute said alone, in a group
 # with its other values (flip.data.foils.statements)
 FORMS = ("caption", "statement")
+# varied: any noun and phrasing the grammar could write; plain: its first noun and each value's
+# first phrasing (flip.data.foils.statements says what each costs)
+WORDINGS = ("varied", "plain")
 DEFAULT_TABLE = Path(CONFIG_PATH) / "data" / "foils" / "default.yaml"
-_KEYS = ("source", "per_caption", "table", "attributes", "fraction", "form")
+_KEYS = ("source", "per_caption", "table", "attributes", "fraction", "form", "wording")
 
 
 # CelebA labels each hair colour as an attribute of its own, with no phrase for its absence:
@@ -87,6 +90,9 @@ class FoilMaker:
     # `per_caption` groups, each an attribute the caption states said alone and then with each
     # of its other values (`flip.data.foils.statements`), for the grammar's records only
     form: str = "caption"
+    # statements only: varied (any noun and phrasing of the grammar) or plain (one noun, each
+    # value's first phrasing: a batch's statements are the same few dozen, encoded once each)
+    wording: str = "varied"
     weights: dict[str, float] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +128,16 @@ class FoilMaker:
             raise ValueError(
                 f"data.hard_negatives.form=statement needs source=grammar, not {self.source!r}: a "
                 f"statement says what the sample's .json says its caption states (its `mentions`)"
+            )
+        if self.wording not in WORDINGS:
+            raise ValueError(
+                f"data.hard_negatives.wording={self.wording!r}; accepted: varied (any noun and "
+                f"phrasing the grammar has) or plain (its first noun and each value's first phrasing)"
+            )
+        if self.wording != "varied" and self.form != "statement":
+            raise ValueError(
+                f"data.hard_negatives.wording={self.wording!r} words statements; with "
+                f"form={self.form!r} a foil keeps its caption's words. Set form=statement or drop wording"
             )
         if self.attributes is not None:
             names = self.attributes
@@ -238,7 +254,8 @@ class FoilMaker:
         if values is None:
             return []
         count, size = self.slot_shape
-        return statement_groups(grammar, values, claimed, count, size, rng, self.weights)
+        plain = self.wording == "plain"
+        return statement_groups(grammar, values, claimed, count, size, rng, self.weights, plain)
 
     def __call__(self, sample: Mapping[str, Any]) -> list[Candidate | None]:
         """The foils of one decoded sample ({"text", "json"?, "__seed__"?}); with `form: statement`
@@ -294,7 +311,7 @@ def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[t
 def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> FoilMaker | None:
     """The FoilMaker of a `data.hard_negatives` value: null (off), a source name, or a mapping
     with `source`, `per_caption`, `table`, `attributes` (a list of names or a mapping of
-    names to weights), `fraction` and `form`."""
+    names to weights), `fraction`, `form` and `wording`."""
     if config is None or config is False:
         return None
     if isinstance(config, str):
@@ -316,4 +333,5 @@ def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> Foi
         attributes=config.get("attributes"),  # FoilMaker checks it and keeps it as a tuple
         fraction=config.get("fraction", 1.0),
         form=config.get("form", "caption"),
+        wording=config.get("wording", "varied"),
     )

@@ -13,7 +13,11 @@ the grammar's phrasings as the classes' words.
 Only what the caption says is stated: the groups are drawn among the record's `mentions`, and
 a statement's phrase is one the grammar could have written for that face (its `when` met).
 Few distinct statements exist (nouns x phrases), so a batch's repeat, and the model encodes
-each distinct one once (`FlipModel.encode_foils`).
+each distinct one once (`FlipModel.encode_foils`). On FaceShapes a batch of 128 holds about
+300 distinct ones, nearly every one the grammar has, so they cost the text tower about what
+the batch's captions do. Plain wording (the grammar's first noun and each value's first
+phrasing, which are the words the zero-shot prompts use) leaves a few dozen, whatever the
+number of groups: then every attribute a caption states can be a group for little more.
 """
 
 from __future__ import annotations
@@ -35,12 +39,22 @@ def group_size(grammar: CaptionGrammar, attributes: Sequence[str] | None = None)
     return max((len(grammar.attributes[name].entries) for name in names), default=2)
 
 
-def _phrase(foils: GrammarFoils, record: Mapping[str, object], name: str, value: object, rng: random.Random):
-    """A phrase the grammar could write after a noun for `name` = `value` on this face, or None."""
+def _phrase(
+    foils: GrammarFoils,
+    record: Mapping[str, object],
+    name: str,
+    value: object,
+    rng: random.Random,
+    plain: bool = False,
+) -> str | None:
+    """A phrase the grammar could write after a noun for `name` = `value` on this face (with
+    `plain`, the first such), or None."""
     changed = {**record, name: value}
     forms = foils.by_value.get((name, value, "post"), [])
     forms = [form for form in forms if foils._applies(form.when, changed)]
-    return rng.choice(forms).text if forms else None
+    if not forms:
+        return None
+    return forms[0].text if plain else rng.choice(forms).text
 
 
 def _noun_phrase(noun: str, phrase: str) -> str:
@@ -55,12 +69,14 @@ def statement_groups(
     size: int,
     rng: random.Random,
     weights: Mapping[str, float] | None = None,
+    plain: bool = False,
 ) -> list[Candidate | None]:
     """Up to `count` groups of `size` slots, flat: each led by the statement of a claimed
     (attribute, value), then the statements of its other values in random order, None where
     a group has fewer values than slots. The attributes are drawn without replacement, with
     probability proportional to `weights` (alike without); one with no phrase for its stated
-    value, or for no other value, is passed over."""
+    value, or for no other value, is passed over. `plain`: the grammar's first noun and each
+    value's first phrasing, else any."""
     grammar = foils.grammar
     pool = [(name, value) for name, value in claimed if name in grammar.attributes]
     out: list[Candidate | None] = []
@@ -69,15 +85,15 @@ def statement_groups(
         if not any(chance):
             break
         name, value = pool.pop(rng.choices(range(len(pool)), weights=chance)[0])
-        noun = rng.choice(grammar.nouns).text
-        stated = _phrase(foils, record, name, value, rng)
+        noun = grammar.nouns[0].text if plain else rng.choice(grammar.nouns).text
+        stated = _phrase(foils, record, name, value, rng, plain)
         if stated is None:
             continue
         group = [Candidate(_noun_phrase(noun, stated), name, value, value)]
         others = [other for other in grammar.attributes[name].entries if other != value]
         rng.shuffle(others)
         for other in others:
-            phrase = _phrase(foils, record, name, other, rng)
+            phrase = _phrase(foils, record, name, other, rng, plain)
             if phrase is not None:
                 group.append(Candidate(_noun_phrase(noun, phrase), name, value, other))
         if len(group) > 1:
