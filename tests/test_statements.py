@@ -31,9 +31,10 @@ B, G, V = 4, 2, 3
 # -- the data: what a statement says --------------------------------------------------------------
 
 
-def test_each_group_states_a_claimed_value_first_and_then_the_attributes_other_values():
+@pytest.mark.parametrize("wording", ["varied", "plain"])
+def test_each_group_states_a_claimed_value_first_and_then_the_attributes_other_values(wording):
     grammar = CaptionGrammar(FACESHAPES_GRAMMAR)
-    maker = FoilMaker(source="grammar", per_caption=3, form="statement")
+    maker = FoilMaker(source="grammar", per_caption=3, form="statement", wording=wording)
     assert maker.slot_shape == (3, 5)  # expression and hair colour have five values
     stated = Counter()
     for index in range(80):
@@ -58,6 +59,28 @@ def test_each_group_states_a_claimed_value_first_and_then_the_attributes_other_v
             assert len(first.text.split()) <= 8  # a noun phrase, not a caption
             stated[first.attribute] += 1
     assert len(stated) >= 10  # groups drawn among every attribute the captions state
+
+
+def statement_texts(wording: str, records: int = 300) -> dict[tuple[str, object], set[str]]:
+    """Every statement the maker says for each (attribute, value) over FaceShapes records."""
+    maker = FoilMaker(source="grammar", per_caption=13, form="statement", wording=wording)
+    said: dict[tuple[str, object], set[str]] = {}
+    for index in range(records):
+        record, text = faceshapes_record(index)
+        for slot in maker({"text": text, "json": record, "__seed__": index}):
+            if slot is not None:
+                said.setdefault((slot.attribute, slot.new), set()).add(slot.text)
+    return said
+
+
+def test_plain_statements_say_each_value_one_way_in_words_the_varied_ones_use():
+    plain, varied = statement_texts("plain"), statement_texts("varied")
+    assert set(plain) == set(varied) and len(plain) >= 30  # every value of every attribute
+    for value, texts in plain.items():
+        assert len(texts) == 1, (value, texts)
+        (text,) = texts
+        assert text in varied[value] and text.startswith("a person ")  # the grammar's first noun
+    assert sum(map(len, varied.values())) > 5 * len(plain)  # what the model encodes per batch
 
 
 def test_statements_follow_the_attribute_weights_and_the_samples_seed():
@@ -88,6 +111,10 @@ def test_statement_settings_that_cannot_work_are_refused():
         hard_negatives({"form": "sentence"})
     with pytest.raises(ValueError, match=r"form=statement needs source=grammar, not 'table'"):
         hard_negatives({"source": "table", "form": "statement"})
+    with pytest.raises(ValueError, match=r"wording='terse'; accepted: varied .* or plain"):
+        hard_negatives({"source": "grammar", "form": "statement", "wording": "terse"})
+    with pytest.raises(ValueError, match=r"wording='plain' words statements; with form='caption'"):
+        hard_negatives({"source": "grammar", "wording": "plain"})
     clip_filip = {
         "terms": {
             "clip": {"loss": {"_target_": "flip.losses.ClipLoss", "foil_choice_weight": 0.0}},
