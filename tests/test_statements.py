@@ -3,7 +3,6 @@ in a group with its other values; the losses against loop references, on 2 gloo 
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from functools import partial
 
@@ -15,7 +14,6 @@ from omegaconf import OmegaConf
 from flip.data.captions import CaptionGrammar
 from flip.data.faceshapes import FACESHAPES_GRAMMAR
 from flip.data.foils import FoilMaker, hard_negatives
-from flip.data.foils.statements import unbiased_claims
 from flip.data.transform import SampleTransform
 from flip.losses import ClipLoss, FilipLoss, SigLipLoss
 from flip.models.outputs import EncoderOutput
@@ -85,38 +83,6 @@ def test_plain_statements_say_each_value_one_way_in_words_the_varied_ones_use():
     assert sum(map(len, varied.values())) > 5 * len(plain)  # what the model encodes per batch
 
 
-def test_undoing_the_mention_bias_keeps_each_claim_with_the_least_stating_chance_over_its_own():
-    grammar = CaptionGrammar(FACESHAPES_GRAMMAR)
-    bangs = grammar.attributes["bangs"]  # stated for 95% of the faces with them, denied for 8% without
-    claims_ = [("bangs", True), ("bangs", False), ("expression", "sad"), ("unknown", 1)] * 4000
-    kept = Counter(unbiased_claims(grammar, claims_, random.Random(0)))
-    assert kept[("bangs", True)] / 4000 == pytest.approx(bangs.negative_prob / bangs.mention_prob, abs=0.015)
-    assert kept[("bangs", False)] == kept[("expression", "sad")] == 4000  # the least chance: kept
-    assert ("unknown", 1) not in kept
-
-
-def test_statements_without_the_mention_bias_follow_the_faces():
-    said = {}
-    for bias in ("keep", "undo"):
-        maker = hard_negatives(
-            {"source": "grammar", "form": "statement", "per_caption": 13, "mention_bias": bias}
-        )
-        leads = Counter()
-        for index in range(1500):
-            record, text = faceshapes_record(index)
-            for slot in maker({"text": text, "json": record, "__seed__": index}):
-                if slot is not None and slot.new == slot.old:
-                    leads[(slot.attribute, slot.old)] += 1
-        said[bias] = leads
-    keep, undo = said["keep"], said["undo"]
-    assert keep[("bangs", True)] > 8 * keep[("bangs", False)]  # as the captions say it
-    # as the faces are: a third have bangs, and a bald one's lack of them has no words
-    assert 0.5 < undo[("bangs", True)] / undo[("bangs", False)] < 1.5
-    assert undo[("bangs", False)] == pytest.approx(keep[("bangs", False)], rel=0.1)  # all kept
-    expression = sum(n for (name, _), n in undo.items() if name == "expression")
-    assert expression == sum(n for (name, _), n in keep.items() if name == "expression")
-
-
 def test_statements_follow_the_attribute_weights_and_the_samples_seed():
     record, text = next(
         (record, text)
@@ -149,10 +115,6 @@ def test_statement_settings_that_cannot_work_are_refused():
         hard_negatives({"source": "grammar", "form": "statement", "wording": "terse"})
     with pytest.raises(ValueError, match=r"wording='plain' words statements; with form='caption'"):
         hard_negatives({"source": "grammar", "wording": "plain"})
-    with pytest.raises(ValueError, match=r"mention_bias='drop'; accepted: keep .* or undo"):
-        hard_negatives({"source": "grammar", "form": "statement", "mention_bias": "drop"})
-    with pytest.raises(ValueError, match=r"mention_bias='undo' thins statements; with form='caption'"):
-        hard_negatives({"source": "grammar", "mention_bias": "undo"})
     clip_filip = {
         "terms": {
             "clip": {"loss": {"_target_": "flip.losses.ClipLoss", "foil_choice_weight": 0.0}},

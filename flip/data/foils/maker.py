@@ -27,19 +27,10 @@ from typing import Any
 from flip.config import CONFIG_PATH
 from flip.data.captions import CaptionGrammar
 from flip.data.foils.grammar import Candidate, GrammarFoils
-from flip.data.foils.statements import group_size, statement_groups, unbiased_claims
+from flip.data.foils.statements import group_size, statement_groups
 from flip.data.foils.table import FoilTable, load_table
 
-__all__ = [
-    "DEFAULT_TABLE",
-    "FORMS",
-    "MENTION_BIASES",
-    "SOURCES",
-    "WORDINGS",
-    "FoilMaker",
-    "hard_negatives",
-    "stable_seed",
-]
+__all__ = ["DEFAULT_TABLE", "FORMS", "SOURCES", "WORDINGS", "FoilMaker", "hard_negatives", "stable_seed"]
 
 SOURCES = ("auto", "grammar", "table")
 # caption: the caption with one attribute changed; statement: an attribute said alone, in a group
@@ -48,10 +39,8 @@ FORMS = ("caption", "statement")
 # varied: any noun and phrasing the grammar could write; plain: its first noun and each value's
 # first phrasing (flip.data.foils.statements says what each costs)
 WORDINGS = ("varied", "plain")
-# keep: statements of what the captions state; undo: thinned to what the faces are
-MENTION_BIASES = ("keep", "undo")
 DEFAULT_TABLE = Path(CONFIG_PATH) / "data" / "foils" / "default.yaml"
-_KEYS = ("source", "per_caption", "table", "attributes", "fraction", "form", "wording", "mention_bias")
+_KEYS = ("source", "per_caption", "table", "attributes", "fraction", "form", "wording")
 
 
 # CelebA labels each hair colour as an attribute of its own, with no phrase for its absence:
@@ -104,9 +93,6 @@ class FoilMaker:
     # statements only: varied (any noun and phrasing of the grammar) or plain (one noun, each
     # value's first phrasing: a batch's statements are the same few dozen, encoded once each)
     wording: str = "varied"
-    # statements only: keep (a group for what captions state, as often as they state it) or
-    # undo (each value as often as faces have it: `flip.data.foils.statements.unbiased_claims`)
-    mention_bias: str = "keep"
     weights: dict[str, float] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -152,16 +138,6 @@ class FoilMaker:
             raise ValueError(
                 f"data.hard_negatives.wording={self.wording!r} words statements; with "
                 f"form={self.form!r} a foil keeps its caption's words. Set form=statement or drop wording"
-            )
-        if self.mention_bias not in MENTION_BIASES:
-            raise ValueError(
-                f"data.hard_negatives.mention_bias={self.mention_bias!r}; accepted: keep (statements "
-                f"of what captions state) or undo (each value as often as faces have it)"
-            )
-        if self.mention_bias != "keep" and self.form != "statement":
-            raise ValueError(
-                f"data.hard_negatives.mention_bias={self.mention_bias!r} thins statements; with "
-                f"form={self.form!r} every caption keeps its foils. Set form=statement or drop mention_bias"
             )
         if self.attributes is not None:
             names = self.attributes
@@ -277,8 +253,6 @@ class FoilMaker:
         values = grammar._record(record)
         if values is None:
             return []
-        if self.mention_bias == "undo":
-            claimed = unbiased_claims(grammar.grammar, claimed, rng)
         count, size = self.slot_shape
         plain = self.wording == "plain"
         return statement_groups(grammar, values, claimed, count, size, rng, self.weights, plain)
@@ -337,7 +311,7 @@ def _new_values_first(candidates: list[Candidate], rng: random.Random) -> list[t
 def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> FoilMaker | None:
     """The FoilMaker of a `data.hard_negatives` value: null (off), a source name, or a mapping
     with `source`, `per_caption`, `table`, `attributes` (a list of names or a mapping of
-    names to weights), `fraction`, `form`, `wording` and `mention_bias`."""
+    names to weights), `fraction`, `form` and `wording`."""
     if config is None or config is False:
         return None
     if isinstance(config, str):
@@ -360,5 +334,4 @@ def hard_negatives(config: str | Mapping[str, Any] | None, seed: int = 0) -> Foi
         fraction=config.get("fraction", 1.0),
         form=config.get("form", "caption"),
         wording=config.get("wording", "varied"),
-        mention_bias=config.get("mention_bias", "keep"),
     )

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from flip.data.captions import CaptionGrammar
 from flip.data.foils.grammar import Candidate, GrammarFoils
 
-__all__ = ["group_size", "statement_groups", "unbiased_claims"]
+__all__ = ["group_size", "statement_groups"]
 
 _VOWELS = "aeiou"
 
@@ -37,35 +37,6 @@ def group_size(grammar: CaptionGrammar, attributes: Sequence[str] | None = None)
     """Slots per statement group: the most values any of `attributes` (None: all) has."""
     names = [name for name in grammar.attributes if attributes is None or name in attributes]
     return max((len(grammar.attributes[name].entries) for name in names), default=2)
-
-
-def unbiased_claims(
-    grammar: CaptionGrammar, claimed: Sequence[tuple[str, object]], rng: random.Random
-) -> list[tuple[str, object]]:
-    """`claimed` thinned so that each value of an attribute is stated as often as faces have it.
-
-    A caption writer names some values more readily than others: FaceShapes names bangs for 95%
-    of the faces that have them and denies them for 8% of the others, so eleven in twelve bangs
-    statements say "with bangs", and an image that learns to choose them says "with bangs" of
-    faces without. The grammar knows each value's chance of being stated (`mention_prob`,
-    `negative_prob`); a claim is kept with the attribute's least chance over its own, and the
-    kept claims follow the faces' values as if every one were stated."""
-    kept = []
-    for name, value in claimed:
-        attribute = grammar.attributes.get(name)
-        if attribute is None:
-            continue
-        chances = [_stating_chance(attribute, other) for other in attribute.entries]
-        chance = _stating_chance(attribute, value)
-        if chance > 0 and rng.random() < min(chances) / chance:
-            kept.append((name, value))
-    return kept
-
-
-def _stating_chance(attribute, value: object) -> float:
-    if attribute.kind == "binary" and value is False:
-        return attribute.negative_prob
-    return attribute.mention_prob
 
 
 def _phrase(
