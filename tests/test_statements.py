@@ -24,6 +24,7 @@ from .helpers.gradients import assert_gradients_close
 from .helpers.ranks import assert_two_ranks_equal_one_process
 from .test_foils import claims, faceshapes_record
 from .test_losses_foils import IN, NI, NT, Towers, assert_loss_is_the_references, late, late_t2i
+from .test_losses_foils import batch as foil_batch
 from .test_losses_foils import loss_and_grads as foil_loss_and_grads
 
 B, G, V = 4, 2, 3
@@ -300,6 +301,39 @@ def test_a_lead_statement_is_the_positive_of_its_group():
     order[0], order[1] = 1, 0  # row 1's first group is full: its lead is now a foil
     swapped = EncoderOutput(**{**out.__dict__, "foil_text_features": out.foil_text_features[:, order]})
     assert abs(ClipLoss(foil_choice_weight=1.0).loss_from_outputs(swapped).item() - loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("module", "scorer", "make"),
+    [
+        ("flip.losses.clip", "pooled_foil_logits", ClipLoss),
+        ("flip.losses.filip", "foil_token_similarity", partial(FilipLoss, chunk_size=3)),
+    ],
+)
+def test_a_term_scores_statements_only_at_steps_its_choice_weight_reads_them(
+    module, scorer, make, monkeypatch
+):
+    """FILIP's statement scores (every statement's tokens against its image's) are its largest
+    foil work; a term whose choice is off at this step gives the same loss without them."""
+    import importlib
+
+    calls = []
+    original = getattr(importlib.import_module(module), scorer)
+    monkeypatch.setattr(f"{module}.{scorer}", lambda *a, **k: calls.append(1) or original(*a, **k))
+    statements = Towers()(*statement_batch(2 * B))
+    without = EncoderOutput(**{**statements.__dict__, "foil_text_features": None, "foil_text_tokens": None})
+    later = make(foil_choice_weight=1.0, foil_choice_start_step=5)
+    for loss in (make(), later):  # no choice term; a choice term from a later step
+        assert loss.loss_from_outputs(statements).item() == pytest.approx(
+            loss.loss_from_outputs(without).item()
+        )
+    assert not calls
+    later.at_step(5)
+    later.loss_from_outputs(statements)
+    assert len(calls) == 1
+    captions = Towers()(*foil_batch(2 * B))  # caption foils are extra negatives at every step
+    make().loss_from_outputs(captions)
+    assert len(calls) == 2
 
 
 # -- 2 gloo ranks ---------------------------------------------------------------------------------

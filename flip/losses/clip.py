@@ -14,6 +14,7 @@ from flip.losses.foils import (
     choice_loss,
     foil_rows,
     pooled_foil_logits,
+    reads_foils,
     with_foil_columns,
 )
 from flip.models.outputs import EncoderOutput
@@ -140,6 +141,9 @@ class ClipLoss(nn.Module):
         extra negatives in their own image's row only (`flip.losses.foils`). With `foil_mask`
         [B, G, V] they are statement groups, scored by the choice term alone."""
         per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        weight = self.foil_choice.at(self.step)
+        if foil_features is not None and not reads_foils(foil_mask, weight):
+            foil_features = None
         if foil_features is not None:
             rows, foils, mask = foil_rows(
                 image_features,
@@ -154,7 +158,7 @@ class ClipLoss(nn.Module):
             per_image = with_foil_columns(per_image, foil_logits, mask)
         labels = self.get_ground_truth(per_image.device, per_image.shape[0])
         loss = symmetric_cross_entropy(per_image, per_text, labels)
-        if foil_features is not None and (weight := self.foil_choice.at(self.step)):
+        if foil_features is not None and weight:
             loss = loss + weight * choice_loss(per_image, labels, foil_logits, mask)
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -41,6 +41,7 @@ from flip.losses.foils import (
     choice_loss,
     foil_rows,
     foil_token_similarity,
+    reads_foils,
     with_foil_columns,
 )
 from flip.models.outputs import EncoderOutput
@@ -447,6 +448,9 @@ class FilipLoss(nn.Module):
         per_image, per_text = logit_scale * i2t, logit_scale * t2i.T
         if logit_bias is not None:
             per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        weight = self.foil_choice.at(self.step)
+        if foil_tokens is not None and not reads_foils(foil_mask, weight):
+            foil_tokens = None
         if foil_tokens is not None:
             foil_logits, foil_mask = self._foil_logits(
                 image_tokens, image_mask, foil_tokens, foil_token_mask, foil_mask, logit_scale, logit_bias
@@ -456,7 +460,7 @@ class FilipLoss(nn.Module):
             per_image.shape[0], per_image.device, self.rank, self.world_size, self.local_loss
         )
         loss = symmetric_cross_entropy(per_image, per_text, labels)
-        if foil_tokens is not None and (weight := self.foil_choice.at(self.step)):
+        if foil_tokens is not None and weight:
             loss = loss + weight * choice_loss(per_image, labels, foil_logits, foil_mask)
         return {"filip_loss": loss} if output_dict else loss
 

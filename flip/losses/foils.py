@@ -38,6 +38,7 @@ __all__ = [
     "foil_token_similarity",
     "is_statements",
     "pooled_foil_logits",
+    "reads_foils",
     "siglip_foil_loss",
     "statement_choice_loss",
     "with_foil_columns",
@@ -173,6 +174,14 @@ def foil_choice_loss(logits: torch.Tensor, labels: torch.Tensor, num_foils: int)
 def is_statements(foil_mask: torch.Tensor | None) -> bool:
     """Whether foil slots hold statement groups: their mask is [B, groups, values]."""
     return foil_mask is not None and foil_mask.dim() == 3
+
+
+def reads_foils(foil_mask: torch.Tensor | None, choice_weight: float) -> bool:
+    """Whether a clip or filip term reads its foils at a step whose choice weight is
+    `choice_weight`: caption foils always (extra negatives); statements only through the choice
+    term. Scoring statements that no term reads would cost FILIP its largest foil work (every
+    statement's tokens against its image's) for a loss and gradients that are the same without."""
+    return not is_statements(foil_mask) or choice_weight > 0
 
 
 def statement_choice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
