@@ -2,13 +2,13 @@
 
 Issue 19 asks for attribute hard negatives within the demo's time. Whole-caption foils
 (`experiment=demo_foils`: eight per caption) make the text tower encode nine captions per image;
-statements (`experiment=demo_statements`: `data.hard_negatives.form=statement`, three groups of
-short noun phrases per caption) encode each distinct statement once, cut to the positions statements
-use. The baseline is the demo's step (`experiment=demo`, CLIP + FILIP, no foils). Each
-recipe is the module's training step with its loss, backward and fused AdamW, in float32, on the
-recipe's own FaceShapes batches, from the same initial weights, in one process, alternating in
-rounds; the first calls are left out. What the data loader spends making statements is not in
-it: the training runs' minutes in docs/training.md are.
+statements (`experiment=demo_statements`: `data.hard_negatives.form=statement`, five groups of
+short noun phrases per caption in plain wording) encode each distinct statement once (32 a
+batch), cut to the positions statements use. The baseline is the demo's step (`experiment=demo`,
+CLIP + FILIP, no foils). Each recipe is the module's training step with its loss, backward and
+fused AdamW, in float32, on the recipe's own FaceShapes batches, from the same initial weights,
+in one process, alternating in rounds; the first calls are left out. What the data loader
+spends making statements is not in it: the training runs' minutes in docs/training.md are.
 
     .venv/bin/python bench/statements.py
     .venv/bin/python bench/statements.py --rounds 2 --steps 3   # quick check
@@ -30,7 +30,7 @@ from bench.results_io import machine, machine_line, write_results
 BASELINE = "demo"
 RECIPES = {
     BASELINE: "CLIP + FILIP, no foils",
-    "demo_statements": "statements: 3 groups per caption",
+    "demo_statements": "statements: 5 plain groups per caption",
     "demo_foils": "whole-caption foils: 8 per caption",
 }
 

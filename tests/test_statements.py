@@ -402,7 +402,8 @@ def test_the_demo_statements_experiment_is_the_demo_with_the_measured_statement_
     weights = "expression:6,beard:2,mustache:2,bangs:2,long_hair:1,hat:1,eyeglasses:1,sunglasses:1,"
     weights += "earrings:1,bald:1,lipstick:1,rosy_cheeks:1,hair_color:1"
     recipe = [
-        f"data.hard_negatives={{source:grammar,form:statement,per_caption:3,attributes:{{{weights}}}}}",
+        "data.hard_negatives={source:grammar,form:statement,wording:plain,per_caption:5,"
+        f"attributes:{{{weights}}}}}",
         *(f"loss.terms.{t}.loss.foil_choice_{k}={v}" for t in ("clip", "filip")
           for k, v in (("weight", 3.0), ("ramp_steps", 200))),
     ]  # fmt: skip
@@ -412,4 +413,4 @@ def test_the_demo_statements_experiment_is_the_demo_with_the_measured_statement_
         {k: v for k, v in OmegaConf.to_container(c).items() if k != "hydra"} for c in (experiment, overridden)
     ]
     assert settings[0] == settings[1]
-    assert hard_negatives(OmegaConf.to_container(experiment.data.hard_negatives)).slot_shape == (3, 5)
+    assert hard_negatives(OmegaConf.to_container(experiment.data.hard_negatives)).slot_shape == (5, 5)
