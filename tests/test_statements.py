@@ -3,6 +3,7 @@ in a group with its other values; the losses against loop references, on 2 gloo 
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 from functools import partial
 
@@ -313,10 +314,8 @@ def test_a_lead_statement_is_the_positive_of_its_group():
 def test_a_term_scores_statements_only_at_steps_its_choice_weight_reads_them(
     module, scorer, make, monkeypatch
 ):
-    """FILIP's statement scores (every statement's tokens against its image's) are its largest
-    foil work; a term whose choice is off at this step gives the same loss without them."""
-    import importlib
-
+    """Statements never join the batch's softmax: a term whose choice is off at this step gives
+    the same loss without them, so it does not score them."""
     calls = []
     original = getattr(importlib.import_module(module), scorer)
     monkeypatch.setattr(f"{module}.{scorer}", lambda *a, **k: calls.append(1) or original(*a, **k))

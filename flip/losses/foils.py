@@ -179,8 +179,9 @@ def is_statements(foil_mask: torch.Tensor | None) -> bool:
 def reads_foils(foil_mask: torch.Tensor | None, choice_weight: float) -> bool:
     """Whether a clip or filip term reads its foils at a step whose choice weight is
     `choice_weight`: caption foils always (extra negatives); statements only through the choice
-    term. Scoring statements that no term reads would cost FILIP its largest foil work (every
-    statement's tokens against its image's) for a loss and gradients that are the same without."""
+    term. Statements never join the batch's softmax, so scoring them while the choice is off
+    (FILIP: every statement's tokens against its image's) is work for a loss and gradients that
+    are the same without it."""
     return not is_statements(foil_mask) or choice_weight > 0
 
 

@@ -14,10 +14,9 @@ Only what the caption says is stated: the groups are drawn among the record's `m
 a statement's phrase is one the grammar could have written for that face (its `when` met).
 Few distinct statements exist (nouns x phrases), so a batch's repeat, and the model encodes
 each distinct one once (`FlipModel.encode_foils`). On FaceShapes a batch of 128 holds about
-300 distinct ones, nearly every one the grammar has, so they cost the text tower about what
-the batch's captions do. Plain wording (the grammar's first noun and each value's first
-phrasing, which are the words the zero-shot prompts use) leaves a few dozen, whatever the
-number of groups: then every attribute a caption states can be a group for little more.
+300 distinct ones, nearly every one the grammar has. Plain wording (the grammar's first noun
+and each value's first phrasing, which are the words the zero-shot prompts use) leaves 32,
+whatever the number of groups, so more groups add no statement for the text tower to encode.
 """
 
 from __future__ import annotations
