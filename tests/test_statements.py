@@ -63,6 +63,29 @@ def test_each_group_states_a_claimed_value_first_and_then_the_attributes_other_v
     assert len(stated) >= 10  # groups drawn among every attribute the captions state
 
 
+def test_a_statement_phrase_is_one_whose_conditions_the_face_meets_on_every_face():
+    """Phrases are kept by the values their conditions read: each face, in any order, gets the
+    phrases a direct check of every condition on it gives ("without glasses" never for a face
+    in sunglasses)."""
+    foils = FoilMaker(source="grammar", form="statement").grammars["faceshapes"]
+    faces = [foils._record(faceshapes_record(index)[0]) for index in range(150)]
+    seen = 0
+    for record in faces + faces[::-1]:
+        for name, attribute in foils.grammar.attributes.items():
+            for value in attribute.entries:
+                changed = {**record, name: value}
+                direct = tuple(
+                    form.text
+                    for form in foils.by_value.get((name, value, "post"), [])
+                    if all(changed.get(key) == wanted for key, wanted in form.when)
+                )
+                assert foils.post_phrases(name, value, record) == direct, (name, value, record)
+                seen += any(form.when for form in foils.by_value.get((name, value, "post"), []))
+        if record["sunglasses"]:
+            assert "without glasses" not in foils.post_phrases("eyeglasses", False, record)
+    assert seen > 1000  # conditions were read, not only phrases without any
+
+
 def statement_texts(wording: str, records: int = 300) -> dict[tuple[str, object], set[str]]:
     """Every statement the maker says for each (attribute, value) over FaceShapes records."""
     maker = FoilMaker(source="grammar", per_caption=13, form="statement", wording=wording)

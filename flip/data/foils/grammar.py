@@ -77,6 +77,28 @@ class GrammarFoils:
             self.by_value.setdefault((form.attribute, form.value, form.slot), []).append(form)
         self.index = PhraseIndex(self.forms)
         self.nouns = PhraseIndex(noun.text for noun in grammar.nouns)
+        # what the `when` of each (attribute, value)'s phrases after a noun reads, and their texts
+        # by those values (`post_phrases`)
+        self._post_reads = {
+            (name, value): tuple(sorted({key for form in forms for key, _ in form.when}))
+            for (name, value, slot), forms in self.by_value.items()
+            if slot == "post"
+        }
+        self._post_phrases: dict[tuple, tuple[str, ...]] = {}
+
+    def post_phrases(self, name: str, value: object, record: Mapping[str, object]) -> tuple[str, ...]:
+        """The phrases after a noun the grammar could write for `name` = `value` on a face with
+        `record`'s other attributes, in the grammar's order. Statements ask for the same few
+        hundred sample after sample, so they are kept by the values their conditions read."""
+        reads = self._post_reads.get((name, value), ())
+        key = (name, value, *(value if read == name else record.get(read) for read in reads))
+        found = self._post_phrases.get(key)
+        if found is None:
+            changed = {**record, name: value}
+            forms = self.by_value.get((name, value, "post"), [])
+            found = tuple(form.text for form in forms if self._applies(form.when, changed))
+            self._post_phrases[key] = found
+        return found
 
     def knows(self, attributes: Sequence[str]) -> int:
         """How many of `attributes` this grammar has phrases for."""

@@ -48,12 +48,10 @@ def _phrase(
 ) -> str | None:
     """A phrase the grammar could write after a noun for `name` = `value` on this face (with
     `plain`, the first such), or None."""
-    changed = {**record, name: value}
-    forms = foils.by_value.get((name, value, "post"), [])
-    forms = [form for form in forms if foils._applies(form.when, changed)]
-    if not forms:
+    phrases = foils.post_phrases(name, value, record)
+    if not phrases:
         return None
-    return forms[0].text if plain else rng.choice(forms).text
+    return phrases[0] if plain else rng.choice(phrases)
 
 
 def _noun_phrase(noun: str, phrase: str) -> str:
