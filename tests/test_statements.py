@@ -7,6 +7,7 @@ import importlib
 from collections import Counter
 from functools import partial
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -417,6 +418,59 @@ def test_foils_are_cut_after_their_last_used_position_with_the_same_features_and
     torch.manual_seed(0)
     plain = FlipLitModule(MODEL, loss_cfg, OPTIM)
     assert plain.model.trim_foils(foils) is foils
+
+
+def _statements_module(filip_start: int, micro_batches: int = 1) -> tuple[FlipLitModule, list]:
+    """A clip + filip module whose filip choice starts at `filip_start` (clip's at once), and a
+    batch of 4 images with 2 statement groups of 2 each."""
+    loss_cfg, _ = loss_file("clip_filip")
+    loss_cfg["terms"]["clip"]["loss"]["foil_choice_weight"] = 1.0
+    loss_cfg["terms"]["filip"]["loss"].update(foil_choice_weight=1.0, foil_choice_start_step=filip_start)
+    torch.manual_seed(0)
+    module = FlipLitModule(MODEL, loss_cfg, OPTIM, micro_batches=micro_batches)
+    words = ["a person who looks sad", "a person who looks happy", "a person with a hat"]
+    text = module.model.tokenize([f"a photo of a person with bangs and {w}" for w in words + words[:1]])
+    foils = module.model.tokenize([words[i % 3] for i in range(4 * 2 * 2)]).view(4, 4, -1)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]] * 2).view(4, 2, 2)
+    return module, [torch.randn(4, 3, 32, 32), text, foils, mask]
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_statement_tokens_are_encoded_only_at_steps_a_term_reads_them(micro_batches):
+    """FILIP reads statements' token features only through its choice term: before that term's
+    start the model leaves them out, for the same loss; caption foils' it reads at every step."""
+    module, (images, text, foils, mask) = _statements_module(filip_start=5, micro_batches=micro_batches)
+    module.criterion.at_step(4)
+    early = module(images, text, foils, mask)
+    assert early.foil_text_tokens is None and early.foil_text_token_mask is None
+    assert early.foil_text_features is not None  # the clip term's choice reads the pooled ones
+    with_tokens = module.model(images, text, True, module.model.trim_foils(foils), mask)
+    assert with_tokens.foil_text_tokens is not None
+    torch.testing.assert_close(early.foil_text_features, with_tokens.foil_text_features, atol=1e-5, rtol=1e-5)
+    assert module.criterion(early)["loss"].item() == pytest.approx(
+        module.criterion(with_tokens)["loss"].item()
+    )
+    module.criterion.at_step(5)
+    assert module(images, text, foils, mask).foil_text_tokens is not None
+    module.criterion.at_step(0)
+    assert module(images, text, foils, mask.flatten(1)).foil_text_tokens is not None  # caption foils
+
+
+def test_a_training_step_sets_the_step_before_encoding_what_its_terms_read(monkeypatch):
+    """The step's schedule decides which foil fields are encoded, so it is set before the forward:
+    at the filip choice's first step the statements' tokens are there."""
+    module, batch = _statements_module(filip_start=5)
+    module.trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=10)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    encoded = []
+    forward = module.model.forward
+    monkeypatch.setattr(
+        module.model, "forward", lambda *a, **k: encoded.append(forward(*a, **k)) or encoded[-1]
+    )
+    for step in (4, 5):
+        monkeypatch.setattr(FlipLitModule, "global_step", property(lambda self, step=step: step))
+        module.training_step(batch, 0)
+        assert (encoded[-1].foil_text_tokens is not None) == (step == 5)
 
 
 def test_the_demo_statements_experiment_is_the_demo_with_the_measured_statement_recipe(tmp_path):

@@ -11,7 +11,9 @@ A term that needs the batch itself (a momentum encoder's features: `MomentumItcL
 whose state cannot live under ZeRO-3's partitioned weights sets `supports_zero3 = False`. A term
 that scores with a part of the model (the ITM head: `ItmLoss`) has `bind(model)` alone. A term
 whose weighting follows training (the foil choice schedule of `ClipLoss` and `FilipLoss`) has
-`at_step(step)`, called with the trainer's optimizer step before each training step's loss.
+`at_step(step)`, called with the trainer's optimizer step before each training step's forward;
+one that reads foils' token features only at some steps (`FilipLoss`) has
+`reads_foil_tokens(foil_mask)`, which the training module asks before the model encodes them.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class CombinedLoss(nn.Module):
     @property
     def requires_tokens(self) -> bool:
         return any(term.requires_tokens for term in self.terms.values())
+
+    def reads_foil_tokens(self, foil_mask: torch.Tensor | None) -> bool:
+        """Whether a term reads the foils' token features at this step (FilipLoss's)."""
+        return any(
+            term.reads_foil_tokens(foil_mask)
+            for term in self.terms.values()
+            if hasattr(term, "reads_foil_tokens")
+        )
 
     @property
     def requires_inputs(self) -> bool:

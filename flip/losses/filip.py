@@ -380,6 +380,13 @@ class FilipLoss(nn.Module):
         """Called by the training module before each training step's loss (the foil choice schedule)."""
         self.step = step
 
+    def reads_foil_tokens(self, foil_mask: torch.Tensor | None) -> bool:
+        """Whether this step's loss reads the foils' token features (`reads_foils`, after `at_step`):
+        the training module has the model encode them only then. Statements, for a term whose
+        choice is off, are per-slot token features no loss reads, copied into every slot and
+        back in backward."""
+        return reads_foils(foil_mask, self.foil_choice.at(self.step))
+
     def text_mask(self, text_tokens: torch.Tensor, text_token_mask: torch.Tensor | None) -> torch.Tensor:
         mask = (
             torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)

@@ -186,10 +186,14 @@ class FlipModel(nn.Module):
         return_tokens: bool = False,
         foils: torch.Tensor | None = None,
         foil_mask: torch.Tensor | None = None,
+        foil_tokens: bool | None = None,
     ) -> EncoderOutput:
         """Features of a batch; with `foils` [B, F, L] (`data.hard_negatives`) and their `foil_mask`
         [B, F], the foil fields too: each foil encoded from where it leaves its caption with
-        `model.foil_prefix_sharing` (`flip.models.foil_prefix`), else whole (`encode_foils`)."""
+        `model.foil_prefix_sharing` (`flip.models.foil_prefix`), else whole (`encode_foils`).
+        `foil_tokens` False leaves the foils' token fields out where the batch's are in (None:
+        as `return_tokens`): no loss reads them at this step."""
+        foil_tokens = return_tokens if foil_tokens is None else foil_tokens and return_tokens
         share = foils is not None and self.foil_prefix_sharing
         layers = 2 * len(self.clip.transformer.resblocks) if share else 0
         extra: dict[str, Any] = {}
@@ -216,9 +220,10 @@ class FlipModel(nn.Module):
             if mask is None:
                 mask = torch.ones(foils.shape[:2], dtype=torch.bool, device=foils.device)
             if share:
-                extra.update(self._encode_foil_suffixes(foils, mask, text, text_tokens, encoded[-layers:]))
+                caption_tokens = text_tokens if foil_tokens else None
+                extra.update(self._encode_foil_suffixes(foils, mask, text, caption_tokens, encoded[-layers:]))
             else:
-                extra.update(self.encode_foils(foils, return_tokens, mask))
+                extra.update(self.encode_foils(foils, foil_tokens, mask))
             extra["foil_mask"] = mask
         return EncoderOutput(
             image_features=F.normalize(image_features, dim=-1),

@@ -300,10 +300,13 @@ class FlipLitModule(L.LightningModule):
         """The batch's features, with its foil captions [B, F, L] and their mask [B, F] when given
         (`data.hard_negatives`), in `micro_batches` parts whose activations backward recomputes."""
         tokens = self.criterion.requires_tokens
+        foil_tokens = tokens
         if foils is not None:
             foils = self.model.trim_foils(foils)
+            reads = getattr(self.criterion, "reads_foil_tokens", None)
+            foil_tokens = tokens and (reads is None or reads(foil_mask))
         if self.micro_batches == 1 or not torch.is_grad_enabled():
-            return self.model(images, text, tokens, foils, foil_mask)
+            return self.model(images, text, tokens, foils, foil_mask, foil_tokens)
         if images.shape[0] % self.micro_batches:
             raise ValueError(
                 f"a batch of {images.shape[0]} does not split into micro_batches={self.micro_batches} "
@@ -315,7 +318,16 @@ class FlipLitModule(L.LightningModule):
             for t in (foils, foil_mask)
         ]
         parts = [
-            checkpoint(self.model, image_part, text_part, tokens, foil_part, mask_part, use_reentrant=False)
+            checkpoint(
+                self.model,
+                image_part,
+                text_part,
+                tokens,
+                foil_part,
+                mask_part,
+                foil_tokens,
+                use_reentrant=False,
+            )
             for image_part, text_part, foil_part, mask_part in zip(*chunks, strict=True)
         ]
         # the temperature is one parameter: take it from one part so its gradient counts once
@@ -341,12 +353,14 @@ class FlipLitModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, text = batch[0], batch[1]
+        # terms weighted by the step (the foil choice schedule); before the forward, which encodes
+        # only the foil fields a term reads at this step
+        if hasattr(self.criterion, "at_step"):
+            self.criterion.at_step(self.global_step)
         features = self(images, text, *batch[2:4])  # foil token ids and mask (data.hard_negatives)
         if len(batch) > 2:
             has_foil = batch[3].any(dim=1).float().mean()
             self.log("train/foil_fraction", has_foil, on_step=True, batch_size=len(images))
-        if hasattr(self.criterion, "at_step"):  # terms weighted by the step (the foil choice schedule)
-            self.criterion.at_step(self.global_step)
         losses = self._losses(features, images, text)
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
         finite = self.nonfinite.check(losses, self.global_step, strategy)  # the same answer on every rank
