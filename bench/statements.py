@@ -4,12 +4,17 @@ Issue 19 asks for attribute hard negatives within the demo's time. Whole-caption
 (`experiment=demo_foils`: eight per caption) make the text tower encode nine captions per image;
 statements (`experiment=demo_statements`: `data.hard_negatives.form=statement`, five groups of
 short noun phrases per caption in plain wording) encode each distinct statement once (32 a
-batch), cut to the positions statements use. The baseline is the demo's step (`experiment=demo`,
-CLIP + FILIP, no foils). Each recipe is the module's training step with its loss, backward and
-fused AdamW, in float32, on the recipe's own FaceShapes batches, from the same initial weights,
-in one process, alternating in rounds; the first calls are left out. What the data loader
-spends making statements is not in it: the training runs' minutes in docs/training.md are.
+batch), cut to the positions statements use, and are scored by the terms whose choice is on
+(both, or the clip term alone). The baseline is the demo's step (`experiment=demo`, CLIP +
+FILIP, no foils). Each recipe is the module's training step with its loss, backward and fused
+AdamW, on the recipe's own FaceShapes batches, from the same initial weights, in one process,
+alternating in rounds; the first calls are left out. The step is the run's last, so the choice
+term is on (at step 0 its ramp has it off, and statements would not be scored at all). In
+float32, or as the trainer runs on a CPU with native bf16 (`--precision bf16-mixed`: the forward
+under bfloat16 autocast, with the demo's attention kernels). What the data loader spends making
+statements is not in it: the training runs' minutes in docs/training.md are.
 
+    .venv/bin/python bench/statements.py --precision bf16-mixed
     .venv/bin/python bench/statements.py
     .venv/bin/python bench/statements.py --rounds 2 --steps 3   # quick check
 """
@@ -24,14 +29,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.demo_step import alternate, batches_of, build, cycling_steps, step_bench_parser
+from bench.demo_step import (
+    alternate,
+    batches_of,
+    build,
+    cycling_steps,
+    step_bench_parser,
+    trainer_precision,
+)
 from bench.results_io import machine, machine_line, write_results
 
-BASELINE = "demo"
+BASELINE = "experiment=demo"
+# the overrides of each recipe, and what it adds to the demo's step
 RECIPES = {
     BASELINE: "CLIP + FILIP, no foils",
-    "demo_statements": "statements: 5 plain groups per caption",
-    "demo_foils": "whole-caption foils: 8 per caption",
+    "experiment=demo_statements": "statements: 5 plain groups per caption, chosen by both terms",
+    "experiment=demo_statements loss.terms.filip.loss.foil_choice_weight=0.0": (
+        "the same, chosen by the clip term only"
+    ),
+    "experiment=demo_foils": "whole-caption foils: 8 per caption",
 }
 
 
@@ -42,16 +58,18 @@ def main() -> None:
     run, texts_per_image = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in RECIPES:
-            cfg, module, optimizer = build([f"experiment={name}"], Path(tmp) / name, args.data)
+            cfg, module, optimizer = build(name.split(), Path(tmp) / str(len(run)), args.data)
             batches = batches_of(cfg, module, args.steps)
             run[name] = cycling_steps(module, optimizer, batches)
             foils = [b[3].flatten(1).sum(1).float() for b in batches if len(b) > 3]
             texts_per_image[name] = 1 + (float(torch.cat(foils).mean()) if foils else 0.0)
-        times = alternate(run, args.rounds, args.steps, args.warmup)
+        with trainer_precision(cfg, args.precision):
+            times = alternate(run, args.rounds, args.steps, args.warmup)
     base = statistics.median(times[BASELINE])
     report = {
         "baseline": BASELINE,
         "rounds": args.rounds,
+        "precision": args.precision,
         "recipes": {
             name: {
                 "what": what,
@@ -75,13 +93,12 @@ def markdown(report: dict) -> str:
     ]
     for name, r in report["recipes"].items():
         lines.append(
-            f"| `experiment={name}` | {r['what']} | {r['texts_per_image']} | {r['step_s']} | "
-            f"{r['vs_baseline']}x |"
+            f"| `{name}` | {r['what']} | {r['texts_per_image']} | {r['step_s']} | {r['vs_baseline']}x |"
         )
     lines += [
         "",
-        f"Medians, alternating in {report['rounds']} rounds; float32; baseline "
-        f"`experiment={report['baseline']}`; {machine_line(report['machine'])}.",
+        f"Medians, alternating in {report['rounds']} rounds; {report['precision']}; every step "
+        f"after the choice's ramp; baseline `{report['baseline']}`; {machine_line(report['machine'])}.",
     ]
     return "\n".join(lines)
 
