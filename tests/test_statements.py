@@ -480,9 +480,9 @@ def test_the_demo_statements_experiment_is_the_demo_with_the_measured_statement_
     recipe = [
         "data.hard_negatives={source:grammar,form:statement,wording:plain,per_caption:5,"
         f"attributes:{{{weights}}}}}",
-        *(f"loss.terms.{t}.loss.foil_choice_{k}={v}" for t in ("clip", "filip")
-          for k, v in (("weight", 3.0), ("ramp_steps", 200))),
-    ]  # fmt: skip
+        "loss.terms.clip.loss.foil_choice_weight=3.0",
+        "loss.terms.clip.loss.foil_choice_ramp_steps=200",
+    ]
     experiment = compose_train_config(tmp_path, ["experiment=demo_statements"], base=[])
     overridden = compose_train_config(tmp_path, recipe, base=[])
     settings = [
