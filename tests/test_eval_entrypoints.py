@@ -153,7 +153,19 @@ def test_zeroshot_attributes_match_sklearn_on_the_same_decisions(tmp_path, tiny_
         m = written["per_label"][name]
         assert m["accuracy"] == pytest.approx(accuracy_score(truth, pred))
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, pred))
+        assert m["recall_positive"] == pytest.approx(recall_score(truth, pred, pos_label=1))
+        assert m["recall_negative"] == pytest.approx(recall_score(truth, pred, pos_label=0))
         assert m["support"] == 12 and m["positives"] == truth.sum()
+        # the report's row gives both recalls beside the balanced accuracy they average
+        row = next(
+            line
+            for line in (tmp_path / "out" / "report.md").read_text().splitlines()
+            if f"| {name} |" in line
+        )
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[2:5] == [
+            f"{m[k]:.3f}" for k in ("balanced_accuracy", "recall_positive", "recall_negative")
+        ]
 
 
 def test_linear_probe_entry_point_caches_features_and_reports_every_fraction(

@@ -15,6 +15,8 @@ def test_binary_metrics_equal_sklearn_on_random_predictions(seed):
     m = binary_metrics(y_true, y_pred)
     assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert m["recall_positive"] == pytest.approx(recall_score(y_true, y_pred, pos_label=True))
+    assert m["recall_negative"] == pytest.approx(recall_score(y_true, y_pred, pos_label=False))
     assert m["support"] == 500 and m["positives"] == int(y_true.sum())
 
 
@@ -23,6 +25,13 @@ def test_balanced_accuracy_exposes_a_constant_answer():
     m = binary_metrics(y_true, np.zeros(100, dtype=bool))
     assert m["accuracy"] == pytest.approx(0.9)
     assert m["balanced_accuracy"] == pytest.approx(0.5)
+    assert (m["recall_positive"], m["recall_negative"]) == (0.0, 1.0)
+
+
+def test_a_class_absent_from_the_labels_has_no_recall_and_stays_out_of_the_mean():
+    m = binary_metrics(np.zeros(4, dtype=bool), np.array([True, False, False, False]))
+    assert np.isnan(m["recall_positive"]) and m["recall_negative"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -8,17 +8,27 @@ import numpy as np
 
 
 def binary_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | int]:
-    """Accuracy, balanced accuracy (mean of the two class recalls) and support.
+    """Accuracy, balanced accuracy (mean of the two class recalls), each recall, and support.
 
     Balanced accuracy is the headline number because face attributes are imbalanced: a model
     that always answers "no eyeglasses" scores 0.5 here however rare eyeglasses are.
-    A class absent from `y_true` is left out of the mean rather than counted as 0 or 1.
+    A class absent from `y_true` is left out of the mean rather than counted as 0 or 1 (its
+    recall is nan). The two recalls say how a balanced accuracy is made: two thirds can be a
+    model right on two faces in three of each kind, or one right on nearly every face with the
+    attribute and a third of those without, which says "with" too readily, as zero-shot prompt
+    pairs do when the captions they were trained on name an attribute mostly where it is present.
     """
     y_true, y_pred = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
-    recalls = [float((y_pred[y_true == c] == c).mean()) for c in (True, False) if (y_true == c).any()]
+    recall = {
+        c: float((y_pred[y_true == c] == c).mean()) if (y_true == c).any() else float("nan")
+        for c in (True, False)
+    }
+    present = [r for r in recall.values() if not np.isnan(r)]
     return {
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
-        "balanced_accuracy": float(np.mean(recalls)) if recalls else float("nan"),
+        "balanced_accuracy": float(np.mean(present)) if present else float("nan"),
+        "recall_positive": recall[True],
+        "recall_negative": recall[False],
         "support": len(y_true),
         "positives": int(y_true.sum()),
     }

@@ -36,11 +36,12 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]
 
 def _label_rows(metrics: Mapping[str, Any], per_label: Mapping[str, Mapping]) -> tuple[list[str], list[list]]:
     if metrics["task"] == "attributes":
-        header = ["attribute", "accuracy", "balanced accuracy", "support", "positives"]
-        rows = [
-            [n, m["accuracy"], m["balanced_accuracy"], m["support"], m.get("positives", "")]
-            for n, m in per_label.items()
-        ]
+        # the two recalls whose mean balanced accuracy is: faces with the attribute called so, and
+        # faces without it called so (absent from metrics written before they were)
+        header = ["attribute", "accuracy", "balanced accuracy", "with: recall", "without: recall"]
+        header += ["support", "positives"]
+        keys = ("accuracy", "balanced_accuracy", "recall_positive", "recall_negative", "support", "positives")
+        rows = [[n, *(m.get(k, "") for k in keys)] for n, m in per_label.items()]
     else:
         header = ["class", "recall", "support"]
         rows = [[n, m["recall"], m["support"]] for n, m in per_label.items()]
@@ -302,7 +303,7 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         lines += _md_table(header, rows)
         if metrics["task"] == "attributes":
             means = " | ".join(_fmt(summary[k]) for k in ("mean_accuracy", "mean_balanced_accuracy"))
-            lines.append(f"| **mean** | {means} | | |")
+            lines.append(f"| **mean** | {means} | | | | |")
     for question, m in metrics.get("multiclass", {}).items():
         lines += [
             "",
@@ -432,7 +433,7 @@ def _console_table(metrics: Mapping[str, Any]) -> Table:
     for row in rows:
         table.add_row(*[_fmt(c) for c in row])
     if metrics["task"] == "attributes":
-        means = [_fmt(summary["mean_accuracy"]), _fmt(summary["mean_balanced_accuracy"]), "", ""]
+        means = [_fmt(summary["mean_accuracy"]), _fmt(summary["mean_balanced_accuracy"]), "", "", "", ""]
         table.add_row("[bold]mean[/bold]", *[f"[bold]{c}[/bold]" for c in means])
     else:
         table.add_row("[bold]accuracy[/bold]", f"[bold]{_fmt(summary['accuracy'])}[/bold]", "")
@@ -444,6 +445,8 @@ def _console_table(metrics: Mapping[str, Any]) -> Table:
             question,
             _fmt(m["accuracy"]),
             f"{_fmt(m['mean_per_class_recall'])} (recall)",
+            "",
+            "",
             str(m["support"]),
             "",
         )
