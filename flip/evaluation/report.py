@@ -34,13 +34,19 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]
     return lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
 
 
-def _label_rows(metrics: Mapping[str, Any], per_label: Mapping[str, Mapping]) -> tuple[list[str], list[list]]:
+def _label_rows(
+    metrics: Mapping[str, Any], per_label: Mapping[str, Mapping], recalls: bool = True
+) -> tuple[list[str], list[list]]:
     if metrics["task"] == "attributes":
-        # the two recalls whose mean balanced accuracy is: faces with the attribute called so, and
-        # faces without it called so (absent from metrics written before they were)
-        header = ["attribute", "accuracy", "balanced accuracy", "with: recall", "without: recall"]
+        # with `recalls`, the two whose mean balanced accuracy is: faces with the attribute called
+        # so, faces without it called so (absent from metrics written before they were). The
+        # console table leaves them to report.md: seven columns do not fit 80 characters
+        header = ["attribute", "accuracy", "balanced accuracy", "recall with", "recall without"]
+        keys = ["accuracy", "balanced_accuracy", "recall_positive", "recall_negative"]
+        if not recalls:
+            header, keys = header[:3], keys[:2]
         header += ["support", "positives"]
-        keys = ("accuracy", "balanced_accuracy", "recall_positive", "recall_negative", "support", "positives")
+        keys += ["support", "positives"]
         rows = [[n, *(m.get(k, "") for k in keys)] for n, m in per_label.items()]
     else:
         header = ["class", "recall", "support"]
@@ -427,13 +433,13 @@ def _console_table(metrics: Mapping[str, Any]) -> Table:
         for k, v in summary.items():
             table.add_row(k, _fmt(v))
         return table
-    header, rows = _label_rows(metrics, metrics["per_label"])
+    header, rows = _label_rows(metrics, metrics["per_label"], recalls=False)
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*[_fmt(c) for c in row])
     if metrics["task"] == "attributes":
-        means = [_fmt(summary["mean_accuracy"]), _fmt(summary["mean_balanced_accuracy"]), "", "", "", ""]
+        means = [_fmt(summary["mean_accuracy"]), _fmt(summary["mean_balanced_accuracy"]), "", ""]
         table.add_row("[bold]mean[/bold]", *[f"[bold]{c}[/bold]" for c in means])
     else:
         table.add_row("[bold]accuracy[/bold]", f"[bold]{_fmt(summary['accuracy'])}[/bold]", "")
@@ -445,8 +451,6 @@ def _console_table(metrics: Mapping[str, Any]) -> Table:
             question,
             _fmt(m["accuracy"]),
             f"{_fmt(m['mean_per_class_recall'])} (recall)",
-            "",
-            "",
             str(m["support"]),
             "",
         )
