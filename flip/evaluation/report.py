@@ -309,7 +309,7 @@ def _markdown(metrics: Mapping[str, Any], plots: Sequence[Path]) -> str:
         lines += _md_table(header, rows)
         if metrics["task"] == "attributes":
             means = " | ".join(_fmt(summary[k]) for k in ("mean_accuracy", "mean_balanced_accuracy"))
-            lines.append(f"| **mean** | {means} | | | | |")
+            lines.append(f"| **mean** | {means} |" + " |" * (len(header) - 3))
     for question, m in metrics.get("multiclass", {}).items():
         lines += [
             "",
@@ -439,7 +439,8 @@ def _console_table(metrics: Mapping[str, Any]) -> Table:
     for row in rows:
         table.add_row(*[_fmt(c) for c in row])
     if metrics["task"] == "attributes":
-        means = [_fmt(summary["mean_accuracy"]), _fmt(summary["mean_balanced_accuracy"]), "", ""]
+        means = [_fmt(summary["mean_accuracy"]), _fmt(summary["mean_balanced_accuracy"])]
+        means += [""] * (len(header) - 3)
         table.add_row("[bold]mean[/bold]", *[f"[bold]{c}[/bold]" for c in means])
     else:
         table.add_row("[bold]accuracy[/bold]", f"[bold]{_fmt(summary['accuracy'])}[/bold]", "")
