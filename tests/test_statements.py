@@ -18,6 +18,7 @@ from flip.data.faceshapes import FACESHAPES_GRAMMAR
 from flip.data.foils import FoilMaker, hard_negatives
 from flip.data.transform import SampleTransform
 from flip.losses import ClipLoss, FilipLoss, SigLipLoss
+from flip.losses.foils import centred_statement_logits, pooled_foil_logits
 from flip.models.outputs import EncoderOutput
 from flip.training.module import FlipLitModule, check_foils_used
 
@@ -260,6 +261,28 @@ def clip_statements(out: EncoderOutput, weight: float) -> torch.Tensor:
     )
 
 
+def clip_centred_statements(out: EncoderOutput, weight: float) -> torch.Tensor:
+    """The clip term with each group's statements scored as their differences from the group's
+    mean, over the root-mean-square of those differences."""
+    s = out.logit_scale
+
+    def pair(i, j):
+        return s * out.image_features[i] @ out.text_features[j]
+
+    n, total = out.image_features.shape[0], 0.0
+    for i in range(n):
+        for group in range(G):
+            slots = [group * V + v for v in range(V) if out.foil_mask[i, group, v]]
+            if not slots:
+                continue
+            texts = out.foil_text_features[i, slots]
+            differences = texts - texts.mean(0)
+            spread = differences.square().sum(1).mean().sqrt()
+            logits = s * differences @ out.image_features[i] / spread
+            total = total - torch.log_softmax(logits, 0)[0]
+    return plain_contrastive(out, pair) + weight * total / n
+
+
 def filip_statements(out: EncoderOutput, weight: float) -> torch.Tensor:
     s, it = out.logit_scale, out.image_tokens
 
@@ -301,6 +324,11 @@ REFERENCES = {
         lambda out: filip_statements(out, 0.7),
         False,
     ),
+    "clip-centred": (
+        lambda: ClipLoss(foil_choice_weight=0.7, foil_choice_centred=True),
+        lambda out: clip_centred_statements(out, 0.7),
+        False,
+    ),
     "siglip": (lambda: SigLipLoss(), siglip_statements, True),
     # without the choice term statements add nothing to the clip loss (refused at start-up)
     "clip-no-choice": (lambda: ClipLoss(), lambda out: clip_statements(out, 0.0), False),
@@ -326,6 +354,34 @@ def test_a_lead_statement_is_the_positive_of_its_group():
     order[0], order[1] = 1, 0  # row 1's first group is full: its lead is now a foil
     swapped = EncoderOutput(**{**out.__dict__, "foil_text_features": out.foil_text_features[:, order]})
     assert abs(ClipLoss(foil_choice_weight=1.0).loss_from_outputs(swapped).item() - loss.item()) > 1e-3
+
+
+def test_the_centred_choice_keeps_each_groups_order_at_any_likeness_of_its_statements():
+    """Centred, a group's logits are an increasing map of its raw ones, so the zero-shot choice
+    reads what the term trains; and statements ten thousand times as alike (a young text tower's)
+    score the same, where their raw logits, and the gradient the image gets from them, shrink."""
+    out = Towers()(*statement_batch(2 * B))
+    mask, flat = out.foil_mask, out.foil_text_features
+    anchor = flat.mean(dim=1, keepdim=True)
+    alike = anchor + 1e-4 * (flat - anchor)
+    scale = torch.tensor(10.0)
+    for features in (flat, alike):
+        raw = pooled_foil_logits(out.image_features, features, mask.flatten(1), scale).view(mask.shape)
+        centred = centred_statement_logits(out.image_features, features, mask, scale).view(mask.shape)
+        for i, group in mask[:, :, 0].nonzero().tolist():
+            present = mask[i, group]
+            assert raw[i, group, present].argsort().tolist() == centred[i, group, present].argsort().tolist()
+            assert centred[i, group, ~present].isneginf().all()
+    spread = {}
+    for name, features in (("apart", flat), ("alike", alike)):
+        raw = pooled_foil_logits(out.image_features, features, mask.flatten(1), scale).view(mask.shape)
+        centred = centred_statement_logits(out.image_features, features, mask, scale).view(mask.shape)
+        present = mask[1]  # row 1: both groups full
+        spread[name] = (raw[1][present].std().item(), centred[1][present].std().item())
+    assert spread["alike"][0] < 1e-3 * spread["apart"][0]
+    assert spread["alike"][1] == pytest.approx(spread["apart"][1], rel=1e-2)
+    with pytest.raises(ValueError, match="foil_choice_centred must be true or false, got 'yes'"):
+        ClipLoss(foil_choice_weight=1.0, foil_choice_centred="yes")
 
 
 @pytest.mark.parametrize(
@@ -370,6 +426,17 @@ CASES = {
     ),
     "clip-global": (
         lambda r, w: ClipLoss(gather_with_grad=True, rank=r, world_size=w, foil_choice_weight=2.0),
+        False,
+    ),
+    "clip-centred": (
+        lambda r, w: ClipLoss(
+            local_loss=True,
+            gather_with_grad=True,
+            rank=r,
+            world_size=w,
+            foil_choice_weight=2.0,
+            foil_choice_centred=True,
+        ),
         False,
     ),
     "filip-global": (
@@ -490,3 +557,4 @@ def test_the_demo_statements_experiment_is_the_demo_with_the_measured_statement_
     ]
     assert settings[0] == settings[1]
     assert hard_negatives(OmegaConf.to_container(experiment.data.hard_negatives)).slot_shape == (5, 5)
+

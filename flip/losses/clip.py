@@ -11,8 +11,10 @@ from torch import nn
 from flip.losses.distributed import gather_features
 from flip.losses.foils import (
     FoilChoiceSchedule,
+    centred_statement_logits,
     choice_loss,
     foil_rows,
+    is_statements,
     pooled_foil_logits,
     reads_foils,
     with_foil_columns,
@@ -55,6 +57,8 @@ class ClipLoss(nn.Module):
     `foil_choice_weight` adds, with attribute foils, the image's choice between its caption and
     that caption's foils as a term of its own (`flip.losses.foils.foil_choice_loss`), from
     `foil_choice_start_step` on, ramped in over `foil_choice_ramp_steps` (`FoilChoiceSchedule`).
+    With statements, `foil_choice_centred` scores each group by its statements' differences
+    from their mean (`flip.losses.foils.centred_statement_logits`).
     """
 
     requires_tokens: ClassVar[bool] = False
@@ -70,12 +74,16 @@ class ClipLoss(nn.Module):
         foil_choice_weight: float = 0.0,
         foil_choice_start_step: int = 0,
         foil_choice_ramp_steps: int = 0,
+        foil_choice_centred: bool = False,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)
         self.foil_choice = FoilChoiceSchedule(
             foil_choice_weight, foil_choice_start_step, foil_choice_ramp_steps
         )
+        if not isinstance(foil_choice_centred, bool):
+            raise ValueError(f"foil_choice_centred must be true or false, got {foil_choice_centred!r}")
+        self.foil_choice_centred = foil_choice_centred
         self.step = 0  # the trainer's optimizer step (`at_step`): the foil choice weight follows it
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size = rank, world_size
@@ -154,7 +162,11 @@ class ClipLoss(nn.Module):
                 rank=self.rank,
                 world_size=self.world_size,
             )
-            foil_logits = pooled_foil_logits(rows, foils, mask.flatten(1), logit_scale, logit_bias)
+            if self.foil_choice_centred and is_statements(mask):
+                # the bias is the same for a group's every statement: its choice does not see it
+                foil_logits = centred_statement_logits(rows, foils, mask, logit_scale)
+            else:
+                foil_logits = pooled_foil_logits(rows, foils, mask.flatten(1), logit_scale, logit_bias)
             per_image = with_foil_columns(per_image, foil_logits, mask)
         labels = self.get_ground_truth(per_image.device, per_image.shape[0])
         loss = symmetric_cross_entropy(per_image, per_text, labels)

@@ -32,6 +32,7 @@ from flip.losses.distributed import gather_features, gather_mask
 __all__ = [
     "FoilChoiceSchedule",
     "append_foil_logits",
+    "centred_statement_logits",
     "choice_loss",
     "foil_choice_loss",
     "foil_rows",
@@ -105,6 +106,31 @@ def pooled_foil_logits(
     if logit_bias is not None:
         logits = logits + logit_bias
     return logits.masked_fill(~foil_mask.bool(), _NEG_INF)
+
+
+def centred_statement_logits(
+    image_features: torch.Tensor, foil_features: torch.Tensor, mask: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """[R, G * V] logits of each image against its statements, each group's statements taken as
+    their differences from the group's mean, divided by the group's root-mean-square difference.
+
+    A young text tower reads "who looks sad" and "who looks happy" alike: the group's statements
+    are nearly one vector, the choice between them is near chance whatever the image says, and
+    its gradient, which runs along their differences, vanishes with them. Centred and rescaled,
+    the differences score the image at the scale of the batch's logits from the first step, as
+    a classifier's head would. Within a group it is the same order as the raw similarities
+    (an affine map of them with a positive slope), so the zero-shot choice reads what the
+    term trains. `foil_features` [R, G * V, D], `mask` [R, G, V]; -inf in empty slots.
+    """
+    rows, groups, values = mask.shape
+    texts = foil_features.reshape(rows, groups, values, -1).float()
+    valid = mask.to(texts.dtype)[..., None]
+    count = valid.sum(dim=2, keepdim=True).clamp_min(1.0)
+    centred = (texts - (texts * valid).sum(dim=2, keepdim=True) / count) * valid
+    # clamped before the root: an empty group's spread is 0, where the root has no gradient
+    spread = (centred.square().sum(dim=(2, 3), keepdim=True) / count).clamp_min(1e-12).sqrt()
+    logits = logit_scale * torch.einsum("rd,rgvd->rgv", image_features.float(), centred / spread)
+    return logits.masked_fill(~mask.bool(), _NEG_INF).flatten(1)
 
 
 def append_foil_logits(per_image: torch.Tensor, foil_logits: torch.Tensor) -> torch.Tensor:
