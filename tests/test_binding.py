@@ -105,7 +105,7 @@ def test_training_with_hard_negatives_logs_the_foil_fraction_and_reports_binding
     cfg = compose_train_config(
         tmp_path,
         [
-            "data.hard_negatives={source:auto,per_caption:2}", "trainer.max_steps=3",
+            "loss=clip_filip", "data.hard_negatives={source:auto,per_caption:2}", "trainer.max_steps=3",
             "loss.terms.filip.loss.foil_choice_weight=1.0", "loss.terms.filip.loss.foil_choice_start_step=1",
             "+callbacks.steps={_target_: tests.test_binding.RecordTermSteps}",
         ],

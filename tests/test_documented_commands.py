@@ -266,7 +266,9 @@ def test_make_train_is_exactly_the_demo(tmp_path):
     demo = OmegaConf.load(ROOT / "conf" / "experiment" / "demo.yaml")
     for key in ("trainer.max_steps", "trainer.val_check_interval", "optim.lr", "optim.warmup_steps"):
         assert _select(cfg, key) == OmegaConf.select(demo, key)
-    assert _choice(cfg, "data") == "faceshapes" and _choice(cfg, "loss") == "clip_filip" and cfg.evaluate
+    assert _choice(cfg, "data") == "faceshapes" and _choice(cfg, "loss") == "clip_statements" and cfg.evaluate
+    # the statements the demo's loss chooses among come with it
+    assert cfg.data.hard_negatives.form == "statement"
 
 
 def test_each_docker_cuda_variant_installs_with_constraints_of_its_own_cuda(tmp_path):

@@ -326,7 +326,9 @@ def _foil_grads(model, encoded: dict, mask: torch.Tensor) -> dict[str, torch.Ten
 
 def test_the_demo_foils_experiment_is_the_demo_with_the_documented_foil_recipe(tmp_path):
     # experiment=demo_foils stands for the override line docs/training.md measured on the demo
+    # before it took statements (loss=clip_filip)
     recipe = [
+        "loss=clip_filip",
         "data.hard_negatives={source:grammar,per_caption:8,attributes:[expression,beard,mustache,bangs,long_hair],fraction:1.0}",
         *(f"loss.terms.{t}.loss.foil_choice_{k}={v}" for t in ("clip", "filip")
           for k, v in (("weight", 3.0), ("start_step", 300), ("ramp_steps", 300))),
@@ -337,5 +339,5 @@ def test_the_demo_foils_experiment_is_the_demo_with_the_documented_foil_recipe(t
         {k: v for k, v in OmegaConf.to_container(c).items() if k != "hydra"} for c in (experiment, overridden)
     ]
     assert settings[0] == settings[1]
-    demo = compose_train_config(tmp_path, [], base=[])
+    demo = compose_train_config(tmp_path, ["loss=clip_filip"], base=[])
     assert demo.data.hard_negatives is None and experiment.data.hard_negatives.per_caption == 8

@@ -545,6 +545,7 @@ def test_the_demo_statements_experiment_is_the_demo_with_the_measured_statement_
     weights = "expression:6,beard:2,mustache:2,bangs:2,long_hair:1,hat:1,eyeglasses:1,sunglasses:1,"
     weights += "earrings:1,bald:1,lipstick:1,rosy_cheeks:1,hair_color:1"
     recipe = [
+        "loss=clip_filip",
         "data.hard_negatives={source:grammar,form:statement,wording:plain,per_caption:5,"
         f"attributes:{{{weights}}}}}",
         "loss.terms.clip.loss.foil_choice_weight=3.0",
@@ -558,3 +559,17 @@ def test_the_demo_statements_experiment_is_the_demo_with_the_measured_statement_
     assert settings[0] == settings[1]
     assert hard_negatives(OmegaConf.to_container(experiment.data.hard_negatives)).slot_shape == (5, 5)
 
+
+def test_the_demos_loss_brings_its_statements_and_another_loss_leaves_them_out(tmp_path):
+    """conf/loss/clip_statements.yaml chooses among statements, so it sets them; `loss=...` of the
+    demo drops them with it, and `+data/hard_negatives=statements` gives them to another loss."""
+    demo = compose_train_config(tmp_path, [], base=[])
+    assert demo.loss.terms.clip.loss.foil_choice_centred is True
+    statements = OmegaConf.to_container(demo.data.hard_negatives)
+    assert hard_negatives(statements).slot_shape == (5, 5) and statements["form"] == "statement"
+    for loss in ("clip", "siglip", "clip_filip", "filip"):
+        assert compose_train_config(tmp_path, [f"loss={loss}"], base=[]).data.hard_negatives is None
+    added = compose_train_config(tmp_path, ["loss=siglip", "+data/hard_negatives=statements"], base=[])
+    assert OmegaConf.to_container(added.data.hard_negatives) == statements
+    beside_filip = compose_train_config(tmp_path, ["experiment=demo_statements"], base=[])
+    assert OmegaConf.to_container(beside_filip.data.hard_negatives) == statements
