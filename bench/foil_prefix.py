@@ -36,13 +36,16 @@ from flip.data.foils import FoilMaker
 from flip.models import build_model
 
 FIVE = ("expression", "beard", "mustache", "bangs", "long_hair")
+# the CLIP + FILIP demo (before it took statements), with caption foils
 CASES = {
     "demo step, 8 foils of expression, beard, mustache, bangs, long hair": [
         "experiment=demo",
+        "loss=clip_filip",
         f"data.hard_negatives={{source:grammar,per_caption:8,attributes:[{','.join(FIVE)}]}}",
     ],
     "demo step, 2 foils of any attribute": [
         "experiment=demo",
+        "loss=clip_filip",
         "data.hard_negatives={source:grammar,per_caption:2}",
     ],
 }

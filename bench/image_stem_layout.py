@@ -59,8 +59,10 @@ def stem_alone(args) -> dict[str, list[float]]:
 
 
 def demo_step(args, work: Path) -> dict[str, list[float]]:
-    cfg, channels_last, channels_last_opt = build(["experiment=demo"], work / "a", args.data)
-    _, usual, usual_opt = build(["experiment=demo"], work / "b", args.data)
+    # the demo's step as it was measured, before the demo took statements (CLIP + FILIP)
+    recipe = ["experiment=demo", "loss=clip_filip"]
+    cfg, channels_last, channels_last_opt = build(recipe, work / "a", args.data)
+    _, usual, usual_opt = build(recipe, work / "b", args.data)
     usual.load_state_dict(channels_last.state_dict())
     in_usual_layout(usual.model.clip.visual.conv1)
     batches = batches_of(cfg, usual, args.steps)
