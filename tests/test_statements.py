@@ -566,10 +566,10 @@ def test_the_demos_loss_brings_its_statements_and_another_loss_leaves_them_out(t
     demo = compose_train_config(tmp_path, [], base=[])
     assert demo.loss.terms.clip.loss.foil_choice_centred is True
     statements = OmegaConf.to_container(demo.data.hard_negatives)
-    assert hard_negatives(statements).slot_shape == (5, 5) and statements["form"] == "statement"
+    assert hard_negatives(statements).slot_shape == (7, 5) and statements["form"] == "statement"
     for loss in ("clip", "siglip", "clip_filip", "filip"):
         assert compose_train_config(tmp_path, [f"loss={loss}"], base=[]).data.hard_negatives is None
     added = compose_train_config(tmp_path, ["loss=siglip", "+data/hard_negatives=statements"], base=[])
     assert OmegaConf.to_container(added.data.hard_negatives) == statements
     beside_filip = compose_train_config(tmp_path, ["experiment=demo_statements"], base=[])
-    assert OmegaConf.to_container(beside_filip.data.hard_negatives) == statements
+    assert OmegaConf.to_container(beside_filip.data.hard_negatives) == {**statements, "per_caption": 5}
