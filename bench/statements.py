@@ -43,7 +43,7 @@ from bench.demo_step import (
 from bench.results_io import machine, machine_line, write_results
 
 BASELINE = "experiment=demo loss=clip_filip"
-# the overrides of each recipe, and what it adds to the baseline's step
+# the overrides of each recipe, and what it is
 RECIPES = {
     BASELINE: "the demo until it took statements: CLIP + FILIP, no foils",
     "experiment=demo": "the demo: the CLIP loss, 7 plain statement groups per caption, the choice centred",

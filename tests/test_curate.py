@@ -46,8 +46,12 @@ def trained(tmp_path_factory) -> tuple[Path, list[tuple[str, dict[str, bytes]]]]
     from flip.training.run import train
 
     root = tmp_path_factory.mktemp("curate_demo")
-    overrides = [f"trainer.max_steps={STEPS}", "evaluate=false", "trainer.val_check_interval=null"]
-    overrides.append("loss=clip_filip")
+    overrides = [
+        f"trainer.max_steps={STEPS}",
+        "evaluate=false",
+        "trainer.val_check_interval=null",
+        "loss=clip_filip",
+    ]
     train(compose_train_config(root, [*overrides, "callbacks.model_checkpoint.every_n_train_steps=1000"]))
     shards = sorted((root / "data/faceshapes/train").glob("*.tar"))
     return root / "run/checkpoints/last.ckpt", [s for tar in shards for s in iter_tar_samples(str(tar))]

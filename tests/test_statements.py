@@ -365,17 +365,14 @@ def test_the_centred_choice_keeps_each_groups_order_at_any_likeness_of_its_state
     anchor = flat.mean(dim=1, keepdim=True)
     alike = anchor + 1e-4 * (flat - anchor)
     scale = torch.tensor(10.0)
-    for features in (flat, alike):
+    spread = {}
+    for name, features in (("apart", flat), ("alike", alike)):
         raw = pooled_foil_logits(out.image_features, features, mask.flatten(1), scale).view(mask.shape)
         centred = centred_statement_logits(out.image_features, features, mask, scale).view(mask.shape)
         for i, group in mask[:, :, 0].nonzero().tolist():
             present = mask[i, group]
             assert raw[i, group, present].argsort().tolist() == centred[i, group, present].argsort().tolist()
             assert centred[i, group, ~present].isneginf().all()
-    spread = {}
-    for name, features in (("apart", flat), ("alike", alike)):
-        raw = pooled_foil_logits(out.image_features, features, mask.flatten(1), scale).view(mask.shape)
-        centred = centred_statement_logits(out.image_features, features, mask, scale).view(mask.shape)
         present = mask[1]  # row 1: both groups full
         spread[name] = (raw[1][present].std().item(), centred[1][present].std().item())
     assert spread["alike"][0] < 1e-3 * spread["apart"][0]
